@@ -1,0 +1,20 @@
+//! The Portcullis table format: what the controller renders for one protected Service and the proxy enforces.
+//!
+//! A [`Table`] is the logical table (plans + clients). For the Kubernetes API it is split into an index document
+//! and shard documents ([`shard`]), so no ConfigMap nears the 1 MiB object limit and a proxy only ever applies a
+//! complete revision. The same [`Table`] JSON is also the `--tables FILE` format of the proxy.
+//!
+//! This crate does no I/O and has no Kubernetes dependency. The format is documented in `docs/tables.md`.
+
+pub mod digest;
+pub mod error;
+pub mod model;
+pub mod naming;
+pub mod shard;
+
+pub use digest::{KeyDigest, fingerprint, key_digest};
+pub use error::TableError;
+pub use model::{Client, KeyEntry, Period, Plan, Quota, RouteScope, Table, Throttle};
+
+/// The schema version this crate renders and accepts.
+pub const SCHEMA_VERSION: u32 = 1;

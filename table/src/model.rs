@@ -1,0 +1,352 @@
+//! The logical table: plans and the clients they admit, for one protected Service.
+
+use crate::{KeyDigest, SCHEMA_VERSION, TableError};
+use ipnet::IpNet;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashSet};
+
+/// One protected Service's table. Clients are sorted by `id`; `revision` is a hash of the content, so equal
+/// content always has an equal revision and rendering twice gives byte-identical output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Table {
+    pub schema_version: u32,
+    /// `namespace/name` of the protected Service.
+    pub service: String,
+    /// Content hash (see [`Table::compute_revision`]). Optional in hand-written files: computed when empty.
+    #[serde(default)]
+    pub revision: String,
+    #[serde(default)]
+    pub plans: BTreeMap<String, Plan>,
+    #[serde(default)]
+    pub clients: Vec<Client>,
+}
+
+/// What a UsagePlan grants on this Service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Plan {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle: Option<Throttle>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Quota>,
+    /// Count throttle and quota across replicas (Redis) instead of per proxy.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub global_limits: bool,
+    /// Route scopes; empty means every path and method of the Service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteScope>,
+}
+
+/// `rate` requests per `per_millis`, with bursts of up to `burst` (GCRA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Throttle {
+    pub rate: u32,
+    pub per_millis: u64,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Quota {
+    pub limit: u64,
+    pub period: Period,
+}
+
+/// UTC calendar periods: a Day starts at 00:00 UTC, a Week on Monday 00:00 UTC, a Month on its 1st at 00:00 UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Period {
+    Day,
+    Week,
+    Month,
+}
+
+/// A path prefix (segment-aware: `/v1` matches `/v1` and `/v1/x`, not `/v10`) and the methods allowed under it
+/// (empty: all methods).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteScope {
+    pub path_prefix: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+}
+
+/// One ApiClient as this Service sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Client {
+    /// `namespace/name` of the ApiClient; sent upstream as `x-portcullis-client`.
+    pub id: String,
+    pub keys: Vec<KeyEntry>,
+    /// Allowed source ranges. Empty admits no address.
+    #[serde(default)]
+    pub source_ranges: Vec<IpNet>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub disabled: bool,
+    /// Names of plans (keys of [`Table::plans`]) granting this client access, in order of precedence.
+    pub plans: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeyEntry {
+    pub sha256: KeyDigest,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Timestamp>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl Table {
+    /// A sealed table: clients sorted, revision computed.
+    pub fn new(service: impl Into<String>, plans: BTreeMap<String, Plan>, mut clients: Vec<Client>) -> Self {
+        clients.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut t =
+            Self { schema_version: SCHEMA_VERSION, service: service.into(), revision: String::new(), plans, clients };
+        t.revision = t.compute_revision();
+        t
+    }
+
+    /// Hash of everything but the revision itself: the first 16 hex digits of SHA-256 over the canonical JSON.
+    pub fn compute_revision(&self) -> String {
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Content<'a> {
+            schema_version: u32,
+            service: &'a str,
+            plans: &'a BTreeMap<String, Plan>,
+            clients: &'a [Client],
+        }
+        let content = Content {
+            schema_version: self.schema_version,
+            service: &self.service,
+            plans: &self.plans,
+            clients: &self.clients,
+        };
+        let mut h = Sha256::new();
+        serde_json::to_writer(HashWriter(&mut h), &content).expect("serialising a table cannot fail");
+        hex::encode(h.finalize())[..16].to_string()
+    }
+
+    /// Deterministic JSON (the `--tables FILE` format).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("serialising a table cannot fail")
+    }
+
+    pub fn to_json_pretty(&self) -> String {
+        serde_json::to_string_pretty(self).expect("serialising a table cannot fail")
+    }
+
+    /// Parses and validates a table file. An empty `revision` is computed; a present one must match the content.
+    pub fn from_json(json: &str, what: &str) -> Result<Self, TableError> {
+        let mut t: Table = parse_json(json, what)?;
+        if t.revision.is_empty() {
+            t.clients.sort_by(|a, b| a.id.cmp(&b.id));
+            t.revision = t.compute_revision();
+        }
+        t.validate(what)?;
+        Ok(t)
+    }
+
+    /// Checks everything a proxy relies on. A table that fails here must never replace a good one.
+    pub fn validate(&self, what: &str) -> Result<(), TableError> {
+        check_schema(self.schema_version, what)?;
+        if self.service.split('/').count() != 2 || self.service.split('/').any(str::is_empty) {
+            return Err(TableError::invalid(what, format!("service {:?} is not namespace/name", self.service)));
+        }
+        for (name, plan) in &self.plans {
+            plan.validate(&format!("{what}: plan {name}"))?;
+        }
+        let mut ids = HashSet::with_capacity(self.clients.len());
+        let mut digests = HashSet::new();
+        for (i, c) in self.clients.iter().enumerate() {
+            if i > 0 && self.clients[i - 1].id >= c.id {
+                return Err(TableError::invalid(what, format!("clients not sorted by id at {:?}", c.id)));
+            }
+            if !ids.insert(c.id.as_str()) {
+                return Err(TableError::invalid(what, format!("client {} appears twice", c.id)));
+            }
+            for p in &c.plans {
+                if !self.plans.contains_key(p) {
+                    return Err(TableError::invalid(what, format!("client {} names unknown plan {p:?}", c.id)));
+                }
+            }
+            if c.plans.is_empty() {
+                return Err(TableError::invalid(what, format!("client {} has no plan", c.id)));
+            }
+            for k in &c.keys {
+                if !digests.insert(k.sha256) {
+                    return Err(TableError::invalid(
+                        what,
+                        format!("key {} is listed twice (client {})", k.sha256, c.id),
+                    ));
+                }
+            }
+        }
+        let computed = self.compute_revision();
+        if computed != self.revision {
+            return Err(TableError::invalid(
+                what,
+                format!("revision {:?} does not match its content (expected {computed:?})", self.revision),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Plan {
+    pub fn validate(&self, what: &str) -> Result<(), TableError> {
+        if let Some(t) = &self.throttle
+            && (t.rate == 0 || t.per_millis == 0 || t.burst == 0)
+        {
+            return Err(TableError::invalid(what, "throttle rate, per and burst must be positive"));
+        }
+        if let Some(q) = &self.quota
+            && q.limit == 0
+        {
+            return Err(TableError::invalid(what, "quota limit must be positive"));
+        }
+        for r in &self.routes {
+            if !r.path_prefix.starts_with('/') {
+                return Err(TableError::invalid(
+                    what,
+                    format!("route pathPrefix {:?} must start with '/'", r.path_prefix),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RouteScope {
+    /// Segment-aware prefix match plus method check (methods compared case-sensitively, as HTTP does).
+    pub fn matches(&self, method: &str, path: &str) -> bool {
+        let p = self.path_prefix.trim_end_matches('/');
+        let path_ok = p.is_empty()
+            || (path.starts_with(p) && matches!(path.as_bytes().get(p.len()), None | Some(b'/') | Some(b'?')));
+        path_ok && (self.methods.is_empty() || self.methods.iter().any(|m| m == method))
+    }
+}
+
+pub(crate) fn check_schema(found: u32, what: &str) -> Result<(), TableError> {
+    if found != SCHEMA_VERSION {
+        return Err(TableError::SchemaVersion { what: what.to_string(), found, supported: SCHEMA_VERSION });
+    }
+    Ok(())
+}
+
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> Result<T, TableError> {
+    serde_json::from_str(json).map_err(|e| TableError::Malformed { what: what.to_string(), detail: e.to_string() })
+}
+
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::key_digest;
+
+    pub fn sample(n: usize) -> Table {
+        let mut plans = BTreeMap::new();
+        plans.insert(
+            "gold".to_string(),
+            Plan {
+                throttle: Some(Throttle { rate: 100, per_millis: 1000, burst: 20 }),
+                quota: Some(Quota { limit: 100_000, period: Period::Month }),
+                global_limits: false,
+                routes: vec![RouteScope { path_prefix: "/v1".into(), methods: vec!["GET".into()] }],
+            },
+        );
+        let clients = (0..n)
+            .map(|i| Client {
+                id: format!("team-a/client-{i:06}"),
+                keys: vec![KeyEntry { sha256: key_digest(format!("key-{i}").as_bytes()), expires_at: None }],
+                source_ranges: vec![format!("10.{}.{}.0/24", (i >> 8) & 255, i & 255).parse().unwrap()],
+                disabled: false,
+                plans: vec!["gold".into()],
+            })
+            .collect();
+        Table::new("team-a/orders", plans, clients)
+    }
+
+    #[test]
+    fn rendering_is_deterministic_and_round_trips() {
+        let t = sample(50);
+        let a = t.to_json();
+        assert_eq!(a, sample(50).to_json());
+        assert_eq!(Table::from_json(&a, "test").unwrap(), t);
+    }
+
+    #[test]
+    fn revision_changes_with_content() {
+        let mut t = sample(3);
+        let before = t.revision.clone();
+        t.clients[0].source_ranges = vec!["192.0.2.0/24".parse().unwrap()];
+        assert_ne!(t.compute_revision(), before);
+    }
+
+    #[test]
+    fn tampered_revision_is_refused() {
+        let mut t = sample(2);
+        t.revision = "0000000000000000".into();
+        let err = Table::from_json(&t.to_json(), "f.json").unwrap_err();
+        assert!(err.to_string().contains("does not match its content"), "{err}");
+    }
+
+    #[test]
+    fn hand_written_file_without_revision_is_accepted() {
+        let json = r#"{"schemaVersion":1,"service":"demo/echo","plans":{"p":{}},
+            "clients":[{"id":"demo/a","keys":[{"sha256":"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}],
+            "sourceRanges":["127.0.0.1/32"],"plans":["p"]}]}"#;
+        let t = Table::from_json(json, "f").unwrap();
+        assert_eq!(t.revision.len(), 16);
+    }
+
+    #[test]
+    fn invalid_tables_are_refused_with_reasons() {
+        let mut t = sample(2);
+        t.clients[1].plans = vec!["missing".into()];
+        t.revision = t.compute_revision();
+        assert!(t.validate("x").unwrap_err().to_string().contains("unknown plan"));
+
+        let mut t = sample(2);
+        t.clients[1].keys = t.clients[0].keys.clone();
+        t.revision = t.compute_revision();
+        assert!(t.validate("x").unwrap_err().to_string().contains("listed twice"));
+
+        let mut t = sample(1);
+        t.schema_version = 9;
+        assert!(matches!(t.validate("x"), Err(TableError::SchemaVersion { found: 9, .. })));
+
+        assert!(matches!(Table::from_json("{not json", "f"), Err(TableError::Malformed { .. })));
+        let bad_cidr = r#"{"schemaVersion":1,"service":"a/b","clients":[{"id":"a/c","keys":[],"sourceRanges":["10.0.0.0/33"],"plans":[]}]}"#;
+        assert!(matches!(Table::from_json(bad_cidr, "f"), Err(TableError::Malformed { .. })));
+    }
+
+    #[test]
+    fn route_scope_matching_is_segment_aware() {
+        let r = RouteScope { path_prefix: "/v1".into(), methods: vec!["GET".into()] };
+        assert!(r.matches("GET", "/v1"));
+        assert!(r.matches("GET", "/v1/orders"));
+        assert!(r.matches("GET", "/v1?x=1"));
+        assert!(!r.matches("GET", "/v10"));
+        assert!(!r.matches("POST", "/v1"));
+        let any = RouteScope { path_prefix: "/".into(), methods: vec![] };
+        assert!(any.matches("DELETE", "/anything"));
+    }
+}
