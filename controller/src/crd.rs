@@ -1,0 +1,262 @@
+//! The `portcullis.dev/v1alpha1` custom resources: [`UsagePlan`] and [`ApiClient`].
+//!
+//! Validation that needs no lookups lives in the schema (OpenAPI bounds, enums, CEL `x-kubernetes-validations`);
+//! the checked-in YAML under `crds/` is generated from these types by the `crdgen` binary.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "portcullis.dev";
+pub const VERSION: &str = "v1alpha1";
+pub const API_VERSION: &str = "portcullis.dev/v1alpha1";
+
+/// Which Services a plan grants, with which limits.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "portcullis.dev",
+    version = "v1alpha1",
+    kind = "UsagePlan",
+    plural = "usageplans",
+    shortname = "up",
+    namespaced,
+    status = "UsagePlanStatus",
+    printcolumn = r#"{"name":"Rate","type":"integer","jsonPath":".spec.throttle.rate"}"#,
+    printcolumn = r#"{"name":"Per","type":"string","jsonPath":".spec.throttle.per","priority":1}"#,
+    printcolumn = r#"{"name":"Burst","type":"integer","jsonPath":".spec.throttle.burst"}"#,
+    printcolumn = r#"{"name":"Quota","type":"integer","jsonPath":".spec.quota.limit"}"#,
+    printcolumn = r#"{"name":"Period","type":"string","jsonPath":".spec.quota.period","priority":1}"#,
+    printcolumn = r#"{"name":"Clients","type":"integer","jsonPath":".status.clients"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct UsagePlanSpec {
+    /// Protected Services (in this namespace) the plan grants, each optionally limited to route scopes.
+    #[schemars(length(min = 1, max = 64))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub services: Vec<ServiceGrant>,
+    /// Rate limit per client (GCRA): `rate` requests per `per`, bursts up to `burst`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throttle: Option<ThrottleSpec>,
+    /// Request quota per client and calendar period (UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<QuotaSpec>,
+    /// Count throttle and quota across proxy replicas (Redis) instead of per replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_limits: Option<bool>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceGrant {
+    /// Name of a Service in the plan's namespace.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: String,
+    /// Route scopes; absent or empty grants every path and method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub routes: Option<Vec<RouteSpec>>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteSpec {
+    /// Segment-aware path prefix: `/v1` matches `/v1` and `/v1/x`, not `/v10`.
+    #[schemars(length(min = 1, max = 1024), regex(pattern = "^/"))]
+    pub path_prefix: String,
+    /// HTTP methods allowed under the prefix; absent or empty allows all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 16), regex(pattern = "^[A-Z]+$")))]
+    pub methods: Option<Vec<String>>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ThrottleSpec {
+    /// Requests allowed per `per`.
+    #[schemars(range(min = 1, max = 1_000_000_000))]
+    pub rate: u32,
+    /// Window of `rate`: a duration such as `500ms`, `1s`, `1m`, `1h`.
+    #[serde(default = "default_per")]
+    #[schemars(length(max = 12), regex(pattern = "^[1-9][0-9]{0,8}(ms|s|m|h)$"))]
+    pub per: String,
+    /// Largest burst; defaults to `rate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_000_000_000))]
+    pub burst: Option<u32>,
+}
+
+fn default_per() -> String {
+    "1s".to_string()
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaSpec {
+    /// Requests allowed per period.
+    #[schemars(range(min = 1, max = 1_000_000_000_000_000u64))]
+    pub limit: u64,
+    pub period: QuotaPeriod,
+}
+
+/// UTC calendar periods.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum QuotaPeriod {
+    Day,
+    Week,
+    Month,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsagePlanStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// ApiClients (in this namespace) naming this plan.
+    #[serde(default)]
+    pub clients: u32,
+    /// Tables currently written for the plan's Services.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<TableStatus>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TableStatus {
+    pub service: String,
+    pub revision: String,
+    pub shards: u32,
+}
+
+/// A consumer of protected Services: its keys, source ranges and plans.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "portcullis.dev",
+    version = "v1alpha1",
+    kind = "ApiClient",
+    plural = "apiclients",
+    shortname = "ac",
+    namespaced,
+    status = "ApiClientStatus",
+    printcolumn = r#"{"name":"Plans","type":"string","jsonPath":".spec.usagePlans"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Keys","type":"integer","jsonPath":".status.keys"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiClientSpec {
+    /// Names of UsagePlans in this namespace; earlier plans take precedence.
+    #[schemars(length(min = 1, max = 16), inner(length(min = 1, max = 253)))]
+    pub usage_plans: Vec<String>,
+    /// Allowed source addresses (IPv4/IPv6 CIDRs). Empty admits no address; `0.0.0.0/0` and `::/0` must be explicit.
+    #[serde(default)]
+    #[schemars(length(max = 256), inner(length(max = 64)))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self.all(c, isCIDR(c))", "message": "every sourceRanges entry must be a CIDR such as 10.0.0.0/8 or 2001:db8::/32"}
+    ]))]
+    pub source_ranges: Vec<String>,
+    /// API keys; several at once for rotation.
+    #[schemars(length(min = 1, max = 8))]
+    pub keys: Vec<KeySpec>,
+    /// Reject every request of this client (403) while keeping it in the tables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
+}
+
+/// One key: from an existing Secret, or generated by the controller into an owned Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.secretRef) != has(self.generate)", "message": "exactly one of secretRef or generate must be set"}
+]))]
+pub struct KeySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate: Option<GenerateSpec>,
+    /// The key is refused from this instant on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+}
+
+/// A key stored in a Secret of the ApiClient's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// Ask the controller to create a Secret holding a fresh random key (once; it is never regenerated).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct GenerateSpec {}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiClientStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// Short fingerprints (`sha256:` + 12 hex digits of the key's SHA-256) of the resolved keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_fingerprints: Vec<String>,
+    /// Number of resolved, unexpired keys.
+    #[serde(default)]
+    pub keys: u32,
+}
+
+/// Both CRDs as a multi-document YAML stream (what `crdgen` prints).
+pub fn crds_yaml() -> (String, String) {
+    let to_yaml = |crd| serde_yaml::to_string(&crd).expect("CRDs serialise to YAML");
+    (to_yaml(ApiClient::crd()), to_yaml(UsagePlan::crd()))
+}
+
+/// Paths (relative to the workspace root) of the checked-in CRD files.
+pub const API_CLIENTS_CRD_FILE: &str = "crds/portcullis.dev_apiclients.yaml";
+pub const USAGE_PLANS_CRD_FILE: &str = "crds/portcullis.dev_usageplans.yaml";
+
+/// Header put at the top of the generated files.
+pub const GENERATED_HEADER: &str = "# Generated by `cargo run -p portcullis-controller --bin crdgen -- --write`; do not edit.\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn root() -> &'static Path {
+        Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root")
+    }
+
+    #[test]
+    fn checked_in_crds_are_up_to_date() {
+        let (ac, up) = crds_yaml();
+        for (file, want) in [(API_CLIENTS_CRD_FILE, ac), (USAGE_PLANS_CRD_FILE, up)] {
+            let have = std::fs::read_to_string(root().join(file)).unwrap_or_default();
+            assert!(
+                have == format!("{GENERATED_HEADER}{want}"),
+                "{file} is stale: regenerate with `cargo run -p portcullis-controller --bin crdgen -- --write`"
+            );
+        }
+    }
+
+    #[test]
+    fn schema_carries_cel_rules_bounds_and_list_maps() {
+        let (ac, up) = crds_yaml();
+        assert!(ac.contains("isCIDR(c)"));
+        assert!(ac.contains("has(self.secretRef) != has(self.generate)"));
+        assert!(ac.contains("maxItems: 256"));
+        assert!(ac.contains("x-kubernetes-list-type: map"));
+        assert!(up.contains("- Day"));
+        assert!(up.contains("minimum: 1"));
+        assert!(up.contains("shortNames:\n    - up"));
+    }
+}
