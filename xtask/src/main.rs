@@ -1,1 +1,76 @@
-fn main() {}
+//! Developer tasks: `cargo xtask <task>`.
+//!
+//! - `test`   — builds (or reuses) the local control plane, then runs every test of the workspace.
+//! - `k8s-bins` — only builds (or finds) the control-plane binaries and prints their directory.
+//! - `crdgen` — regenerates `crds/` from the Rust types.
+
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = repo_root();
+    match args.first().map(String::as_str) {
+        Some("test") => test(&root, &args[1..]),
+        Some("k8s-bins") => {
+            println!("{}", k8s_bins(&root)?.display());
+            Ok(())
+        }
+        Some("crdgen") => crdgen(&root),
+        _ => {
+            eprintln!("usage: cargo xtask <test [cargo test args]|k8s-bins|crdgen>");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the repo").to_path_buf()
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let t = Instant::now();
+    let status = cmd.status().with_context(|| format!("{what}: could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    eprintln!("xtask: {what} took {:.1}s", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Builds or finds the control-plane binaries (cached outside the clone) and returns their directory.
+fn k8s_bins(root: &Path) -> Result<PathBuf> {
+    let t = Instant::now();
+    let out = Command::new("bash")
+        .arg(root.join("tools/k8s-bins/build.sh"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running tools/k8s-bins/build.sh")?;
+    if !out.status.success() {
+        bail!("building the local control plane failed (see the message above)");
+    }
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim());
+    eprintln!("xtask: control-plane binaries ready in {} ({:.1}s)", dir.display(), t.elapsed().as_secs_f64());
+    Ok(dir)
+}
+
+fn test(root: &Path, extra: &[String]) -> Result<()> {
+    let bins = k8s_bins(root)?;
+    run(
+        Command::new("cargo")
+            .current_dir(root)
+            .env("PORTCULLIS_K8S_BIN", &bins)
+            .args(["test", "--workspace", "--locked"])
+            .args(extra),
+        "cargo test --workspace",
+    )
+}
+
+fn crdgen(root: &Path) -> Result<()> {
+    run(
+        Command::new("cargo").current_dir(root).args(["run", "--quiet", "-p", "portcullis-controller", "--bin", "crdgen"]),
+        "crdgen",
+    )
+}
