@@ -1,3 +1,6 @@
 //! Portcullis controller: CRD types, pure table/condition/key logic, and the reconcilers.
 
+pub mod conditions;
 pub mod crd;
+pub mod keygen;
+pub mod model;

@@ -1,0 +1,264 @@
+//! Condition types, reasons and their computation from facts. No I/O.
+
+use crate::model::KeyProblem;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+pub mod types {
+    pub const READY: &str = "Ready";
+    pub const KEYS_RESOLVED: &str = "KeysResolved";
+    pub const PLAN_RESOLVED: &str = "PlanResolved";
+    pub const SOURCE_RANGES_VALID: &str = "SourceRangesValid";
+    pub const PROGRAMMED: &str = "Programmed";
+}
+
+pub mod reason {
+    pub const RESOLVED: &str = "Resolved";
+    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";
+    pub const KEY_EXPIRED: &str = "KeyExpired";
+    pub const DUPLICATE_KEY: &str = "DuplicateKey";
+    pub const PLAN_NOT_FOUND: &str = "PlanNotFound";
+    pub const VALID: &str = "Valid";
+    pub const INVALID_SOURCE_RANGE: &str = "InvalidSourceRange";
+    pub const PROGRAMMED: &str = "Programmed";
+    pub const PENDING: &str = "Pending";
+    pub const NO_SERVICES: &str = "NoServices";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const READY: &str = "Ready";
+    pub const NOT_READY: &str = "NotReady";
+}
+
+/// A condition before timestamps: what the reconciler decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cond {
+    pub type_: &'static str,
+    pub ok: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Cond {
+    pub fn new(type_: &'static str, ok: bool, reason: &'static str, message: impl Into<String>) -> Self {
+        Self { type_, ok, reason, message: message.into() }
+    }
+}
+
+/// Facts about one ApiClient, gathered by the reconciler.
+#[derive(Debug, Clone, Default)]
+pub struct ClientFacts {
+    pub key_problems: Vec<KeyProblem>,
+    /// Resolved keys, and how many of them are not expired.
+    pub resolved_keys: usize,
+    pub live_keys: usize,
+    /// Keys dropped because another client uses the same key (fingerprints).
+    pub duplicate_keys: Vec<String>,
+    pub missing_plans: Vec<String>,
+    pub invalid_ranges: Vec<String>,
+    /// Services the client's (existing) plans grant.
+    pub services: Vec<String>,
+    /// Of those, the ones whose current table does not contain this client's current generation.
+    pub unprogrammed: Vec<String>,
+}
+
+pub fn client_conditions(f: &ClientFacts) -> Vec<Cond> {
+    use types::*;
+    let keys = if let Some(p) = f.key_problems.first() {
+        let msg = f.key_problems.iter().map(KeyProblem::message).collect::<Vec<_>>().join("; ");
+        Cond::new(KEYS_RESOLVED, false, p.reason(), msg)
+    } else if !f.duplicate_keys.is_empty() {
+        Cond::new(
+            KEYS_RESOLVED,
+            false,
+            reason::DUPLICATE_KEY,
+            format!("key(s) {} already belong to another ApiClient", f.duplicate_keys.join(", ")),
+        )
+    } else if f.live_keys == 0 {
+        Cond::new(KEYS_RESOLVED, false, reason::KEY_EXPIRED, format!("all {} keys have expired", f.resolved_keys))
+    } else {
+        Cond::new(KEYS_RESOLVED, true, reason::RESOLVED, format!("{} key(s) resolved", f.resolved_keys))
+    };
+    let plans = if f.missing_plans.is_empty() {
+        Cond::new(PLAN_RESOLVED, true, reason::RESOLVED, "all UsagePlans found")
+    } else {
+        let names = f.missing_plans.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", ");
+        Cond::new(PLAN_RESOLVED, false, reason::PLAN_NOT_FOUND, format!("spec.usagePlans: UsagePlan {names} not found"))
+    };
+    let ranges = if f.invalid_ranges.is_empty() {
+        Cond::new(SOURCE_RANGES_VALID, true, reason::VALID, "all source ranges are valid CIDRs")
+    } else {
+        Cond::new(
+            SOURCE_RANGES_VALID,
+            false,
+            reason::INVALID_SOURCE_RANGE,
+            format!("spec.sourceRanges: {:?} are not CIDRs and are ignored", f.invalid_ranges),
+        )
+    };
+    let programmed = if f.services.is_empty() {
+        Cond::new(PROGRAMMED, false, reason::NO_SERVICES, "no UsagePlan of this client grants a Service")
+    } else if !f.unprogrammed.is_empty() {
+        Cond::new(
+            PROGRAMMED,
+            false,
+            reason::PENDING,
+            format!("waiting for the table of Service(s) {}", f.unprogrammed.join(", ")),
+        )
+    } else {
+        Cond::new(
+            PROGRAMMED,
+            true,
+            reason::PROGRAMMED,
+            format!("in the tables of Service(s) {}", f.services.join(", ")),
+        )
+    };
+    let mut out = vec![keys, plans, ranges, programmed];
+    out.push(ready(&out));
+    out
+}
+
+/// Facts about one UsagePlan.
+#[derive(Debug, Clone, Default)]
+pub struct PlanFacts {
+    pub spec_error: Option<String>,
+    pub services: Vec<String>,
+    pub unprogrammed: Vec<String>,
+}
+
+pub fn plan_conditions(f: &PlanFacts) -> Vec<Cond> {
+    use types::*;
+    let programmed = if let Some(e) = &f.spec_error {
+        Cond::new(PROGRAMMED, false, reason::INVALID_SPEC, e.clone())
+    } else if !f.unprogrammed.is_empty() {
+        Cond::new(
+            PROGRAMMED,
+            false,
+            reason::PENDING,
+            format!("waiting for the table of Service(s) {}", f.unprogrammed.join(", ")),
+        )
+    } else {
+        Cond::new(
+            PROGRAMMED,
+            true,
+            reason::PROGRAMMED,
+            format!("tables written for Service(s) {}", f.services.join(", ")),
+        )
+    };
+    let mut out = vec![programmed];
+    out.push(ready(&out));
+    out
+}
+
+/// `Ready`: True when every other condition is True; otherwise the first failing one's reason and message.
+fn ready(others: &[Cond]) -> Cond {
+    match others.iter().find(|c| !c.ok) {
+        None => Cond::new(types::READY, true, reason::READY, "ready"),
+        Some(c) => Cond::new(types::READY, false, c.reason, format!("{}: {}", c.type_, c.message)),
+    }
+}
+
+/// Merges decided conditions into the existing list: `lastTransitionTime` only moves when the status changes.
+pub fn merge(existing: &[Condition], new: &[Cond], generation: Option<i64>, now: jiff::Timestamp) -> Vec<Condition> {
+    new.iter()
+        .map(|c| {
+            let status = if c.ok { "True" } else { "False" };
+            let prev = existing.iter().find(|e| e.type_ == c.type_);
+            let last_transition_time = match prev {
+                Some(p) if p.status == status => p.last_transition_time.clone(),
+                _ => Time(crate::model::to_k8s_time(now)),
+            };
+            Condition {
+                type_: c.type_.to_string(),
+                status: status.to_string(),
+                reason: c.reason.to_string(),
+                message: c.message.clone(),
+                observed_generation: generation,
+                last_transition_time,
+            }
+        })
+        .collect()
+}
+
+/// Conditions whose status or reason changed (for Events): `(new condition, was it a status change)`.
+pub fn transitions<'a>(old: &[Condition], new: &'a [Condition]) -> Vec<&'a Condition> {
+    new.iter()
+        .filter(|n| {
+            old.iter().find(|o| o.type_ == n.type_).is_none_or(|o| o.status != n.status || o.reason != n.reason)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get<'a>(cs: &'a [Cond], t: &str) -> &'a Cond {
+        cs.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    fn good() -> ClientFacts {
+        ClientFacts { resolved_keys: 1, live_keys: 1, services: vec!["orders".into()], ..Default::default() }
+    }
+
+    #[test]
+    fn all_good_is_ready() {
+        let cs = client_conditions(&good());
+        assert!(cs.iter().all(|c| c.ok), "{cs:?}");
+        assert_eq!(get(&cs, "Ready").reason, "Ready");
+    }
+
+    #[test]
+    fn missing_secret_names_secret_and_blocks_ready() {
+        let mut f = good();
+        f.key_problems.push(KeyProblem::SecretNotFound { index: 0, secret: "k1".into() });
+        let cs = client_conditions(&f);
+        let k = get(&cs, "KeysResolved");
+        assert!(!k.ok);
+        assert_eq!(k.reason, "SecretNotFound");
+        assert!(k.message.contains("\"k1\""));
+        let r = get(&cs, "Ready");
+        assert!(!r.ok);
+        assert_eq!(r.reason, "SecretNotFound");
+    }
+
+    #[test]
+    fn expired_missing_plan_invalid_range_pending() {
+        let mut f = good();
+        f.live_keys = 0;
+        f.missing_plans = vec!["gold".into()];
+        f.invalid_ranges = vec!["10.0.0.0/33".into()];
+        f.unprogrammed = vec!["orders".into()];
+        let cs = client_conditions(&f);
+        assert_eq!(get(&cs, "KeysResolved").reason, "KeyExpired");
+        assert_eq!(get(&cs, "PlanResolved").reason, "PlanNotFound");
+        assert!(get(&cs, "PlanResolved").message.contains("\"gold\""));
+        assert_eq!(get(&cs, "SourceRangesValid").reason, "InvalidSourceRange");
+        assert_eq!(get(&cs, "Programmed").reason, "Pending");
+        assert_eq!(get(&cs, "Ready").reason, "KeyExpired");
+    }
+
+    #[test]
+    fn plan_conditions_follow_programming() {
+        let mut f = PlanFacts { services: vec!["orders".into()], ..Default::default() };
+        assert!(plan_conditions(&f).iter().all(|c| c.ok));
+        f.unprogrammed = vec!["orders".into()];
+        let cs = plan_conditions(&f);
+        assert_eq!(get(&cs, "Ready").reason, "Pending");
+    }
+
+    #[test]
+    fn merge_keeps_transition_time_unless_status_changes() {
+        let t0: jiff::Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let t1: jiff::Timestamp = "2026-01-02T00:00:00Z".parse().unwrap();
+        let first = merge(&[], &client_conditions(&good()), Some(1), t0);
+        let same = merge(&first, &client_conditions(&good()), Some(2), t1);
+        assert!(same.iter().all(|c| c.last_transition_time.0 == crate::model::to_k8s_time(t0)));
+        assert!(same.iter().all(|c| c.observed_generation == Some(2)));
+        assert!(transitions(&first, &same).is_empty());
+        let mut f = good();
+        f.missing_plans = vec!["x".into()];
+        let changed = merge(&same, &client_conditions(&f), Some(3), t1);
+        let pr = changed.iter().find(|c| c.type_ == "PlanResolved").unwrap();
+        assert_eq!(pr.last_transition_time.0, crate::model::to_k8s_time(t1));
+        let tr: Vec<&str> = transitions(&same, &changed).iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(tr, ["PlanResolved", "Ready"]);
+    }
+}

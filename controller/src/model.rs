@@ -1,0 +1,447 @@
+//! Pure translation of UsagePlans and ApiClients (plus resolved key digests) into one Service's [`Table`].
+//! No I/O: everything here is unit-tested.
+
+use crate::crd::{ApiClient, KeySpec, QuotaPeriod, UsagePlan, UsagePlanSpec};
+use ipnet::IpNet;
+use kube::ResourceExt;
+use portcullis_table::{Client, KeyDigest, KeyEntry, Period, Plan, Quota, RouteScope, Table, Throttle, key_digest};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use thiserror::Error;
+
+/// Data key of the generated key in a generated Secret.
+pub const GENERATED_KEY_DATA_KEY: &str = "key";
+/// Label on generated key Secrets naming their ApiClient.
+pub const LABEL_API_CLIENT: &str = "portcullis.dev/api-client";
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("UsagePlan {plan}: spec.throttle.per {value:?} is not a duration like 500ms, 1s, 1m or 1h")]
+    Per { plan: String, value: String },
+}
+
+/// k8s-openapi carries its own jiff (0.2); the table format uses jiff 1. Conversions at whole-nanosecond precision.
+pub fn to_k8s_time(t: jiff::Timestamp) -> k8s_openapi::jiff::Timestamp {
+    k8s_openapi::jiff::Timestamp::new(t.as_second(), t.subsec_nanosecond()).expect("same range")
+}
+
+pub fn from_k8s_time(t: k8s_openapi::jiff::Timestamp) -> jiff::Timestamp {
+    jiff::Timestamp::new(t.as_second(), t.subsec_nanosecond()).expect("same range")
+}
+
+/// Name of the Secret holding the generated key `index` of `client`.
+pub fn generated_secret_name(client: &str, index: usize) -> String {
+    format!("{client}-key-{index}")
+}
+
+/// `500ms`, `1s`, `2m`, `1h` → milliseconds.
+pub fn parse_per(s: &str) -> Option<u64> {
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3_600_000)
+    } else {
+        return None;
+    };
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = num.parse().ok()?;
+    (n > 0).then(|| n.checked_mul(mult)).flatten()
+}
+
+/// What plan `name` grants on the Service named in `routes`' grant.
+pub fn plan_entry(name: &str, spec: &UsagePlanSpec, service: &str) -> Result<Plan, SpecError> {
+    let throttle = match &spec.throttle {
+        None => None,
+        Some(t) => {
+            let per_millis =
+                parse_per(&t.per).ok_or_else(|| SpecError::Per { plan: name.into(), value: t.per.clone() })?;
+            Some(Throttle { rate: t.rate, per_millis, burst: t.burst.unwrap_or(t.rate) })
+        }
+    };
+    let quota = spec.quota.as_ref().map(|q| Quota {
+        limit: q.limit,
+        period: match q.period {
+            QuotaPeriod::Day => Period::Day,
+            QuotaPeriod::Week => Period::Week,
+            QuotaPeriod::Month => Period::Month,
+        },
+    });
+    let routes = spec
+        .services
+        .iter()
+        .find(|s| s.name == service)
+        .and_then(|s| s.routes.as_ref())
+        .map(|rs| {
+            rs.iter()
+                .map(|r| RouteScope {
+                    path_prefix: r.path_prefix.clone(),
+                    methods: r.methods.clone().unwrap_or_default(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Plan { throttle, quota, global_limits: spec.global_limits.unwrap_or(false), routes })
+}
+
+/// Whether `plan` grants `service`.
+pub fn grants(plan: &UsagePlan, service: &str) -> bool {
+    plan.spec.services.iter().any(|s| s.name == service)
+}
+
+/// Looking up one key in a Secret of the client's namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretLookup<'a> {
+    SecretNotFound,
+    KeyMissing,
+    Found(&'a [u8]),
+}
+
+/// Why one of a client's keys could not be resolved. Names the Secret and data key, never the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyProblem {
+    SecretNotFound { index: usize, secret: String },
+    SecretKeyMissing { index: usize, secret: String, key: String },
+    EmptyKey { index: usize, secret: String, key: String },
+}
+
+impl KeyProblem {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            KeyProblem::SecretNotFound { .. } => crate::conditions::reason::SECRET_NOT_FOUND,
+            KeyProblem::SecretKeyMissing { .. } => crate::conditions::reason::SECRET_KEY_MISSING,
+            KeyProblem::EmptyKey { .. } => crate::conditions::reason::SECRET_KEY_MISSING,
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            KeyProblem::SecretNotFound { index, secret } => {
+                format!("spec.keys[{index}]: Secret {secret:?} not found in the ApiClient's namespace")
+            }
+            KeyProblem::SecretKeyMissing { index, secret, key } => {
+                format!("spec.keys[{index}]: Secret {secret:?} has no data key {key:?}")
+            }
+            KeyProblem::EmptyKey { index, secret, key } => {
+                format!("spec.keys[{index}]: data key {key:?} of Secret {secret:?} is empty")
+            }
+        }
+    }
+}
+
+/// A client's keys as digests, plus what went wrong.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResolvedKeys {
+    pub entries: Vec<KeyEntry>,
+    pub problems: Vec<KeyProblem>,
+}
+
+impl ResolvedKeys {
+    /// Keys that are not expired at `now`.
+    pub fn live(&self, now: jiff::Timestamp) -> usize {
+        self.entries.iter().filter(|k| k.expires_at.is_none_or(|e| e > now)).count()
+    }
+
+    /// The earliest expiry still in the future (to re-check conditions then).
+    pub fn next_expiry(&self, now: jiff::Timestamp) -> Option<jiff::Timestamp> {
+        self.entries.iter().filter_map(|k| k.expires_at).filter(|e| *e > now).min()
+    }
+}
+
+/// Where key `index` of `spec` lives: `(secret name, data key)`.
+pub fn key_location(client: &str, index: usize, spec: &KeySpec) -> (String, String) {
+    match &spec.secret_ref {
+        Some(r) => (r.name.clone(), r.key.clone()),
+        None => (generated_secret_name(client, index), GENERATED_KEY_DATA_KEY.to_string()),
+    }
+}
+
+/// Resolves every key of `client` through `lookup(secret, data_key)`. Key bytes are trimmed of surrounding ASCII
+/// whitespace (a trailing newline from `--from-file`), then hashed; the bytes themselves go nowhere else.
+pub fn resolve_keys<'a>(client: &ApiClient, lookup: impl Fn(&str, &str) -> SecretLookup<'a>) -> ResolvedKeys {
+    let mut out = ResolvedKeys::default();
+    let name = client.name_any();
+    for (index, spec) in client.spec.keys.iter().enumerate() {
+        let (secret, key) = key_location(&name, index, spec);
+        match lookup(&secret, &key) {
+            SecretLookup::SecretNotFound => out.problems.push(KeyProblem::SecretNotFound { index, secret }),
+            SecretLookup::KeyMissing => out.problems.push(KeyProblem::SecretKeyMissing { index, secret, key }),
+            SecretLookup::Found(bytes) => {
+                let bytes = bytes.trim_ascii();
+                if bytes.is_empty() {
+                    out.problems.push(KeyProblem::EmptyKey { index, secret, key });
+                } else {
+                    let expires_at = spec.expires_at.as_ref().map(|t| from_k8s_time(t.0));
+                    out.entries.push(KeyEntry { sha256: key_digest(bytes), expires_at });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Parsed source ranges and the entries that are not CIDRs (schema should have refused them).
+pub fn parse_source_ranges(ranges: &[String]) -> (Vec<IpNet>, Vec<String>) {
+    let mut nets = Vec::with_capacity(ranges.len());
+    let mut bad = Vec::new();
+    for r in ranges {
+        match r.trim().parse::<IpNet>() {
+            Ok(n) => nets.push(n.trunc()),
+            Err(_) => bad.push(r.clone()),
+        }
+    }
+    nets.sort();
+    nets.dedup();
+    (nets, bad)
+}
+
+/// A built table plus what the status writers need to know about it.
+#[derive(Debug, Clone)]
+pub struct BuiltTable {
+    pub table: Table,
+    /// Granting plans: name → (uid, generation).
+    pub plans: BTreeMap<String, (String, i64)>,
+    /// Clients in the table: name → generation rendered.
+    pub clients: HashMap<String, i64>,
+    /// Keys left out because an earlier client (by id) already uses the same key: (client, fingerprint).
+    pub duplicate_keys: Vec<(String, String)>,
+}
+
+/// Builds the table of Service `service` in `namespace` from the namespace's plans and clients. `keys` gives the
+/// resolved keys of a client by name (clients without an entry get no keys).
+pub fn build_table<'a>(
+    namespace: &str,
+    service: &str,
+    plans: impl IntoIterator<Item = &'a UsagePlan>,
+    clients: impl IntoIterator<Item = &'a ApiClient>,
+    keys: impl Fn(&ApiClient) -> Option<&'a [KeyEntry]>,
+) -> BuiltTable {
+    let mut plan_map = BTreeMap::new();
+    let mut plan_meta = BTreeMap::new();
+    for p in plans {
+        if !grants(p, service) {
+            continue;
+        }
+        let name = p.name_any();
+        // An invalid spec (schema should refuse it) grants nothing rather than something unintended.
+        if let Ok(entry) = plan_entry(&name, &p.spec, service) {
+            plan_meta.insert(name.clone(), (p.uid().unwrap_or_default(), p.metadata.generation.unwrap_or(0)));
+            plan_map.insert(name, entry);
+        }
+    }
+    let mut selected: Vec<(String, &ApiClient, Vec<String>)> = Vec::new();
+    if !plan_map.is_empty() {
+        for c in clients {
+            let mut seen = HashSet::new();
+            let granted: Vec<String> = c
+                .spec
+                .usage_plans
+                .iter()
+                .filter(|p| plan_map.contains_key(p.as_str()) && seen.insert(p.as_str()))
+                .cloned()
+                .collect();
+            if !granted.is_empty() {
+                selected.push((format!("{namespace}/{}", c.name_any()), c, granted));
+            }
+        }
+    }
+    selected.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut used: HashSet<KeyDigest> = HashSet::with_capacity(selected.len());
+    let mut duplicate_keys = Vec::new();
+    let mut client_meta = HashMap::with_capacity(selected.len());
+    let mut out = Vec::with_capacity(selected.len());
+    for (id, c, granted) in selected {
+        let mut entries = Vec::new();
+        for k in keys(c).unwrap_or_default() {
+            if used.insert(k.sha256) {
+                entries.push(k.clone());
+            } else {
+                duplicate_keys.push((c.name_any(), portcullis_table::fingerprint(&k.sha256)));
+            }
+        }
+        let (source_ranges, _) = parse_source_ranges(&c.spec.source_ranges);
+        client_meta.insert(c.name_any(), c.metadata.generation.unwrap_or(0));
+        out.push(Client {
+            id,
+            keys: entries,
+            source_ranges,
+            disabled: c.spec.disabled.unwrap_or(false),
+            plans: granted,
+        });
+    }
+    BuiltTable {
+        table: Table::new(format!("{namespace}/{service}"), plan_map, out),
+        plans: plan_meta,
+        clients: client_meta,
+        duplicate_keys,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::crd::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    pub fn plan(name: &str, services: &[&str], rate: Option<u32>) -> UsagePlan {
+        let mut p = UsagePlan::new(
+            name,
+            UsagePlanSpec {
+                services: services.iter().map(|s| ServiceGrant { name: s.to_string(), routes: None }).collect(),
+                throttle: rate.map(|rate| ThrottleSpec { rate, per: "1m".into(), burst: None }),
+                quota: Some(QuotaSpec { limit: 1000, period: QuotaPeriod::Day }),
+                global_limits: None,
+            },
+        );
+        p.metadata.namespace = Some("ns".into());
+        p.metadata.uid = Some(format!("uid-{name}"));
+        p.metadata.generation = Some(1);
+        p
+    }
+
+    pub fn client(name: &str, plans: &[&str], ranges: &[&str]) -> ApiClient {
+        let mut c = ApiClient::new(
+            name,
+            ApiClientSpec {
+                usage_plans: plans.iter().map(|s| s.to_string()).collect(),
+                source_ranges: ranges.iter().map(|s| s.to_string()).collect(),
+                keys: vec![KeySpec {
+                    secret_ref: Some(SecretKeyRef { name: format!("{name}-secret"), key: "key".into() }),
+                    generate: None,
+                    expires_at: None,
+                }],
+                disabled: None,
+            },
+        );
+        c.metadata.namespace = Some("ns".into());
+        c.metadata.generation = Some(3);
+        c
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_per("1s"), Some(1000));
+        assert_eq!(parse_per("500ms"), Some(500));
+        assert_eq!(parse_per("2m"), Some(120_000));
+        assert_eq!(parse_per("1h"), Some(3_600_000));
+        for bad in ["", "s", "0s", "1d", "-1s", "1.5s", "ms"] {
+            assert_eq!(parse_per(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn table_holds_granted_clients_with_digests_cidrs_and_limits() {
+        let mut gold = plan("gold", &["orders"], Some(100));
+        gold.spec.services[0].routes =
+            Some(vec![RouteSpec { path_prefix: "/v1".into(), methods: Some(vec!["GET".into()]) }]);
+        let other = plan("other", &["billing"], Some(5));
+        let plans = [gold, other];
+        let clients = [
+            client("b", &["gold"], &["10.0.0.1/8", "2001:db8::/32"]),
+            client("a", &["missing", "gold", "gold"], &[]),
+            client("c", &["other"], &["0.0.0.0/0"]),
+        ];
+        let k = |c: &ApiClient| vec![KeyEntry { sha256: key_digest(c.name_any().as_bytes()), expires_at: None }];
+        let keys: HashMap<String, Vec<KeyEntry>> = clients.iter().map(|c| (c.name_any(), k(c))).collect();
+        let built = build_table("ns", "orders", &plans, &clients, |c| keys.get(&c.name_any()).map(Vec::as_slice));
+        let t = &built.table;
+        t.validate("test").unwrap();
+        assert_eq!(t.service, "ns/orders");
+        assert_eq!(t.plans.len(), 1);
+        let p = &t.plans["gold"];
+        assert_eq!(p.throttle, Some(Throttle { rate: 100, per_millis: 60_000, burst: 100 }));
+        assert_eq!(p.quota, Some(Quota { limit: 1000, period: Period::Day }));
+        assert_eq!(p.routes, vec![RouteScope { path_prefix: "/v1".into(), methods: vec!["GET".into()] }]);
+        let ids: Vec<&str> = t.clients.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["ns/a", "ns/b"]);
+        assert_eq!(t.clients[0].plans, ["gold"]);
+        assert!(t.clients[0].source_ranges.is_empty());
+        assert_eq!(
+            t.clients[1].source_ranges,
+            vec!["10.0.0.0/8".parse::<IpNet>().unwrap(), "2001:db8::/32".parse().unwrap()]
+        );
+        assert_eq!(t.clients[1].keys[0].sha256, key_digest(b"b"));
+        assert_eq!(built.clients["a"], 3);
+        assert_eq!(built.plans["gold"], ("uid-gold".to_string(), 1));
+    }
+
+    #[test]
+    fn no_granting_plan_gives_an_empty_table_and_revisions_follow_content() {
+        let plans = [plan("gold", &["orders"], Some(1))];
+        let clients = [client("a", &["gold"], &["10.0.0.0/8"])];
+        let empty = build_table("ns", "billing", &plans, &clients, |_| None);
+        assert!(empty.table.plans.is_empty() && empty.table.clients.is_empty());
+        let t1 = build_table("ns", "orders", &plans, &clients, |_| None).table;
+        let t1b = build_table("ns", "orders", &plans, &clients, |_| None).table;
+        assert_eq!(t1.revision, t1b.revision);
+        let clients2 = [client("a", &["gold"], &["10.0.0.0/9"])];
+        let t2 = build_table("ns", "orders", &plans, &clients2, |_| None).table;
+        assert_ne!(t1.revision, t2.revision);
+    }
+
+    #[test]
+    fn duplicate_keys_are_kept_once_so_the_table_stays_valid() {
+        let plans = [plan("gold", &["orders"], None)];
+        let clients = [client("a", &["gold"], &[]), client("b", &["gold"], &[])];
+        let same = vec![KeyEntry { sha256: key_digest(b"same"), expires_at: None }];
+        let built = build_table("ns", "orders", &plans, &clients, |_| Some(same.as_slice()));
+        built.table.validate("t").unwrap();
+        assert_eq!(built.table.clients[0].keys.len(), 1);
+        assert!(built.table.clients[1].keys.is_empty());
+        assert_eq!(built.duplicate_keys.len(), 1);
+        assert_eq!(built.duplicate_keys[0].0, "b");
+    }
+
+    #[test]
+    fn keys_resolve_through_secrets_and_problems_name_the_secret() {
+        let mut c = client("a", &["gold"], &[]);
+        c.spec.keys.push(KeySpec { secret_ref: None, generate: Some(GenerateSpec {}), expires_at: None });
+        c.spec.keys.push(KeySpec {
+            secret_ref: Some(SecretKeyRef { name: "other".into(), key: "k".into() }),
+            generate: None,
+            expires_at: Some(Time("2030-01-01T00:00:00Z".parse().unwrap())),
+        });
+        let r = resolve_keys(&c, |secret, key| match (secret, key) {
+            ("a-secret", "key") => SecretLookup::Found(b"  s3cret\n"),
+            ("a-key-1", GENERATED_KEY_DATA_KEY) => SecretLookup::KeyMissing,
+            _ => SecretLookup::SecretNotFound,
+        });
+        assert_eq!(r.entries, vec![KeyEntry { sha256: key_digest(b"s3cret"), expires_at: None }]);
+        assert_eq!(
+            r.problems,
+            vec![
+                KeyProblem::SecretKeyMissing { index: 1, secret: "a-key-1".into(), key: "key".into() },
+                KeyProblem::SecretNotFound { index: 2, secret: "other".into() },
+            ]
+        );
+        assert!(r.problems[1].message().contains("\"other\""));
+        assert!(!format!("{r:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn source_ranges_are_normalised_and_bad_ones_reported() {
+        let (nets, bad) = parse_source_ranges(&["10.1.2.3/8".into(), "10.0.0.0/8".into(), "10.0.0.0/33".into()]);
+        assert_eq!(nets, vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]);
+        assert_eq!(bad, vec!["10.0.0.0/33".to_string()]);
+    }
+
+    #[test]
+    fn expiry_helpers() {
+        let now: jiff::Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let past = Some("2025-01-01T00:00:00Z".parse().unwrap());
+        let future = Some("2027-01-01T00:00:00Z".parse().unwrap());
+        let r = ResolvedKeys {
+            entries: vec![
+                KeyEntry { sha256: key_digest(b"1"), expires_at: past },
+                KeyEntry { sha256: key_digest(b"2"), expires_at: future },
+            ],
+            problems: vec![],
+        };
+        assert_eq!(r.live(now), 1);
+        assert_eq!(r.next_expiry(now), future);
+    }
+}
