@@ -1,0 +1,189 @@
+//! Which address a request comes from.
+//!
+//! The socket peer, unless the peer is a trusted proxy (`--trusted-proxies`): then `X-Forwarded-For` is walked
+//! from the right, skipping trusted hops, and the first untrusted address is the client (RFC 7239 `Forwarded: for=`
+//! is used the same way when there is no `X-Forwarded-For`). Headers from untrusted peers are ignored entirely, and
+//! `X-Real-IP` is never used (it cannot express a chain of hops). Any header that cannot be parsed where it matters
+//! makes the decision fall back to the peer: a malformed chain is never half-trusted.
+
+use super::cidr::CidrSet;
+use http::HeaderMap;
+use std::net::{IpAddr, SocketAddr};
+
+/// Longest forwarding chain considered; longer chains fall back to the peer.
+const MAX_HOPS: usize = 32;
+
+/// The address the decision uses for this request.
+pub fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &CidrSet) -> IpAddr {
+    let peer = peer.to_canonical();
+    if trusted.is_empty() || !trusted.contains(peer) {
+        return peer;
+    }
+    if headers.contains_key("x-forwarded-for") {
+        return walk(peer, xff_entries(headers), trusted);
+    }
+    if headers.contains_key("forwarded") {
+        return walk(peer, forwarded_entries(headers), trusted);
+    }
+    peer
+}
+
+/// Walks hop addresses (left to right order, as sent) from the right; `None` entries are unparsable.
+fn walk(peer: IpAddr, entries: Option<Vec<Option<IpAddr>>>, trusted: &CidrSet) -> IpAddr {
+    let Some(entries) = entries else { return peer };
+    if entries.is_empty() || entries.len() > MAX_HOPS {
+        return peer;
+    }
+    let mut leftmost = peer;
+    for e in entries.iter().rev() {
+        let Some(ip) = e else { return peer };
+        let ip = ip.to_canonical();
+        if !trusted.contains(ip) {
+            return ip;
+        }
+        leftmost = ip;
+    }
+    // Every hop is a trusted proxy: the request originated at the leftmost one.
+    leftmost
+}
+
+fn xff_entries(headers: &HeaderMap) -> Option<Vec<Option<IpAddr>>> {
+    let mut out = Vec::new();
+    for v in headers.get_all("x-forwarded-for") {
+        let s = v.to_str().ok()?;
+        for part in s.split(',') {
+            out.push(parse_node(part.trim()));
+        }
+    }
+    Some(out)
+}
+
+fn forwarded_entries(headers: &HeaderMap) -> Option<Vec<Option<IpAddr>>> {
+    let mut out = Vec::new();
+    for v in headers.get_all("forwarded") {
+        let s = v.to_str().ok()?;
+        for element in s.split(',') {
+            let mut found = None;
+            for pair in element.split(';') {
+                let Some((k, v)) = pair.trim().split_once('=') else { continue };
+                if k.trim().eq_ignore_ascii_case("for") {
+                    if found.is_some() {
+                        return None; // two `for` in one element: ambiguous
+                    }
+                    let v = v.trim();
+                    let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
+                    found = Some(parse_node(v));
+                }
+            }
+            // An element without `for=` says nothing about the hop: treat as unparsable.
+            out.push(found.flatten());
+        }
+    }
+    Some(out)
+}
+
+/// `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`, `[2001:db8::1]`, `[2001:db8::1]:80`; anything else (`unknown`,
+/// obfuscated identifiers, garbage) is `None`.
+fn parse_node(s: &str) -> Option<IpAddr> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Some(sa.ip());
+    }
+    let inner = s.strip_prefix('[')?.strip_suffix(']')?;
+    inner.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_bytes(v).unwrap());
+        }
+        h
+    }
+
+    fn trusted() -> CidrSet {
+        CidrSet::parse_list("127.0.0.10/32, 10.0.0.0/8, fd00::/8").unwrap()
+    }
+
+    #[test]
+    fn untrusted_peer_headers_are_ignored() {
+        let peer = ip("127.0.0.1");
+        for h in [
+            headers(&[("x-forwarded-for", b"127.0.0.2")]),
+            headers(&[("x-real-ip", b"127.0.0.2")]),
+            headers(&[("forwarded", b"for=127.0.0.2")]),
+            headers(&[("x-forwarded-for", b"garbage"), ("x-forwarded-for", b"1.1.1.1")]),
+            headers(&[("x-forwarded-for", b"\xff\xfe")]),
+        ] {
+            assert_eq!(client_addr(peer, &h, &trusted()), peer);
+            assert_eq!(client_addr(peer, &h, &CidrSet::default()), peer);
+        }
+    }
+
+    #[test]
+    fn trusted_hops_are_skipped_from_the_right() {
+        let peer = ip("127.0.0.10");
+        let h = headers(&[("x-forwarded-for", b"6.6.6.6, 203.0.113.9, 10.1.2.3")]);
+        assert_eq!(client_addr(peer, &h, &trusted()), ip("203.0.113.9"));
+        // Split across several header lines: combined in order (RFC 9110 §5.3).
+        let h = headers(&[("x-forwarded-for", b"6.6.6.6"), ("x-forwarded-for", b"203.0.113.9, 10.1.2.3")]);
+        assert_eq!(client_addr(peer, &h, &trusted()), ip("203.0.113.9"));
+        // All hops trusted: the leftmost originated it.
+        let h = headers(&[("x-forwarded-for", b"10.9.9.9, 10.1.2.3")]);
+        assert_eq!(client_addr(peer, &h, &trusted()), ip("10.9.9.9"));
+        // Ports and IPv6 forms, IPv4-mapped normalised.
+        let h = headers(&[("x-forwarded-for", b"[2001:db8::1]:443")]);
+        assert_eq!(client_addr(peer, &h, &trusted()), ip("2001:db8::1"));
+        let h = headers(&[("x-forwarded-for", b"::ffff:192.0.2.1")]);
+        assert_eq!(client_addr(peer, &h, &trusted()), ip("192.0.2.1"));
+        let mapped_peer = ip("::ffff:127.0.0.10");
+        let h = headers(&[("x-forwarded-for", b"192.0.2.1:5555")]);
+        assert_eq!(client_addr(mapped_peer, &h, &trusted()), ip("192.0.2.1"));
+    }
+
+    #[test]
+    fn garbage_from_a_trusted_peer_falls_back_to_the_peer() {
+        let peer = ip("127.0.0.10");
+        for v in [&b"unknown"[..], b"", b"1.2.3", b"a, 10.1.1.1", b"1.1.1.1,,", b"\xff"] {
+            let h = headers(&[("x-forwarded-for", v)]);
+            assert_eq!(client_addr(peer, &h, &trusted()), peer, "{v:?}");
+        }
+        // Garbage left of the first untrusted hop does not matter: it was never going to be believed.
+        let h = headers(&[("x-forwarded-for", b"garbage, 203.0.113.9")]);
+        assert_eq!(client_addr(peer, &h, &trusted()), ip("203.0.113.9"));
+        let long = vec!["10.0.0.1"; MAX_HOPS + 1].join(",");
+        let h = headers(&[("x-forwarded-for", long.as_bytes())]);
+        assert_eq!(client_addr(peer, &h, &trusted()), peer);
+    }
+
+    #[test]
+    fn forwarded_header() {
+        let peer = ip("127.0.0.10");
+        let h =
+            headers(&[("forwarded", b"for=192.0.2.60;proto=http;by=203.0.113.43, for=\"[2001:db8:cafe::17]:4711\"")]);
+        assert_eq!(client_addr(peer, &h, &trusted()), ip("2001:db8:cafe::17"));
+        let h = headers(&[("forwarded", b"For=198.51.100.17, for=10.0.0.5")]);
+        assert_eq!(client_addr(peer, &h, &trusted()), ip("198.51.100.17"));
+        for v in [&b"for=unknown"[..], b"for=_hidden", b"proto=https", b"for=1.1.1.1;for=2.2.2.2"] {
+            let h = headers(&[("forwarded", v)]);
+            assert_eq!(client_addr(peer, &h, &trusted()), peer, "{v:?}");
+        }
+        // X-Forwarded-For wins when both are present.
+        let h = headers(&[("forwarded", b"for=198.51.100.17"), ("x-forwarded-for", b"192.0.2.1")]);
+        assert_eq!(client_addr(peer, &h, &trusted()), ip("192.0.2.1"));
+        // X-Real-IP alone is never used.
+        let h = headers(&[("x-real-ip", b"192.0.2.1")]);
+        assert_eq!(client_addr(peer, &h, &trusted()), peer);
+    }
+}

@@ -1,0 +1,220 @@
+//! The compiled table: what the request path reads, built once per table revision.
+//!
+//! Keys are looked up by SHA-256 digest in a hash map whose hasher takes the digest's first 8 bytes as the hash:
+//! the digests are already uniformly distributed, so there is nothing to gain from hashing them again, and a client
+//! cannot choose a digest without breaking SHA-256. Equality (after the bucket is found) compares all 32 bytes in
+//! constant time (`subtle`). That is belt and braces: a timing difference could only tell an attacker how many
+//! leading bytes of *the digest of their guess* match a stored digest, which does not help find a key (preimage
+//! resistance), but the constant-time compare costs a few nanoseconds and removes the question.
+
+use super::cidr::CidrSet;
+use super::quota::QuotaCounter;
+use super::throttle::ThrottleState;
+use governor::clock::{Clock, DefaultClock};
+use http::HeaderValue;
+use jiff::Timestamp;
+use portcullis_table::{KeyDigest, RouteScope, Table};
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::sync::Arc;
+use subtle::ConstantTimeEq;
+
+/// A key digest as a map key: hashed by prefix, compared in constant time.
+#[derive(Clone, Copy)]
+pub struct DigestKey(pub [u8; 32]);
+
+impl From<KeyDigest> for DigestKey {
+    fn from(d: KeyDigest) -> Self {
+        Self(d.0)
+    }
+}
+
+impl PartialEq for DigestKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+impl Eq for DigestKey {}
+
+impl Hash for DigestKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(b));
+    }
+}
+
+/// Identity hasher for [`DigestKey`] (which writes exactly one `u64`).
+#[derive(Default, Clone, Copy)]
+pub struct PrefixHasher(u64);
+
+impl Hasher for PrefixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used by DigestKey; a correct (if slow) fallback for anything else.
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+pub type DigestMap<V> = HashMap<DigestKey, V, BuildHasherDefault<PrefixHasher>>;
+
+#[derive(Debug, Clone, Copy)]
+pub struct KeyRef {
+    pub client: u32,
+    pub expires_at: Option<Timestamp>,
+}
+
+pub struct CompiledPlan<C: Clock = DefaultClock> {
+    pub name: String,
+    pub routes: Vec<RouteScope>,
+    pub throttle: Option<ThrottleState<C>>,
+    pub quota: Option<Arc<QuotaCounter>>,
+    /// Requested counting across replicas; this build counts locally (see docs/proxy.md).
+    pub global_limits: bool,
+}
+
+pub struct CompiledClient<C: Clock = DefaultClock> {
+    pub id: String,
+    /// `id` ready to send upstream as `x-portcullis-client`.
+    pub header: HeaderValue,
+    pub disabled: bool,
+    pub sources: CidrSet,
+    pub plans: Vec<CompiledPlan<C>>,
+}
+
+pub struct CompiledTable<C: Clock = DefaultClock> {
+    pub service: String,
+    pub revision: String,
+    pub keys: DigestMap<KeyRef>,
+    pub clients: Vec<CompiledClient<C>>,
+    pub clock: C,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CompileError {
+    #[error("client id {0:?} cannot be sent as an HTTP header value")]
+    ClientId(String),
+    #[error("table has {0} clients, more than this proxy supports")]
+    TooManyClients(usize),
+}
+
+impl<C: Clock + Clone> CompiledTable<C> {
+    /// Compiles a validated table. Throttle and quota state of `previous` is carried over for every
+    /// (client, plan) whose throttle / quota did not change.
+    pub fn compile(table: &Table, previous: Option<&CompiledTable<C>>, clock: C) -> Result<Self, CompileError> {
+        if table.clients.len() > u32::MAX as usize {
+            return Err(CompileError::TooManyClients(table.clients.len()));
+        }
+        let prev_index: HashMap<&str, &CompiledClient<C>> =
+            previous.map(|p| p.clients.iter().map(|c| (c.id.as_str(), c)).collect()).unwrap_or_default();
+        let nkeys = table.clients.iter().map(|c| c.keys.len()).sum();
+        let mut keys: DigestMap<KeyRef> = DigestMap::with_capacity_and_hasher(nkeys, Default::default());
+        let mut clients = Vec::with_capacity(table.clients.len());
+        for (i, c) in table.clients.iter().enumerate() {
+            let header = HeaderValue::from_str(&c.id).map_err(|_| CompileError::ClientId(c.id.clone()))?;
+            let prev = prev_index.get(c.id.as_str());
+            let mut plans = Vec::with_capacity(c.plans.len());
+            for name in &c.plans {
+                // `Table::validate` guarantees the plan exists; a missing one is treated as an empty plan.
+                let plan = table.plans.get(name).cloned().unwrap_or_default();
+                let prev_plan = prev.and_then(|p| p.plans.iter().find(|pp| &pp.name == name));
+                let throttle = plan
+                    .throttle
+                    .map(|t| ThrottleState::carry_over(t, prev_plan.and_then(|p| p.throttle.as_ref()), &clock));
+                let quota = plan.quota.map(|q| QuotaCounter::carry_over(q, prev_plan.and_then(|p| p.quota.as_ref())));
+                plans.push(CompiledPlan {
+                    name: name.clone(),
+                    routes: plan.routes,
+                    throttle,
+                    quota,
+                    global_limits: plan.global_limits,
+                });
+            }
+            for k in &c.keys {
+                keys.insert(k.sha256.into(), KeyRef { client: i as u32, expires_at: k.expires_at });
+            }
+            clients.push(CompiledClient {
+                id: c.id.clone(),
+                header,
+                disabled: c.disabled,
+                sources: CidrSet::new(&c.source_ranges),
+                plans,
+            });
+        }
+        Ok(Self { service: table.service.clone(), revision: table.revision.clone(), keys, clients, clock })
+    }
+
+    /// The client a key digest belongs to, with the key's expiry.
+    pub fn lookup(&self, digest: &KeyDigest) -> Option<(&CompiledClient<C>, KeyRef)> {
+        let r = *self.keys.get(&DigestKey(digest.0))?;
+        Some((&self.clients[r.client as usize], r))
+    }
+
+    pub fn client(&self, id: &str) -> Option<&CompiledClient<C>> {
+        self.clients.iter().find(|c| c.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use governor::clock::FakeRelativeClock;
+    use portcullis_table::{Client, KeyEntry, Plan, Throttle, key_digest};
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn digest_keys_hash_by_prefix_and_compare_fully() {
+        let a = key_digest(b"a");
+        let mut b = a;
+        b.0[31] ^= 1;
+        assert!(DigestKey(a.0) != DigestKey(b.0));
+        let mut h1 = PrefixHasher::default();
+        DigestKey(a.0).hash(&mut h1);
+        let mut h2 = PrefixHasher::default();
+        DigestKey(b.0).hash(&mut h2);
+        assert_eq!(h1.finish(), h2.finish(), "same prefix, same bucket; equality still tells them apart");
+        let mut m: DigestMap<u8> = DigestMap::default();
+        m.insert(DigestKey(a.0), 1);
+        m.insert(DigestKey(b.0), 2);
+        assert_eq!(m.get(&DigestKey(a.0)), Some(&1));
+        assert_eq!(m.get(&DigestKey(b.0)), Some(&2));
+    }
+
+    #[test]
+    fn compile_indexes_keys_and_carries_state() {
+        let mut plans = BTreeMap::new();
+        plans.insert(
+            "p".to_string(),
+            Plan { throttle: Some(Throttle { rate: 1, per_millis: 60_000, burst: 1 }), ..Default::default() },
+        );
+        let client = |id: &str, key: &[u8]| Client {
+            id: id.into(),
+            keys: vec![KeyEntry { sha256: key_digest(key), expires_at: None }],
+            source_ranges: vec!["127.0.0.1/32".parse().unwrap()],
+            disabled: false,
+            plans: vec!["p".into()],
+        };
+        let t1 = Table::new("ns/svc", plans.clone(), vec![client("ns/a", b"ka"), client("ns/b", b"kb")]);
+        let clock = FakeRelativeClock::default();
+        let c1 = CompiledTable::compile(&t1, None, clock.clone()).unwrap();
+        let (a, _) = c1.lookup(&key_digest(b"ka")).unwrap();
+        assert_eq!(a.id, "ns/a");
+        assert!(c1.lookup(&key_digest(b"nope")).is_none());
+        assert!(a.plans[0].throttle.as_ref().unwrap().check().is_ok());
+
+        let mut t2 = t1.clone();
+        t2.clients.retain(|c| c.id != "ns/b");
+        t2.revision = t2.compute_revision();
+        let c2 = CompiledTable::compile(&t2, Some(&c1), clock).unwrap();
+        let (a2, _) = c2.lookup(&key_digest(b"ka")).unwrap();
+        assert!(a2.plans[0].throttle.as_ref().unwrap().check().is_err(), "limiter carried over");
+        assert!(c2.lookup(&key_digest(b"kb")).is_none(), "revoked");
+    }
+}

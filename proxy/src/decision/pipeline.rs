@@ -1,0 +1,311 @@
+//! The decision for one request: key → client → key expiry / disabled → source range → route → throttle → quota.
+
+use super::keys::{CompiledClient, CompiledPlan, CompiledTable};
+use super::quota::period_secs;
+use super::throttle::retry_after_secs;
+use governor::clock::{Clock, DefaultClock};
+use jiff::Timestamp;
+use portcullis_table::key_digest;
+use std::net::IpAddr;
+
+/// Why a request was refused. `code()` is the `reason` of the JSON body and the metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// No key, an unknown key, or several key headers. One reason for all so the body is identical.
+    InvalidKey,
+    KeyExpired,
+    ClientDisabled,
+    SourceNotAllowed,
+    RouteNotAllowed,
+    RateLimited,
+    QuotaExceeded,
+    NoTable,
+    UpstreamUnavailable,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 9] = [
+        Reason::InvalidKey,
+        Reason::KeyExpired,
+        Reason::ClientDisabled,
+        Reason::SourceNotAllowed,
+        Reason::RouteNotAllowed,
+        Reason::RateLimited,
+        Reason::QuotaExceeded,
+        Reason::NoTable,
+        Reason::UpstreamUnavailable,
+    ];
+
+    pub fn status(self) -> u16 {
+        match self {
+            Reason::InvalidKey => 401,
+            Reason::KeyExpired | Reason::ClientDisabled | Reason::SourceNotAllowed | Reason::RouteNotAllowed => 403,
+            Reason::RateLimited | Reason::QuotaExceeded => 429,
+            Reason::NoTable => 503,
+            Reason::UpstreamUnavailable => 502,
+        }
+    }
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::InvalidKey => "invalid_key",
+            Reason::KeyExpired => "key_expired",
+            Reason::ClientDisabled => "client_disabled",
+            Reason::SourceNotAllowed => "source_not_allowed",
+            Reason::RouteNotAllowed => "route_not_allowed",
+            Reason::RateLimited => "rate_limited",
+            Reason::QuotaExceeded => "quota_exceeded",
+            Reason::NoTable => "no_table",
+            Reason::UpstreamUnavailable => "upstream_unavailable",
+        }
+    }
+
+    /// The JSON body. Static: never contains anything from the request (in particular never the key).
+    pub fn body(self) -> &'static str {
+        match self {
+            Reason::InvalidKey => r#"{"error":"missing or invalid API key","reason":"invalid_key"}"#,
+            Reason::KeyExpired => r#"{"error":"API key has expired","reason":"key_expired"}"#,
+            Reason::ClientDisabled => r#"{"error":"API client is disabled","reason":"client_disabled"}"#,
+            Reason::SourceNotAllowed => {
+                r#"{"error":"source address not allowed for this client","reason":"source_not_allowed"}"#
+            }
+            Reason::RouteNotAllowed => r#"{"error":"route not allowed for this client","reason":"route_not_allowed"}"#,
+            Reason::RateLimited => r#"{"error":"rate limit exceeded","reason":"rate_limited"}"#,
+            Reason::QuotaExceeded => r#"{"error":"quota exceeded","reason":"quota_exceeded"}"#,
+            Reason::NoTable => r#"{"error":"no access table loaded yet","reason":"no_table"}"#,
+            Reason::UpstreamUnavailable => r#"{"error":"upstream unavailable","reason":"upstream_unavailable"}"#,
+        }
+    }
+}
+
+/// What the decision needs from a request.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    pub addr: IpAddr,
+    pub method: &'a str,
+    pub path: &'a str,
+    /// The key header's value; `None` when absent or sent more than once.
+    pub key: Option<&'a [u8]>,
+    pub now: Timestamp,
+}
+
+/// `RateLimit-Policy` / `RateLimit` values (draft-ietf-httpapi-ratelimit-headers) for a 429.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitHeaders {
+    pub policy: String,
+    pub state: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub reason: Reason,
+    pub retry_after: Option<u64>,
+    pub rate_limit: Option<RateLimitHeaders>,
+}
+
+impl From<Reason> for Denial {
+    fn from(reason: Reason) -> Self {
+        Self { reason, retry_after: None, rate_limit: None }
+    }
+}
+
+pub enum Decision<'t, C: Clock = DefaultClock> {
+    Allow { client: &'t CompiledClient<C>, plan: &'t CompiledPlan<C> },
+    Deny(Denial),
+}
+
+impl<C: Clock> Decision<'_, C> {
+    pub fn reason(&self) -> Option<Reason> {
+        match self {
+            Decision::Allow { .. } => None,
+            Decision::Deny(d) => Some(d.reason),
+        }
+    }
+}
+
+/// Decides a request against the current table (`None`: no table has loaded yet → fail closed).
+pub fn decide<'t, C: Clock + Clone>(table: Option<&'t CompiledTable<C>>, req: &RequestFacts<'_>) -> Decision<'t, C> {
+    let Some(table) = table else { return Decision::Deny(Reason::NoTable.into()) };
+    let deny = |r: Reason| Decision::Deny(r.into());
+    let Some(key) = req.key.filter(|k| !k.is_empty()) else { return deny(Reason::InvalidKey) };
+    let Some((client, key_ref)) = table.lookup(&key_digest(key)) else { return deny(Reason::InvalidKey) };
+    if key_ref.expires_at.is_some_and(|exp| req.now >= exp) {
+        return deny(Reason::KeyExpired);
+    }
+    if client.disabled {
+        return deny(Reason::ClientDisabled);
+    }
+    if !client.sources.contains(req.addr) {
+        return deny(Reason::SourceNotAllowed);
+    }
+    let Some(i) = super::route::first_matching(client.plans.iter().map(|p| p.routes.as_slice()), req.method, req.path)
+    else {
+        return deny(Reason::RouteNotAllowed);
+    };
+    let plan = &client.plans[i];
+    if let Some(t) = &plan.throttle
+        && let Err(wait) = t.check()
+    {
+        let secs = retry_after_secs(wait);
+        return Decision::Deny(Denial {
+            reason: Reason::RateLimited,
+            retry_after: Some(secs),
+            rate_limit: Some(RateLimitHeaders {
+                policy: format!("\"burst\";q={};w={}", t.spec.burst, t.window_secs()),
+                state: format!("\"burst\";r=0;t={secs}"),
+            }),
+        });
+    }
+    if let Some(q) = &plan.quota {
+        let now = req.now.as_second();
+        if let Err(e) = q.try_acquire(now) {
+            let secs = (e.resets_at - now).max(1) as u64;
+            return Decision::Deny(Denial {
+                reason: Reason::QuotaExceeded,
+                retry_after: Some(secs),
+                rate_limit: Some(RateLimitHeaders {
+                    policy: format!("\"quota\";q={};w={}", q.spec.limit, period_secs(q.spec.period)),
+                    state: format!("\"quota\";r=0;t={secs}"),
+                }),
+            });
+        }
+    }
+    Decision::Allow { client, plan }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use governor::clock::FakeRelativeClock;
+    use portcullis_table::{Client, KeyEntry, Period, Plan, Quota, RouteScope, Table, Throttle};
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    pub fn table() -> Table {
+        let mut plans = BTreeMap::new();
+        plans.insert(
+            "read".to_string(),
+            Plan {
+                throttle: Some(Throttle { rate: 10, per_millis: 1000, burst: 2 }),
+                routes: vec![RouteScope { path_prefix: "/v1".into(), methods: vec!["GET".into()] }],
+                ..Default::default()
+            },
+        );
+        plans.insert(
+            "small".to_string(),
+            Plan { quota: Some(Quota { limit: 2, period: Period::Day }), ..Default::default() },
+        );
+        let client = |id: &str, key: &[u8], cidr: &str, plans: &[&str]| Client {
+            id: id.into(),
+            keys: vec![KeyEntry { sha256: key_digest(key), expires_at: None }],
+            source_ranges: vec![cidr.parse().unwrap()],
+            disabled: false,
+            plans: plans.iter().map(|s| s.to_string()).collect(),
+        };
+        let mut expired = client("ns/expired", b"k-exp", "127.0.0.0/8", &["small"]);
+        expired.keys[0].expires_at = Some("2020-01-01T00:00:00Z".parse().unwrap());
+        let mut disabled = client("ns/disabled", b"k-dis", "127.0.0.0/8", &["small"]);
+        disabled.disabled = true;
+        Table::new(
+            "ns/svc",
+            plans,
+            vec![
+                client("ns/reader", b"k-read", "127.0.0.1/32", &["read"]),
+                client("ns/quota", b"k-quota", "::1/128", &["small"]),
+                expired,
+                disabled,
+            ],
+        )
+    }
+
+    fn facts<'a>(key: Option<&'a [u8]>, addr: &str, method: &'a str, path: &'a str) -> RequestFacts<'a> {
+        RequestFacts { addr: addr.parse().unwrap(), method, path, key, now: "2026-02-18T12:00:00Z".parse().unwrap() }
+    }
+
+    fn reason<C: Clock>(d: Decision<'_, C>) -> Option<Reason> {
+        d.reason()
+    }
+
+    #[test]
+    fn every_outcome() {
+        let clock = FakeRelativeClock::default();
+        let t = CompiledTable::compile(&table(), None, clock.clone()).unwrap();
+        let t = Some(&t);
+        let ok = facts(Some(b"k-read"), "127.0.0.1", "GET", "/v1/x");
+        match decide(t, &ok) {
+            Decision::Allow { client, plan } => {
+                assert_eq!(client.id, "ns/reader");
+                assert_eq!(plan.name, "read");
+            }
+            Decision::Deny(d) => panic!("{d:?}"),
+        }
+        assert_eq!(reason(decide(t, &facts(None, "127.0.0.1", "GET", "/v1"))), Some(Reason::InvalidKey));
+        assert_eq!(reason(decide(t, &facts(Some(b""), "127.0.0.1", "GET", "/v1"))), Some(Reason::InvalidKey));
+        assert_eq!(reason(decide(t, &facts(Some(b"zzz"), "127.0.0.1", "GET", "/v1"))), Some(Reason::InvalidKey));
+        assert_eq!(reason(decide(t, &facts(Some(b"k-exp"), "127.0.0.1", "GET", "/"))), Some(Reason::KeyExpired));
+        assert_eq!(reason(decide(t, &facts(Some(b"k-dis"), "127.0.0.1", "GET", "/"))), Some(Reason::ClientDisabled));
+        assert_eq!(
+            reason(decide(t, &facts(Some(b"k-read"), "127.0.0.2", "GET", "/v1"))),
+            Some(Reason::SourceNotAllowed)
+        );
+        assert_eq!(
+            reason(decide(t, &facts(Some(b"k-read"), "::ffff:127.0.0.1", "GET", "/v1"))),
+            None,
+            "mapped address normalised"
+        );
+        assert_eq!(
+            reason(decide(t, &facts(Some(b"k-read"), "127.0.0.1", "POST", "/v1"))),
+            Some(Reason::RouteNotAllowed)
+        );
+        // Burst 2: both used above (the first request and the mapped-address one); the next is limited.
+        match decide(t, &ok) {
+            Decision::Deny(d) => {
+                assert_eq!(d.reason, Reason::RateLimited);
+                assert_eq!(d.retry_after, Some(1));
+                let rl = d.rate_limit.unwrap();
+                assert_eq!(rl.policy, "\"burst\";q=2;w=1");
+                assert_eq!(rl.state, "\"burst\";r=0;t=1");
+            }
+            Decision::Allow { .. } => panic!("should be limited"),
+        }
+        clock.advance(Duration::from_millis(100));
+        assert_eq!(reason(decide(t, &ok)), None);
+
+        let q = facts(Some(b"k-quota"), "::1", "DELETE", "/anything");
+        assert_eq!(reason(decide(t, &q)), None);
+        assert_eq!(reason(decide(t, &q)), None);
+        match decide(t, &q) {
+            Decision::Deny(d) => {
+                assert_eq!(d.reason, Reason::QuotaExceeded);
+                assert_eq!(d.retry_after, Some(12 * 3600));
+                assert_eq!(d.rate_limit.unwrap().policy, "\"quota\";q=2;w=86400");
+            }
+            Decision::Allow { .. } => panic!("should be over quota"),
+        }
+        let none: Option<&CompiledTable<FakeRelativeClock>> = None;
+        assert_eq!(reason(decide(none, &ok)), Some(Reason::NoTable));
+    }
+
+    #[test]
+    fn bodies_are_json_with_their_reason() {
+        for r in Reason::ALL {
+            let v: serde_json::Value = serde_json::from_str(r.body()).unwrap();
+            assert_eq!(v["reason"], r.code());
+            assert!(v["error"].is_string());
+        }
+    }
+
+    #[test]
+    fn unknown_keys_create_no_state() {
+        let t = CompiledTable::compile(&table(), None, FakeRelativeClock::default()).unwrap();
+        let before = t.keys.len();
+        for i in 0..100u32 {
+            let k = i.to_string();
+            assert_eq!(
+                reason(decide(Some(&t), &facts(Some(k.as_bytes()), "127.0.0.1", "GET", "/v1"))),
+                Some(Reason::InvalidKey)
+            );
+        }
+        assert_eq!(t.keys.len(), before);
+    }
+}
