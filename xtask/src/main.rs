@@ -2,7 +2,11 @@
 //!
 //! - `test`   — builds (or reuses) the local control plane, then runs every test of the workspace.
 //! - `k8s-bins` — only builds (or finds) the control-plane binaries and prints their directory.
+//! - `demo`   — the product end to end on this machine (control plane, chart, controller, proxy, requests).
 //! - `crdgen` — regenerates `crds/` from the Rust types.
+
+mod demo;
+mod http;
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -19,8 +23,9 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("crdgen") => crdgen(&root),
+        Some("demo") => demo::run(&root, &k8s_bins(&root)?),
         _ => {
-            eprintln!("usage: cargo xtask <test [cargo test args]|k8s-bins|crdgen>");
+            eprintln!("usage: cargo xtask <test [cargo test args]|demo|k8s-bins|crdgen>");
             std::process::exit(2);
         }
     }
@@ -68,9 +73,30 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     )
 }
 
+/// Regenerates `crds/` from the Rust types and copies them into the chart.
 fn crdgen(root: &Path) -> Result<()> {
     run(
-        Command::new("cargo").current_dir(root).args(["run", "--quiet", "-p", "portcullis-controller", "--bin", "crdgen"]),
+        Command::new("cargo").current_dir(root).args([
+            "run",
+            "--quiet",
+            "-p",
+            "portcullis-controller",
+            "--bin",
+            "crdgen",
+            "--",
+            "--write",
+        ]),
         "crdgen",
-    )
+    )?;
+    let chart_crds = root.join("charts/portcullis/crds");
+    std::fs::create_dir_all(&chart_crds)?;
+    for entry in std::fs::read_dir(root.join("crds"))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let dest = chart_crds.join(path.file_name().expect("file name"));
+            std::fs::copy(&path, &dest).with_context(|| format!("copying {} to the chart", path.display()))?;
+        }
+    }
+    eprintln!("xtask: crds/ and charts/portcullis/crds/ are up to date");
+    Ok(())
 }

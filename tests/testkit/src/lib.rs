@@ -64,7 +64,12 @@ impl ControlPlane {
 
     /// Starts a control plane owned by the caller (stopped on drop). `watchdog`: also stop it if this process dies.
     pub fn start(watchdog: bool) -> Result<ControlPlane> {
-        let bin_dir = bins::bin_dir()?;
+        Self::start_with_bins(&bins::bin_dir()?, watchdog)
+    }
+
+    /// Like [`ControlPlane::start`], with the control-plane binaries taken from `bin_dir`.
+    pub fn start_with_bins(bin_dir: &Path, watchdog: bool) -> Result<ControlPlane> {
+        let bin_dir = bin_dir.to_path_buf();
         let keep = std::env::var_os("PORTCULLIS_KEEP_CONTROL_PLANE").is_some();
         let dir = tempfile::Builder::new().prefix("portcullis-cp-").tempdir()?.keep();
         let pki = Pki::generate()?;

@@ -1,0 +1,309 @@
+//! `cargo xtask demo`: the whole product on one machine with no cluster. Starts the local control plane, installs
+//! the chart, runs the controller and a proxy (as local processes: there is no kubelet), applies `examples/demo`,
+//! and shows real requests being allowed and refused, then a change taking effect, with its measured delay.
+
+use crate::http::{Reply, get, start_echo};
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use kube::api::{Api, Patch, PatchParams};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use portcullis_testkit::ControlPlane;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NS: &str = "demo";
+const RELEASE_NS: &str = "portcullis-system";
+
+struct Procs(Vec<(String, Child)>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Procs {
+    fn spawn(&mut self, name: &str, cmd: &mut Command, log: &Path) -> Result<()> {
+        let f = std::fs::File::create(log)?;
+        let child = cmd
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        self.0.push((name.to_string(), child));
+        Ok(())
+    }
+
+    fn check(&mut self) -> Result<()> {
+        for (name, c) in &mut self.0 {
+            if let Some(s) = c.try_wait()? {
+                bail!("{name} exited unexpectedly ({s})");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn say(step: &str) {
+    println!("\n==> {step}");
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub fn run(root: &Path, bins: &Path) -> Result<()> {
+    say("building portcullis-controller and portcullis-proxy");
+    let status = Command::new("cargo")
+        .current_dir(root)
+        .args(["build", "--quiet", "-p", "portcullis-controller", "-p", "portcullis-proxy"])
+        .status()?;
+    if !status.success() {
+        bail!("cargo build failed");
+    }
+    let target = root.join("target/debug");
+
+    say("starting the local control plane (etcd, kube-apiserver 1.37 with RBAC, kube-controller-manager)");
+    let cp = {
+        let t = Instant::now();
+        let cp = ControlPlane::start_with_bins(bins, true)?;
+        println!("    API server {} ready in {:.1}s", cp.server_url(), t.elapsed().as_secs_f64());
+        cp
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let result = rt.block_on(demo(root, &target, &cp));
+    drop(cp);
+    println!("\n==> cleaned up: every process stopped, data removed");
+    result
+}
+
+async fn demo(root: &Path, target: &Path, cp: &ControlPlane) -> Result<()> {
+    let mut procs = Procs(Vec::new());
+    let logs = cp.dir().to_path_buf();
+    let admin = cp.admin_client().await;
+
+    say(&format!("helm install portcullis charts/portcullis -n {RELEASE_NS} --create-namespace"));
+    let out = Command::new(cp.helm())
+        .current_dir(root)
+        .args(["install", "portcullis", "charts/portcullis", "-n", RELEASE_NS, "--create-namespace"])
+        .arg("--kubeconfig")
+        .arg(cp.admin_kubeconfig())
+        .output()?;
+    if !out.status.success() {
+        bail!("helm install failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    println!("    {}", String::from_utf8_lossy(&out.stdout).lines().take(6).collect::<Vec<_>>().join("\n    "));
+
+    say("running the controller as the chart's ServiceAccount (least-privilege RBAC, not admin)");
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), RELEASE_NS);
+    let sa = sas
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|s| s.metadata.name)
+        .find(|n| n != "default")
+        .context("the chart created no ServiceAccount for the controller")?;
+    let token = cp.service_account_token(RELEASE_NS, &sa).await;
+    let kubeconfig = cp.kubeconfig_for_token(&token);
+    let metrics_port = free_port()?;
+    procs.spawn(
+        "portcullis-controller",
+        Command::new(target.join("portcullis-controller"))
+            .env("KUBECONFIG", &kubeconfig)
+            .args(["--log-format", "pretty", "--lease-namespace", RELEASE_NS])
+            .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}")),
+        &logs.join("controller.log"),
+    )?;
+    println!("    ServiceAccount {RELEASE_NS}/{sa}; log: {}", logs.join("controller.log").display());
+
+    say(&format!("kubectl apply -f examples/demo/ -n {NS}"));
+    cp.apply_yaml(&format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n"), None).await?;
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(root.join("examples/demo"))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    files.sort();
+    for f in &files {
+        cp.apply_yaml_file(f, Some(NS)).await?;
+        println!("    applied {}", f.strip_prefix(root).unwrap_or(f).display());
+    }
+
+    say("waiting for the ApiClients to be Ready (kubectl wait --for=condition=Ready apiclient/acme apiclient/globex)");
+    let t = Instant::now();
+    for name in ["acme", "globex"] {
+        wait_ready(cp, name, Duration::from_secs(60), &mut procs).await?;
+        println!("    apiclient/{name} Ready after {:.2}s", t.elapsed().as_secs_f64());
+    }
+
+    say("starting the echo app and its sidecar proxy (reads only its own table ConfigMaps)");
+    let echo = start_echo("x-api-key").await?;
+    let sidecar_token = cp.service_account_token(NS, "echo").await;
+    ensure_sidecar_rbac(cp, "echo").await?;
+    let proxy_port = free_port()?;
+    let admin_port = free_port()?;
+    procs.spawn(
+        "portcullis-proxy",
+        Command::new(target.join("portcullis-proxy"))
+            .env("KUBECONFIG", cp.kubeconfig_for_token(&sidecar_token))
+            .arg(format!("--listen=127.0.0.1:{proxy_port}"))
+            .arg(format!("--admin-listen=127.0.0.1:{admin_port}"))
+            .arg(format!("--upstream={echo}"))
+            .arg(format!("--tables-from=configmap/{NS}/{}", portcullis_table::naming::index_name("echo")))
+            .args(["--log-format", "pretty"]),
+        &logs.join("proxy.log"),
+    )?;
+    let proxy = SocketAddr::from(([127, 0, 0, 1], proxy_port));
+    wait_http_ok(&format!("127.0.0.1:{admin_port}"), "/readyz", Duration::from_secs(30), &mut procs).await?;
+    println!("    proxy on {proxy} → app on {echo}; ready (first table loaded)");
+
+    let acme_key = generated_key(cp, "acme").await?;
+    let globex_key = "globex-demo-key-0123456789abcdef";
+    let local: IpAddr = Ipv4Addr::new(127, 0, 0, 1).into();
+    let other: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
+
+    say("requests");
+    let mut failures = 0;
+    let mut check = |what: &str, r: &Reply, want: u16| {
+        let ok = r.status == want;
+        failures += usize::from(!ok);
+        println!("    {} {what}: {} {}", if ok { "✔" } else { "✘" }, r.status, r.body.trim());
+    };
+    check("acme, its key, from 127.0.0.1 (allowed)", &get(local, proxy, "/v1/orders", Some(&acme_key)).await?, 200);
+    check(
+        "acme's key from 127.0.0.2 (not in sourceRanges)",
+        &get(other, proxy, "/v1/orders", Some(&acme_key)).await?,
+        403,
+    );
+    check("no key", &get(local, proxy, "/v1/orders", None).await?, 401);
+    check("unknown key", &get(local, proxy, "/v1/orders", Some("pcl_not_a_real_key")).await?, 401);
+    check("acme on a route its plan does not grant", &get(local, proxy, "/admin", Some(&acme_key)).await?, 403);
+    check(
+        "globex's key from 127.0.0.1 (globex is allowed from 127.0.0.3 only)",
+        &get(local, proxy, "/v1/orders", Some(globex_key)).await?,
+        403,
+    );
+    check("globex from 127.0.0.3", &get("127.0.0.3".parse()?, proxy, "/v1/orders", Some(globex_key)).await?, 200);
+    let mut limited = None;
+    for i in 0..20 {
+        let r = get(local, proxy, "/v1/orders", Some(&acme_key)).await?;
+        if r.status == 429 {
+            limited = Some((i, r));
+            break;
+        }
+    }
+    match limited {
+        Some((i, r)) => check(
+            &format!("acme after {i} more quick requests (plan: 5/s, burst 5; Retry-After {:?})", r.retry_after),
+            &r,
+            429,
+        ),
+        None => {
+            failures += 1;
+            println!("    ✘ 20 quick requests were never rate limited");
+        }
+    }
+
+    say("kubectl patch apiclient acme: also allow 127.0.0.2/32 — how long until the sidecar enforces it?");
+    let api = apiclients(cp).await;
+    let t = Instant::now();
+    api.patch(
+        "acme",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"sourceRanges": ["127.0.0.1/32", "127.0.0.2/32"]}})),
+    )
+    .await?;
+    let deadline = t + Duration::from_secs(10);
+    loop {
+        let r = get(other, proxy, "/v1/orders", Some(&acme_key)).await?;
+        if r.status == 200 {
+            println!(
+                "    ✔ acme from 127.0.0.2 allowed {:.0} ms after the API write",
+                t.elapsed().as_secs_f64() * 1000.0
+            );
+            break;
+        }
+        if Instant::now() > deadline {
+            failures += 1;
+            println!("    ✘ change not enforced within 10 s (last answer {} {})", r.status, r.body.trim());
+            break;
+        }
+        procs.check()?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    if failures > 0 {
+        bail!("{failures} demo request(s) got an unexpected answer; logs: {}", logs.display());
+    }
+    println!("\nAll demo requests answered as expected.");
+    Ok(())
+}
+
+async fn apiclients(cp: &ControlPlane) -> Api<DynamicObject> {
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("portcullis.dev", "v1alpha1", "ApiClient"));
+    Api::namespaced_with(cp.admin_client().await, NS, &ar)
+}
+
+async fn wait_ready(cp: &ControlPlane, name: &str, timeout: Duration, procs: &mut Procs) -> Result<()> {
+    let api = apiclients(cp).await;
+    let deadline = Instant::now() + timeout;
+    loop {
+        procs.check()?;
+        let obj = api.get(name).await?;
+        let conds = obj.data.pointer("/status/conditions").and_then(|c| c.as_array()).cloned().unwrap_or_default();
+        if conds.iter().any(|c| c["type"] == "Ready" && c["status"] == "True") {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("apiclient/{name} not Ready after {timeout:?}; conditions: {}", serde_json::Value::Array(conds));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The platform team hands the generated key to the partner: it is in the Secret the controller created.
+async fn generated_key(cp: &ControlPlane, client: &str) -> Result<String> {
+    let secrets: Api<Secret> = Api::namespaced(cp.admin_client().await, NS);
+    for s in secrets.list(&Default::default()).await?.items {
+        let owned = s.metadata.owner_references.iter().flatten().any(|o| o.kind == "ApiClient" && o.name == client);
+        if owned && let Some(v) = s.data.as_ref().and_then(|d| d.values().next()) {
+            return Ok(String::from_utf8(v.0.clone())?);
+        }
+    }
+    bail!("no generated key Secret owned by apiclient/{client}")
+}
+
+/// The sidecar's ServiceAccount may read its own table ConfigMaps only (resourceNames).
+async fn ensure_sidecar_rbac(cp: &ControlPlane, service: &str) -> Result<()> {
+    let names = portcullis_table::naming::all_names(service);
+    let yaml = format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: portcullis-sidecar-{service}, namespace: {NS}}}\n\
+         rules:\n- apiGroups: [\"\"]\n  resources: [configmaps]\n  verbs: [get, list, watch]\n  resourceNames: {names}\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: portcullis-sidecar-{service}, namespace: {NS}}}\n\
+         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: portcullis-sidecar-{service}}}\n\
+         subjects:\n- {{kind: ServiceAccount, name: {service}, namespace: {NS}}}\n",
+        names = serde_json::to_string(&names)?
+    );
+    cp.apply_yaml(&yaml, None).await
+}
+
+async fn wait_http_ok(addr: &str, path: &str, timeout: Duration, procs: &mut Procs) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let to: SocketAddr = addr.parse()?;
+    loop {
+        procs.check()?;
+        if let Ok(r) = get(Ipv4Addr::LOCALHOST.into(), to, path, None).await
+            && r.status == 200
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("http://{addr}{path} not 200 within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
