@@ -4,3 +4,7 @@ pub mod conditions;
 pub mod crd;
 pub mod keygen;
 pub mod model;
+pub mod runtime;
+
+pub use runtime::{Config, Error, run};
+pub mod webhook;

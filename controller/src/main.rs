@@ -1,1 +1,87 @@
-fn main() {}
+//! `portcullis-controller`: renders Portcullis tables and ApiClient/UsagePlan status.
+
+use clap::{Parser, ValueEnum};
+use portcullis_controller::runtime::{Config, tables::Debounce};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Portcullis controller: ApiClients and UsagePlans → per-Service tables in ConfigMaps")]
+struct Args {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "PORTCULLIS_NAMESPACE")]
+    namespace: Option<String>,
+    /// Use a coordination.k8s.io/v1 Lease so only one replica writes.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Namespace of the leader Lease (default: the pod's namespace, else `default`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    #[arg(long, default_value = "portcullis-controller")]
+    lease_name: String,
+    /// Lease duration in seconds (renewed every third of it).
+    #[arg(long, default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// Identity in the Lease and Events (default: POD_NAME or hostname + pid).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Admin HTTP address serving /metrics, /healthz, /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_listen: SocketAddr,
+    /// Quiet time that closes a burst of changes before tables are rendered.
+    #[arg(long, default_value_t = 100)]
+    debounce_millis: u64,
+    #[arg(long, value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    match args.log_format {
+        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
+        LogFormat::Pretty => tracing_subscriber::fmt().with_env_filter(filter).init(),
+    }
+    if let Err(e) = real_main(args).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn real_main(args: Args) -> anyhow::Result<()> {
+    let kube_config = kube::Config::infer().await?;
+    let client = kube::Client::try_from(kube_config)?;
+    let identity = args.identity.unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "portcullis-controller".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let config = Config {
+        namespace: args.namespace,
+        leader_elect: args.leader_elect,
+        lease_namespace: args.lease_namespace,
+        lease_name: args.lease_name,
+        lease_duration: Duration::from_secs(args.lease_duration_seconds.max(3)),
+        identity,
+        metrics_listen: Some(args.metrics_listen),
+        debounce: Debounce { quiet: Duration::from_millis(args.debounce_millis), max_wait: Duration::from_secs(2) },
+    };
+    portcullis_controller::run(client, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down");
+}

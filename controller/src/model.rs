@@ -94,11 +94,22 @@ pub fn grants(plan: &UsagePlan, service: &str) -> bool {
 }
 
 /// Looking up one key in a Secret of the client's namespace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SecretLookup<'a> {
+#[derive(Clone, PartialEq, Eq)]
+pub enum SecretLookup {
     SecretNotFound,
     KeyMissing,
-    Found(&'a [u8]),
+    Found(Vec<u8>),
+}
+
+/// Never prints key bytes.
+impl std::fmt::Debug for SecretLookup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretLookup::SecretNotFound => f.write_str("SecretNotFound"),
+            SecretLookup::KeyMissing => f.write_str("KeyMissing"),
+            SecretLookup::Found(b) => write!(f, "Found({} bytes)", b.len()),
+        }
+    }
 }
 
 /// Why one of a client's keys could not be resolved. Names the Secret and data key, never the key.
@@ -162,7 +173,7 @@ pub fn key_location(client: &str, index: usize, spec: &KeySpec) -> (String, Stri
 
 /// Resolves every key of `client` through `lookup(secret, data_key)`. Key bytes are trimmed of surrounding ASCII
 /// whitespace (a trailing newline from `--from-file`), then hashed; the bytes themselves go nowhere else.
-pub fn resolve_keys<'a>(client: &ApiClient, lookup: impl Fn(&str, &str) -> SecretLookup<'a>) -> ResolvedKeys {
+pub fn resolve_keys(client: &ApiClient, lookup: impl Fn(&str, &str) -> SecretLookup) -> ResolvedKeys {
     let mut out = ResolvedKeys::default();
     let name = client.name_any();
     for (index, spec) in client.spec.keys.iter().enumerate() {
@@ -171,7 +182,7 @@ pub fn resolve_keys<'a>(client: &ApiClient, lookup: impl Fn(&str, &str) -> Secre
             SecretLookup::SecretNotFound => out.problems.push(KeyProblem::SecretNotFound { index, secret }),
             SecretLookup::KeyMissing => out.problems.push(KeyProblem::SecretKeyMissing { index, secret, key }),
             SecretLookup::Found(bytes) => {
-                let bytes = bytes.trim_ascii();
+                let bytes = bytes.as_slice().trim_ascii();
                 if bytes.is_empty() {
                     out.problems.push(KeyProblem::EmptyKey { index, secret, key });
                 } else {
@@ -218,7 +229,7 @@ pub fn build_table<'a>(
     service: &str,
     plans: impl IntoIterator<Item = &'a UsagePlan>,
     clients: impl IntoIterator<Item = &'a ApiClient>,
-    keys: impl Fn(&ApiClient) -> Option<&'a [KeyEntry]>,
+    keys: impl Fn(&ApiClient) -> Vec<KeyEntry>,
 ) -> BuiltTable {
     let mut plan_map = BTreeMap::new();
     let mut plan_meta = BTreeMap::new();
@@ -256,9 +267,9 @@ pub fn build_table<'a>(
     let mut out = Vec::with_capacity(selected.len());
     for (id, c, granted) in selected {
         let mut entries = Vec::new();
-        for k in keys(c).unwrap_or_default() {
+        for k in keys(c) {
             if used.insert(k.sha256) {
-                entries.push(k.clone());
+                entries.push(k);
             } else {
                 duplicate_keys.push((c.name_any(), portcullis_table::fingerprint(&k.sha256)));
             }
@@ -347,7 +358,8 @@ pub(crate) mod tests {
         ];
         let k = |c: &ApiClient| vec![KeyEntry { sha256: key_digest(c.name_any().as_bytes()), expires_at: None }];
         let keys: HashMap<String, Vec<KeyEntry>> = clients.iter().map(|c| (c.name_any(), k(c))).collect();
-        let built = build_table("ns", "orders", &plans, &clients, |c| keys.get(&c.name_any()).map(Vec::as_slice));
+        let built =
+            build_table("ns", "orders", &plans, &clients, |c| keys.get(&c.name_any()).cloned().unwrap_or_default());
         let t = &built.table;
         t.validate("test").unwrap();
         assert_eq!(t.service, "ns/orders");
@@ -373,13 +385,13 @@ pub(crate) mod tests {
     fn no_granting_plan_gives_an_empty_table_and_revisions_follow_content() {
         let plans = [plan("gold", &["orders"], Some(1))];
         let clients = [client("a", &["gold"], &["10.0.0.0/8"])];
-        let empty = build_table("ns", "billing", &plans, &clients, |_| None);
+        let empty = build_table("ns", "billing", &plans, &clients, |_| vec![]);
         assert!(empty.table.plans.is_empty() && empty.table.clients.is_empty());
-        let t1 = build_table("ns", "orders", &plans, &clients, |_| None).table;
-        let t1b = build_table("ns", "orders", &plans, &clients, |_| None).table;
+        let t1 = build_table("ns", "orders", &plans, &clients, |_| vec![]).table;
+        let t1b = build_table("ns", "orders", &plans, &clients, |_| vec![]).table;
         assert_eq!(t1.revision, t1b.revision);
         let clients2 = [client("a", &["gold"], &["10.0.0.0/9"])];
-        let t2 = build_table("ns", "orders", &plans, &clients2, |_| None).table;
+        let t2 = build_table("ns", "orders", &plans, &clients2, |_| vec![]).table;
         assert_ne!(t1.revision, t2.revision);
     }
 
@@ -388,7 +400,7 @@ pub(crate) mod tests {
         let plans = [plan("gold", &["orders"], None)];
         let clients = [client("a", &["gold"], &[]), client("b", &["gold"], &[])];
         let same = vec![KeyEntry { sha256: key_digest(b"same"), expires_at: None }];
-        let built = build_table("ns", "orders", &plans, &clients, |_| Some(same.as_slice()));
+        let built = build_table("ns", "orders", &plans, &clients, |_| same.clone());
         built.table.validate("t").unwrap();
         assert_eq!(built.table.clients[0].keys.len(), 1);
         assert!(built.table.clients[1].keys.is_empty());
@@ -406,7 +418,7 @@ pub(crate) mod tests {
             expires_at: Some(Time("2030-01-01T00:00:00Z".parse().unwrap())),
         });
         let r = resolve_keys(&c, |secret, key| match (secret, key) {
-            ("a-secret", "key") => SecretLookup::Found(b"  s3cret\n"),
+            ("a-secret", "key") => SecretLookup::Found(b"  s3cret\n".to_vec()),
             ("a-key-1", GENERATED_KEY_DATA_KEY) => SecretLookup::KeyMissing,
             _ => SecretLookup::SecretNotFound,
         });

@@ -1,0 +1,169 @@
+//! Prometheus metrics (`portcullis_controller_*`) and the admin HTTP server (`/metrics`, `/healthz`, `/readyz`).
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::{
+    counter::Counter,
+    family::Family,
+    gauge::Gauge,
+    histogram::{Histogram, exponential_buckets},
+};
+use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    pub controller: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub namespace: String,
+    pub service: String,
+}
+
+type HistogramFamily = Family<ControllerLabels, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub reconciles: Family<ControllerLabels, Counter>,
+    pub errors: Family<ControllerLabels, Counter>,
+    pub duration: HistogramFamily,
+    pub table_writes: Family<ServiceLabels, Counter>,
+    pub table_clients: Family<ServiceLabels, Gauge>,
+    pub table_shards: Family<ServiceLabels, Gauge>,
+    pub leader: Gauge,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("portcullis_controller");
+        let reconciles = Family::<ControllerLabels, Counter>::default();
+        let errors = Family::<ControllerLabels, Counter>::default();
+        let duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
+        let table_writes = Family::<ServiceLabels, Counter>::default();
+        let table_clients = Family::<ServiceLabels, Gauge>::default();
+        let table_shards = Family::<ServiceLabels, Gauge>::default();
+        let leader = Gauge::default();
+        registry.register("reconciles", "Reconciliations by controller", reconciles.clone());
+        registry.register("reconcile_errors", "Failed reconciliations by controller", errors.clone());
+        registry.register("reconcile_duration_seconds", "Reconciliation duration by controller", duration.clone());
+        registry.register("table_writes", "Table revisions written per Service", table_writes.clone());
+        registry.register("table_clients", "Clients in the current table per Service", table_clients.clone());
+        registry.register("table_shards", "Shards of the current table per Service", table_shards.clone());
+        registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
+        Self { registry, reconciles, errors, duration, table_writes, table_clients, table_shards, leader }
+    }
+
+    pub fn observe(&self, controller: &str, elapsed: Duration, ok: bool) {
+        let l = ControllerLabels { controller: controller.to_string() };
+        self.reconciles.get_or_create(&l).inc();
+        if !ok {
+            self.errors.get_or_create(&l).inc();
+        }
+        self.duration.get_or_create(&l).observe(elapsed.as_secs_f64());
+    }
+
+    pub fn set_table(&self, namespace: &str, service: &str, clients: usize, shards: usize) {
+        let l = ServiceLabels { namespace: namespace.into(), service: service.into() };
+        self.table_clients.get_or_create(&l).set(clients as i64);
+        self.table_shards.get_or_create(&l).set(shards as i64);
+    }
+
+    pub fn remove_table(&self, namespace: &str, service: &str) {
+        let l = ServiceLabels { namespace: namespace.into(), service: service.into() };
+        self.table_clients.remove(&l);
+        self.table_shards.remove(&l);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encoding to a String");
+        out
+    }
+}
+
+/// Liveness/readiness flags served by the admin server.
+#[derive(Default)]
+pub struct Health {
+    pub ready: AtomicBool,
+}
+
+impl Health {
+    pub fn set_ready(&self, v: bool) {
+        self.ready.store(v, Ordering::SeqCst);
+    }
+}
+
+/// Binds `addr` and serves the admin endpoints until the returned task is aborted.
+pub async fn serve_admin(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let (metrics, health) = (metrics.clone(), health.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let resp = respond(req.uri().path(), &metrics, &health);
+                    async move { Ok::<_, std::convert::Infallible>(resp) }
+                });
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    Ok((bound, task))
+}
+
+fn respond(path: &str, metrics: &Metrics, health: &Health) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match path {
+        "/metrics" => (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode()),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        "/readyz" if health.ready.load(Ordering::SeqCst) => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".to_string()),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", ctype)
+        .body(Full::new(Bytes::from(body)))
+        .expect("valid response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_prefixed() {
+        let m = Metrics::new();
+        m.observe("table", Duration::from_millis(3), false);
+        m.set_table("ns", "orders", 10, 1);
+        let text = m.encode();
+        assert!(text.contains("portcullis_controller_reconciles_total{controller=\"table\"} 1"), "{text}");
+        assert!(text.contains("portcullis_controller_reconcile_errors_total"));
+        assert!(text.contains("portcullis_controller_reconcile_duration_seconds_bucket"));
+        assert!(text.contains("portcullis_controller_table_clients{namespace=\"ns\",service=\"orders\"} 10"));
+    }
+}

@@ -1,0 +1,392 @@
+//! Sidecar injection as a pure function (no I/O): a Pod and the injection settings in, a decision out — leave the
+//! Pod alone, refuse it (naming the bad annotation and value), or an RFC 6902 JSON Patch that adds the
+//! `portcullis-proxy` container.
+
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod, Probe,
+    ResourceRequirements, SeccompProfile, SecurityContext,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use std::collections::BTreeMap;
+
+/// Label (what the webhook's `objectSelector` matches) and annotation (honoured too) that opt a pod in.
+pub const INJECT_KEY: &str = "portcullis.dev/inject";
+/// Annotation: name of the Service whose table the sidecar enforces (required).
+pub const ANNOTATION_SERVICE: &str = "portcullis.dev/service";
+/// Annotation: the application's port on loopback, where the sidecar forwards admitted requests (required).
+pub const ANNOTATION_UPSTREAM_PORT: &str = "portcullis.dev/upstream-port";
+/// Name of the injected container.
+pub const CONTAINER_NAME: &str = "portcullis-proxy";
+/// Default port of the proxy (the Service's `targetPort`).
+pub const DEFAULT_PROXY_PORT: u16 = 8443;
+/// Default admin port of the proxy (`/metrics`, `/healthz`, `/readyz`).
+pub const DEFAULT_ADMIN_PORT: u16 = 9901;
+
+const PROXY_PORT_NAME: &str = "portcullis";
+const ADMIN_PORT_NAME: &str = "portcullis-adm";
+/// UID/GID of the distroless `nonroot` user.
+const NONROOT_ID: i64 = 65532;
+
+/// How the sidecar is built.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InjectSettings {
+    pub sidecar_image: String,
+    pub image_pull_policy: Option<String>,
+    pub proxy_port: u16,
+    pub admin_port: u16,
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl InjectSettings {
+    /// Settings with the default ports and no resources, for tests and local runs.
+    pub fn new(sidecar_image: impl Into<String>) -> Self {
+        Self {
+            sidecar_image: sidecar_image.into(),
+            image_pull_policy: None,
+            proxy_port: DEFAULT_PROXY_PORT,
+            admin_port: DEFAULT_ADMIN_PORT,
+            resources: None,
+        }
+    }
+}
+
+/// What to do with a Pod.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// The pod did not opt in: admit it untouched.
+    NotRequested,
+    /// The sidecar is already there: admit it untouched (idempotent).
+    AlreadyInjected,
+    /// Admit with this patch.
+    Inject(Patch),
+    /// Refuse, with a message for the user.
+    Deny(InjectError),
+}
+
+/// Why an opted-in pod is refused. Every message names the annotation (or field) and the bad value.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InjectError {
+    #[error("annotation {ANNOTATION_SERVICE} is required on pods that set {INJECT_KEY}=\"true\"")]
+    MissingService,
+    #[error(
+        "annotation {ANNOTATION_SERVICE}: {0:?} is not a valid Service name (lower-case letters, digits and '-', \
+         starting with a letter, at most 63 characters)"
+    )]
+    BadService(String),
+    #[error("annotation {ANNOTATION_UPSTREAM_PORT} is required on pods that set {INJECT_KEY}=\"true\"")]
+    MissingUpstreamPort,
+    #[error("annotation {ANNOTATION_UPSTREAM_PORT}: {0:?} is not a port number (1-65535)")]
+    BadUpstreamPort(String),
+    #[error(
+        "annotation {ANNOTATION_UPSTREAM_PORT}: {port} is the sidecar's {which} port; the application must listen \
+         on another port"
+    )]
+    UpstreamIsSidecarPort { port: u16, which: &'static str },
+    #[error(
+        "container {container:?} declares containerPort {port}, which the {CONTAINER_NAME} sidecar needs for its \
+         {which} port"
+    )]
+    PortTaken { container: String, port: u16, which: &'static str },
+}
+
+/// Whether the pod opted in, by label or annotation `portcullis.dev/inject: "true"`.
+pub fn requested(pod: &Pod) -> bool {
+    let is_true = |m: &Option<BTreeMap<String, String>>| m.as_ref().and_then(|m| m.get(INJECT_KEY)).is_some_and(|v| v == "true");
+    is_true(&pod.metadata.labels) || is_true(&pod.metadata.annotations)
+}
+
+/// Decides what to do with `pod`, created in `namespace` (pods being created often carry no namespace yet).
+pub fn decide(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Decision {
+    if !requested(pod) {
+        return Decision::NotRequested;
+    }
+    let containers = pod.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or_default();
+    let init = pod.spec.as_ref().and_then(|s| s.init_containers.as_deref()).unwrap_or_default();
+    if containers.iter().chain(init).any(|c| c.name == CONTAINER_NAME) {
+        return Decision::AlreadyInjected;
+    }
+    match sidecar(pod, namespace, settings) {
+        Ok(container) => {
+            let value = serde_json::to_value(container).expect("a Container always serializes");
+            Decision::Inject(Patch(vec![PatchOperation::Add(AddOperation {
+                path: PointerBuf::from_tokens(["spec", "containers", "-"]),
+                value,
+            })]))
+        }
+        Err(e) => Decision::Deny(e),
+    }
+}
+
+/// Validates the annotations and builds the sidecar container.
+pub fn sidecar(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<Container, InjectError> {
+    let annotation = |k: &str| pod.metadata.annotations.as_ref().and_then(|a| a.get(k)).map(|s| s.trim());
+    let service = annotation(ANNOTATION_SERVICE).ok_or(InjectError::MissingService)?;
+    if !is_dns_label(service) {
+        return Err(InjectError::BadService(service.to_string()));
+    }
+    let raw_port = annotation(ANNOTATION_UPSTREAM_PORT).ok_or(InjectError::MissingUpstreamPort)?;
+    let upstream = parse_port(raw_port).ok_or_else(|| InjectError::BadUpstreamPort(raw_port.to_string()))?;
+    for (port, which) in [(settings.proxy_port, "proxy"), (settings.admin_port, "admin")] {
+        if upstream == port {
+            return Err(InjectError::UpstreamIsSidecarPort { port, which });
+        }
+        let spec = pod.spec.as_ref();
+        for c in spec.map(|s| s.containers.as_slice()).unwrap_or_default() {
+            if c.ports.iter().flatten().any(|p| p.container_port == i32::from(port)) {
+                return Err(InjectError::PortTaken { container: c.name.clone(), port, which });
+            }
+        }
+    }
+    Ok(container(namespace, service, upstream, settings))
+}
+
+fn container(namespace: &str, service: &str, upstream: u16, s: &InjectSettings) -> Container {
+    let index = portcullis_table::naming::index_name(service);
+    let field_env = |name: &str, path: &str| EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let probe = |path: &str, period: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String(ADMIN_PORT_NAME.into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        ..Default::default()
+    };
+    Container {
+        name: CONTAINER_NAME.into(),
+        image: Some(s.sidecar_image.clone()),
+        image_pull_policy: s.image_pull_policy.clone(),
+        args: Some(vec![
+            format!("--listen=0.0.0.0:{}", s.proxy_port),
+            format!("--admin-listen=0.0.0.0:{}", s.admin_port),
+            format!("--upstream=127.0.0.1:{upstream}"),
+            format!("--tables-from=configmap/{namespace}/{index}"),
+            "--log-format=json".into(),
+        ]),
+        env: Some(vec![
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+            EnvVar { name: "PORTCULLIS_SERVICE".into(), value: Some(service.into()), ..Default::default() },
+        ]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some(PROXY_PORT_NAME.into()),
+                container_port: i32::from(s.proxy_port),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some(ADMIN_PORT_NAME.into()),
+                container_port: i32::from(s.admin_port),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+        ]),
+        readiness_probe: Some(probe("/readyz", 2)),
+        liveness_probe: Some(probe("/healthz", 10)),
+        resources: s.resources.clone(),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(NONROOT_ID),
+            run_as_group: Some(NONROOT_ID),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A decimal port 1-65535, digits only (no sign, no spaces, no leading `+`).
+fn parse_port(s: &str) -> Option<u16> {
+    if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse::<u16>().ok().filter(|p| *p != 0)
+}
+
+/// RFC 1035 label as Kubernetes requires of Service names.
+fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b[0].is_ascii_lowercase()
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[b.len() - 1] != b'-'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::PodSpec;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use kube::api::ObjectMeta;
+
+    fn pod(labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> Pod {
+        let map = |kv: &[(&str, &str)]| {
+            (!kv.is_empty()).then(|| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+        };
+        Pod {
+            metadata: ObjectMeta {
+                name: Some("app-0".into()),
+                labels: map(labels),
+                annotations: map(annotations),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                containers: vec![Container { name: "app".into(), image: Some("app:1".into()), ..Default::default() }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn opted_in(service: &str, port: &str) -> Pod {
+        pod(&[(INJECT_KEY, "true")], &[(INJECT_KEY, "true"), (ANNOTATION_SERVICE, service), (ANNOTATION_UPSTREAM_PORT, port)])
+    }
+
+    fn settings() -> InjectSettings {
+        InjectSettings::new("ghcr.io/portcullis/portcullis-proxy:0.1.0")
+    }
+
+    /// Applies the decision's patch to the pod, as the API server would.
+    fn patched(pod: &Pod, d: &Decision) -> Pod {
+        let Decision::Inject(patch) = d else { panic!("expected a patch, got {d:?}") };
+        let mut v = serde_json::to_value(pod).unwrap();
+        json_patch::patch(&mut v, patch).unwrap();
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn pods_without_opt_in_are_untouched() {
+        assert_eq!(decide(&pod(&[], &[]), "ns", &settings()), Decision::NotRequested);
+        assert_eq!(decide(&pod(&[(INJECT_KEY, "false")], &[]), "ns", &settings()), Decision::NotRequested);
+        assert_eq!(decide(&pod(&[("app", "x")], &[(ANNOTATION_SERVICE, "x")]), "ns", &settings()), Decision::NotRequested);
+    }
+
+    #[test]
+    fn annotation_alone_opts_in() {
+        let p = pod(&[], &[(INJECT_KEY, "true"), (ANNOTATION_SERVICE, "api"), (ANNOTATION_UPSTREAM_PORT, "8080")]);
+        assert!(matches!(decide(&p, "ns", &settings()), Decision::Inject(_)));
+    }
+
+    #[test]
+    fn injects_the_sidecar_with_args_ports_probes_and_hardening() {
+        let p = opted_in("orders", "8080");
+        let mut s = settings();
+        s.resources = Some(ResourceRequirements {
+            requests: Some([("cpu".to_string(), Quantity("50m".into()))].into()),
+            ..Default::default()
+        });
+        let out = patched(&p, &decide(&p, "team-a", &s));
+        let cs = &out.spec.as_ref().unwrap().containers;
+        assert_eq!(cs.len(), 2);
+        assert_eq!(cs[0].name, "app", "the application container is kept first and unchanged");
+        let c = &cs[1];
+        assert_eq!(c.name, CONTAINER_NAME);
+        assert_eq!(c.image.as_deref(), Some("ghcr.io/portcullis/portcullis-proxy:0.1.0"));
+        assert_eq!(
+            c.args.as_deref().unwrap(),
+            [
+                "--listen=0.0.0.0:8443",
+                "--admin-listen=0.0.0.0:9901",
+                "--upstream=127.0.0.1:8080",
+                "--tables-from=configmap/team-a/portcullis-table-orders",
+                "--log-format=json"
+            ]
+        );
+        let ports: Vec<i32> = c.ports.iter().flatten().map(|p| p.container_port).collect();
+        assert_eq!(ports, [8443, 9901]);
+        let probe_path = |p: &Option<Probe>| p.as_ref().unwrap().http_get.as_ref().unwrap().path.clone().unwrap();
+        assert_eq!(probe_path(&c.readiness_probe), "/readyz");
+        assert_eq!(probe_path(&c.liveness_probe), "/healthz");
+        assert_eq!(
+            c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().port,
+            IntOrString::String(ADMIN_PORT_NAME.into())
+        );
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_string()][..]));
+        assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        assert_eq!(c.resources, s.resources);
+        assert!(ADMIN_PORT_NAME.len() <= 15 && PROXY_PORT_NAME.len() <= 15, "port names are IANA_SVC_NAMEs");
+    }
+
+    #[test]
+    fn custom_ports_are_used() {
+        let mut s = settings();
+        s.proxy_port = 7000;
+        s.admin_port = 7001;
+        let p = opted_in("orders", "8443");
+        let out = patched(&p, &decide(&p, "ns", &s));
+        let c = &out.spec.unwrap().containers[1];
+        assert_eq!(c.args.as_ref().unwrap()[0], "--listen=0.0.0.0:7000");
+        assert_eq!(c.args.as_ref().unwrap()[1], "--admin-listen=0.0.0.0:7001");
+        assert_eq!(c.args.as_ref().unwrap()[2], "--upstream=127.0.0.1:8443");
+    }
+
+    #[test]
+    fn injection_is_idempotent() {
+        let p = opted_in("orders", "8080");
+        let once = patched(&p, &decide(&p, "ns", &settings()));
+        assert_eq!(decide(&once, "ns", &settings()), Decision::AlreadyInjected);
+    }
+
+    #[test]
+    fn bad_annotations_are_refused_naming_annotation_and_value() {
+        let cases: &[(Pod, &str, &str)] = &[
+            (opted_in("orders", "http"), ANNOTATION_UPSTREAM_PORT, "\"http\""),
+            (opted_in("orders", "0"), ANNOTATION_UPSTREAM_PORT, "\"0\""),
+            (opted_in("orders", "65536"), ANNOTATION_UPSTREAM_PORT, "\"65536\""),
+            (opted_in("orders", "-1"), ANNOTATION_UPSTREAM_PORT, "\"-1\""),
+            (opted_in("orders", "8443"), ANNOTATION_UPSTREAM_PORT, "8443"),
+            (opted_in("orders", "9901"), ANNOTATION_UPSTREAM_PORT, "9901"),
+            (opted_in("Orders", "8080"), ANNOTATION_SERVICE, "\"Orders\""),
+            (opted_in("", "8080"), ANNOTATION_SERVICE, "\"\""),
+            (opted_in(&"a".repeat(64), "8080"), ANNOTATION_SERVICE, "aaaa"),
+            (opted_in("orders-", "8080"), ANNOTATION_SERVICE, "\"orders-\""),
+            (pod(&[(INJECT_KEY, "true")], &[(ANNOTATION_UPSTREAM_PORT, "8080")]), ANNOTATION_SERVICE, "required"),
+            (pod(&[(INJECT_KEY, "true")], &[(ANNOTATION_SERVICE, "x")]), ANNOTATION_UPSTREAM_PORT, "required"),
+        ];
+        for (p, annotation, value) in cases {
+            match decide(p, "ns", &settings()) {
+                Decision::Deny(e) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(annotation) && msg.contains(value), "{msg:?} should name {annotation} and {value}");
+                }
+                other => panic!("expected a denial naming {annotation}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_container_using_the_proxy_port_is_refused() {
+        let mut p = opted_in("orders", "8080");
+        p.spec.as_mut().unwrap().containers[0].ports =
+            Some(vec![ContainerPort { container_port: 8443, ..Default::default() }]);
+        let Decision::Deny(e) = decide(&p, "ns", &settings()) else { panic!("expected a denial") };
+        assert!(e.to_string().contains("\"app\"") && e.to_string().contains("8443"), "{e}");
+    }
+
+    #[test]
+    fn port_parsing_is_strict() {
+        assert_eq!(parse_port("1"), Some(1));
+        assert_eq!(parse_port("65535"), Some(65535));
+        for bad in ["", "0", "65536", "+80", " 80", "80a", "0x50", "999999"] {
+            assert_eq!(parse_port(bad), None, "{bad:?}");
+        }
+    }
+}
