@@ -1,4 +1,130 @@
 //! Portcullis proxy: the sidecar that checks an API key, the source address, the route, a throttle and a quota
 //! before forwarding a request to the application on loopback.
+//!
+//! [`decision`] is the pure logic (no I/O). [`start`] binds the listeners and returns a [`Running`] proxy whose
+//! bound addresses tests can read; [`run`] is what the binary calls.
 
+pub mod admin;
+pub mod config;
 pub mod decision;
+pub mod io;
+pub mod metrics;
+pub mod proxy_protocol;
+pub mod server;
+pub mod tables;
+
+pub use config::{Cli, Config, TableSource};
+
+use metrics::Metrics;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tables::TableStore;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("binding {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("--upstream: {0}")]
+    Upstream(#[from] http::Error),
+    #[error("Kubernetes client configuration: {0}")]
+    KubeConfig(String),
+}
+
+/// A started proxy.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub tables: Arc<TableStore>,
+    pub metrics: Arc<Metrics>,
+    stop: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting; in-flight requests get the configured grace period.
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits for the listener to drain (after [`Running::shutdown`]).
+    pub async fn wait(self) {
+        let _ = self.server.await;
+        for b in self.background {
+            b.abort();
+            let _ = b.await;
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Binds the listeners, starts the table source and serves. A table that cannot be loaded at start is logged
+/// and the proxy answers 503 `no_table` until one loads.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let tables = Arc::new(TableStore::new(metrics.clone()));
+    let shared = Arc::new(server::Shared::new(&config, tables.clone(), metrics.clone())?);
+    let listener = bind(config.listen).await?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+    let (stop, stop_rx) = watch::channel(false);
+    let mut background = Vec::new();
+
+    let admin_addr = match config.admin_listen {
+        Some(a) => {
+            let l = bind(a).await?;
+            let bound = l.local_addr().map_err(|source| StartError::Bind { addr: a, source })?;
+            background.push(tokio::spawn(admin::serve(l, tables.clone(), metrics.clone(), stop_rx.clone())));
+            Some(bound)
+        }
+        None => None,
+    };
+
+    match config.tables.clone() {
+        TableSource::File(path) => {
+            if let Err(e) = tables::load_file(&tables, &path).await {
+                tables.reject("file", &path.display().to_string(), &e);
+            }
+            background.push(tokio::spawn(tables::watch_file(
+                tables.clone(),
+                path,
+                config.file_poll_interval,
+                stop_rx.clone(),
+            )));
+        }
+        TableSource::ConfigMap { namespace, name, kube } => {
+            let kube_config = match kube {
+                Some(c) => *c,
+                None => kube::Config::infer().await.map_err(|e| StartError::KubeConfig(e.to_string()))?,
+            };
+            let client = kube::Client::try_from(kube_config).map_err(|e| StartError::KubeConfig(e.to_string()))?;
+            background.push(tokio::spawn(tables::watch_configmap(
+                tables.clone(),
+                client,
+                namespace,
+                name,
+                stop_rx.clone(),
+            )));
+        }
+    }
+
+    tracing::info!(%addr, ?admin_addr, upstream = %config.upstream, tables = ?config.tables, "proxy listening");
+    let server = tokio::spawn(server::serve(listener, shared, config.max_connections, config.shutdown_grace, stop_rx));
+    Ok(Running { addr, admin_addr, tables, metrics, stop, server, background })
+}
+
+/// Runs until `signal` completes, then shuts down gracefully.
+pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<(), StartError> {
+    let running = start(config).await?;
+    signal.await;
+    tracing::info!("shutting down");
+    running.shutdown();
+    running.wait().await;
+    Ok(())
+}

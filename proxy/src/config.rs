@@ -1,0 +1,201 @@
+//! Run-time configuration. [`Cli`] is the command line (every flag also an environment variable); [`Config`] is
+//! what [`crate::start`] takes, so tests can build it directly.
+
+use crate::decision::CidrSet;
+use clap::Parser;
+use http::HeaderName;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Clone)]
+pub enum TableSource {
+    /// `--tables FILE`
+    File(PathBuf),
+    /// `--tables-from configmap/NAMESPACE/INDEX_NAME`; `kube: None` infers the client config (KUBECONFIG or
+    /// in-cluster), tests pass one explicitly.
+    ConfigMap { namespace: String, name: String, kube: Option<Box<kube::Config>> },
+}
+
+impl std::fmt::Debug for TableSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TableSource::File(p) => write!(f, "file {}", p.display()),
+            TableSource::ConfigMap { namespace, name, .. } => write!(f, "configmap/{namespace}/{name}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    /// `host:port` of the application (loopback).
+    pub upstream: String,
+    pub tables: TableSource,
+    pub trusted_proxies: CidrSet,
+    pub proxy_protocol: bool,
+    pub key_header: HeaderName,
+    pub max_header_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
+    pub file_poll_interval: Duration,
+}
+
+impl Config {
+    /// Defaults for everything but the three things that have none.
+    pub fn new(listen: SocketAddr, upstream: impl Into<String>, tables: TableSource) -> Self {
+        Self {
+            listen,
+            admin_listen: None,
+            upstream: upstream.into(),
+            tables,
+            trusted_proxies: CidrSet::default(),
+            proxy_protocol: false,
+            key_header: HeaderName::from_static("x-api-key"),
+            max_header_bytes: 16 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            max_connections: 10_000,
+            shutdown_grace: Duration::from_secs(20),
+            file_poll_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// portcullis-proxy: API key + source address + route + throttle/quota checks in front of an app on loopback.
+#[derive(Debug, Parser)]
+#[command(name = "portcullis-proxy", version)]
+pub struct Cli {
+    /// Address clients connect to.
+    #[arg(long, env = "PORTCULLIS_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// Address of the admin listener (/metrics, /healthz, /readyz).
+    #[arg(long, env = "PORTCULLIS_ADMIN_LISTEN", default_value = "0.0.0.0:9901")]
+    pub admin_listen: SocketAddr,
+    /// The application, `host:port` (normally 127.0.0.1:PORT).
+    #[arg(long, env = "PORTCULLIS_UPSTREAM")]
+    pub upstream: String,
+    /// Read the table from this JSON file, watched for changes.
+    #[arg(long, env = "PORTCULLIS_TABLES", conflicts_with = "tables_from", required_unless_present = "tables_from")]
+    pub tables: Option<PathBuf>,
+    /// Read the table from the Kubernetes API: `configmap/NAMESPACE/INDEX_NAME`.
+    #[arg(long, env = "PORTCULLIS_TABLES_FROM")]
+    pub tables_from: Option<String>,
+    /// Comma-separated CIDRs of proxies whose X-Forwarded-For / Forwarded / PROXY headers are believed.
+    #[arg(long, env = "PORTCULLIS_TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: String,
+    /// Accept PROXY protocol v1/v2 headers (from trusted proxies only).
+    #[arg(long, env = "PORTCULLIS_PROXY_PROTOCOL")]
+    pub proxy_protocol: bool,
+    /// Header carrying the API key.
+    #[arg(long, env = "PORTCULLIS_KEY_HEADER", default_value = "x-api-key")]
+    pub key_header: String,
+    #[arg(long, env = "PORTCULLIS_LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+    /// Largest request head (request line + headers) accepted, in bytes (at least 8192 for HTTP/1).
+    #[arg(long, env = "PORTCULLIS_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+    /// Time allowed to receive a request's headers (e.g. `10s`).
+    #[arg(long, env = "PORTCULLIS_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Close client connections idle for this long.
+    #[arg(long, env = "PORTCULLIS_IDLE_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Most client connections open at once; further connections wait in the accept backlog.
+    #[arg(long, env = "PORTCULLIS_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// On SIGTERM/SIGINT, time given to in-flight requests before exiting.
+    #[arg(long, env = "PORTCULLIS_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--trusted-proxies: {0}")]
+    TrustedProxies(String),
+    #[error("--key-header {0:?} is not a valid header name")]
+    KeyHeader(String),
+    #[error("--tables-from {0:?}: expected configmap/NAMESPACE/NAME")]
+    TablesFrom(String),
+    #[error("one of --tables or --tables-from is required")]
+    NoTables,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d: jiff::SignedDuration =
+        s.parse().map_err(|e| format!("{s:?} is not a duration such as 10s or 500ms: {e}"))?;
+    Duration::try_from(d).map_err(|_| format!("{s:?} must not be negative"))
+}
+
+impl Cli {
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let tables = match (self.tables, self.tables_from) {
+            (Some(p), _) => TableSource::File(p),
+            (None, Some(spec)) => parse_tables_from(&spec)?,
+            (None, None) => return Err(ConfigError::NoTables),
+        };
+        let mut c = Config::new(self.listen, self.upstream, tables);
+        c.admin_listen = Some(self.admin_listen);
+        c.trusted_proxies = CidrSet::parse_list(&self.trusted_proxies).map_err(ConfigError::TrustedProxies)?;
+        c.proxy_protocol = self.proxy_protocol;
+        c.key_header = HeaderName::from_bytes(self.key_header.to_ascii_lowercase().as_bytes())
+            .map_err(|_| ConfigError::KeyHeader(self.key_header.clone()))?;
+        c.max_header_bytes = self.max_header_bytes;
+        c.header_read_timeout = self.header_read_timeout;
+        c.idle_timeout = self.idle_timeout;
+        c.max_connections = self.max_connections.max(1);
+        c.shutdown_grace = self.shutdown_grace;
+        Ok(c)
+    }
+}
+
+pub fn parse_tables_from(spec: &str) -> Result<TableSource, ConfigError> {
+    let parts: Vec<&str> = spec.split('/').collect();
+    match parts[..] {
+        ["configmap", ns, name] if !ns.is_empty() && !name.is_empty() => {
+            Ok(TableSource::ConfigMap { namespace: ns.to_string(), name: name.to_string(), kube: None })
+        }
+        _ => Err(ConfigError::TablesFrom(spec.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_parses_into_config() {
+        let cli = Cli::try_parse_from([
+            "portcullis-proxy",
+            "--upstream",
+            "127.0.0.1:8080",
+            "--tables-from",
+            "configmap/shop/portcullis-table-orders",
+            "--trusted-proxies",
+            "10.0.0.0/8, 127.0.0.10",
+            "--key-header",
+            "X-Key",
+            "--idle-timeout",
+            "1500ms",
+        ])
+        .unwrap();
+        let c = cli.into_config().unwrap();
+        assert!(
+            matches!(&c.tables, TableSource::ConfigMap { namespace, name, .. } if namespace == "shop" && name == "portcullis-table-orders")
+        );
+        assert!(c.trusted_proxies.contains("127.0.0.10".parse().unwrap()));
+        assert_eq!(c.key_header.as_str(), "x-key");
+        assert_eq!(c.idle_timeout, Duration::from_millis(1500));
+        assert!(parse_tables_from("secret/a/b").is_err());
+        assert!(Cli::try_parse_from(["portcullis-proxy", "--upstream", "x:1"]).is_err(), "a table source is required");
+    }
+}

@@ -1,0 +1,131 @@
+//! Prometheus metrics (`portcullis_proxy_*`).
+
+use crate::decision::Reason;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::Mutex;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub decision: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub decision: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabels {
+    pub service: String,
+    pub revision: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Family<DecisionLabels, Histogram>,
+    pub table_info: Family<TableLabels, Gauge>,
+    pub clients: Gauge,
+    pub swaps: Counter,
+    pub rejected_tables: Family<SourceLabels, Counter>,
+    pub proxy_protocol_refused: Counter,
+    pub open_connections: Gauge,
+    current_table: Mutex<Option<TableLabels>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("portcullis_proxy");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<DecisionLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
+        });
+        let table_info = Family::<TableLabels, Gauge>::default();
+        let clients = Gauge::default();
+        let swaps = Counter::default();
+        let rejected_tables = Family::<SourceLabels, Counter>::default();
+        let proxy_protocol_refused = Counter::default();
+        let open_connections = Gauge::default();
+        registry.register("requests", "Requests by decision (allow/deny) and reason", requests.clone());
+        registry.register(
+            "request_duration_seconds",
+            "Time from request headers to response headers (including the upstream for allowed requests)",
+            latency.clone(),
+        );
+        registry.register("table_info", "The table revision being enforced (value 1)", table_info.clone());
+        registry.register("clients", "Clients in the table being enforced", clients.clone());
+        registry.register("table_swaps", "Tables applied", swaps.clone());
+        registry.register(
+            "tables_rejected",
+            "Tables refused (invalid, incomplete or corrupt)",
+            rejected_tables.clone(),
+        );
+        registry.register(
+            "proxy_protocol_refused",
+            "Connections refused: PROXY header from an untrusted peer, or malformed",
+            proxy_protocol_refused.clone(),
+        );
+        registry.register("open_connections", "Client connections open", open_connections.clone());
+        Self {
+            registry,
+            requests,
+            latency,
+            table_info,
+            clients,
+            swaps,
+            rejected_tables,
+            proxy_protocol_refused,
+            open_connections,
+            current_table: Mutex::new(None),
+        }
+    }
+
+    pub fn count(&self, reason: Option<Reason>, seconds: f64) {
+        let (decision, reason) = match reason {
+            None => ("allow", "ok"),
+            Some(Reason::UpstreamUnavailable) => ("allow", Reason::UpstreamUnavailable.code()),
+            Some(r) => ("deny", r.code()),
+        };
+        self.requests.get_or_create(&RequestLabels { decision, reason }).inc();
+        self.latency.get_or_create(&DecisionLabels { decision }).observe(seconds);
+    }
+
+    pub fn table_applied(&self, service: &str, revision: &str, clients: usize) {
+        let labels = TableLabels { service: service.to_string(), revision: revision.to_string() };
+        let mut cur = self.current_table.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = cur.take() {
+            self.table_info.remove(&old);
+        }
+        self.table_info.get_or_create(&labels).set(1);
+        *cur = Some(labels);
+        self.clients.set(clients as i64);
+        self.swaps.inc();
+    }
+
+    pub fn table_rejected(&self, source: &'static str) {
+        self.rejected_tables.get_or_create(&SourceLabels { source }).inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, &self.registry).expect("writing to a String cannot fail");
+        s
+    }
+}

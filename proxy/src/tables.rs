@@ -1,0 +1,236 @@
+//! Where tables come from (a watched file, or ConfigMaps through the Kubernetes API) and the atomic swap.
+
+use crate::decision::CompiledTable;
+use crate::metrics::Metrics;
+use arc_swap::ArcSwapOption;
+use k8s_openapi::api::core::v1::ConfigMap;
+use portcullis_table::naming::{INDEX_DATA_KEY, SHARD_DATA_KEY};
+use portcullis_table::shard::{IndexDoc, assemble};
+use portcullis_table::{Table, TableError};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+
+/// The table the request path reads (`load()` per request) and the sources write.
+pub struct TableStore {
+    pub current: ArcSwapOption<CompiledTable>,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("reading {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Table(#[from] TableError),
+    #[error("compiling table: {0}")]
+    Compile(#[from] crate::decision::keys::CompileError),
+    #[error("ConfigMap {0} has no {1:?} data key")]
+    MissingKey(String, &'static str),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl TableStore {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { current: ArcSwapOption::empty(), metrics }
+    }
+
+    pub fn revision(&self) -> Option<String> {
+        self.current.load().as_ref().map(|t| t.revision.clone())
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.current.load().is_some()
+    }
+
+    /// Compiles `table` (carrying limiter state over from the current one) and swaps it in. Returns whether
+    /// anything changed (an identical revision is not swapped).
+    pub fn apply(&self, table: &Table, source: &str) -> Result<bool, LoadError> {
+        let previous = self.current.load_full();
+        if previous.as_ref().is_some_and(|p| p.revision == table.revision && p.service == table.service) {
+            return Ok(false);
+        }
+        let clock = governor::clock::DefaultClock::default();
+        let compiled = CompiledTable::compile(table, previous.as_deref(), clock)?;
+        let clients = compiled.clients.len();
+        if table.plans.values().any(|p| p.global_limits) {
+            tracing::warn!(
+                service = %table.service,
+                "plans with globalLimits are counted per proxy replica in this build (no Redis backend)"
+            );
+        }
+        self.current.store(Some(Arc::new(compiled)));
+        self.metrics.table_applied(&table.service, &table.revision, clients);
+        tracing::info!(%source, service = %table.service, revision = %table.revision, clients, "table applied");
+        Ok(true)
+    }
+
+    pub fn reject(&self, source: &'static str, what: &str, err: &LoadError) {
+        self.metrics.table_rejected(source);
+        tracing::error!(%what, error = %err, "table rejected; the last good table stays in force");
+    }
+}
+
+/// Loads, validates and applies the file once. Parsing and compiling run on the blocking pool.
+pub async fn load_file(store: &Arc<TableStore>, path: &Path) -> Result<bool, LoadError> {
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| LoadError::Read { path: path.display().to_string(), source: e })?;
+    apply_text(store, path, text).await
+}
+
+async fn apply_text(store: &Arc<TableStore>, path: &Path, text: String) -> Result<bool, LoadError> {
+    let store = store.clone();
+    let what = path.display().to_string();
+    tokio::task::spawn_blocking(move || {
+        let table = Table::from_json(&text, &what)?;
+        store.apply(&table, &what)
+    })
+    .await
+    .expect("table loading does not panic")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    ino: u64,
+}
+
+fn stamp(m: &std::fs::Metadata) -> FileStamp {
+    use std::os::unix::fs::MetadataExt;
+    FileStamp { len: m.len(), modified: m.modified().ok(), ino: m.ino() }
+}
+
+/// Polls `path` every `interval`: metadata (size, mtime, inode, following symlinks, so Kubernetes' `..data`
+/// symlink swap and editors' rename-into-place are seen) and, when that changed, the content hash. A file that
+/// fails to parse or validate is rejected once per distinct content; the last good table stays.
+pub async fn watch_file(store: Arc<TableStore>, path: PathBuf, interval: Duration, mut stop: watch::Receiver<bool>) {
+    let mut last_stamp: Option<FileStamp> = None;
+    let mut last_hash: Option<[u8; 32]> = None;
+    let mut last_failed = true;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let st = match tokio::fs::metadata(&path).await {
+            Ok(m) => stamp(&m),
+            Err(e) => {
+                if last_stamp.is_some() || last_hash.is_none() {
+                    tracing::warn!(path = %path.display(), error = %e, "table file not readable; keeping the last good table");
+                }
+                last_stamp = None;
+                continue;
+            }
+        };
+        if last_stamp.as_ref() == Some(&st) && !last_failed {
+            continue;
+        }
+        last_stamp = Some(st);
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "reading table file");
+                last_failed = true;
+                continue;
+            }
+        };
+        let hash: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+        if last_hash == Some(hash) {
+            continue;
+        }
+        last_hash = Some(hash);
+        match apply_text(&store, &path, text).await {
+            Ok(_) => last_failed = false,
+            Err(e) => {
+                last_failed = true;
+                store.reject("file", &path.display().to_string(), &e);
+            }
+        }
+    }
+}
+
+/// Watches the index ConfigMap `name` (by `metadata.name` field selector, so RBAC `resourceNames` suffices) and,
+/// on each change, fetches the shards it names and applies the assembled table when it is complete and valid.
+pub async fn watch_configmap(
+    store: Arc<TableStore>,
+    client: kube::Client,
+    namespace: String,
+    name: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let api: kube::Api<ConfigMap> = kube::Api::namespaced(client, &namespace);
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut events = std::pin::pin!(watcher(api.clone(), cfg).default_backoff().applied_objects());
+    loop {
+        let ev = tokio::select! {
+            ev = events.next() => ev,
+            _ = stop.changed() => return,
+        };
+        match ev {
+            None => return,
+            Some(Err(e)) => tracing::warn!(%namespace, %name, error = %e, "watching the table index"),
+            Some(Ok(cm)) => {
+                let what = format!("ConfigMap {namespace}/{name}");
+                if let Err(e) = apply_index(&store, &api, &cm, &what).await {
+                    store.reject("configmap", &what, &e);
+                }
+            }
+        }
+    }
+}
+
+/// Attempts for a revision whose shards do not (yet) match the index, and the first backoff (doubling).
+const SHARD_ATTEMPTS: u32 = 5;
+const SHARD_BACKOFF: Duration = Duration::from_millis(100);
+
+async fn apply_index(
+    store: &Arc<TableStore>,
+    api: &kube::Api<ConfigMap>,
+    cm: &ConfigMap,
+    what: &str,
+) -> Result<bool, LoadError> {
+    let json = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(INDEX_DATA_KEY))
+        .ok_or_else(|| LoadError::MissingKey(what.to_string(), INDEX_DATA_KEY))?;
+    let index = IndexDoc::parse(json, what)?;
+    if store.current.load().as_ref().is_some_and(|t| t.revision == index.revision && t.service == index.service) {
+        return Ok(false);
+    }
+    let mut backoff = SHARD_BACKOFF;
+    for attempt in 1..=SHARD_ATTEMPTS {
+        let mut shards: Vec<Option<String>> = Vec::with_capacity(index.shards.len());
+        for r in &index.shards {
+            let cm = api.get_opt(&r.name).await?;
+            shards.push(cm.and_then(|c| c.data).and_then(|mut d| d.remove(SHARD_DATA_KEY)));
+        }
+        let refs: Vec<Option<&str>> = shards.iter().map(|s| s.as_deref()).collect();
+        match assemble(&index, &refs) {
+            Ok(table) => {
+                let store = store.clone();
+                let what = what.to_string();
+                return tokio::task::spawn_blocking(move || store.apply(&table, &what))
+                    .await
+                    .expect("table loading does not panic");
+            }
+            // A shard missing or not matching its digest is usually one being written right now: retry.
+            Err(e @ TableError::Shard { .. }) if attempt < SHARD_ATTEMPTS => {
+                tracing::debug!(%what, attempt, error = %e, "revision incomplete; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    unreachable!("the last attempt returns")
+}
