@@ -61,7 +61,8 @@ fn now() -> i64 {
 /// Sets `not_before` (a day ago, for clock skew) and `not_after` (`days` from now), at day granularity.
 fn validity(params: &mut CertificateParams, days: i64) -> Result<(), Error> {
     let ymd = |t: i64| -> Result<_, Error> {
-        let d = jiff::Timestamp::from_second(t).map_err(|e| Error::Cert(e.to_string()))?.to_zoned(jiff::tz::TimeZone::UTC);
+        let d = jiff::Timestamp::from_second(t).map_err(|e| Error::Cert(e.to_string()))?;
+        let d = jiff::tz::Offset::UTC.to_datetime(d);
         Ok(rcgen::date_time_ymd(i32::from(d.year()), d.month() as u8, d.day() as u8))
     };
     params.not_before = ymd(now() - DAY)?;
@@ -141,7 +142,12 @@ pub fn plan(current: Option<&CertBundle>, dns: &[String], now_unix: i64) -> Resu
                 return Ok(None);
             }
             let (cert_pem, key_pem) = issue_serving(&c.ca_pem, &c.ca_key_pem, dns)?;
-            return Ok(Some(CertBundle { cert_pem, key_pem, ca_pem: c.ca_pem.clone(), ca_key_pem: c.ca_key_pem.clone() }));
+            return Ok(Some(CertBundle {
+                cert_pem,
+                key_pem,
+                ca_pem: c.ca_pem.clone(),
+                ca_key_pem: c.ca_key_pem.clone(),
+            }));
         }
     }
     let (ca_pem, ca_key_pem) = generate_ca("portcullis-webhook-ca")?;
@@ -203,8 +209,12 @@ pub async fn ensure_secret(
                 tracing::info!(secret = %what(), "rotating the webhook serving certificate");
                 s.data = Some(to_data(&next));
                 s.metadata.managed_fields = None;
-                api.replace(secret_name, &PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }, &s)
-                    .await
+                api.replace(
+                    secret_name,
+                    &PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() },
+                    &s,
+                )
+                .await
             }
         };
         match result {

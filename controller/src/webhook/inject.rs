@@ -93,7 +93,8 @@ pub enum InjectError {
 
 /// Whether the pod opted in, by label or annotation `portcullis.dev/inject: "true"`.
 pub fn requested(pod: &Pod) -> bool {
-    let is_true = |m: &Option<BTreeMap<String, String>>| m.as_ref().and_then(|m| m.get(INJECT_KEY)).is_some_and(|v| v == "true");
+    let is_true =
+        |m: &Option<BTreeMap<String, String>>| m.as_ref().and_then(|m| m.get(INJECT_KEY)).is_some_and(|v| v == "true");
     is_true(&pod.metadata.labels) || is_true(&pod.metadata.annotations)
 }
 
@@ -253,7 +254,10 @@ mod tests {
     }
 
     fn opted_in(service: &str, port: &str) -> Pod {
-        pod(&[(INJECT_KEY, "true")], &[(INJECT_KEY, "true"), (ANNOTATION_SERVICE, service), (ANNOTATION_UPSTREAM_PORT, port)])
+        pod(
+            &[(INJECT_KEY, "true")],
+            &[(INJECT_KEY, "true"), (ANNOTATION_SERVICE, service), (ANNOTATION_UPSTREAM_PORT, port)],
+        )
     }
 
     fn settings() -> InjectSettings {
@@ -272,7 +276,10 @@ mod tests {
     fn pods_without_opt_in_are_untouched() {
         assert_eq!(decide(&pod(&[], &[]), "ns", &settings()), Decision::NotRequested);
         assert_eq!(decide(&pod(&[(INJECT_KEY, "false")], &[]), "ns", &settings()), Decision::NotRequested);
-        assert_eq!(decide(&pod(&[("app", "x")], &[(ANNOTATION_SERVICE, "x")]), "ns", &settings()), Decision::NotRequested);
+        assert_eq!(
+            decide(&pod(&[("app", "x")], &[(ANNOTATION_SERVICE, "x")]), "ns", &settings()),
+            Decision::NotRequested
+        );
     }
 
     #[test]
@@ -365,7 +372,10 @@ mod tests {
             match decide(p, "ns", &settings()) {
                 Decision::Deny(e) => {
                     let msg = e.to_string();
-                    assert!(msg.contains(annotation) && msg.contains(value), "{msg:?} should name {annotation} and {value}");
+                    assert!(
+                        msg.contains(annotation) && msg.contains(value),
+                        "{msg:?} should name {annotation} and {value}"
+                    );
                 }
                 other => panic!("expected a denial naming {annotation}, got {other:?}"),
             }

@@ -143,8 +143,11 @@ impl WebhookArgs {
             quantity("--sidecar-cpu-limit", &self.sidecar_cpu_limit)?,
             quantity("--sidecar-memory-limit", &self.sidecar_memory_limit)?,
         );
-        let resources = (requests.is_some() || limits.is_some())
-            .then(|| ResourceRequirements { requests, limits, ..Default::default() });
+        let resources = (requests.is_some() || limits.is_some()).then(|| ResourceRequirements {
+            requests,
+            limits,
+            ..Default::default()
+        });
         Ok(InjectSettings {
             sidecar_image: self.sidecar_image.clone(),
             image_pull_policy: self.sidecar_image_pull_policy.clone(),
@@ -160,10 +163,11 @@ fn is_quantity(s: &str) -> bool {
     let num_end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, suffix) = s.split_at(num_end);
     let num_ok = !num.is_empty() && num != "." && num.matches('.').count() <= 1;
-    let suffix_ok = matches!(suffix, "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei")
-        || (suffix.len() > 1
-            && (suffix.starts_with('e') || suffix.starts_with('E'))
-            && suffix[1..].trim_start_matches(['+', '-']).bytes().all(|b| b.is_ascii_digit()));
+    let suffix_ok =
+        matches!(suffix, "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei")
+            || (suffix.len() > 1
+                && (suffix.starts_with('e') || suffix.starts_with('E'))
+                && suffix[1..].trim_start_matches(['+', '-']).bytes().all(|b| b.is_ascii_digit()));
     num_ok && suffix_ok
 }
 
@@ -196,8 +200,13 @@ impl Webhook {
                 (CertResolver::from_pem(&cert, &key)?, Source::Dir(dir.clone()), None, false)
             }
             None => {
-                let b = certs::ensure_secret(&client, &args.webhook_namespace, &args.webhook_cert_secret, &args.webhook_service)
-                    .await?;
+                let b = certs::ensure_secret(
+                    &client,
+                    &args.webhook_namespace,
+                    &args.webhook_cert_secret,
+                    &args.webhook_service,
+                )
+                .await?;
                 let written = write_ca_bundle(&client, &args, &b.ca_pem).await;
                 (CertResolver::from_pem(&b.cert_pem, &b.key_pem)?, Source::Secret, Some(b.ca_pem), written)
             }

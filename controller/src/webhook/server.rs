@@ -15,12 +15,12 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::crypto::ring;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
-use tokio_rustls::rustls::ServerConfig;
 
 /// Largest AdmissionReview body accepted (a Pod with huge annotations still fits).
 const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
@@ -61,8 +61,8 @@ fn certified_key(cert_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>, Err
     if chain.is_empty() {
         return Err(Error::Tls("serving certificate PEM holds no certificate".into()));
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| Error::Tls(format!("serving key PEM: {e}")))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| Error::Tls(format!("serving key PEM: {e}")))?;
     let signing = ring::sign::any_supported_type(&key).map_err(|e| Error::Tls(format!("serving key: {e}")))?;
     Ok(Arc::new(CertifiedKey::new(chain, signing)))
 }
@@ -82,7 +82,7 @@ pub fn tls_config(resolver: Arc<CertResolver>) -> Result<ServerConfig, Error> {
 pub fn review(body: &[u8], settings: &InjectSettings) -> Vec<u8> {
     let response = match serde_json::from_slice::<AdmissionReview<Pod>>(body) {
         Err(e) => AdmissionResponse::invalid(format!("request body is not an AdmissionReview: {e}")),
-        Ok(review) => match AdmissionRequest::<Pod>::try_from(review) {
+        Ok(review) => match TryInto::<AdmissionRequest<Pod>>::try_into(review) {
             Err(e) => AdmissionResponse::invalid(format!("AdmissionReview without a usable request: {e}")),
             Ok(req) => respond(&req, settings),
         },
@@ -118,7 +118,7 @@ fn respond(req: &AdmissionRequest<Pod>, settings: &InjectSettings) -> AdmissionR
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
-    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/plain"));
     r
 }
 
@@ -131,7 +131,8 @@ async fn handle(req: Request<Incoming>, settings: Arc<InjectSettings>) -> Result
             };
             let out = review(&body, &settings);
             let mut r = Response::new(Full::new(Bytes::from(out)));
-            r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+            r.headers_mut()
+                .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
             Ok(r)
         }
         (_, "/mutate") => Ok(text(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview\n")),
@@ -236,8 +237,14 @@ mod tests {
         ));
         assert_eq!(r["allowed"], true);
         assert_eq!(r["patchType"], "JSONPatch");
-        use base64::Engine;
-        let patch = base64::engine::general_purpose::STANDARD.decode(r["patch"].as_str().unwrap()).unwrap();
+        // kube serializes the patch bytes as a JSON array of numbers (Go's decoder accepts it, as it does base64).
+        let patch: Vec<u8> = match &r["patch"] {
+            Value::String(s) => {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+            }
+            other => serde_json::from_value(other.clone()).unwrap(),
+        };
         let patch: Value = serde_json::from_slice(&patch).unwrap();
         assert_eq!(patch[0]["op"], "add");
         assert_eq!(patch[0]["path"], "/spec/containers/-");
