@@ -58,8 +58,7 @@ async fn plan_and_client_render_table_edits_and_deletes() {
     wait_for(T, "UsagePlan gold Ready with 1 client and its table", || async {
         let p = Api::<UsagePlan>::namespaced(env.admin.clone(), &env.ns).get("gold").await.ok()?;
         let st = p.status?;
-        (condition(&st.conditions, "Ready")?.status == "True" && st.clients == 1 && st.tables.len() == 1)
-            .then_some(())
+        (condition(&st.conditions, "Ready")?.status == "True" && st.clients == 1 && st.tables.len() == 1).then_some(())
     })
     .await;
 
@@ -251,8 +250,13 @@ async fn schema_rejects_invalid_objects() {
         }
     };
     let key = json!([{"secretRef": {"name": "s", "key": "k"}}]);
-    reject("ApiClient", "apiclients", json!({"usagePlans": ["p"], "sourceRanges": ["10.0.0.0/33"], "keys": key}), "CIDR")
-        .await;
+    reject(
+        "ApiClient",
+        "apiclients",
+        json!({"usagePlans": ["p"], "sourceRanges": ["10.0.0.0/33"], "keys": key}),
+        "CIDR",
+    )
+    .await;
     reject("ApiClient", "apiclients", json!({"usagePlans": ["p"], "sourceRanges": ["not-an-ip"], "keys": key}), "CIDR")
         .await;
     reject(
@@ -273,10 +277,20 @@ async fn schema_rejects_invalid_objects() {
         "period",
     )
     .await;
-    reject("UsagePlan", "usageplans", json!({"services": [{"name": "a"}], "throttle": {"rate": 1, "per": "1d"}}), "per")
-        .await;
-    reject("UsagePlan", "usageplans", json!({"services": [{"name": "a"}], "throttle": {"rate": 1, "burst": -1}}), "burst")
-        .await;
+    reject(
+        "UsagePlan",
+        "usageplans",
+        json!({"services": [{"name": "a"}], "throttle": {"rate": 1, "per": "1d"}}),
+        "per",
+    )
+    .await;
+    reject(
+        "UsagePlan",
+        "usageplans",
+        json!({"services": [{"name": "a"}], "throttle": {"rate": 1, "burst": -1}}),
+        "burst",
+    )
+    .await;
     // A valid object is accepted (so the rejections above are about the fields named).
     let api: Api<UsagePlan> = Api::namespaced(env.admin.clone(), &env.ns);
     let created = api.create(&PostParams::default(), &plan("ok", &["a"])).await.unwrap();

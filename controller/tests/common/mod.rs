@@ -297,7 +297,10 @@ pub async fn wait_event(env: &Env, name: &str, reason: &str) {
         let list = evs.list(&ListParams::default()).await.ok()?;
         list.items
             .iter()
-            .any(|e| e.reason.as_deref() == Some(reason) && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .any(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+            })
             .then_some(())
     })
     .await

@@ -1,0 +1,225 @@
+//! Sidecar injection end to end: the chart is `helm install`ed with its webhook pointed at a webhook server running
+//! in this process on 127.0.0.1 (serving certificate from the local CA), and the real kube-apiserver calls it
+//! while Pods are created. Pods never run (no kubelet); only admission is exercised.
+
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use portcullis_controller::webhook::inject::{
+    ANNOTATION_SERVICE, ANNOTATION_UPSTREAM_PORT, CONTAINER_NAME, INJECT_KEY,
+};
+use portcullis_controller::webhook::{Webhook, WebhookArgs};
+use portcullis_testkit::{ControlPlane, random_hex, wait_for};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+use tokio::sync::OnceCell;
+
+const T: Duration = Duration::from_secs(60);
+
+/// The webhook server, on a runtime of its own so it outlives any single test's runtime.
+fn webhook_server() -> SocketAddr {
+    static ADDR: OnceLock<SocketAddr> = OnceLock::new();
+    *ADDR.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            rt.block_on(async move {
+                let cp = ControlPlane::shared();
+                let dir = cp.dir().join(format!("webhook-tls-{}", random_hex(3)));
+                std::fs::create_dir_all(&dir).unwrap();
+                let cert = cp.pki().serving_cert("portcullis-webhook", &[]).expect("serving certificate");
+                std::fs::write(dir.join("tls.crt"), &cert.cert_pem).unwrap();
+                std::fs::write(dir.join("tls.key"), &cert.key_pem).unwrap();
+                let mut args = WebhookArgs::defaults();
+                args.webhook_listen = "127.0.0.1:0".parse().unwrap();
+                args.webhook_cert_dir = Some(dir);
+                args.sidecar_image = "ghcr.io/portcullis/portcullis-proxy:test".into();
+                let webhook = Webhook::bind(args, cp.admin_client().await).await.expect("webhook binds");
+                tx.send(webhook.local_addr().unwrap()).unwrap();
+                webhook.serve(std::future::pending()).await.expect("webhook serves");
+            });
+        });
+        rx.recv_timeout(T).expect("the in-process webhook server did not start within 60s")
+    })
+}
+
+/// Installs the chart once (release named uniquely: its cluster-scoped objects are named from it) with the
+/// webhook URL pointing at [`webhook_server`], and waits until the API server actually calls it.
+async fn setup() -> &'static ControlPlane {
+    static DONE: OnceCell<()> = OnceCell::const_new();
+    let cp = ControlPlane::shared();
+    DONE.get_or_init(|| async {
+        let addr = webhook_server();
+        let release_ns = cp.namespace("portcullis-system").await;
+        let release = format!("wh-{}", random_hex(3));
+        let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/portcullis");
+        use base64::Engine;
+        let ca = base64::engine::general_purpose::STANDARD.encode(cp.ca_pem());
+        let home = cp.dir().join("helm-home");
+        let out = Command::new(cp.helm())
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_DATA_HOME", home.join("data"))
+            .arg("install")
+            .arg(&release)
+            .arg(&chart)
+            .args(["-n", &release_ns, "--kubeconfig"])
+            .arg(cp.admin_kubeconfig())
+            .args(["--set", &format!("webhook.url=https://{addr}/mutate"), "--set", &format!("webhook.caBundle={ca}")])
+            .output()
+            .expect("running helm");
+        assert!(out.status.success(), "helm install failed: {}", String::from_utf8_lossy(&out.stderr));
+
+        // The API server picks webhook configurations up asynchronously: probe with dry-run creates.
+        let probe_ns = cp.namespace("wh-probe").await;
+        let pods: Api<Pod> = Api::namespaced(cp.admin_client().await, &probe_ns);
+        let dry = PostParams { dry_run: true, ..Default::default() };
+        wait_for(T, "the API server to call the chart's webhook (dry-run pod gets the sidecar)", || {
+            let (pods, dry) = (pods.clone(), dry.clone());
+            async move {
+                let p = pods.create(&dry, &opted_in("probe", "api", "8080")).await.ok()?;
+                (sidecars(&p) == 1).then_some(())
+            }
+        })
+        .await;
+    })
+    .await;
+    cp
+}
+
+fn pod(name: &str, labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> Pod {
+    let map = |kv: &[(&str, &str)]| Some(kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: map(labels),
+            annotations: map(annotations),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            containers: vec![Container {
+                name: "app".into(),
+                image: Some("registry.invalid/app:1".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn opted_in(name: &str, service: &str, port: &str) -> Pod {
+    pod(
+        name,
+        &[(INJECT_KEY, "true")],
+        &[(INJECT_KEY, "true"), (ANNOTATION_SERVICE, service), (ANNOTATION_UPSTREAM_PORT, port)],
+    )
+}
+
+fn sidecars(p: &Pod) -> usize {
+    p.spec.as_ref().map(|s| s.containers.iter().filter(|c| c.name == CONTAINER_NAME).count()).unwrap_or(0)
+}
+
+fn sidecar(p: &Pod) -> &Container {
+    p.spec.as_ref().unwrap().containers.iter().find(|c| c.name == CONTAINER_NAME).expect("sidecar injected")
+}
+
+#[tokio::test]
+async fn opted_in_pod_gets_the_sidecar_exactly_once() {
+    let cp = setup().await;
+    let ns = cp.namespace("wh-inject").await;
+    let pods: Api<Pod> = Api::namespaced(cp.admin_client().await, &ns);
+
+    let created = pods.create(&PostParams::default(), &opted_in("api-0", "orders", "8080")).await.expect("create");
+    assert_eq!(sidecars(&created), 1, "exactly one sidecar: {:?}", created.spec);
+    let names: Vec<&str> = created.spec.as_ref().unwrap().containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["app", CONTAINER_NAME], "the app container stays first");
+    let c = sidecar(&created);
+    assert_eq!(c.image.as_deref(), Some("ghcr.io/portcullis/portcullis-proxy:test"));
+    let args = c.args.clone().unwrap();
+    assert!(args.contains(&"--upstream=127.0.0.1:8080".to_string()), "{args:?}");
+    assert!(args.contains(&format!("--tables-from=configmap/{ns}/portcullis-table-orders")), "{args:?}");
+    assert_eq!(c.security_context.as_ref().unwrap().run_as_non_root, Some(true));
+
+    // What is stored is what was returned.
+    assert_eq!(sidecars(&pods.get("api-0").await.unwrap()), 1);
+
+    // Updates do not duplicate it.
+    let patch = serde_json::json!({"metadata": {"labels": {"touched": "yes"}}});
+    let updated = pods.patch("api-0", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("update");
+    assert_eq!(sidecars(&updated), 1);
+
+    // Re-creating from the stored (already injected) object does not duplicate it either.
+    let mut again = pods.get("api-0").await.unwrap();
+    pods.delete("api-0", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await.unwrap();
+    wait_for(T, "pod api-0 to be deleted", || {
+        let pods = pods.clone();
+        async move { pods.get_opt("api-0").await.ok().flatten().is_none().then_some(()) }
+    })
+    .await;
+    again.metadata = ObjectMeta {
+        name: again.metadata.name.clone(),
+        labels: again.metadata.labels.clone(),
+        annotations: again.metadata.annotations.clone(),
+        ..Default::default()
+    };
+    again.status = None;
+    let recreated = pods.create(&PostParams::default(), &again).await.expect("re-create");
+    assert_eq!(sidecars(&recreated), 1, "re-creating an injected pod must not add a second sidecar");
+
+    // And a plain second pod of the same Service gets its own single sidecar.
+    let other = pods.create(&PostParams::default(), &opted_in("api-1", "orders", "9000")).await.unwrap();
+    assert_eq!(sidecars(&other), 1);
+    assert!(sidecar(&other).args.as_ref().unwrap().contains(&"--upstream=127.0.0.1:9000".to_string()));
+}
+
+#[tokio::test]
+async fn pods_without_the_label_are_untouched() {
+    let cp = setup().await;
+    let ns = cp.namespace("wh-plain").await;
+    let pods: Api<Pod> = Api::namespaced(cp.admin_client().await, &ns);
+    let plain = pods.create(&PostParams::default(), &pod("plain", &[("app", "x")], &[])).await.unwrap();
+    assert_eq!(sidecars(&plain), 0);
+    assert_eq!(plain.spec.unwrap().containers.len(), 1);
+    // The annotation alone does not route the pod to the webhook: the objectSelector matches the label only.
+    let annotated_only = pod(
+        "annotated-only",
+        &[],
+        &[(INJECT_KEY, "true"), (ANNOTATION_SERVICE, "orders"), (ANNOTATION_UPSTREAM_PORT, "http")],
+    );
+    let created = pods.create(&PostParams::default(), &annotated_only).await.expect("not sent to the webhook");
+    assert_eq!(sidecars(&created), 0);
+}
+
+#[tokio::test]
+async fn bad_annotations_are_refused_with_a_message_naming_them() {
+    let cp = setup().await;
+    let ns = cp.namespace("wh-bad").await;
+    let pods: Api<Pod> = Api::namespaced(cp.admin_client().await, &ns);
+    for (name, p, annotation, value) in [
+        ("bad-port", opted_in("bad-port", "orders", "http"), ANNOTATION_UPSTREAM_PORT, "\"http\""),
+        ("proxy-port", opted_in("proxy-port", "orders", "8443"), ANNOTATION_UPSTREAM_PORT, "8443"),
+        ("bad-svc", opted_in("bad-svc", "Orders_1", "8080"), ANNOTATION_SERVICE, "\"Orders_1\""),
+        (
+            "no-svc",
+            pod("no-svc", &[(INJECT_KEY, "true")], &[(ANNOTATION_UPSTREAM_PORT, "8080")]),
+            ANNOTATION_SERVICE,
+            "required",
+        ),
+    ] {
+        match pods.create(&PostParams::default(), &p).await {
+            Err(kube::Error::Api(e)) => {
+                assert!(
+                    e.message.contains(annotation) && e.message.contains(value),
+                    "pod {name}: the refusal should name {annotation} and {value}: {}",
+                    e.message
+                );
+                assert!(e.message.contains("inject.portcullis.dev"), "the message says which webhook refused");
+            }
+            other => panic!("pod {name} should have been refused, got {other:?}"),
+        }
+        assert!(pods.get_opt(name).await.unwrap().is_none(), "refused pod {name} must not exist");
+    }
+}
