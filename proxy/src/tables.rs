@@ -234,3 +234,42 @@ async fn apply_index(
     }
     unreachable!("the last attempt returns")
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::decision::{CompiledTable, Reason, RequestFacts, decide};
+    use governor::clock::FakeRelativeClock;
+    use portcullis_table::Table;
+
+    /// `examples/tables.json` is what docs/proxy.md walks through: keep it loading and deciding as documented.
+    #[test]
+    fn example_table_behaves_as_documented() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/tables.json");
+        let text = std::fs::read_to_string(path).unwrap();
+        assert!(!text.contains("demo-key-123"), "only digests in the file");
+        let t = Table::from_json(&text, path).unwrap();
+        let c = CompiledTable::compile(&t, None, FakeRelativeClock::default()).unwrap();
+        let d = |key: &str, addr: &str, method: &str, path: &str| {
+            let f = RequestFacts {
+                addr: addr.parse().unwrap(),
+                method,
+                path,
+                key: Some(key.as_bytes()),
+                now: jiff::Timestamp::now(),
+            };
+            decide(Some(&c), &f).reason()
+        };
+        assert_eq!(d("demo-key-123", "127.0.0.1", "GET", "/anything"), None);
+        assert_eq!(d("demo-key-123", "127.0.0.2", "GET", "/"), Some(Reason::SourceNotAllowed));
+        assert_eq!(d("wrong", "127.0.0.1", "GET", "/"), Some(Reason::InvalidKey));
+        assert_eq!(d("partner-key-456", "127.0.0.2", "GET", "/v1/items"), None);
+        assert_eq!(d("partner-key-456", "127.0.0.2", "POST", "/v1/items"), Some(Reason::RouteNotAllowed));
+        assert_eq!(d("partner-key-456", "127.0.0.1", "GET", "/v1/items"), Some(Reason::SourceNotAllowed));
+        assert_eq!(d("disabled-key-789", "127.0.0.1", "GET", "/"), Some(Reason::ClientDisabled));
+        // burst 10: 9 more pass, then 429.
+        for _ in 0..9 {
+            assert_eq!(d("demo-key-123", "127.0.0.1", "GET", "/"), None);
+        }
+        assert_eq!(d("demo-key-123", "127.0.0.1", "GET", "/"), Some(Reason::RateLimited));
+    }
+}
