@@ -345,3 +345,49 @@ async fn only_the_lease_holder_writes_and_a_standby_takes_over() {
     wait_client_condition(&env, "two", "KeysResolved", "False", Some("SecretKeyMissing")).await;
     b.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_runs_with_a_kubeconfig_serves_admin_and_stops_on_sigterm() {
+    use tokio::io::AsyncReadExt;
+    let env = env("bin").await;
+    let token = env.cp.service_account_token(SYSTEM_NS, SA).await;
+    let kubeconfig = env.cp.kubeconfig_for_token(&token);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis-controller"))
+        .args(["--namespace", &env.ns, "--lease-namespace", SYSTEM_NS, "--lease-name", &format!("bin-{}", env.ns)])
+        .args(["--metrics-listen", &addr, "--log-format", "json"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "info,portcullis_controller=debug")
+        .env_remove("POD_NAMESPACE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawning portcullis-controller");
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    wait_for(T, "binary /readyz 200", || async {
+        http_get(addr, "/readyz").await.filter(|(s, _)| s.contains("200")).map(|_| ())
+    })
+    .await;
+    let key = "binary-key-0123456789abcdefghij";
+    create_secret(&env, "k", &[("k", key)]).await;
+    create_plan(&env, plan("basic", &["api"])).await;
+    create_client(&env, "viabin", client_spec(&["basic"], &["10.0.0.0/8"], "k", "k")).await;
+    wait_client_condition(&env, "viabin", "Ready", "True", None).await;
+    wait_table(&env, "api", "client present", |t| t.clients.len() == 1).await;
+
+    let pid = child.id().expect("pid").to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = tokio::time::timeout(T, child.wait()).await.expect("exits within 60 s after SIGTERM").unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let (mut out, mut err) = (String::new(), String::new());
+    child.stdout.take().unwrap().read_to_string(&mut out).await.unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut err).await.unwrap();
+    assert!(out.contains("table revision written"), "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("shutting down"), "{out}");
+    assert!(!out.contains(key) && !err.contains(key), "key material in the binary's output");
+    // The Lease was released on graceful shutdown.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.admin.clone(), SYSTEM_NS);
+    let l = leases.get(&format!("bin-{}", env.ns)).await.unwrap();
+    assert_eq!(l.spec.unwrap().holder_identity, None);
+}
