@@ -338,3 +338,42 @@ async fn helm_install_creates_everything_and_its_rbac_suffices_for_webhook_certs
 
     helm(cp, &["uninstall", &release, "-n", &ns, "--kubeconfig", &kubeconfig]).expect("helm uninstall");
 }
+
+/// The webhook/sidecar flags the chart passes are exactly what `WebhookArgs` (flattened into the controller's
+/// command line) accepts, with the values the chart means.
+#[test]
+fn chart_webhook_flags_parse_as_webhook_args() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        webhook: portcullis_controller::webhook::WebhookArgs,
+    }
+    let cp = ControlPlane::shared();
+    for set in [&[][..], &["webhook.existingCertSecret=my-cert", "sidecar.proxyPort=7000"][..]] {
+        let docs = documents(&template(cp, "portcullis", "portcullis-system", set).unwrap());
+        let c = &find(&docs, "Deployment", "portcullis-controller")["spec"]["template"]["spec"]["containers"][0];
+        let args: Vec<&str> = c["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .filter(|a| a.starts_with("--webhook-") || a.starts_with("--sidecar-"))
+            .collect();
+        let cli = Cli::try_parse_from(std::iter::once("portcullis-controller").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("the chart passes flags WebhookArgs rejects: {e}\n{args:?}"));
+        let w = cli.webhook;
+        assert_eq!(w.webhook_listen.port(), 9443);
+        assert_eq!(w.webhook_config_name, "portcullis");
+        assert_eq!(w.webhook_service, "portcullis-webhook");
+        assert_eq!(w.webhook_namespace, "portcullis-system");
+        assert_eq!(w.webhook_cert_secret, if set.is_empty() { "portcullis-webhook-tls" } else { "my-cert" });
+        assert_eq!(w.webhook_cert_dir.is_some(), !set.is_empty(), "an existing Secret is mounted and used as cert dir");
+        assert_eq!(w.sidecar_image, "ghcr.io/portcullis/portcullis-proxy:0.1.0");
+        let s = w.inject_settings().expect("valid sidecar settings");
+        assert_eq!(s.proxy_port, if set.is_empty() { 8443 } else { 7000 });
+        let r = s.resources.expect("the chart's sidecar resources are passed on");
+        assert_eq!(r.requests.unwrap()["memory"].0, "32Mi");
+        assert_eq!(r.limits.unwrap()["memory"].0, "128Mi");
+    }
+}
