@@ -1,1 +1,114 @@
-fn main() {}
+//! ns per decision (key digest + lookup + source check + route + throttle + quota) at various table sizes.
+//!
+//! `cargo bench -p portcullis-proxy --bench decision`
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use governor::clock::DefaultClock;
+use portcullis_proxy::decision::{CompiledTable, RequestFacts, decide};
+use portcullis_table::{Client, KeyEntry, Period, Plan, Quota, RouteScope, Table, Throttle, key_digest};
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+fn plans() -> BTreeMap<String, Plan> {
+    let mut plans = BTreeMap::new();
+    plans.insert(
+        "gold".to_string(),
+        Plan {
+            // Generous enough never to refuse during a benchmark, but checked on every request.
+            throttle: Some(Throttle { rate: 1_000_000_000, per_millis: 1000, burst: 1_000_000_000 }),
+            quota: Some(Quota { limit: 1 << 39, period: Period::Month }),
+            global_limits: false,
+            routes: vec![
+                RouteScope { path_prefix: "/admin".into(), methods: vec!["GET".into()] },
+                RouteScope { path_prefix: "/v1".into(), methods: vec!["GET".into(), "POST".into()] },
+            ],
+        },
+    );
+    plans
+}
+
+fn addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(0x0a00_0000u32 + i as u32)
+}
+
+fn table(n: usize) -> (CompiledTable<DefaultClock>, Vec<String>) {
+    let keys: Vec<String> = (0..n).map(|i| format!("key-{i:08}-0123456789abcdef0123456789")).collect();
+    let clients = (0..n)
+        .map(|i| Client {
+            id: format!("team-{}/client-{i:07}", i % 100),
+            keys: vec![KeyEntry { sha256: key_digest(keys[i].as_bytes()), expires_at: None }],
+            source_ranges: vec![format!("{}/32", addr(i)).parse().unwrap(), "192.168.0.0/16".parse().unwrap()],
+            disabled: false,
+            plans: vec!["gold".into()],
+        })
+        .collect();
+    let t = Table::new("bench/svc", plans(), clients);
+    (CompiledTable::compile(&t, None, DefaultClock::default()).unwrap(), keys)
+}
+
+fn bench_clients(c: &mut Criterion) {
+    let mut g = c.benchmark_group("decision");
+    let now = jiff::Timestamp::now();
+    for n in [10usize, 10_000, 100_000] {
+        let (t, keys) = table(n);
+        let mut i = 0usize;
+        g.bench_with_input(BenchmarkId::new("clients", n), &n, |b, &n| {
+            b.iter(|| {
+                i = (i + 7919) % n;
+                let f = RequestFacts {
+                    addr: IpAddr::V4(addr(i)),
+                    method: "GET",
+                    path: "/v1/orders/42",
+                    key: Some(keys[i].as_bytes()),
+                    now,
+                };
+                let d = decide(Some(&t), black_box(&f));
+                assert!(d.reason().is_none());
+            })
+        });
+    }
+    g.finish();
+}
+
+fn bench_prefixes(c: &mut Criterion) {
+    let n = 100_000usize;
+    // One client with 100 000 disjoint /28s.
+    let ranges = (0..n).map(|i| format!("{}/28", Ipv4Addr::from(0x0a00_0000u32 + (i as u32) * 32)).parse().unwrap());
+    let key = "one-client-many-prefixes-key-0123456789";
+    let client = Client {
+        id: "bench/wide".into(),
+        keys: vec![KeyEntry { sha256: key_digest(key.as_bytes()), expires_at: None }],
+        source_ranges: ranges.collect(),
+        disabled: false,
+        plans: vec!["gold".into()],
+    };
+    let t = Table::new("bench/svc", plans(), vec![client]);
+    let t = CompiledTable::compile(&t, None, DefaultClock::default()).unwrap();
+    let now = jiff::Timestamp::now();
+    let mut i = 0u32;
+    c.bench_function("decision/one_client_100000_prefixes", |b| {
+        b.iter(|| {
+            i = (i + 7919) % n as u32;
+            let f = RequestFacts {
+                addr: IpAddr::V4(Ipv4Addr::from(0x0a00_0000u32 + i * 32 + 5)),
+                method: "POST",
+                path: "/v1/orders",
+                key: Some(key.as_bytes()),
+                now,
+            };
+            let d = decide(Some(&t), black_box(&f));
+            assert!(d.reason().is_none());
+        })
+    });
+    // For scale: the SHA-256 of the key alone, which every decision pays.
+    c.bench_function("decision/key_digest_only", |b| b.iter(|| key_digest(black_box(key.as_bytes()))));
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    targets = bench_clients, bench_prefixes
+}
+criterion_main!(benches);

@@ -253,7 +253,7 @@ fn single_header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a [u
 
 async fn handle(shared: &Shared, conn_addr: IpAddr, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
-    let verdict: Result<(HeaderValue, String), Denial> = {
+    let verdict: Result<HeaderValue, Denial> = {
         let addr = client_addr(conn_addr, req.headers(), &shared.trusted);
         let facts = RequestFacts {
             addr,
@@ -264,14 +264,14 @@ async fn handle(shared: &Shared, conn_addr: IpAddr, mut req: Request<Incoming>) 
         };
         let table = shared.tables.current.load();
         match decide(table.as_deref(), &facts) {
-            Decision::Allow { client, plan } => Ok((client.header.clone(), plan.name.clone())),
+            Decision::Allow { client, .. } => Ok(client.header.clone()),
             Decision::Deny(d) => {
                 tracing::debug!(client_addr = %addr, reason = d.reason.code(), "denied");
                 Err(d)
             }
         }
     };
-    let (client_header, _plan) = match verdict {
+    let client_header = match verdict {
         Ok(v) => v,
         Err(d) => {
             shared.metrics.count(Some(d.reason), start.elapsed().as_secs_f64());

@@ -8,8 +8,41 @@ use std::net::IpAddr;
 /// matching IPv4 addresses, because lookups normalise mapped addresses to IPv4 first.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CidrSet {
-    v4: Vec<(u32, u32)>,
-    v6: Vec<(u128, u128)>,
+    v4: Ranges<u32, 2>,
+    v6: Ranges<u128, 1>,
+}
+
+/// Sorted, merged, inclusive intervals; up to `N` stored inline (most clients have one or two ranges, and the
+/// request path then touches no extra cache line), more on the heap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ranges<T, const N: usize> {
+    Inline { len: u8, items: [(T, T); N] },
+    Heap(Box<[(T, T)]>),
+}
+
+impl<T: Copy + Default, const N: usize> Default for Ranges<T, N> {
+    fn default() -> Self {
+        Ranges::Inline { len: 0, items: [(T::default(), T::default()); N] }
+    }
+}
+
+impl<T: Copy + Default, const N: usize> Ranges<T, N> {
+    fn from_vec(v: Vec<(T, T)>) -> Self {
+        if v.len() <= N {
+            let mut items = [(T::default(), T::default()); N];
+            items[..v.len()].copy_from_slice(&v);
+            Ranges::Inline { len: v.len() as u8, items }
+        } else {
+            Ranges::Heap(v.into_boxed_slice())
+        }
+    }
+
+    fn as_slice(&self) -> &[(T, T)] {
+        match self {
+            Ranges::Inline { len, items } => &items[..usize::from(*len)],
+            Ranges::Heap(b) => b,
+        }
+    }
 }
 
 impl CidrSet {
@@ -28,7 +61,7 @@ impl CidrSet {
                 }
             }
         }
-        Self { v4: merge(v4), v6: merge(v6) }
+        Self { v4: Ranges::from_vec(merge(v4)), v6: Ranges::from_vec(merge(v6)) }
     }
 
     /// Parses a comma-separated CIDR list (bare addresses are taken as host routes).
@@ -45,19 +78,19 @@ impl CidrSet {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.v4.is_empty() && self.v6.is_empty()
+        self.v4.as_slice().is_empty() && self.v6.as_slice().is_empty()
     }
 
     /// Number of merged intervals (for metrics and benchmarks).
     pub fn intervals(&self) -> usize {
-        self.v4.len() + self.v6.len()
+        self.v4.as_slice().len() + self.v6.as_slice().len()
     }
 
     /// Membership test; IPv4-mapped IPv6 addresses are looked up as IPv4.
     pub fn contains(&self, ip: IpAddr) -> bool {
         match ip.to_canonical() {
-            IpAddr::V4(a) => find(&self.v4, u32::from(a)),
-            IpAddr::V6(a) => find(&self.v6, u128::from(a)),
+            IpAddr::V4(a) => find(self.v4.as_slice(), u32::from(a)),
+            IpAddr::V6(a) => find(self.v6.as_slice(), u128::from(a)),
         }
     }
 }
@@ -96,7 +129,6 @@ fn merge<T: Succ>(mut v: Vec<(T, T)>) -> Vec<(T, T)> {
         }
         out.push((lo, hi));
     }
-    out.shrink_to_fit();
     out
 }
 
@@ -118,7 +150,7 @@ mod tests {
     #[test]
     fn basic_membership_and_merging() {
         let s = set("10.0.0.0/8, 10.1.0.0/16, 11.0.0.0/8, 192.168.1.7, 2001:db8::/32");
-        assert_eq!(s.v4.len(), 2, "10/8 and 11/8 merge, 10.1/16 is inside");
+        assert_eq!(s.v4.as_slice().len(), 2, "10/8 and 11/8 merge, 10.1/16 is inside");
         assert!(s.contains("10.200.0.1".parse().unwrap()));
         assert!(s.contains("11.255.255.255".parse().unwrap()));
         assert!(!s.contains("12.0.0.0".parse().unwrap()));
@@ -139,7 +171,7 @@ mod tests {
         let all = set("0.0.0.0/0,::/0");
         assert!(all.contains("255.255.255.255".parse().unwrap()));
         assert!(all.contains("ffff::1".parse().unwrap()));
-        assert_eq!(set("0.0.0.0/1,128.0.0.0/1").v4, vec![(0, u32::MAX)]);
+        assert_eq!(set("0.0.0.0/1,128.0.0.0/1").v4.as_slice(), &[(0, u32::MAX)]);
     }
 
     fn naive(nets: &[IpNet], ip: IpAddr) -> bool {

@@ -71,13 +71,20 @@ pub struct KeyRef {
     pub expires_at: Option<Timestamp>,
 }
 
-pub struct CompiledPlan<C: Clock = DefaultClock> {
+/// What a plan is, shared by every client holding it (so route data stays in cache across clients).
+#[derive(Debug)]
+pub struct PlanSpec {
     pub name: String,
     pub routes: Vec<RouteScope>,
-    pub throttle: Option<ThrottleState<C>>,
-    pub quota: Option<Arc<QuotaCounter>>,
     /// Requested counting across replicas; this build counts locally (see docs/proxy.md).
     pub global_limits: bool,
+}
+
+/// A plan as held by one client: the shared spec plus this client's own limiter state.
+pub struct CompiledPlan<C: Clock = DefaultClock> {
+    pub spec: Arc<PlanSpec>,
+    pub throttle: Option<ThrottleState<C>>,
+    pub quota: Option<Arc<QuotaCounter>>,
 }
 
 pub struct CompiledClient<C: Clock = DefaultClock> {
@@ -86,7 +93,7 @@ pub struct CompiledClient<C: Clock = DefaultClock> {
     pub header: HeaderValue,
     pub disabled: bool,
     pub sources: CidrSet,
-    pub plans: Vec<CompiledPlan<C>>,
+    pub plans: Box<[CompiledPlan<C>]>,
 }
 
 pub struct CompiledTable<C: Clock = DefaultClock> {
@@ -114,6 +121,14 @@ impl<C: Clock + Clone> CompiledTable<C> {
         }
         let prev_index: HashMap<&str, &CompiledClient<C>> =
             previous.map(|p| p.clients.iter().map(|c| (c.id.as_str(), c)).collect()).unwrap_or_default();
+        let specs: HashMap<&str, Arc<PlanSpec>> = table
+            .plans
+            .iter()
+            .map(|(name, p)| {
+                let spec = PlanSpec { name: name.clone(), routes: p.routes.clone(), global_limits: p.global_limits };
+                (name.as_str(), Arc::new(spec))
+            })
+            .collect();
         let nkeys = table.clients.iter().map(|c| c.keys.len()).sum();
         let mut keys: DigestMap<KeyRef> = DigestMap::with_capacity_and_hasher(nkeys, Default::default());
         let mut clients = Vec::with_capacity(table.clients.len());
@@ -124,18 +139,16 @@ impl<C: Clock + Clone> CompiledTable<C> {
             for name in &c.plans {
                 // `Table::validate` guarantees the plan exists; a missing one is treated as an empty plan.
                 let plan = table.plans.get(name).cloned().unwrap_or_default();
-                let prev_plan = prev.and_then(|p| p.plans.iter().find(|pp| &pp.name == name));
+                let spec = specs
+                    .get(name.as_str())
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(PlanSpec { name: name.clone(), routes: vec![], global_limits: false }));
+                let prev_plan = prev.and_then(|p| p.plans.iter().find(|pp| &pp.spec.name == name));
                 let throttle = plan
                     .throttle
                     .map(|t| ThrottleState::carry_over(t, prev_plan.and_then(|p| p.throttle.as_ref()), &clock));
                 let quota = plan.quota.map(|q| QuotaCounter::carry_over(q, prev_plan.and_then(|p| p.quota.as_ref())));
-                plans.push(CompiledPlan {
-                    name: name.clone(),
-                    routes: plan.routes,
-                    throttle,
-                    quota,
-                    global_limits: plan.global_limits,
-                });
+                plans.push(CompiledPlan { spec, throttle, quota });
             }
             for k in &c.keys {
                 keys.insert(k.sha256.into(), KeyRef { client: i as u32, expires_at: k.expires_at });
@@ -145,7 +158,7 @@ impl<C: Clock + Clone> CompiledTable<C> {
                 header,
                 disabled: c.disabled,
                 sources: CidrSet::new(&c.source_ranges),
-                plans,
+                plans: plans.into_boxed_slice(),
             });
         }
         Ok(Self { service: table.service.clone(), revision: table.revision.clone(), keys, clients, clock })

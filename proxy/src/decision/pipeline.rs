@@ -138,7 +138,8 @@ pub fn decide<'t, C: Clock + Clone>(table: Option<&'t CompiledTable<C>>, req: &R
     if !client.sources.contains(req.addr) {
         return deny(Reason::SourceNotAllowed);
     }
-    let Some(i) = super::route::first_matching(client.plans.iter().map(|p| p.routes.as_slice()), req.method, req.path)
+    let Some(i) =
+        super::route::first_matching(client.plans.iter().map(|p| p.spec.routes.as_slice()), req.method, req.path)
     else {
         return deny(Reason::RouteNotAllowed);
     };
@@ -235,7 +236,7 @@ pub(crate) mod tests {
         match decide(t, &ok) {
             Decision::Allow { client, plan } => {
                 assert_eq!(client.id, "ns/reader");
-                assert_eq!(plan.name, "read");
+                assert_eq!(plan.spec.name, "read");
             }
             Decision::Deny(d) => panic!("{d:?}"),
         }
