@@ -177,7 +177,7 @@ async fn h2c_prior_knowledge_and_streamed_bodies() {
     let body = bytes::Bytes::from(vec![b'x'; 300_000]);
     let req = http::Request::builder()
         .method("POST")
-        .uri(format!("http://svc.test/v1/upload"))
+        .uri("http://svc.test/v1/upload")
         .header("x-api-key", "k-reader")
         .body(http_body_util::Full::new(body))
         .unwrap();
