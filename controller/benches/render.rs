@@ -3,14 +3,14 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use portcullis_controller::crd::*;
-use portcullis_controller::model::build_table;
+use portcullis_controller::model::{SecretLookup, build_table, resolve_keys};
 use portcullis_table::naming::{Slot, index_name};
 use portcullis_table::shard::{MAX_SHARD_BYTES, render};
-use portcullis_table::{KeyEntry, key_digest};
 use std::collections::HashMap;
 use std::hint::black_box;
 
-fn fixture(n: usize) -> (Vec<UsagePlan>, Vec<ApiClient>, HashMap<String, Vec<KeyEntry>>) {
+/// One plan, `n` clients, and the Secret data (data key → key bytes) their keys live in.
+fn fixture(n: usize) -> (Vec<UsagePlan>, Vec<ApiClient>, HashMap<String, Vec<u8>>) {
     let mut plan = UsagePlan::new(
         "gold",
         UsagePlanSpec {
@@ -44,7 +44,7 @@ fn fixture(n: usize) -> (Vec<UsagePlan>, Vec<ApiClient>, HashMap<String, Vec<Key
             );
             c.metadata.namespace = Some("shop".into());
             c.metadata.generation = Some(1);
-            keys.insert(name, vec![KeyEntry { sha256: key_digest(format!("key-{i}").as_bytes()), expires_at: None }]);
+            keys.insert(format!("k{i}"), format!("pcl_bench_key_{i:08}").into_bytes());
             c
         })
         .collect();
