@@ -138,12 +138,9 @@ pub fn decide<'t, C: Clock + Clone>(table: Option<&'t CompiledTable<C>>, req: &R
     if !client.sources.contains(req.addr) {
         return deny(Reason::SourceNotAllowed);
     }
-    let Some(i) =
-        super::route::first_matching(client.plans.iter().map(|p| p.spec.routes.as_slice()), req.method, req.path)
-    else {
+    let Some(plan) = client.plans().find(|p| super::route::admits(&p.spec.routes, req.method, req.path)) else {
         return deny(Reason::RouteNotAllowed);
     };
-    let plan = &client.plans[i];
     if let Some(t) = &plan.throttle
         && let Err(wait) = t.check()
     {
