@@ -57,8 +57,11 @@ fn bench(c: &mut Criterion) {
     for n in [1_000usize, 10_000, 100_000] {
         let (plans, clients, keys) = fixture(n);
         let run = || {
-            let built =
-                build_table("shop", "orders", &plans, &clients, |c| keys[&c.metadata.name.clone().unwrap()].clone());
+            // Keys are resolved (looked up + SHA-256) on every render, as the controller does from its Secret cache.
+            let built = build_table("shop", "orders", &plans, &clients, |c| {
+                resolve_keys(c, |_, k| keys.get(k).map_or(SecretLookup::KeyMissing, |v| SecretLookup::Found(v.clone())))
+                    .entries
+            });
             render(&built.table, &index_name("orders"), Slot::A, MAX_SHARD_BYTES).expect("renders")
         };
         let r = run();

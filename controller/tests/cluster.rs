@@ -151,6 +151,32 @@ async fn missing_secret_is_reported_then_resolved() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_keys_are_reported() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    let env = env("expiry").await;
+    let ctl = start_controller(&env, "expiry-1").await;
+    create_secret(&env, "k", &[("old", "expired-key-0123456789abcdef"), ("soon", "soon-key-0123456789abcdef")]).await;
+    create_plan(&env, plan("basic", &["api"])).await;
+    let mut spec = client_spec(&["basic"], &["10.0.0.0/8"], "k", "old");
+    spec.keys[0].expires_at = Some(Time("2020-01-01T00:00:00Z".parse().unwrap()));
+    create_client(&env, "stale", spec).await;
+    wait_client_condition(&env, "stale", "KeysResolved", "False", Some("KeyExpired")).await;
+    // Still in the table with its expiry, so the proxy answers 403 (expired) rather than 401 (unknown).
+    wait_table(&env, "api", "expired key listed", |t| {
+        t.clients.first().is_some_and(|c| c.keys[0].expires_at.is_some())
+    })
+    .await;
+    // A key expiring in a few seconds flips the condition when it expires (requeue at expiry).
+    let soon = k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(8);
+    let mut spec = client_spec(&["basic"], &["10.0.0.0/8"], "k", "soon");
+    spec.keys[0].expires_at = Some(Time(soon));
+    create_client(&env, "ticking", spec).await;
+    wait_client_condition(&env, "ticking", "Ready", "True", None).await;
+    wait_client_condition(&env, "ticking", "KeysResolved", "False", Some("KeyExpired")).await;
+    ctl.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_key_is_created_once_and_survives_restart() {
     let env = env("gen").await;
     let ctl = start_controller(&env, "gen-1").await;
