@@ -141,6 +141,9 @@ pub fn decide<'t, C: Clock + Clone>(table: Option<&'t CompiledTable<C>>, req: &R
     let Some(plan) = client.plans().find(|p| super::route::admits(&p.spec.routes, req.method, req.path)) else {
         return deny(Reason::RouteNotAllowed);
     };
+    if let Some(q) = &plan.quota {
+        q.prefetch();
+    }
     if let Some(t) = &plan.throttle
         && let Err(wait) = t.check()
     {
