@@ -88,15 +88,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 
     match config.tables.clone() {
         TableSource::File(path) => {
-            if let Err(e) = tables::load_file(&tables, &path).await {
-                tables.reject("file", &path.display().to_string(), &e);
-            }
-            background.push(tokio::spawn(tables::watch_file(
-                tables.clone(),
-                path,
-                config.file_poll_interval,
-                stop_rx.clone(),
-            )));
+            let mut watcher = tables::FileWatcher::new(tables.clone(), path);
+            watcher.check().await;
+            background.push(tokio::spawn(watcher.run(config.file_poll_interval, stop_rx.clone())));
         }
         TableSource::ConfigMap { namespace, name, kube } => {
             let kube_config = match kube {

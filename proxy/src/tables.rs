@@ -74,14 +74,6 @@ impl TableStore {
     }
 }
 
-/// Loads, validates and applies the file once. Parsing and compiling run on the blocking pool.
-pub async fn load_file(store: &Arc<TableStore>, path: &Path) -> Result<bool, LoadError> {
-    let text = tokio::fs::read_to_string(path)
-        .await
-        .map_err(|e| LoadError::Read { path: path.display().to_string(), source: e })?;
-    apply_text(store, path, text).await
-}
-
 async fn apply_text(store: &Arc<TableStore>, path: &Path, text: String) -> Result<bool, LoadError> {
     let store = store.clone();
     let what = path.display().to_string();
@@ -105,52 +97,72 @@ fn stamp(m: &std::fs::Metadata) -> FileStamp {
     FileStamp { len: m.len(), modified: m.modified().ok(), ino: m.ino() }
 }
 
-/// Polls `path` every `interval`: metadata (size, mtime, inode, following symlinks, so Kubernetes' `..data`
+/// Watches a table file by polling: metadata (size, mtime, inode, following symlinks, so Kubernetes' `..data`
 /// symlink swap and editors' rename-into-place are seen) and, when that changed, the content hash. A file that
-/// fails to parse or validate is rejected once per distinct content; the last good table stays.
-pub async fn watch_file(store: Arc<TableStore>, path: PathBuf, interval: Duration, mut stop: watch::Receiver<bool>) {
-    let mut last_stamp: Option<FileStamp> = None;
-    let mut last_hash: Option<[u8; 32]> = None;
-    let mut last_failed = true;
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = stop.changed() => return,
-        }
-        let st = match tokio::fs::metadata(&path).await {
+/// fails to parse or validate is rejected once per distinct content; the last good table stays. A missing or
+/// unreadable file is logged (not counted as a rejected table) and also keeps the last good table.
+pub struct FileWatcher {
+    store: Arc<TableStore>,
+    path: PathBuf,
+    last_stamp: Option<FileStamp>,
+    last_hash: Option<[u8; 32]>,
+    last_failed: bool,
+    missing_logged: bool,
+}
+
+impl FileWatcher {
+    pub fn new(store: Arc<TableStore>, path: PathBuf) -> Self {
+        Self { store, path, last_stamp: None, last_hash: None, last_failed: true, missing_logged: false }
+    }
+
+    /// One look at the file; applies it when its content changed.
+    pub async fn check(&mut self) {
+        let st = match tokio::fs::metadata(&self.path).await {
             Ok(m) => stamp(&m),
             Err(e) => {
-                if last_stamp.is_some() || last_hash.is_none() {
-                    tracing::warn!(path = %path.display(), error = %e, "table file not readable; keeping the last good table");
+                if !self.missing_logged {
+                    tracing::warn!(path = %self.path.display(), error = %e, "table file not readable; keeping the last good table");
+                    self.missing_logged = true;
                 }
-                last_stamp = None;
-                continue;
+                self.last_stamp = None;
+                return;
             }
         };
-        if last_stamp.as_ref() == Some(&st) && !last_failed {
-            continue;
+        self.missing_logged = false;
+        if self.last_stamp.as_ref() == Some(&st) && !self.last_failed {
+            return;
         }
-        last_stamp = Some(st);
-        let text = match tokio::fs::read_to_string(&path).await {
+        self.last_stamp = Some(st);
+        let text = match tokio::fs::read_to_string(&self.path).await {
             Ok(t) => t,
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "reading table file");
-                last_failed = true;
-                continue;
+                tracing::warn!(path = %self.path.display(), error = %e, "reading table file");
+                self.last_failed = true;
+                return;
             }
         };
         let hash: [u8; 32] = Sha256::digest(text.as_bytes()).into();
-        if last_hash == Some(hash) {
-            continue;
+        if self.last_hash == Some(hash) {
+            return;
         }
-        last_hash = Some(hash);
-        match apply_text(&store, &path, text).await {
-            Ok(_) => last_failed = false,
+        self.last_hash = Some(hash);
+        match apply_text(&self.store, &self.path, text).await {
+            Ok(_) => self.last_failed = false,
             Err(e) => {
-                last_failed = true;
-                store.reject("file", &path.display().to_string(), &e);
+                self.last_failed = true;
+                self.store.reject("file", &self.path.display().to_string(), &e);
+            }
+        }
+    }
+
+    /// Checks every `interval` until `stop` flips.
+    pub async fn run(mut self, interval: Duration, mut stop: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => self.check().await,
+                _ = stop.changed() => return,
             }
         }
     }
@@ -170,22 +182,59 @@ pub async fn watch_configmap(
     let api: kube::Api<ConfigMap> = kube::Api::namespaced(client, &namespace);
     let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut events = std::pin::pin!(watcher(api.clone(), cfg).default_backoff().applied_objects());
+    let what = format!("ConfigMap {namespace}/{name}");
+    // The last index whose revision was refused: retried every RETRY_REJECTED (its shards may get repaired
+    // without the index changing), counted as rejected once per revision.
+    let mut pending: Option<ConfigMap> = None;
+    let mut rejected_revision: Option<String> = None;
     loop {
-        let ev = tokio::select! {
-            ev = events.next() => ev,
+        let retry = async {
+            match &pending {
+                Some(_) => tokio::time::sleep(RETRY_REJECTED).await,
+                None => std::future::pending().await,
+            }
+        };
+        let cm = tokio::select! {
+            ev = events.next() => match ev {
+                None => return,
+                Some(Err(e)) => {
+                    tracing::warn!(%namespace, %name, error = %e, "watching the table index");
+                    continue;
+                }
+                Some(Ok(cm)) => cm,
+            },
+            _ = retry => pending.take().expect("retry only with a pending index"),
             _ = stop.changed() => return,
         };
-        match ev {
-            None => return,
-            Some(Err(e)) => tracing::warn!(%namespace, %name, error = %e, "watching the table index"),
-            Some(Ok(cm)) => {
-                let what = format!("ConfigMap {namespace}/{name}");
-                if let Err(e) = apply_index(&store, &api, &cm, &what).await {
+        let revision = index_revision(&cm);
+        match apply_index(&store, &api, &cm, &what).await {
+            Ok(_) => {
+                pending = None;
+                rejected_revision = None;
+            }
+            Err(e) => {
+                if rejected_revision.as_deref() == Some(revision.as_str()) {
+                    tracing::debug!(%what, error = %e, "revision still refused");
+                } else {
                     store.reject("configmap", &what, &e);
+                    rejected_revision = Some(revision);
                 }
+                pending = Some(cm);
             }
         }
     }
+}
+
+/// How often a refused revision is tried again while no newer index arrives.
+const RETRY_REJECTED: Duration = Duration::from_secs(5);
+
+fn index_revision(cm: &ConfigMap) -> String {
+    cm.data
+        .as_ref()
+        .and_then(|d| d.get(INDEX_DATA_KEY))
+        .and_then(|j| IndexDoc::parse(j, "index").ok())
+        .map(|i| i.revision)
+        .unwrap_or_default()
 }
 
 /// Attempts for a revision whose shards do not (yet) match the index, and the first backoff (doubling).

@@ -114,6 +114,8 @@ async fn fail_closed_until_a_table_loads_and_bad_files_are_rejected() {
     assert_eq!(get(ip(1), admin, "/readyz", &[]).await.status, 503);
     assert_eq!(get(ip(1), admin, "/healthz", &[]).await.status, 200);
 
+    // A missing file is not a rejected table.
+    assert!(!proxy.metrics.encode().contains("tables_rejected_total{"), "{}", proxy.metrics.encode());
     // A bad file is rejected and counted; still no table.
     write_atomic(&path, b"{ not json");
     wait_until("rejection counted", || {
