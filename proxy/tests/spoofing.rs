@@ -65,7 +65,11 @@ async fn trusted_hops_use_the_rightmost_untrusted_address() {
         (&[("x-forwarded-for", "127.0.0.1, 127.0.0.11")], 200), // .11 is another trusted hop
         (&[("x-forwarded-for", "127.0.0.3, 127.0.0.1")], 200),  // the client claims .3; .1 is what our hop saw
         (&[("x-forwarded-for", "127.0.0.1, 127.0.0.3")], 403),  // spoofed .1 to the left of the real .3
+        // Several lines, or both headers: ambiguous, so the peer (127.0.0.10, not allowed) decides.
         (&[("x-forwarded-for", "127.0.0.1"), ("x-forwarded-for", "127.0.0.3")], 403),
+        (&[("x-forwarded-for", "127.0.0.3"), ("x-forwarded-for", "127.0.0.1")], 403),
+        (&[("x-forwarded-for", "127.0.0.1"), ("forwarded", "for=127.0.0.1")], 403),
+        (&[("forwarded", "for=127.0.0.3"), ("forwarded", "for=127.0.0.1")], 403),
         (&[("x-forwarded-for", "::ffff:127.0.0.1")], 200),
         (&[("forwarded", "for=127.0.0.1;proto=http")], 200),
         (&[("forwarded", "for=127.0.0.1, for=127.0.0.3")], 403),

@@ -3,8 +3,9 @@
 //! The socket peer, unless the peer is a trusted proxy (`--trusted-proxies`): then `X-Forwarded-For` is walked
 //! from the right, skipping trusted hops, and the first untrusted address is the client (RFC 7239 `Forwarded: for=`
 //! is used the same way when there is no `X-Forwarded-For`). Headers from untrusted peers are ignored entirely, and
-//! `X-Real-IP` is never used (it cannot express a chain of hops). Any header that cannot be parsed where it matters
-//! makes the decision fall back to the peer: a malformed chain is never half-trusted.
+//! `X-Real-IP` is never used (it cannot express a chain of hops). Any header that cannot be parsed where it matters,
+//! a header sent on several lines, or both headers at once make the decision fall back to the peer: an ambiguous or
+//! malformed chain is never half-trusted.
 
 use super::cidr::CidrSet;
 use http::HeaderMap;
@@ -19,13 +20,16 @@ pub fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &CidrSet) -> IpAd
     if trusted.is_empty() || !trusted.contains(peer) {
         return peer;
     }
-    if headers.contains_key("x-forwarded-for") {
-        return walk(peer, xff_entries(headers), trusted);
+    let xff = headers.get_all("x-forwarded-for").iter().count();
+    let fwd = headers.get_all("forwarded").iter().count();
+    match (xff, fwd) {
+        (0, 0) => peer,
+        (1, 0) => walk(peer, xff_entries(headers), trusted),
+        (0, 1) => walk(peer, forwarded_entries(headers), trusted),
+        // Several lines, or both headers: we cannot tell which one our trusted hop wrote (a proxy may append to the
+        // first line while the client supplied another), so nothing in them is believed.
+        _ => peer,
     }
-    if headers.contains_key("forwarded") {
-        return walk(peer, forwarded_entries(headers), trusted);
-    }
-    peer
 }
 
 /// Walks hop addresses (left to right order, as sent) from the right; `None` entries are unparsable.
@@ -136,9 +140,11 @@ mod tests {
         let peer = ip("127.0.0.10");
         let h = headers(&[("x-forwarded-for", b"6.6.6.6, 203.0.113.9, 10.1.2.3")]);
         assert_eq!(client_addr(peer, &h, &trusted()), ip("203.0.113.9"));
-        // Split across several header lines: combined in order (RFC 9110 §5.3).
+        // Split across several header lines: ambiguous (which line did our hop append to?), so the peer.
         let h = headers(&[("x-forwarded-for", b"6.6.6.6"), ("x-forwarded-for", b"203.0.113.9, 10.1.2.3")]);
-        assert_eq!(client_addr(peer, &h, &trusted()), ip("203.0.113.9"));
+        assert_eq!(client_addr(peer, &h, &trusted()), peer);
+        let h = headers(&[("forwarded", b"for=6.6.6.6"), ("forwarded", b"for=203.0.113.9")]);
+        assert_eq!(client_addr(peer, &h, &trusted()), peer);
         // All hops trusted: the leftmost originated it.
         let h = headers(&[("x-forwarded-for", b"10.9.9.9, 10.1.2.3")]);
         assert_eq!(client_addr(peer, &h, &trusted()), ip("10.9.9.9"));
@@ -179,9 +185,9 @@ mod tests {
             let h = headers(&[("forwarded", v)]);
             assert_eq!(client_addr(peer, &h, &trusted()), peer, "{v:?}");
         }
-        // X-Forwarded-For wins when both are present.
+        // Both headers at once: ambiguous, the peer.
         let h = headers(&[("forwarded", b"for=198.51.100.17"), ("x-forwarded-for", b"192.0.2.1")]);
-        assert_eq!(client_addr(peer, &h, &trusted()), ip("192.0.2.1"));
+        assert_eq!(client_addr(peer, &h, &trusted()), peer);
         // X-Real-IP alone is never used.
         let h = headers(&[("x-real-ip", b"192.0.2.1")]);
         assert_eq!(client_addr(peer, &h, &trusted()), peer);
