@@ -148,17 +148,49 @@ pub async fn check_crds(client: &kube::Client) -> Result<(), Error> {
     Ok(())
 }
 
-/// A reflected watch whose events (including deletions) are handed to `on_event`.
+/// A reflected watch; `trim` shrinks each object before it is cached (and handed to the trigger mapping).
 fn reflect<K>(
     api: Api<K>,
     wc: watcher::Config,
+    trim: fn(&mut K),
 ) -> (Store<K>, impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static)
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, wc).default_backoff());
+    let stream = reflector::reflector(writer, watcher(api, wc).default_backoff().modify(trim));
     (reader, stream)
+}
+
+fn trim_meta<K: Resource>(o: &mut K) {
+    o.meta_mut().managed_fields = None;
+}
+
+/// Secret types that never hold API keys: their data is dropped from the cache (Helm releases can be large), and
+/// so are annotations (`kubectl apply` copies the whole Secret into `last-applied-configuration`).
+const NON_KEY_SECRET_TYPES: &[&str] = &[
+    "helm.sh/release.v1",
+    "kubernetes.io/service-account-token",
+    "kubernetes.io/dockerconfigjson",
+    "kubernetes.io/dockercfg",
+    "kubernetes.io/tls",
+    "bootstrap.kubernetes.io/token",
+];
+
+fn trim_secret(s: &mut Secret) {
+    s.metadata.managed_fields = None;
+    s.metadata.annotations = None;
+    s.string_data = None;
+    if s.type_.as_deref().is_some_and(|t| NON_KEY_SECRET_TYPES.contains(&t)) {
+        s.data = None;
+    }
+}
+
+/// The table ConfigMaps are cached for their events only; the current index is always read fresh.
+fn trim_configmap(cm: &mut ConfigMap) {
+    cm.metadata.managed_fields = None;
+    cm.data = None;
+    cm.binary_data = None;
 }
 
 fn objects<K>(ev: &watcher::Event<K>) -> Option<&K> {
@@ -298,12 +330,12 @@ async fn run_leader(
     shutdown: &mut (impl Future<Output = ()> + Unpin),
 ) -> Result<(), Error> {
     let ns = &config.namespace;
-    let (plans, plan_stream) = reflect(api::<UsagePlan>(client, ns), watcher::Config::default());
-    let (clients, client_stream) = reflect(api::<ApiClient>(client, ns), watcher::Config::default());
-    let (secrets, secret_stream) = reflect(api::<Secret>(client, ns), watcher::Config::default());
+    let (plans, plan_stream) = reflect(api::<UsagePlan>(client, ns), watcher::Config::default(), trim_meta);
+    let (clients, client_stream) = reflect(api::<ApiClient>(client, ns), watcher::Config::default(), trim_meta);
+    let (secrets, secret_stream) = reflect(api::<Secret>(client, ns), watcher::Config::default(), trim_secret);
     let cm_wc =
         watcher::Config::default().labels(&format!("{LABEL_SERVICE},app.kubernetes.io/managed-by={MANAGED_BY}"));
-    let (cms, cm_stream) = reflect(api::<ConfigMap>(client, ns), cm_wc);
+    let (cms, cm_stream) = reflect(api::<ConfigMap>(client, ns), cm_wc, trim_configmap);
     let (table_tx, table_rx) = mpsc::unbounded_channel();
     let (client_tx, client_rx) = mpsc::unbounded_channel();
     let recorder = Recorder::new(
@@ -424,4 +456,42 @@ async fn run_leader(
 
 fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl Stream<Item = T> + Send {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::ByteString;
+    use std::collections::BTreeMap;
+
+    fn secret(type_: &str) -> Secret {
+        let mut s = Secret {
+            type_: Some(type_.into()),
+            data: Some(BTreeMap::from([("k".to_string(), ByteString(b"v".to_vec()))])),
+            ..Default::default()
+        };
+        s.metadata.annotations = Some(BTreeMap::from([("last-applied".to_string(), "{...}".to_string())]));
+        s
+    }
+
+    #[test]
+    fn cached_secrets_keep_data_only_where_keys_can_live() {
+        let mut opaque = secret("Opaque");
+        trim_secret(&mut opaque);
+        assert!(opaque.data.is_some());
+        assert!(opaque.metadata.annotations.is_none());
+        let mut helm = secret("helm.sh/release.v1");
+        trim_secret(&mut helm);
+        assert!(helm.data.is_none());
+    }
+
+    #[test]
+    fn cached_configmaps_drop_table_data() {
+        let mut cm = ConfigMap {
+            data: Some(BTreeMap::from([("shard.json".to_string(), "{}".to_string())])),
+            ..Default::default()
+        };
+        trim_configmap(&mut cm);
+        assert!(cm.data.is_none());
+    }
 }
