@@ -109,7 +109,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
 
     tracing::info!(%addr, ?admin_addr, upstream = %config.upstream, tables = ?config.tables, "proxy listening");
-    let server = tokio::spawn(server::serve(listener, shared, config.max_connections, config.shutdown_grace, stop_rx));
+    let server =
+        tokio::spawn(server::serve(listener, shared, config.max_connections.max(1), config.shutdown_grace, stop_rx));
     Ok(Running { addr, admin_addr, tables, metrics, stop, server, background })
 }
 
