@@ -24,6 +24,7 @@ pub mod reason {
     pub const PENDING: &str = "Pending";
     pub const NO_SERVICES: &str = "NoServices";
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const RENDER_FAILED: &str = "RenderFailed";
     pub const READY: &str = "Ready";
     pub const NOT_READY: &str = "NotReady";
 }
@@ -121,12 +122,16 @@ pub struct PlanFacts {
     pub spec_error: Option<String>,
     pub services: Vec<String>,
     pub unprogrammed: Vec<String>,
+    /// Tables that could not be rendered or written: (service, error).
+    pub render_errors: Vec<(String, String)>,
 }
 
 pub fn plan_conditions(f: &PlanFacts) -> Vec<Cond> {
     use types::*;
     let programmed = if let Some(e) = &f.spec_error {
         Cond::new(PROGRAMMED, false, reason::INVALID_SPEC, e.clone())
+    } else if let Some((svc, e)) = f.render_errors.first() {
+        Cond::new(PROGRAMMED, false, reason::RENDER_FAILED, format!("table of Service {svc}: {e}"))
     } else if !f.unprogrammed.is_empty() {
         Cond::new(
             PROGRAMMED,
@@ -242,6 +247,10 @@ mod tests {
         f.unprogrammed = vec!["orders".into()];
         let cs = plan_conditions(&f);
         assert_eq!(get(&cs, "Ready").reason, "Pending");
+        f.render_errors = vec![("orders".into(), "would need 70 shards".into())];
+        let cs = plan_conditions(&f);
+        assert_eq!(get(&cs, "Programmed").reason, "RenderFailed");
+        assert!(get(&cs, "Ready").message.contains("orders"));
     }
 
     #[test]

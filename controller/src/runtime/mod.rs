@@ -95,6 +95,8 @@ pub struct Ctx {
     pub clients: Store<ApiClient>,
     pub secrets: Store<Secret>,
     pub state: RwLock<HashMap<ServiceKey, ServiceState>>,
+    /// The last error of each Service whose table could not be written (cleared on success).
+    pub render_errors: RwLock<HashMap<ServiceKey, String>>,
     pub table_tx: mpsc::UnboundedSender<ServiceKey>,
     pub client_tx: mpsc::UnboundedSender<ObjectRef<ApiClient>>,
     pub recorder: Recorder,
@@ -348,6 +350,7 @@ async fn run_leader(
         clients: clients.clone(),
         secrets: secrets.clone(),
         state: RwLock::new(HashMap::new()),
+        render_errors: RwLock::new(HashMap::new()),
         table_tx,
         client_tx,
         recorder,

@@ -69,12 +69,18 @@ pub async fn run_table_worker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ser
             let res = reconcile_service(&ctx, key).await;
             ctx.metrics.observe("table", started.elapsed(), res.is_ok());
             match res {
-                Ok(()) => {}
+                Ok(()) => {
+                    ctx.render_errors.write().expect("errors lock").remove(key);
+                }
                 Err(e) => {
+                    ctx.render_errors.write().expect("errors lock").insert(key.clone(), e.to_string());
                     tracing::warn!(namespace = %key.namespace, service = %key.name, error = %e, "table reconcile failed; retrying");
+                    // API errors are usually transient; a table that cannot be rendered (too large) only changes
+                    // with the objects, whose events trigger a new attempt anyway.
+                    let delay = if matches!(e, Error::Table { .. }) { 60 } else { 2 };
                     let (tx, key) = (ctx.table_tx.clone(), key.clone());
                     tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        tokio::time::sleep(Duration::from_secs(delay)).await;
                         let _ = tx.send(key);
                     });
                 }
@@ -300,6 +306,10 @@ async fn update_plan_status(ctx: &Ctx, plan: &UsagePlan) -> Result<(), Error> {
         for s in &plan.spec.services {
             facts.services.push(s.name.clone());
             let st = state.get(&ServiceKey { namespace: ns.clone(), name: s.name.clone() });
+            let key = ServiceKey { namespace: ns.clone(), name: s.name.clone() };
+            if let Some(e) = ctx.render_errors.read().expect("errors lock").get(&key) {
+                facts.render_errors.push((s.name.clone(), e.clone()));
+            }
             match st {
                 Some(st) if st.plans.get(&name) == Some(&(uid.clone(), generation)) => tables.push(TableStatus {
                     service: s.name.clone(),
