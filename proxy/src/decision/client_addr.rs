@@ -192,4 +192,73 @@ mod tests {
         let h = headers(&[("x-real-ip", b"192.0.2.1")]);
         assert_eq!(client_addr(peer, &h, &trusted()), peer);
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn header_value() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                // Plausible chains, with the odd garbage entry.
+                proptest::collection::vec(
+                    prop_oneof![
+                        any::<[u8; 4]>().prop_map(|o| std::net::Ipv4Addr::from(o).to_string()),
+                        any::<u128>().prop_map(|v| format!("[{}]:443", std::net::Ipv6Addr::from(v))),
+                        Just("127.0.0.10".to_string()),
+                        Just("10.1.2.3".to_string()),
+                        Just("unknown".to_string()),
+                        "[a-z0-9:._\\[\\]\"=;-]{0,20}",
+                    ],
+                    0..6
+                )
+                .prop_map(|v| v.join(", ").into_bytes()),
+                // Raw bytes valid in a header value.
+                proptest::collection::vec(prop_oneof![0x20u8..0x7f, 0x80u8..=0xff, Just(b'\t')], 0..40),
+            ]
+        }
+
+        fn header_set() -> impl Strategy<Value = Vec<(&'static str, Vec<u8>)>> {
+            proptest::collection::vec(
+                (prop_oneof![Just("x-forwarded-for"), Just("forwarded"), Just("x-real-ip")], header_value()),
+                0..4,
+            )
+        }
+
+        fn build(hs: &[(&'static str, Vec<u8>)]) -> HeaderMap {
+            let mut h = HeaderMap::new();
+            for (k, v) in hs {
+                let k = http::HeaderName::from_static(k);
+                let v = if k == "forwarded" {
+                    let mut f = b"for=".to_vec();
+                    f.extend_from_slice(v);
+                    f
+                } else {
+                    v.clone()
+                };
+                h.append(k, HeaderValue::from_bytes(&v).unwrap());
+            }
+            h
+        }
+
+        proptest! {
+            #[test]
+            fn untrusted_peers_are_never_swayed(hs in header_set(), last in 1u8..=9) {
+                let peer = IpAddr::from([127, 0, 0, last]);
+                prop_assert_eq!(client_addr(peer, &build(&hs), &trusted()), peer);
+            }
+
+            #[test]
+            fn trusted_peers_yield_the_peer_or_an_address_from_the_headers(hs in header_set()) {
+                let peer = ip("127.0.0.10");
+                let h = build(&hs);
+                let got = client_addr(peer, &h, &trusted());
+                if got != peer {
+                    let text: String = h.values().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect();
+                    let shown = got.to_string();
+                    let mapped = match got { IpAddr::V4(a) => a.to_ipv6_mapped().to_string(), IpAddr::V6(_) => shown.clone() };
+                    prop_assert!(text.contains(&shown) || text.contains(&mapped), "{} not in {:?}", got, text);
+                }
+            }
+        }
+    }
 }
