@@ -279,7 +279,8 @@ async fn handle(shared: &Shared, conn_addr: IpAddr, mut req: Request<Incoming>) 
         }
     };
 
-    let upgrade = is_upgrade(req.headers());
+    // Only HTTP/1.1 has Upgrade; on h2 the header is connection-specific and simply stripped.
+    let upgrade = req.version() == Version::HTTP_11 && is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
