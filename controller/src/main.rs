@@ -39,6 +39,11 @@ struct Args {
     debounce_millis: u64,
     #[arg(long, value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
+    /// Serve the sidecar-injection admission webhook (`--webhook=false` to run without it).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    webhook: bool,
+    #[command(flatten)]
+    webhook_args: portcullis_controller::webhook::WebhookArgs,
 }
 
 #[tokio::main]
@@ -73,7 +78,15 @@ async fn real_main(args: Args) -> anyhow::Result<()> {
         metrics_listen: Some(args.metrics_listen),
         debounce: Debounce { quiet: Duration::from_millis(args.debounce_millis), max_wait: Duration::from_secs(2) },
     };
-    portcullis_controller::run(client, config, shutdown_signal()).await?;
+    let controller = async { portcullis_controller::run(client.clone(), config, shutdown_signal()).await };
+    if args.webhook {
+        let webhook = portcullis_controller::webhook::run(args.webhook_args, client.clone(), shutdown_signal());
+        tokio::try_join!(async { webhook.await.map_err(anyhow::Error::from) }, async {
+            controller.await.map_err(anyhow::Error::from)
+        },)?;
+    } else {
+        controller.await?;
+    }
     Ok(())
 }
 

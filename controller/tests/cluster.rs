@@ -381,7 +381,7 @@ async fn binary_runs_with_a_kubeconfig_serves_admin_and_stops_on_sigterm() {
     let addr = format!("127.0.0.1:{}", free_port());
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis-controller"))
         .args(["--namespace", &env.ns, "--lease-namespace", SYSTEM_NS, "--lease-name", &format!("bin-{}", env.ns)])
-        .args(["--metrics-listen", &addr, "--log-format", "json"])
+        .args(["--metrics-listen", &addr, "--log-format", "json", "--webhook=false"])
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "info,portcullis_controller=debug")
         .env_remove("POD_NAMESPACE")

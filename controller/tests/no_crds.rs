@@ -10,7 +10,7 @@ async fn exits_with_one_clear_line_when_crds_are_missing() {
     let out = tokio::time::timeout(
         Duration::from_secs(60),
         tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis-controller"))
-            .args(["--metrics-listen", "127.0.0.1:0", "--leader-elect=false"])
+            .args(["--metrics-listen", "127.0.0.1:0", "--leader-elect=false", "--webhook=false"])
             .env("KUBECONFIG", cp.admin_kubeconfig())
             .output(),
     )

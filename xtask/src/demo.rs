@@ -88,10 +88,15 @@ async fn demo(root: &Path, target: &Path, cp: &ControlPlane) -> Result<()> {
     let logs = cp.dir().to_path_buf();
     let admin = cp.admin_client().await;
 
-    say(&format!("helm install portcullis charts/portcullis -n {RELEASE_NS} --create-namespace"));
+    // The controller runs here as a local process, so the API server calls its webhook on loopback.
+    let webhook_port = free_port()?;
+    say(&format!(
+        "helm install portcullis charts/portcullis -n {RELEASE_NS} --create-namespace \\\n      --set webhook.url=https://127.0.0.1:{webhook_port}/mutate"
+    ));
     let out = Command::new(cp.helm())
         .current_dir(root)
         .args(["install", "portcullis", "charts/portcullis", "-n", RELEASE_NS, "--create-namespace"])
+        .args(["--set", &format!("webhook.url=https://127.0.0.1:{webhook_port}/mutate")])
         .arg("--kubeconfig")
         .arg(cp.admin_kubeconfig())
         .output()?;
@@ -117,8 +122,9 @@ async fn demo(root: &Path, target: &Path, cp: &ControlPlane) -> Result<()> {
         "portcullis-controller",
         Command::new(target.join("portcullis-controller"))
             .env("KUBECONFIG", &kubeconfig)
-            .args(["--log-format", "pretty", "--lease-namespace", RELEASE_NS])
-            .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}")),
+            .args(["--log-format", "pretty", "--lease-namespace", RELEASE_NS, "--webhook-namespace", RELEASE_NS])
+            .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
+            .arg(format!("--webhook-listen=127.0.0.1:{webhook_port}")),
         &logs.join("controller.log"),
     )?;
     println!("    ServiceAccount {RELEASE_NS}/{sa}; log: {}", logs.join("controller.log").display());
@@ -139,6 +145,12 @@ async fn demo(root: &Path, target: &Path, cp: &ControlPlane) -> Result<()> {
         wait_ready(cp, name, Duration::from_secs(60), &mut procs).await?;
         println!("    apiclient/{name} Ready after {:.2}s", t.elapsed().as_secs_f64());
     }
+
+    say(
+        "creating a Pod labelled portcullis.dev/inject=true: the webhook injects the sidecar (no kubelet runs it here)",
+    );
+    let pod = inject_demo_pod(cp, &mut procs).await?;
+    println!("    pod/echo-0 containers after admission: {pod}");
 
     say("starting the echo app and its sidecar proxy (reads only its own table ConfigMaps)");
     let echo = start_echo("x-api-key").await?;
@@ -241,6 +253,37 @@ async fn demo(root: &Path, target: &Path, cp: &ControlPlane) -> Result<()> {
     }
     println!("\nAll demo requests answered as expected.");
     Ok(())
+}
+
+/// Creates a Pod that opts in to injection and returns its container names as admitted. The webhook's certificate
+/// is self-managed by the controller, which also writes the caBundle: retry until that has happened.
+async fn inject_demo_pod(cp: &ControlPlane, procs: &mut Procs) -> Result<String> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: Api<Pod> = Api::namespaced(cp.admin_client().await, NS);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "echo-0", "labels": {"app": "echo", "portcullis.dev/inject": "true"},
+                     "annotations": {"portcullis.dev/service": "echo", "portcullis.dev/upstream-port": "8080"}},
+        "spec": {"serviceAccountName": "echo", "containers": [{"name": "app", "image": "example.com/echo:1",
+                 "ports": [{"containerPort": 8080}]}]}
+    }))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        procs.check()?;
+        match pods.create(&Default::default(), &pod).await {
+            Ok(p) => {
+                let names: Vec<String> =
+                    p.spec.map(|s| s.containers.into_iter().map(|c| c.name).collect()).unwrap_or_default();
+                if !names.iter().any(|n| n == "portcullis-proxy") {
+                    bail!("the webhook admitted pod/echo-0 without the sidecar: {names:?}");
+                }
+                return Ok(names.join(", "));
+            }
+            // Until the controller has written the caBundle the API server cannot call the webhook.
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => bail!("creating pod/echo-0 through the webhook failed: {e}"),
+        }
+    }
 }
 
 async fn apiclients(cp: &ControlPlane) -> Api<DynamicObject> {
