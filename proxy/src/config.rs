@@ -196,6 +196,11 @@ mod tests {
         assert_eq!(c.key_header.as_str(), "x-key");
         assert_eq!(c.idle_timeout, Duration::from_millis(1500));
         assert!(parse_tables_from("secret/a/b").is_err());
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("soon").is_err());
         assert!(Cli::try_parse_from(["portcullis-proxy", "--upstream", "x:1"]).is_err(), "a table source is required");
     }
 }
