@@ -21,6 +21,7 @@ fn fixture(n: usize) -> (Vec<UsagePlan>, Vec<ApiClient>, HashMap<String, Vec<u8>
             throttle: Some(ThrottleSpec { rate: 100, per: "1s".into(), burst: Some(200) }),
             quota: Some(QuotaSpec { limit: 100_000, period: QuotaPeriod::Month }),
             global_limits: None,
+            network_policy: None,
         },
     );
     plan.metadata.namespace = Some("shop".into());

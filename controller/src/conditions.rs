@@ -9,6 +9,8 @@ pub mod types {
     pub const PLAN_RESOLVED: &str = "PlanResolved";
     pub const SOURCE_RANGES_VALID: &str = "SourceRangesValid";
     pub const PROGRAMMED: &str = "Programmed";
+    /// UsagePlan only: can its Services be reached without the proxy? Informational: not part of `Ready`.
+    pub const EXPOSURE: &str = "Exposure";
 }
 
 pub mod reason {
@@ -124,6 +126,8 @@ pub struct PlanFacts {
     pub unprogrammed: Vec<String>,
     /// Tables that could not be rendered or written: (service, error).
     pub render_errors: Vec<(String, String)>,
+    /// Bypass-guard findings per Service (see [`crate::exposure`]).
+    pub exposure: Vec<(String, Vec<crate::exposure::Finding>)>,
 }
 
 pub fn plan_conditions(f: &PlanFacts) -> Vec<Cond> {
@@ -149,6 +153,8 @@ pub fn plan_conditions(f: &PlanFacts) -> Vec<Cond> {
     };
     let mut out = vec![programmed];
     out.push(ready(&out));
+    // After `Ready`: exposure is a warning for the platform team, the plan works either way.
+    out.push(crate::exposure::exposure_condition(&f.exposure));
     out
 }
 
@@ -251,6 +257,18 @@ mod tests {
         let cs = plan_conditions(&f);
         assert_eq!(get(&cs, "Programmed").reason, "RenderFailed");
         assert!(get(&cs, "Ready").message.contains("orders"));
+    }
+
+    #[test]
+    fn exposure_does_not_affect_ready() {
+        let f = PlanFacts {
+            services: vec!["orders".into()],
+            exposure: vec![("orders".into(), crate::exposure::check_service("orders", None))],
+            ..Default::default()
+        };
+        let cs = plan_conditions(&f);
+        assert_eq!(get(&cs, "Exposure").reason, "ServiceNotFound");
+        assert!(get(&cs, "Ready").ok);
     }
 
     #[test]

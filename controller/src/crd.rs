@@ -46,6 +46,10 @@ pub struct UsagePlanSpec {
     /// Count throttle and quota across proxy replicas (Redis) instead of per replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub global_limits: Option<bool>,
+    /// Also write a NetworkPolicy `portcullis-<service>` admitting ingress to the Service's pods only on the proxy
+    /// port (8443/TCP). Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<bool>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

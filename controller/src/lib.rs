@@ -2,6 +2,7 @@
 
 pub mod conditions;
 pub mod crd;
+pub mod exposure;
 pub mod keygen;
 pub mod model;
 pub mod runtime;

@@ -306,6 +306,7 @@ pub(crate) mod tests {
                 throttle: rate.map(|rate| ThrottleSpec { rate, per: "1m".into(), burst: None }),
                 quota: Some(QuotaSpec { limit: 1000, period: QuotaPeriod::Day }),
                 global_limits: None,
+                network_policy: None,
             },
         );
         p.metadata.namespace = Some("ns".into());

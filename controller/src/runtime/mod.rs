@@ -1,6 +1,7 @@
 //! The running controller: caches (reflectors), trigger mapping, the table writer, the ApiClient `Controller`,
 //! leader election and the admin server. [`run`] is what the binary (and the cluster tests) call.
 
+pub mod access;
 pub mod clients;
 pub mod leader;
 pub mod metrics;
@@ -9,7 +10,7 @@ pub mod tables;
 use crate::conditions::transitions;
 use crate::crd::{ApiClient, UsagePlan};
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::Api;
@@ -94,6 +95,10 @@ pub struct Ctx {
     pub plans: Store<UsagePlan>,
     pub clients: Store<ApiClient>,
     pub secrets: Store<Secret>,
+    /// Services (trimmed), for the exposure check and the NetworkPolicy's pod selector.
+    pub services: Store<Service>,
+    /// Pods opted in to injection (trimmed), for the sidecar RoleBinding's subjects.
+    pub pods: Store<Pod>,
     pub state: RwLock<HashMap<ServiceKey, ServiceState>>,
     /// The last error of each Service whose table could not be written (cleared on success).
     pub render_errors: RwLock<HashMap<ServiceKey, String>>,
@@ -195,6 +200,15 @@ fn trim_configmap(cm: &mut ConfigMap) {
     cm.binary_data = None;
 }
 
+/// Services are cached for the exposure check: spec, and only the internal-load-balancer annotations.
+fn trim_service(s: &mut Service) {
+    s.metadata.managed_fields = None;
+    if let Some(a) = s.metadata.annotations.as_mut() {
+        a.retain(|k, _| crate::exposure::INTERNAL_LB_ANNOTATIONS.iter().any(|(key, _)| key == k));
+    }
+    s.status = None;
+}
+
 fn objects<K>(ev: &watcher::Event<K>) -> Option<&K> {
     match ev {
         watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o) => Some(o),
@@ -236,6 +250,28 @@ fn on_secret(ctx: &Ctx, secret: &Secret) {
             enqueue(ctx, tables::services_of_client(ctx, &c));
             let _ = ctx.client_tx.send(ObjectRef::from_obj(&*c));
         }
+    }
+}
+
+/// Whether some UsagePlan in `ns` grants Service `name`.
+fn granted(ctx: &Ctx, ns: &str, name: &str) -> bool {
+    ctx.plans.state().iter().any(|p| p.namespace().as_deref() == Some(ns) && crate::model::grants(p, name))
+        || ctx.state.read().expect("state lock").contains_key(&ServiceKey { namespace: ns.into(), name: name.into() })
+}
+
+fn on_service(ctx: &Ctx, svc: &Service) {
+    let (ns, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
+    if granted(ctx, &ns, &name) {
+        enqueue(ctx, [ServiceKey { namespace: ns, name }]);
+    }
+}
+
+fn on_pod(ctx: &Ctx, pod: &Pod) {
+    let ns = pod.namespace().unwrap_or_default();
+    if let Some(name) = pod.annotations().get(crate::webhook::inject::ANNOTATION_SERVICE)
+        && granted(ctx, &ns, name)
+    {
+        enqueue(ctx, [ServiceKey { namespace: ns, name: name.clone() }]);
     }
 }
 
@@ -338,6 +374,9 @@ async fn run_leader(
     let cm_wc =
         watcher::Config::default().labels(&format!("{LABEL_SERVICE},app.kubernetes.io/managed-by={MANAGED_BY}"));
     let (cms, cm_stream) = reflect(api::<ConfigMap>(client, ns), cm_wc, trim_configmap);
+    let (services, service_stream) = reflect(api::<Service>(client, ns), watcher::Config::default(), trim_service);
+    let pod_wc = watcher::Config::default().labels(&format!("{}=true", crate::webhook::inject::INJECT_KEY));
+    let (pods, pod_stream) = reflect(api::<Pod>(client, ns), pod_wc, access::trim_pod);
     let (table_tx, table_rx) = mpsc::unbounded_channel();
     let (client_tx, client_rx) = mpsc::unbounded_channel();
     let recorder = Recorder::new(
@@ -349,6 +388,8 @@ async fn run_leader(
         plans: plans.clone(),
         clients: clients.clone(),
         secrets: secrets.clone(),
+        services: services.clone(),
+        pods: pods.clone(),
         state: RwLock::new(HashMap::new()),
         render_errors: RwLock::new(HashMap::new()),
         table_tx,
@@ -386,6 +427,20 @@ async fn run_leader(
             "configmaps watch"
         }
     });
+    tasks.spawn({
+        let ctx = ctx.clone();
+        async move {
+            drive("services", ctx, service_stream, on_service).await;
+            "services watch"
+        }
+    });
+    tasks.spawn({
+        let ctx = ctx.clone();
+        async move {
+            drive("pods", ctx, pod_stream, on_pod).await;
+            "pods watch"
+        }
+    });
 
     // Nothing is written before every cache is complete: an empty cache must never render an empty table.
     let synced = async {
@@ -393,6 +448,8 @@ async fn run_leader(
         let _ = clients.wait_until_ready().await;
         let _ = secrets.wait_until_ready().await;
         let _ = cms.wait_until_ready().await;
+        let _ = services.wait_until_ready().await;
+        let _ = pods.wait_until_ready().await;
     };
     tokio::select! {
         _ = synced => {}

@@ -132,6 +132,7 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
 
     if built.plans.is_empty() {
         delete_tables(&cms, &key.name, &HashSet::new()).await?;
+        super::access::delete_access(ctx, ns, &key.name).await?;
         ctx.state.write().expect("state lock").remove(key);
         ctx.metrics.remove_table(ns, &key.name);
         if let Some(old) = old {
@@ -211,6 +212,9 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         }
     };
     ctx.metrics.set_table(ns, &key.name, table.clients.len(), shards);
+    let granting: Vec<&UsagePlan> =
+        plans.iter().map(|p| &**p).filter(|p| built.plans.contains_key(&p.name_any())).collect();
+    super::access::reconcile_access(ctx, ns, &key.name, &granting, &owners).await?;
 
     let mut duplicates: HashMap<String, Vec<String>> = HashMap::new();
     for (client, fp) in &built.duplicate_keys {
@@ -310,6 +314,8 @@ async fn update_plan_status(ctx: &Ctx, plan: &UsagePlan) -> Result<(), Error> {
             if let Some(e) = ctx.render_errors.read().expect("errors lock").get(&key) {
                 facts.render_errors.push((s.name.clone(), e.clone()));
             }
+            let svc = ctx.services.get(&ObjectRef::new(&s.name).within(&ns));
+            facts.exposure.push((s.name.clone(), crate::exposure::check_service(&s.name, svc.as_deref())));
             match st {
                 Some(st) if st.plans.get(&name) == Some(&(uid.clone(), generation)) => tables.push(TableStatus {
                     service: s.name.clone(),

@@ -1,0 +1,208 @@
+//! The bypass guard: can traffic reach a protected Service's pods without passing the proxy? Pure; no I/O.
+//!
+//! A protected Service must stay inside the cluster (ClusterIP, or a load balancer marked internal by one of
+//! [`INTERNAL_LB_ANNOTATIONS`], no `externalIPs`, not `NodePort`) and every port must target the proxy (port
+//! [`PROXY_PORT`] or the port name [`PROXY_PORT_NAME`]); otherwise clients can skip the keys, CIDRs and limits.
+
+use crate::conditions::{Cond, types};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+/// The proxy sidecar's port (the webhook's default) and its container port name.
+pub const PROXY_PORT: i32 = 8443;
+pub const PROXY_PORT_NAME: &str = "portcullis";
+
+/// Annotations (and values, compared case-insensitively) that make a `LoadBalancer` Service internal.
+pub const INTERNAL_LB_ANNOTATIONS: &[(&str, &str)] = &[
+    ("networking.gke.io/load-balancer-type", "internal"),
+    ("cloud.google.com/load-balancer-type", "internal"),
+    ("service.beta.kubernetes.io/aws-load-balancer-internal", "true"),
+    ("service.beta.kubernetes.io/aws-load-balancer-scheme", "internal"),
+    ("service.beta.kubernetes.io/azure-load-balancer-internal", "true"),
+    ("service.beta.kubernetes.io/oci-load-balancer-internal", "true"),
+];
+
+pub mod reason {
+    pub const INTERNAL: &str = "Internal";
+    pub const SERVICE_NOT_FOUND: &str = "ServiceNotFound";
+    pub const NODE_PORT: &str = "NodePort";
+    pub const PUBLIC_LOAD_BALANCER: &str = "PublicLoadBalancer";
+    pub const EXTERNAL_IPS: &str = "ExternalIPs";
+    pub const TARGET_PORT_BYPASSES_PROXY: &str = "TargetPortBypassesProxy";
+}
+
+/// One way a Service can be reached without the proxy, with what to change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Whether `annotations` mark a load balancer as internal.
+pub fn is_internal_lb(service: &Service) -> bool {
+    let Some(a) = service.metadata.annotations.as_ref() else { return false };
+    INTERNAL_LB_ANNOTATIONS.iter().any(|(k, v)| a.get(*k).is_some_and(|have| have.trim().eq_ignore_ascii_case(v)))
+}
+
+/// Everything that exposes Service `name` (`None`: it does not exist) past the proxy; empty when it is internal.
+pub fn check_service(name: &str, service: Option<&Service>) -> Vec<Finding> {
+    let Some(svc) = service else {
+        return vec![Finding {
+            reason: reason::SERVICE_NOT_FOUND,
+            message: format!(
+                "Service {name:?} not found in the plan's namespace; create it (type ClusterIP, targetPort {PROXY_PORT})"
+            ),
+        }];
+    };
+    let spec = svc.spec.clone().unwrap_or_default();
+    let mut out = Vec::new();
+    match spec.type_.as_deref() {
+        Some("NodePort") => out.push(Finding {
+            reason: reason::NODE_PORT,
+            message: format!(
+                "Service {name:?} is type NodePort, so every node forwards to its pods from outside the cluster; set spec.type: ClusterIP"
+            ),
+        }),
+        Some("LoadBalancer") if !is_internal_lb(svc) => out.push(Finding {
+            reason: reason::PUBLIC_LOAD_BALANCER,
+            message: format!(
+                "Service {name:?} is type LoadBalancer without an internal-load-balancer annotation (e.g. \
+                 networking.gke.io/load-balancer-type: Internal or service.beta.kubernetes.io/aws-load-balancer-scheme: internal); \
+                 set spec.type: ClusterIP or mark the load balancer internal"
+            ),
+        }),
+        _ => {}
+    }
+    if let Some(ips) = spec.external_ips.as_ref().filter(|v| !v.is_empty()) {
+        out.push(Finding {
+            reason: reason::EXTERNAL_IPS,
+            message: format!("Service {name:?} has spec.externalIPs {ips:?}; remove them"),
+        });
+    }
+    if spec.type_.as_deref() != Some("ExternalName") {
+        for p in spec.ports.as_deref().unwrap_or_default() {
+            let target = p.target_port.clone().unwrap_or(IntOrString::Int(p.port));
+            let ok = match &target {
+                IntOrString::Int(n) => *n == PROXY_PORT,
+                IntOrString::String(s) => s == PROXY_PORT_NAME || s.parse::<i32>() == Ok(PROXY_PORT),
+            };
+            if !ok {
+                let port = match &p.name {
+                    Some(n) if !n.is_empty() => format!("{} ({n})", p.port),
+                    _ => p.port.to_string(),
+                };
+                let target = match target {
+                    IntOrString::Int(n) => n.to_string(),
+                    IntOrString::String(s) => format!("{s:?}"),
+                };
+                out.push(Finding {
+                    reason: reason::TARGET_PORT_BYPASSES_PROXY,
+                    message: format!(
+                        "Service {name:?} port {port} targets {target}, which bypasses the proxy; set its targetPort to {PROXY_PORT} (or the port name {PROXY_PORT_NAME:?})"
+                    ),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The `Exposure` condition of a plan from its Services' findings (`(service, findings)`).
+pub fn exposure_condition(services: &[(String, Vec<Finding>)]) -> Cond {
+    let findings: Vec<&Finding> = services.iter().flat_map(|(_, f)| f).collect();
+    match findings.first() {
+        None => {
+            let names: Vec<&str> = services.iter().map(|(s, _)| s.as_str()).collect();
+            Cond::new(
+                types::EXPOSURE,
+                true,
+                reason::INTERNAL,
+                format!("Service(s) {} are reachable only through the proxy", names.join(", ")),
+            )
+        }
+        Some(first) => Cond::new(
+            types::EXPOSURE,
+            false,
+            first.reason,
+            findings.iter().map(|f| f.message.as_str()).collect::<Vec<_>>().join("; "),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+    use std::collections::BTreeMap;
+
+    fn svc(type_: &str, target: Option<IntOrString>) -> Service {
+        Service {
+            spec: Some(ServiceSpec {
+                type_: Some(type_.into()),
+                ports: Some(vec![ServicePort {
+                    name: Some("http".into()),
+                    port: 80,
+                    target_port: target,
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn reasons(f: &[Finding]) -> Vec<&str> {
+        f.iter().map(|f| f.reason).collect()
+    }
+
+    #[test]
+    fn cluster_ip_to_proxy_port_is_internal() {
+        assert!(check_service("a", Some(&svc("ClusterIP", Some(IntOrString::Int(8443))))).is_empty());
+        assert!(check_service("a", Some(&svc("ClusterIP", Some(IntOrString::String("portcullis".into()))))).is_empty());
+        let c = exposure_condition(&[("a".into(), vec![])]);
+        assert!(c.ok);
+        assert_eq!(c.reason, "Internal");
+    }
+
+    #[test]
+    fn node_port_and_wrong_target_port() {
+        let f = check_service("orders", Some(&svc("NodePort", Some(IntOrString::Int(8080)))));
+        assert_eq!(reasons(&f), ["NodePort", "TargetPortBypassesProxy"]);
+        assert!(f[0].message.contains("ClusterIP"));
+        assert!(
+            f[1].message.contains("port 80 (http)") && f[1].message.contains("8080") && f[1].message.contains("8443")
+        );
+        let c = exposure_condition(&[("orders".into(), f)]);
+        assert!(!c.ok);
+        assert_eq!(c.reason, "NodePort");
+        // Absent targetPort means the port itself.
+        let f = check_service("orders", Some(&svc("ClusterIP", None)));
+        assert_eq!(reasons(&f), ["TargetPortBypassesProxy"]);
+        assert!(f[0].message.contains("targets 80"));
+    }
+
+    #[test]
+    fn load_balancers_need_an_internal_annotation() {
+        let mut lb = svc("LoadBalancer", Some(IntOrString::Int(8443)));
+        assert_eq!(reasons(&check_service("a", Some(&lb))), ["PublicLoadBalancer"]);
+        for (k, v) in INTERNAL_LB_ANNOTATIONS {
+            lb.metadata.annotations = Some(BTreeMap::from([(k.to_string(), v.to_uppercase())]));
+            assert!(check_service("a", Some(&lb)).is_empty(), "{k}");
+        }
+        lb.metadata.annotations =
+            Some(BTreeMap::from([("service.beta.kubernetes.io/aws-load-balancer-internal".into(), "false".into())]));
+        assert_eq!(reasons(&check_service("a", Some(&lb))), ["PublicLoadBalancer"]);
+    }
+
+    #[test]
+    fn external_ips_and_missing_service() {
+        let mut s = svc("ClusterIP", Some(IntOrString::Int(8443)));
+        s.spec.as_mut().unwrap().external_ips = Some(vec!["203.0.113.7".into()]);
+        assert_eq!(reasons(&check_service("a", Some(&s))), ["ExternalIPs"]);
+        let f = check_service("gone", None);
+        assert_eq!(reasons(&f), ["ServiceNotFound"]);
+        let c = exposure_condition(&[("ok".into(), vec![]), ("gone".into(), f)]);
+        assert_eq!((c.ok, c.reason), (false, "ServiceNotFound"));
+        assert!(c.message.contains("\"gone\""));
+    }
+}

@@ -1,0 +1,299 @@
+//! Per-Service objects beside the tables: the sidecar's read access (Role + RoleBinding `portcullis-sidecar-<svc>`)
+//! and the optional NetworkPolicy `portcullis-<svc>`. Written with server-side apply only when they differ from
+//! what is in the cluster; owned by the granting UsagePlans; deleted when no plan grants the Service.
+
+use super::{Ctx, Error, FIELD_MANAGER, MANAGED_BY};
+use crate::crd::UsagePlan;
+use crate::exposure::PROXY_PORT;
+use crate::webhook::inject::{ANNOTATION_SERVICE, INJECT_KEY};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPort, NetworkPolicySpec};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::{Resource, ResourceExt};
+use portcullis_table::naming::{LABEL_SERVICE, all_names};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+
+/// Name of the sidecar Role and RoleBinding of a Service.
+pub fn sidecar_rbac_name(service: &str) -> String {
+    format!("portcullis-sidecar-{service}")
+}
+
+/// Name of the optional NetworkPolicy of a Service.
+pub fn network_policy_name(service: &str) -> String {
+    format!("portcullis-{service}")
+}
+
+fn meta(name: String, service: &str, owners: &[OwnerReference]) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        labels: Some(BTreeMap::from([
+            (LABEL_SERVICE.to_string(), service.to_string()),
+            ("app.kubernetes.io/managed-by".to_string(), MANAGED_BY.to_string()),
+        ])),
+        owner_references: Some(owners.to_vec()),
+        ..Default::default()
+    }
+}
+
+/// Read access to exactly the table ConfigMaps of `service`.
+pub fn sidecar_role(service: &str, owners: &[OwnerReference]) -> Role {
+    Role {
+        metadata: meta(sidecar_rbac_name(service), service, owners),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["configmaps".into()]),
+            resource_names: Some(all_names(service)),
+            verbs: vec!["get".into(), "list".into(), "watch".into()],
+            ..Default::default()
+        }]),
+    }
+}
+
+/// Binds the sidecar Role to `service_accounts` (sorted, deduplicated; may be empty).
+pub fn sidecar_binding(service: &str, service_accounts: &[String], owners: &[OwnerReference]) -> RoleBinding {
+    RoleBinding {
+        metadata: meta(sidecar_rbac_name(service), service, owners),
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "Role".into(),
+            name: sidecar_rbac_name(service),
+        },
+        subjects: Some(
+            service_accounts
+                .iter()
+                .map(|sa| Subject { kind: "ServiceAccount".into(), name: sa.clone(), ..Default::default() })
+                .collect(),
+        ),
+    }
+}
+
+/// Ingress to the pods of `selector` only on the proxy port, from anywhere.
+pub fn network_policy(service: &str, selector: &BTreeMap<String, String>, owners: &[OwnerReference]) -> NetworkPolicy {
+    NetworkPolicy {
+        metadata: meta(network_policy_name(service), service, owners),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector { match_labels: Some(selector.clone()), ..Default::default() }),
+            policy_types: Some(vec!["Ingress".into()]),
+            egress: None,
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                from: None,
+                ports: Some(vec![NetworkPolicyPort {
+                    port: Some(IntOrString::Int(PROXY_PORT)),
+                    protocol: Some("TCP".into()),
+                    end_port: None,
+                }]),
+            }]),
+        }),
+    }
+}
+
+/// ServiceAccounts of the sidecars reading `service`'s tables, from the (opted-in) Pods in `pods`.
+pub fn sidecar_service_accounts<'a>(pods: impl IntoIterator<Item = &'a Pod>, service: &str) -> Vec<String> {
+    let mut v: Vec<String> = pods
+        .into_iter()
+        .filter(|p| p.labels().get(INJECT_KEY).map(String::as_str) == Some("true"))
+        .filter(|p| p.annotations().get(ANNOTATION_SERVICE).map(String::as_str) == Some(service))
+        .map(|p| {
+            p.spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "default".into())
+        })
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Whether every field set in `want` has the same value in `have` (empty lists/maps in `want` match absent ones;
+/// fields the API server defaults or other managers own are ignored).
+pub fn json_covers(have: &Value, want: &Value) -> bool {
+    match (have, want) {
+        (Value::Object(h), Value::Object(w)) => w.iter().all(|(k, wv)| match h.get(k) {
+            Some(hv) => json_covers(hv, wv),
+            None => is_empty(wv),
+        }),
+        (Value::Array(h), Value::Array(w)) => h.len() == w.len() && h.iter().zip(w).all(|(h, w)| json_covers(h, w)),
+        (Value::Null, w) => is_empty(w),
+        (h, w) => h == w,
+    }
+}
+
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}
+
+/// Server-side applies `obj` unless the live object already has every field of it. `Ok(true)` if written.
+async fn apply_if_changed<K>(api: &Api<K>, obj: &K) -> Result<bool, Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + Debug,
+{
+    let name = obj.meta().name.clone().unwrap_or_default();
+    let want = serde_json::to_value(obj).expect("serializable");
+    if let Some(live) = api.get_opt(&name).await? {
+        let have = serde_json::to_value(&live).expect("serializable");
+        if json_covers(&have, &want) {
+            return Ok(false);
+        }
+    }
+    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj)).await?;
+    Ok(true)
+}
+
+/// Deletes `name` if it exists and carries this controller's `managed-by` label.
+async fn delete_if_ours<K>(api: &Api<K>, name: &str) -> Result<(), Error>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let Some(live) = api.get_opt(name).await? else { return Ok(()) };
+    if live.labels().get("app.kubernetes.io/managed-by").map(String::as_str) != Some(MANAGED_BY) {
+        return Ok(());
+    }
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes the sidecar Role/RoleBinding (and, when a granting plan asks, the NetworkPolicy) of `service`.
+/// `granting` are the plans that grant it; `owners` their owner references.
+pub async fn reconcile_access(
+    ctx: &Ctx,
+    ns: &str,
+    service: &str,
+    granting: &[&UsagePlan],
+    owners: &[OwnerReference],
+) -> Result<(), Error> {
+    let sas = sidecar_service_accounts(
+        ctx.pods.state().iter().map(|p| &**p).filter(|p| p.namespace().as_deref() == Some(ns)),
+        service,
+    );
+    let roles: Api<Role> = Api::namespaced(ctx.client.clone(), ns);
+    if apply_if_changed(&roles, &sidecar_role(service, owners)).await? {
+        tracing::info!(namespace = ns, service, "sidecar Role written");
+    }
+    let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), ns);
+    if apply_if_changed(&bindings, &sidecar_binding(service, &sas, owners)).await? {
+        tracing::info!(namespace = ns, service, service_accounts = ?sas, "sidecar RoleBinding written");
+    }
+
+    let nps: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), ns);
+    let np_owners: Vec<OwnerReference> = owners
+        .iter()
+        .filter(|o| {
+            granting.iter().any(|p| p.uid().as_deref() == Some(o.uid.as_str()) && p.spec.network_policy == Some(true))
+        })
+        .cloned()
+        .collect();
+    let selector = ctx
+        .services
+        .get(&kube::runtime::reflector::ObjectRef::new(service).within(ns))
+        .and_then(|s| s.spec.as_ref()?.selector.clone())
+        .filter(|s| !s.is_empty());
+    match (np_owners.is_empty(), selector) {
+        (false, Some(sel)) => {
+            if apply_if_changed(&nps, &network_policy(service, &sel, &np_owners)).await? {
+                tracing::info!(namespace = ns, service, "NetworkPolicy written");
+            }
+        }
+        (false, None) => {
+            // No Service (or no selector) to take the pods from: nothing safe to select.
+            tracing::debug!(namespace = ns, service, "networkPolicy requested but the Service has no selector");
+            delete_if_ours(&nps, &network_policy_name(service)).await?;
+        }
+        (true, _) => delete_if_ours(&nps, &network_policy_name(service)).await?,
+    }
+    Ok(())
+}
+
+/// Removes the Role, RoleBinding and NetworkPolicy of a Service no plan grants any more.
+pub async fn delete_access(ctx: &Ctx, ns: &str, service: &str) -> Result<(), Error> {
+    delete_if_ours(&Api::<RoleBinding>::namespaced(ctx.client.clone(), ns), &sidecar_rbac_name(service)).await?;
+    delete_if_ours(&Api::<Role>::namespaced(ctx.client.clone(), ns), &sidecar_rbac_name(service)).await?;
+    delete_if_ours(&Api::<NetworkPolicy>::namespaced(ctx.client.clone(), ns), &network_policy_name(service)).await?;
+    Ok(())
+}
+
+/// Trims a cached Pod to what the sidecar RBAC needs: labels, the service annotation, the ServiceAccount.
+pub fn trim_pod(p: &mut Pod) {
+    p.metadata.managed_fields = None;
+    if let Some(a) = p.metadata.annotations.as_mut() {
+        a.retain(|k, _| k == ANNOTATION_SERVICE);
+    }
+    let sa = p.spec.as_ref().and_then(|s| s.service_account_name.clone());
+    p.spec = Some(k8s_openapi::api::core::v1::PodSpec { service_account_name: sa, ..Default::default() });
+    p.status = None;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::PodSpec;
+    use serde_json::json;
+
+    fn pod(service: &str, sa: Option<&str>, inject: bool) -> Pod {
+        let mut p = Pod {
+            spec: Some(PodSpec { service_account_name: sa.map(Into::into), ..Default::default() }),
+            ..Default::default()
+        };
+        if inject {
+            p.metadata.labels = Some(BTreeMap::from([(INJECT_KEY.to_string(), "true".to_string())]));
+        }
+        p.metadata.annotations = Some(BTreeMap::from([(ANNOTATION_SERVICE.to_string(), service.to_string())]));
+        p
+    }
+
+    #[test]
+    fn service_accounts_of_opted_in_pods_of_the_service() {
+        let pods = [
+            pod("orders", Some("sc"), true),
+            pod("orders", Some("sc"), true),
+            pod("orders", None, true),
+            pod("orders", Some("x"), false),
+            pod("billing", Some("y"), true),
+        ];
+        assert_eq!(sidecar_service_accounts(pods.iter(), "orders"), ["default", "sc"]);
+        assert!(sidecar_service_accounts(pods.iter(), "none").is_empty());
+    }
+
+    #[test]
+    fn role_names_exactly_the_tables() {
+        let r = sidecar_role("orders", &[]);
+        assert_eq!(r.metadata.name.as_deref(), Some("portcullis-sidecar-orders"));
+        let rule = &r.rules.unwrap()[0];
+        assert_eq!(rule.verbs, ["get", "list", "watch"]);
+        assert_eq!(rule.resource_names.as_ref().unwrap(), &all_names("orders"));
+        let b = sidecar_binding("orders", &["sc".into()], &[]);
+        assert_eq!(b.role_ref.name, "portcullis-sidecar-orders");
+        assert_eq!(b.subjects.unwrap()[0].name, "sc");
+        let np = network_policy("orders", &BTreeMap::from([("app".into(), "orders".into())]), &[]);
+        let port = &np.spec.unwrap().ingress.unwrap()[0].ports.as_ref().unwrap()[0];
+        assert_eq!(port.port, Some(IntOrString::Int(8443)));
+    }
+
+    #[test]
+    fn covers_ignores_defaults_but_sees_changes() {
+        let have = json!({"metadata": {"name": "a", "uid": "u"}, "subjects": [{"kind": "ServiceAccount", "name": "sc", "apiGroup": ""}]});
+        assert!(json_covers(
+            &have,
+            &json!({"metadata": {"name": "a"}, "subjects": [{"kind": "ServiceAccount", "name": "sc"}]})
+        ));
+        assert!(!json_covers(&have, &json!({"subjects": []})));
+        assert!(!json_covers(&have, &json!({"subjects": [{"name": "other"}]})));
+        assert!(json_covers(&json!({"metadata": {}}), &json!({"subjects": []})));
+    }
+}
