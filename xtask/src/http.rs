@@ -57,3 +57,24 @@ pub async fn get(from: IpAddr, to: SocketAddr, path: &str, key: Option<&str>) ->
     let body = String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
     Ok(Reply { status, body, retry_after })
 }
+
+/// Serves `200` with a body of `size` bytes on a loopback port (the benchmark upstream).
+pub async fn start_sized_upstream(size: usize) -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let body = Bytes::from(vec![b'x'; size]);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let body = body.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: Request<hyper::body::Incoming>| {
+                    let body = body.clone();
+                    async move { Ok::<_, hyper::Error>(Response::new(Full::new(body))) }
+                });
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    Ok(addr)
+}

@@ -5,6 +5,7 @@
 //! - `demo`   — the product end to end on this machine (control plane, chart, controller, proxy, requests).
 //! - `crdgen` — regenerates `crds/` from the Rust types.
 
+mod bench;
 mod demo;
 mod http;
 
@@ -23,9 +24,15 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("crdgen") => crdgen(&root),
+        Some("bench") => match (args.get(1).map(String::as_str), args.get(2)) {
+            (Some("proxy-load"), n) => bench::proxy_load(&root, n.map(|n| n.parse()).transpose()?.unwrap_or(10_000)),
+            _ => bail!(
+                "usage: cargo xtask bench proxy-load [CLIENTS]   (criterion benches: cargo bench -p portcullis-proxy / -p portcullis-controller)"
+            ),
+        },
         Some("demo") => demo::run(&root, &k8s_bins(&root)?),
         _ => {
-            eprintln!("usage: cargo xtask <test [cargo test args]|demo|k8s-bins|crdgen>");
+            eprintln!("usage: cargo xtask <test [cargo test args]|demo|bench proxy-load [N]|k8s-bins|crdgen>");
             std::process::exit(2);
         }
     }
