@@ -281,8 +281,8 @@ mod tests {
         assert_eq!(b.role_ref.name, "portcullis-sidecar-orders");
         assert_eq!(b.subjects.unwrap()[0].name, "sc");
         let np = network_policy("orders", &BTreeMap::from([("app".into(), "orders".into())]), &[]);
-        let port = &np.spec.unwrap().ingress.unwrap()[0].ports.as_ref().unwrap()[0];
-        assert_eq!(port.port, Some(IntOrString::Int(8443)));
+        let ingress = np.spec.unwrap().ingress.unwrap();
+        assert_eq!(ingress[0].ports.as_ref().unwrap()[0].port, Some(IntOrString::Int(8443)));
     }
 
     #[test]
