@@ -117,6 +117,7 @@ async fn sidecar_service_account_reads_only_its_tables() {
     })
     .await;
     assert_eq!(binding.role_ref.name, "portcullis-sidecar-orders");
+    assert_eq!(binding.subjects.as_ref().unwrap()[0].namespace.as_deref(), Some(env.ns.as_str()));
     assert_eq!(binding.metadata.owner_references.as_ref().unwrap()[0].kind, "UsagePlan");
     let role = roles.get("portcullis-sidecar-orders").await.unwrap();
     let rule = &role.rules.as_ref().unwrap()[0];
@@ -132,6 +133,13 @@ async fn sidecar_service_account_reads_only_its_tables() {
     })
     .await;
     wait_table(&env, "orders", "client present", |t| t.clients.len() == 1).await;
+    // No write when unchanged: several reconciles of orders happened (plan, client, pod), the Role was applied once.
+    let ns_field = format!("\"namespace\":\"{}\"", env.ns);
+    let role_writes = logs()
+        .lines()
+        .filter(|l| l.contains("sidecar Role written") && l.contains(&ns_field) && l.contains("\"service\":\"orders\""))
+        .count();
+    assert_eq!(role_writes, 1, "the sidecar Role of orders was rewritten without a change");
 
     // The sidecar's own token: its index ConfigMap yes; another ConfigMap, billing's table, Secrets no.
     let token = env.cp.service_account_token(&env.ns, "sc").await;

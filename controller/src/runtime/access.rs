@@ -56,8 +56,8 @@ pub fn sidecar_role(service: &str, owners: &[OwnerReference]) -> Role {
     }
 }
 
-/// Binds the sidecar Role to `service_accounts` (sorted, deduplicated; may be empty).
-pub fn sidecar_binding(service: &str, service_accounts: &[String], owners: &[OwnerReference]) -> RoleBinding {
+/// Binds the sidecar Role to `service_accounts` of namespace `ns` (sorted, deduplicated; may be empty).
+pub fn sidecar_binding(ns: &str, service: &str, service_accounts: &[String], owners: &[OwnerReference]) -> RoleBinding {
     RoleBinding {
         metadata: meta(sidecar_rbac_name(service), service, owners),
         role_ref: RoleRef {
@@ -68,7 +68,12 @@ pub fn sidecar_binding(service: &str, service_accounts: &[String], owners: &[Own
         subjects: Some(
             service_accounts
                 .iter()
-                .map(|sa| Subject { kind: "ServiceAccount".into(), name: sa.clone(), ..Default::default() })
+                .map(|sa| Subject {
+                    kind: "ServiceAccount".into(),
+                    name: sa.clone(),
+                    namespace: Some(ns.to_string()),
+                    ..Default::default()
+                })
                 .collect(),
         ),
     }
@@ -187,7 +192,7 @@ pub async fn reconcile_access(
         tracing::info!(namespace = ns, service, "sidecar Role written");
     }
     let bindings: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), ns);
-    if apply_if_changed(&bindings, &sidecar_binding(service, &sas, owners)).await? {
+    if apply_if_changed(&bindings, &sidecar_binding(ns, service, &sas, owners)).await? {
         tracing::info!(namespace = ns, service, service_accounts = ?sas, "sidecar RoleBinding written");
     }
 
@@ -277,7 +282,7 @@ mod tests {
         let rule = &r.rules.unwrap()[0];
         assert_eq!(rule.verbs, ["get", "list", "watch"]);
         assert_eq!(rule.resource_names.as_ref().unwrap(), &all_names("orders"));
-        let b = sidecar_binding("orders", &["sc".into()], &[]);
+        let b = sidecar_binding("shop", "orders", &["sc".into()], &[]);
         assert_eq!(b.role_ref.name, "portcullis-sidecar-orders");
         assert_eq!(b.subjects.unwrap()[0].name, "sc");
         let np = network_policy("orders", &BTreeMap::from([("app".into(), "orders".into())]), &[]);
