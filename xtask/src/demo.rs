@@ -155,7 +155,8 @@ async fn demo(root: &Path, target: &Path, cp: &ControlPlane) -> Result<()> {
     say("starting the echo app and its sidecar proxy (reads only its own table ConfigMaps)");
     let echo = start_echo("x-api-key").await?;
     let sidecar_token = cp.service_account_token(NS, "echo").await;
-    ensure_sidecar_rbac(cp, "echo").await?;
+    wait_sidecar_binding(cp, "echo", "echo", &mut procs).await?;
+    println!("    the controller bound ServiceAccount {NS}/echo (pod/echo-0's) to Role portcullis-sidecar-echo");
     let proxy_port = free_port()?;
     let admin_port = free_port()?;
     procs.spawn(
@@ -248,6 +249,29 @@ async fn demo(root: &Path, target: &Path, cp: &ControlPlane) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    say("bypass guard: kubectl patch service echo -p '{\"spec\":{\"type\":\"NodePort\"}}'");
+    let (status, msg) = plan_condition(cp, "partners", "Exposure").await?;
+    println!("    before: usageplan/partners Exposure={status}: {msg}");
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(cp.admin_client().await, NS);
+    services
+        .patch("echo", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"type": "NodePort"}})))
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, msg) = plan_condition(cp, "partners", "Exposure").await?;
+        if status == "False" {
+            println!("    ✔ after:  usageplan/partners Exposure=False: {msg}");
+            break;
+        }
+        if Instant::now() > deadline {
+            failures += 1;
+            println!("    ✘ Exposure did not turn False for a NodePort Service within 20 s");
+            break;
+        }
+        procs.check()?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     if failures > 0 {
         bail!("{failures} demo request(s) got an unexpected answer; logs: {}", logs.display());
     }
@@ -286,6 +310,18 @@ async fn inject_demo_pod(cp: &ControlPlane, procs: &mut Procs) -> Result<String>
     }
 }
 
+async fn plan_condition(cp: &ControlPlane, plan: &str, kind: &str) -> Result<(String, String)> {
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("portcullis.dev", "v1alpha1", "UsagePlan"));
+    let api: Api<DynamicObject> = Api::namespaced_with(cp.admin_client().await, NS, &ar);
+    let obj = api.get(plan).await?;
+    let conds = obj.data.pointer("/status/conditions").and_then(|c| c.as_array()).cloned().unwrap_or_default();
+    Ok(conds
+        .iter()
+        .find(|c| c["type"] == kind)
+        .map(|c| (c["status"].as_str().unwrap_or("").to_string(), c["message"].as_str().unwrap_or("").to_string()))
+        .unwrap_or_else(|| ("Unknown".into(), "(not reported yet)".into())))
+}
+
 async fn apiclients(cp: &ControlPlane) -> Api<DynamicObject> {
     let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("portcullis.dev", "v1alpha1", "ApiClient"));
     Api::namespaced_with(cp.admin_client().await, NS, &ar)
@@ -320,18 +356,25 @@ async fn generated_key(cp: &ControlPlane, client: &str) -> Result<String> {
     bail!("no generated key Secret owned by apiclient/{client}")
 }
 
-/// The sidecar's ServiceAccount may read its own table ConfigMaps only (resourceNames).
-async fn ensure_sidecar_rbac(cp: &ControlPlane, service: &str) -> Result<()> {
-    let names = portcullis_table::naming::all_names(service);
-    let yaml = format!(
-        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: portcullis-sidecar-{service}, namespace: {NS}}}\n\
-         rules:\n- apiGroups: [\"\"]\n  resources: [configmaps]\n  verbs: [get, list, watch]\n  resourceNames: {names}\n---\n\
-         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: portcullis-sidecar-{service}, namespace: {NS}}}\n\
-         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: portcullis-sidecar-{service}}}\n\
-         subjects:\n- {{kind: ServiceAccount, name: {service}, namespace: {NS}}}\n",
-        names = serde_json::to_string(&names)?
-    );
-    cp.apply_yaml(&yaml, None).await
+/// The controller grants the ServiceAccount of the Service's opted-in pods read access to that Service's table
+/// ConfigMaps only (Role with resourceNames + RoleBinding): wait until it has.
+async fn wait_sidecar_binding(cp: &ControlPlane, service: &str, sa: &str, procs: &mut Procs) -> Result<()> {
+    use k8s_openapi::api::rbac::v1::RoleBinding;
+    let rbs: Api<RoleBinding> = Api::namespaced(cp.admin_client().await, NS);
+    let name = format!("portcullis-sidecar-{service}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        procs.check()?;
+        if let Some(rb) = rbs.get_opt(&name).await?
+            && rb.subjects.iter().flatten().any(|s| s.kind == "ServiceAccount" && s.name == sa)
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("rolebinding/{name} does not name ServiceAccount {sa} after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn wait_http_ok(addr: &str, path: &str, timeout: Duration, procs: &mut Procs) -> Result<()> {
