@@ -26,9 +26,22 @@ impl std::fmt::Debug for TableSource {
     }
 }
 
+/// `--tls-cert` / `--tls-key`: PEM files, watched.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// Serves TLS when `tls` is set, plain HTTP (HTTP/1.1 + h2c) otherwise.
     pub listen: SocketAddr,
+    /// A second, plain-HTTP listener (in-cluster callers) next to a TLS `listen`.
+    pub plain_listen: Option<SocketAddr>,
+    pub tls: Option<TlsFiles>,
+    /// Refuse requests carrying the key header on plain-HTTP connections (403 `tls_required`). Needs `tls`.
+    pub require_tls: bool,
     pub admin_listen: Option<SocketAddr>,
     /// `host:port` of the application (loopback).
     pub upstream: String,
@@ -49,6 +62,9 @@ impl Config {
     pub fn new(listen: SocketAddr, upstream: impl Into<String>, tables: TableSource) -> Self {
         Self {
             listen,
+            plain_listen: None,
+            tls: None,
+            require_tls: false,
             admin_listen: None,
             upstream: upstream.into(),
             tables,
@@ -75,9 +91,21 @@ pub enum LogFormat {
 #[derive(Debug, Parser)]
 #[command(name = "portcullis-proxy", version)]
 pub struct Cli {
-    /// Address clients connect to.
+    /// Address clients connect to: HTTPS when --tls-cert is given, plain HTTP otherwise.
     #[arg(long, env = "PORTCULLIS_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,
+    /// Also serve plain HTTP here (in-cluster callers), next to the TLS listener.
+    #[arg(long, env = "PORTCULLIS_PLAIN_LISTEN", requires = "tls_cert")]
+    pub plain_listen: Option<SocketAddr>,
+    /// PEM certificate chain (end-entity first); serve HTTPS. Reloaded when the file changes.
+    #[arg(long, env = "PORTCULLIS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "PORTCULLIS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Refuse (403 tls_required) any request carrying the key header over plain HTTP.
+    #[arg(long, env = "PORTCULLIS_REQUIRE_TLS", requires = "tls_cert")]
+    pub require_tls: bool,
     /// Address of the admin listener (/metrics, /healthz, /readyz).
     #[arg(long, env = "PORTCULLIS_ADMIN_LISTEN", default_value = "0.0.0.0:9901")]
     pub admin_listen: SocketAddr,
@@ -144,6 +172,12 @@ impl Cli {
             (None, None) => return Err(ConfigError::NoTables),
         };
         let mut c = Config::new(self.listen, self.upstream, tables);
+        c.plain_listen = self.plain_listen;
+        c.tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            _ => None,
+        };
+        c.require_tls = self.require_tls;
         c.admin_listen = Some(self.admin_listen);
         c.trusted_proxies = CidrSet::parse_list(&self.trusted_proxies).map_err(ConfigError::TrustedProxies)?;
         c.proxy_protocol = self.proxy_protocol;
@@ -202,5 +236,24 @@ mod tests {
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("soon").is_err());
         assert!(Cli::try_parse_from(["portcullis-proxy", "--upstream", "x:1"]).is_err(), "a table source is required");
+        assert!(c.tls.is_none() && !c.require_tls && c.plain_listen.is_none());
+    }
+
+    #[test]
+    fn tls_flags() {
+        let base = ["portcullis-proxy", "--upstream", "127.0.0.1:1", "--tables", "t.json"];
+        let parse = |extra: &[&str]| Cli::try_parse_from(base.iter().chain(extra.iter())).map(|c| c.into_config());
+        let c =
+            parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem", "--require-tls", "--plain-listen", "0.0.0.0:8080"])
+                .unwrap()
+                .unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!((tls.cert.to_str(), tls.key.to_str()), (Some("c.pem"), Some("k.pem")));
+        assert!(c.require_tls);
+        assert_eq!(c.plain_listen, Some("0.0.0.0:8080".parse().unwrap()));
+        assert!(parse(&["--tls-cert", "c.pem"]).is_err(), "a certificate needs its key");
+        assert!(parse(&["--tls-key", "k.pem"]).is_err());
+        assert!(parse(&["--require-tls"]).is_err(), "--require-tls needs a certificate");
+        assert!(parse(&["--plain-listen", "0.0.0.0:8080"]).is_err());
     }
 }

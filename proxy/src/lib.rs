@@ -12,8 +12,9 @@ pub mod metrics;
 pub mod proxy_protocol;
 pub mod server;
 pub mod tables;
+pub mod tls;
 
-pub use config::{Cli, Config, TableSource};
+pub use config::{Cli, Config, TableSource, TlsFiles};
 
 use metrics::Metrics;
 use std::future::Future;
@@ -32,16 +33,23 @@ pub enum StartError {
     Upstream(#[from] http::Error),
     #[error("Kubernetes client configuration: {0}")]
     KubeConfig(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("--require-tls needs --tls-cert and --tls-key")]
+    RequireTlsWithoutCert,
 }
 
 /// A started proxy.
 pub struct Running {
+    /// The main listener: HTTPS when a certificate is configured.
     pub addr: SocketAddr,
+    /// The plain-HTTP listener next to a TLS one (`--plain-listen`).
+    pub plain_addr: Option<SocketAddr>,
     pub admin_addr: Option<SocketAddr>,
     pub tables: Arc<TableStore>,
     pub metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
-    server: JoinHandle<()>,
+    servers: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
 }
 
@@ -53,7 +61,9 @@ impl Running {
 
     /// Waits for the listener to drain (after [`Running::shutdown`]).
     pub async fn wait(self) {
-        let _ = self.server.await;
+        for s in self.servers {
+            let _ = s.await;
+        }
         for b in self.background {
             b.abort();
             let _ = b.await;
@@ -71,10 +81,32 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     let tables = Arc::new(TableStore::new(metrics.clone()));
     let shared = Arc::new(server::Shared::new(&config, tables.clone(), metrics.clone())?);
+    if config.require_tls && config.tls.is_none() {
+        return Err(StartError::RequireTlsWithoutCert);
+    }
+    let tls = match &config.tls {
+        Some(f) => Some(tls::setup(f.cert.clone(), f.key.clone(), metrics.clone())?),
+        None => None,
+    };
     let listener = bind(config.listen).await?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+    let plain = match config.plain_listen {
+        Some(a) => {
+            let l = bind(a).await?;
+            let bound = l.local_addr().map_err(|source| StartError::Bind { addr: a, source })?;
+            Some((l, bound))
+        }
+        None => None,
+    };
     let (stop, stop_rx) = watch::channel(false);
     let mut background = Vec::new();
+    let acceptor = match tls {
+        Some((acceptor, watcher)) => {
+            background.push(tokio::spawn(watcher.run(config.file_poll_interval, stop_rx.clone())));
+            Some(acceptor)
+        }
+        None => None,
+    };
 
     let admin_addr = match config.admin_listen {
         Some(a) => {
@@ -108,10 +140,22 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         }
     }
 
-    tracing::info!(%addr, ?admin_addr, upstream = %config.upstream, tables = ?config.tables, "proxy listening");
-    let server =
-        tokio::spawn(server::serve(listener, shared, config.max_connections.max(1), config.shutdown_grace, stop_rx));
-    Ok(Running { addr, admin_addr, tables, metrics, stop, server, background })
+    let plain_addr = plain.as_ref().map(|(_, a)| *a);
+    tracing::info!(%addr, tls = acceptor.is_some(), ?plain_addr, ?admin_addr, require_tls = config.require_tls,
+        upstream = %config.upstream, tables = ?config.tables, "proxy listening");
+    let max = config.max_connections.max(1);
+    let mut servers = vec![tokio::spawn(server::serve(
+        listener,
+        acceptor,
+        shared.clone(),
+        max,
+        config.shutdown_grace,
+        stop_rx.clone(),
+    ))];
+    if let Some((l, _)) = plain {
+        servers.push(tokio::spawn(server::serve(l, None, shared, max, config.shutdown_grace, stop_rx)));
+    }
+    Ok(Running { addr, plain_addr, admin_addr, tables, metrics, stop, servers, background })
 }
 
 /// Runs until `signal` completes, then shuts down gracefully.

@@ -31,6 +31,11 @@ pub struct SourceLabels {
     pub source: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
@@ -41,6 +46,9 @@ pub struct Metrics {
     pub rejected_tables: Family<SourceLabels, Counter>,
     pub proxy_protocol_refused: Counter,
     pub open_connections: Gauge,
+    pub tls_handshakes: Family<OutcomeLabels, Counter>,
+    pub tls_reloads: Family<OutcomeLabels, Counter>,
+    pub tls_certificate_expiry: Gauge,
     current_table: Mutex<Option<TableLabels>>,
 }
 
@@ -63,6 +71,9 @@ impl Metrics {
         let rejected_tables = Family::<SourceLabels, Counter>::default();
         let proxy_protocol_refused = Counter::default();
         let open_connections = Gauge::default();
+        let tls_handshakes = Family::<OutcomeLabels, Counter>::default();
+        let tls_reloads = Family::<OutcomeLabels, Counter>::default();
+        let tls_certificate_expiry = Gauge::default();
         registry.register("requests", "Requests by decision (allow/deny) and reason", requests.clone());
         registry.register(
             "request_duration_seconds",
@@ -83,6 +94,17 @@ impl Metrics {
             proxy_protocol_refused.clone(),
         );
         registry.register("open_connections", "Client connections open", open_connections.clone());
+        registry.register("tls_handshakes", "TLS handshakes by outcome (ok, error, timeout)", tls_handshakes.clone());
+        registry.register(
+            "tls_reloads",
+            "Certificate reloads after the files changed, by outcome (ok, error: the old certificate stays)",
+            tls_reloads.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "notAfter of the serving certificate, Unix seconds",
+            tls_certificate_expiry.clone(),
+        );
         Self {
             registry,
             requests,
@@ -93,6 +115,9 @@ impl Metrics {
             rejected_tables,
             proxy_protocol_refused,
             open_connections,
+            tls_handshakes,
+            tls_reloads,
+            tls_certificate_expiry,
             current_table: Mutex::new(None),
         }
     }
@@ -121,6 +146,14 @@ impl Metrics {
 
     pub fn table_rejected(&self, source: &'static str) {
         self.rejected_tables.get_or_create(&SourceLabels { source }).inc();
+    }
+
+    pub fn tls_handshake(&self, outcome: &'static str) {
+        self.tls_handshakes.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    pub fn tls_reload(&self, outcome: &'static str) {
+        self.tls_reloads.get_or_create(&OutcomeLabels { outcome }).inc();
     }
 
     pub fn encode(&self) -> String {

@@ -1,4 +1,5 @@
-//! The client-facing listener: PROXY protocol sniffing, HTTP/1.1 + h2c, the decision, and forwarding.
+//! The client-facing listeners: PROXY protocol sniffing, then TLS (on a TLS listener), HTTP/1.1 + h2 (h2c on plain
+//! listeners, ALPN `h2` on TLS), the decision, and forwarding.
 
 use crate::config::Config;
 use crate::decision::client_addr::client_addr;
@@ -23,6 +24,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -39,6 +41,7 @@ pub struct Shared {
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub require_tls: bool,
 }
 
 impl Shared {
@@ -63,6 +66,7 @@ impl Shared {
             max_header_bytes: config.max_header_bytes,
             header_read_timeout: config.header_read_timeout,
             idle_timeout: config.idle_timeout,
+            require_tls: config.require_tls,
         })
     }
 }
@@ -71,6 +75,7 @@ impl Shared {
 /// `grace` and aborts what is left.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     max_connections: usize,
     grace: Duration,
@@ -99,9 +104,10 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let stop = stop.clone();
+        let tls = tls.clone();
         conns.spawn(async move {
             shared.metrics.open_connections.inc();
-            serve_connection(stream, peer, shared.clone(), stop).await;
+            serve_connection(stream, peer, tls, shared.clone(), stop).await;
             shared.metrics.open_connections.dec();
             drop(permit);
         });
@@ -133,8 +139,9 @@ async fn sniff_proxy_header(stream: &mut TcpStream) -> std::io::Result<(Parsed, 
 async fn serve_connection(
     mut stream: TcpStream,
     peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let peer_ip = peer.ip().to_canonical();
     let mut addr = peer_ip;
@@ -162,19 +169,75 @@ async fn serve_connection(
         }
     }
     let activity = Arc::new(Activity::default());
-    let io = TokioIo::new(ConnIo::new(prefix, stream, activity.clone()));
+    // The bytes read past a PROXY header (the start of a ClientHello, or of an HTTP request) are replayed first.
+    let io = ConnIo::new(prefix, stream, activity.clone());
+    let Some(acceptor) = tls else {
+        return serve_http(TokioIo::new(io), peer, addr, Alpn::None, activity, shared, stop).await;
+    };
+    let tls_stream = match tokio::time::timeout(shared.header_read_timeout, acceptor.accept(io)).await {
+        Ok(Ok(s)) => {
+            shared.metrics.tls_handshake("ok");
+            s
+        }
+        Ok(Err(e)) => {
+            shared.metrics.tls_handshake("error");
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            shared.metrics.tls_handshake("timeout");
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let alpn = match tls_stream.get_ref().1.alpn_protocol() {
+        Some(b"h2") => Alpn::H2,
+        Some(b"http/1.1") => Alpn::Http1,
+        _ => Alpn::Tls,
+    };
+    serve_http(TokioIo::new(tls_stream), peer, addr, alpn, activity, shared, stop).await;
+}
+
+/// What the transport says about the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Alpn {
+    /// Plain TCP: HTTP/1.1 or h2c prior knowledge, told apart by the preface.
+    None,
+    /// TLS without ALPN: either, told apart by the preface.
+    Tls,
+    Http1,
+    H2,
+}
+
+async fn serve_http<I>(
+    io: I,
+    peer: SocketAddr,
+    addr: IpAddr,
+    alpn: Alpn,
+    activity: Arc<Activity>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let tls = alpn != Alpn::None;
     let svc_shared = shared.clone();
     let svc_activity = activity.clone();
     let service = hyper::service::service_fn(move |req| {
         let shared = svc_shared.clone();
         let guard = InFlight::new(svc_activity.clone());
         async move {
-            let resp = handle(&shared, addr, req).await;
+            let resp = handle(&shared, addr, tls, req).await;
             drop(guard);
             Ok::<_, Infallible>(resp)
         }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder = match alpn {
+        Alpn::H2 => builder.http2_only(),
+        Alpn::Http1 => builder.http1_only(),
+        Alpn::None | Alpn::Tls => builder,
+    };
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -251,8 +314,13 @@ fn single_header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a [u
     }
 }
 
-async fn handle(shared: &Shared, conn_addr: IpAddr, mut req: Request<Incoming>) -> Response<Body> {
+async fn handle(shared: &Shared, conn_addr: IpAddr, tls: bool, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
+    if shared.require_tls && !tls && req.headers().contains_key(&shared.key_header) {
+        // The key has crossed the network in clear already; refusing keeps callers from relying on it working.
+        shared.metrics.count(Some(Reason::TlsRequired), start.elapsed().as_secs_f64());
+        return denial_response(&Reason::TlsRequired.into());
+    }
     let verdict: Result<HeaderValue, Denial> = {
         let addr = client_addr(conn_addr, req.headers(), &shared.trusted);
         let facts = RequestFacts {

@@ -21,10 +21,12 @@ pub enum Reason {
     QuotaExceeded,
     NoTable,
     UpstreamUnavailable,
+    /// `--require-tls`: the key header was sent over plain HTTP.
+    TlsRequired,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 10] = [
         Reason::InvalidKey,
         Reason::KeyExpired,
         Reason::ClientDisabled,
@@ -34,12 +36,17 @@ impl Reason {
         Reason::QuotaExceeded,
         Reason::NoTable,
         Reason::UpstreamUnavailable,
+        Reason::TlsRequired,
     ];
 
     pub fn status(self) -> u16 {
         match self {
             Reason::InvalidKey => 401,
-            Reason::KeyExpired | Reason::ClientDisabled | Reason::SourceNotAllowed | Reason::RouteNotAllowed => 403,
+            Reason::KeyExpired
+            | Reason::ClientDisabled
+            | Reason::SourceNotAllowed
+            | Reason::RouteNotAllowed
+            | Reason::TlsRequired => 403,
             Reason::RateLimited | Reason::QuotaExceeded => 429,
             Reason::NoTable => 503,
             Reason::UpstreamUnavailable => 502,
@@ -57,6 +64,7 @@ impl Reason {
             Reason::QuotaExceeded => "quota_exceeded",
             Reason::NoTable => "no_table",
             Reason::UpstreamUnavailable => "upstream_unavailable",
+            Reason::TlsRequired => "tls_required",
         }
     }
 
@@ -74,6 +82,7 @@ impl Reason {
             Reason::QuotaExceeded => r#"{"error":"quota exceeded","reason":"quota_exceeded"}"#,
             Reason::NoTable => r#"{"error":"no access table loaded yet","reason":"no_table"}"#,
             Reason::UpstreamUnavailable => r#"{"error":"upstream unavailable","reason":"upstream_unavailable"}"#,
+            Reason::TlsRequired => r#"{"error":"API keys are accepted over HTTPS only","reason":"tls_required"}"#,
         }
     }
 }
