@@ -5,8 +5,8 @@
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, Pod, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, Pod,
+    Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::BTreeMap;
@@ -17,6 +17,13 @@ pub const INJECT_KEY: &str = "portcullis.dev/inject";
 pub const ANNOTATION_SERVICE: &str = "portcullis.dev/service";
 /// Annotation: the application's port on loopback, where the sidecar forwards admitted requests (required).
 pub const ANNOTATION_UPSTREAM_PORT: &str = "portcullis.dev/upstream-port";
+/// Annotation: a `kubernetes.io/tls` Secret (in the pod's namespace) whose `tls.crt`/`tls.key` the sidecar serves
+/// HTTPS with (optional; without it the sidecar speaks plain HTTP).
+pub const ANNOTATION_TLS_SECRET: &str = "portcullis.dev/tls-secret";
+/// Where the TLS Secret is mounted in the sidecar.
+pub const TLS_MOUNT_PATH: &str = "/etc/portcullis/tls";
+/// Name of the volume holding the TLS Secret.
+pub const TLS_VOLUME_NAME: &str = "portcullis-tls";
 /// Name of the injected container.
 pub const CONTAINER_NAME: &str = "portcullis-proxy";
 /// Default port of the proxy (the Service's `targetPort`).
@@ -89,6 +96,16 @@ pub enum InjectError {
          {which} port"
     )]
     PortTaken { container: String, port: u16, which: &'static str },
+    #[error(
+        "annotation {ANNOTATION_TLS_SECRET}: {0:?} is not a valid Secret name (lower-case letters, digits, '-' and \
+         '.', starting and ending with a letter or digit, at most 253 characters)"
+    )]
+    BadTlsSecret(String),
+    #[error(
+        "annotation {ANNOTATION_TLS_SECRET}: the pod already has a volume named {TLS_VOLUME_NAME:?}, which the \
+         {CONTAINER_NAME} sidecar needs for the TLS Secret"
+    )]
+    TlsVolumeTaken,
 }
 
 /// Whether the pod opted in, by label or annotation `portcullis.dev/inject: "true"`.
@@ -108,15 +125,52 @@ pub fn decide(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Decision
     if containers.iter().chain(init).any(|c| c.name == CONTAINER_NAME) {
         return Decision::AlreadyInjected;
     }
-    match sidecar(pod, namespace, settings) {
-        Ok(container) => {
-            let value = serde_json::to_value(container).expect("a Container always serializes");
-            Decision::Inject(Patch(vec![PatchOperation::Add(AddOperation {
-                path: PointerBuf::from_tokens(["spec", "containers", "-"]),
-                value,
-            })]))
-        }
-        Err(e) => Decision::Deny(e),
+    let (container, tls_secret) = match sidecar(pod, namespace, settings).and_then(|c| Ok((c, tls_secret(pod)?))) {
+        Ok(v) => v,
+        Err(e) => return Decision::Deny(e),
+    };
+    let value = serde_json::to_value(container).expect("a Container always serializes");
+    let mut ops =
+        vec![PatchOperation::Add(AddOperation { path: PointerBuf::from_tokens(["spec", "containers", "-"]), value })];
+    if let Some(secret) = tls_secret {
+        let volume = serde_json::to_value(tls_volume(&secret)).expect("a Volume always serializes");
+        let has_volumes = pod.spec.as_ref().is_some_and(|s| s.volumes.is_some());
+        ops.push(PatchOperation::Add(if has_volumes {
+            AddOperation { path: PointerBuf::from_tokens(["spec", "volumes", "-"]), value: volume }
+        } else {
+            AddOperation { path: PointerBuf::from_tokens(["spec", "volumes"]), value: serde_json::json!([volume]) }
+        }));
+    }
+    Decision::Inject(Patch(ops))
+}
+
+/// The validated `portcullis.dev/tls-secret` annotation, when present.
+pub fn tls_secret(pod: &Pod) -> Result<Option<String>, InjectError> {
+    let Some(name) = pod.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_TLS_SECRET)).map(|s| s.trim())
+    else {
+        return Ok(None);
+    };
+    if !is_dns_subdomain(name) {
+        return Err(InjectError::BadTlsSecret(name.to_string()));
+    }
+    let volumes = pod.spec.as_ref().and_then(|s| s.volumes.as_deref()).unwrap_or_default();
+    if volumes.iter().any(|v| v.name == TLS_VOLUME_NAME) {
+        return Err(InjectError::TlsVolumeTaken);
+    }
+    Ok(Some(name.to_string()))
+}
+
+/// The Secret volume: only `tls.crt` and `tls.key` are projected.
+fn tls_volume(secret: &str) -> Volume {
+    let item = |k: &str| KeyToPath { key: k.into(), path: k.into(), ..Default::default() };
+    Volume {
+        name: TLS_VOLUME_NAME.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.into()),
+            items: Some(vec![item("tls.crt"), item("tls.key")]),
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 
@@ -140,7 +194,19 @@ pub fn sidecar(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<
             }
         }
     }
-    Ok(container(namespace, service, upstream, settings))
+    let mut c = container(namespace, service, upstream, settings);
+    if tls_secret(pod)?.is_some() {
+        c.args
+            .get_or_insert_default()
+            .extend([format!("--tls-cert={TLS_MOUNT_PATH}/tls.crt"), format!("--tls-key={TLS_MOUNT_PATH}/tls.key")]);
+        c.volume_mounts = Some(vec![VolumeMount {
+            name: TLS_VOLUME_NAME.into(),
+            mount_path: TLS_MOUNT_PATH.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]);
+    }
+    Ok(c)
 }
 
 fn container(namespace: &str, service: &str, upstream: u16, s: &InjectSettings) -> Container {
@@ -225,6 +291,18 @@ fn is_dns_label(s: &str) -> bool {
         && b[0].is_ascii_lowercase()
         && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[b.len() - 1] != b'-'
+}
+
+/// RFC 1123 subdomain, as Kubernetes requires of Secret names.
+fn is_dns_subdomain(s: &str) -> bool {
+    let b = s.as_bytes();
+    let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !b.is_empty()
+        && b.len() <= 253
+        && alnum(&b[0])
+        && alnum(&b[b.len() - 1])
+        && b.iter().all(|c| alnum(c) || *c == b'-' || *c == b'.')
+        && s.split('.').all(|l| !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-'))
 }
 
 #[cfg(test)]
@@ -398,5 +476,73 @@ mod tests {
         for bad in ["", "0", "65536", "+80", " 80", "80a", "0x50", "999999"] {
             assert_eq!(parse_port(bad), None, "{bad:?}");
         }
+    }
+
+    fn with_tls(secret: &str) -> Pod {
+        let mut p = opted_in("orders", "8080");
+        p.metadata.annotations.as_mut().unwrap().insert(ANNOTATION_TLS_SECRET.into(), secret.into());
+        p
+    }
+
+    #[test]
+    fn tls_secret_is_mounted_and_passed() {
+        for existing_volumes in [false, true] {
+            let mut p = with_tls("orders-tls");
+            if existing_volumes {
+                p.spec.as_mut().unwrap().volumes = Some(vec![Volume { name: "data".into(), ..Default::default() }]);
+            }
+            let out = patched(&p, &decide(&p, "ns", &settings()));
+            let spec = out.spec.unwrap();
+            let c = &spec.containers[1];
+            let args = c.args.as_deref().unwrap();
+            assert!(args.contains(&"--tls-cert=/etc/portcullis/tls/tls.crt".to_string()), "{args:?}");
+            assert!(args.contains(&"--tls-key=/etc/portcullis/tls/tls.key".to_string()), "{args:?}");
+            assert_eq!(args[0], "--listen=0.0.0.0:8443", "the proxy port stays, now speaking TLS");
+            let m = &c.volume_mounts.as_deref().unwrap()[0];
+            assert_eq!(
+                (m.name.as_str(), m.mount_path.as_str(), m.read_only),
+                (TLS_VOLUME_NAME, TLS_MOUNT_PATH, Some(true))
+            );
+            let vols = spec.volumes.unwrap();
+            assert_eq!(vols.len(), if existing_volumes { 2 } else { 1 });
+            let v = vols.last().unwrap();
+            assert_eq!(v.name, TLS_VOLUME_NAME);
+            let sec = v.secret.as_ref().unwrap();
+            assert_eq!(sec.secret_name.as_deref(), Some("orders-tls"));
+            let keys: Vec<&str> = sec.items.iter().flatten().map(|i| i.key.as_str()).collect();
+            assert_eq!(keys, ["tls.crt", "tls.key"]);
+            assert!(spec.containers[0].volume_mounts.is_none(), "the app container does not get the key");
+            assert_eq!(decide(&out_pod(&p), "ns", &settings()), Decision::AlreadyInjected);
+        }
+        // Without the annotation: no TLS flags, no volume.
+        let p = opted_in("orders", "8080");
+        let out = patched(&p, &decide(&p, "ns", &settings()));
+        assert!(
+            !out.spec.as_ref().unwrap().containers[1].args.as_ref().unwrap().iter().any(|a| a.starts_with("--tls"))
+        );
+        assert!(out.spec.unwrap().volumes.is_none());
+    }
+
+    fn out_pod(p: &Pod) -> Pod {
+        patched(p, &decide(p, "ns", &settings()))
+    }
+
+    #[test]
+    fn bad_tls_secret_names_are_refused_naming_the_annotation() {
+        for bad in ["Orders-TLS", "", "-tls", "tls-", "a..b", "tls_cert", "a/b", &"a".repeat(254)] {
+            match decide(&with_tls(bad), "ns", &settings()) {
+                Decision::Deny(e) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(ANNOTATION_TLS_SECRET), "{msg}");
+                }
+                other => panic!("{bad:?} should be refused, got {other:?}"),
+            }
+        }
+        for good in ["tls", "orders.example-tls", "a1", &"a".repeat(63)] {
+            assert!(matches!(decide(&with_tls(good), "ns", &settings()), Decision::Inject(_)), "{good:?}");
+        }
+        let mut p = with_tls("orders-tls");
+        p.spec.as_mut().unwrap().volumes = Some(vec![Volume { name: TLS_VOLUME_NAME.into(), ..Default::default() }]);
+        assert_eq!(decide(&p, "ns", &settings()), Decision::Deny(InjectError::TlsVolumeTaken));
     }
 }
