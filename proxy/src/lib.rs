@@ -35,8 +35,8 @@ pub enum StartError {
     KubeConfig(String),
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
-    #[error("--require-tls needs --tls-cert and --tls-key")]
-    RequireTlsWithoutCert,
+    #[error("--require-tls and --plain-listen need --tls-cert and --tls-key")]
+    NeedsCert,
 }
 
 /// A started proxy.
@@ -78,11 +78,15 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 /// Binds the listeners, starts the table source and serves. A table that cannot be loaded at start is logged
 /// and the proxy answers 503 `no_table` until one loads.
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    if config.tls.is_some() {
+        metrics.register_tls();
+    }
+    let metrics = Arc::new(metrics);
     let tables = Arc::new(TableStore::new(metrics.clone()));
     let shared = Arc::new(server::Shared::new(&config, tables.clone(), metrics.clone())?);
-    if config.require_tls && config.tls.is_none() {
-        return Err(StartError::RequireTlsWithoutCert);
+    if config.tls.is_none() && (config.require_tls || config.plain_listen.is_some()) {
+        return Err(StartError::NeedsCert);
     }
     let tls = match &config.tls {
         Some(f) => Some(tls::setup(f.cert.clone(), f.key.clone(), metrics.clone())?),

@@ -94,17 +94,6 @@ impl Metrics {
             proxy_protocol_refused.clone(),
         );
         registry.register("open_connections", "Client connections open", open_connections.clone());
-        registry.register("tls_handshakes", "TLS handshakes by outcome (ok, error, timeout)", tls_handshakes.clone());
-        registry.register(
-            "tls_reloads",
-            "Certificate reloads after the files changed, by outcome (ok, error: the old certificate stays)",
-            tls_reloads.clone(),
-        );
-        registry.register(
-            "tls_certificate_expiry_timestamp_seconds",
-            "notAfter of the serving certificate, Unix seconds",
-            tls_certificate_expiry.clone(),
-        );
         Self {
             registry,
             requests,
@@ -146,6 +135,25 @@ impl Metrics {
 
     pub fn table_rejected(&self, source: &'static str) {
         self.rejected_tables.get_or_create(&SourceLabels { source }).inc();
+    }
+
+    /// Exposes the TLS metrics: only proxies that serve TLS have them (an expiry of 0 would page someone).
+    pub fn register_tls(&mut self) {
+        self.registry.register(
+            "tls_handshakes",
+            "TLS handshakes by outcome (ok, error, timeout)",
+            self.tls_handshakes.clone(),
+        );
+        self.registry.register(
+            "tls_reloads",
+            "Certificate reloads after the files changed, by outcome (ok, error: the old certificate stays)",
+            self.tls_reloads.clone(),
+        );
+        self.registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "notAfter of the serving certificate, Unix seconds",
+            self.tls_certificate_expiry.clone(),
+        );
     }
 
     pub fn tls_handshake(&self, outcome: &'static str) {

@@ -103,6 +103,8 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// Loads the certificate (an error here stops the start) and builds the acceptor and its watcher.
 pub fn setup(cert: PathBuf, key: PathBuf, metrics: Arc<Metrics>) -> Result<(TlsAcceptor, CertWatcher), TlsError> {
     let provider = provider();
+    // Stamped before reading, so a change racing the first load is seen by the first poll.
+    let stamps = (stamp(&cert), stamp(&key));
     let loaded = load(&cert, &key, &provider)?;
     tracing::info!(cert = %cert.display(), subject = %loaded.subject, serial = %loaded.serial, "TLS certificate loaded");
     metrics.tls_certificate_expiry.set(loaded.not_after);
@@ -112,8 +114,11 @@ pub fn setup(cert: PathBuf, key: PathBuf, metrics: Arc<Metrics>) -> Result<(TlsA
         .with_no_client_auth()
         .with_cert_resolver(resolver.clone());
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
-    let mut watcher = CertWatcher { resolver, provider, cert, key, metrics, last: None };
-    watcher.last = watcher.stamps();
+    let last = match stamps {
+        (Some(c), Some(k)) => Some((c, k)),
+        _ => None,
+    };
+    let watcher = CertWatcher { resolver, provider, cert, key, metrics, last };
     Ok((TlsAcceptor::from(Arc::new(config)), watcher))
 }
 

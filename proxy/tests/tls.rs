@@ -265,15 +265,16 @@ async fn require_tls_refuses_keys_over_plain_http() {
     // Without --require-tls the plain listener decides as usual.
     let (q, _seen, _d2) = tls_proxy(&secret, |c| c.plain_listen = Some("127.0.0.1:0".parse().unwrap())).await;
     assert_eq!(get(ip(1), q.plain_addr.unwrap(), "/v1/x", &[KEY]).await.status, 200);
+    // A proxy without TLS exposes no TLS metrics (an expiry of 0 would fire alerts).
+    let (up, _s) = upstream().await;
+    let plain_only = start(config(up, &_d.path().join("tables.json"))).await;
+    assert!(!plain_only.metrics.encode().contains("tls_"), "{}", plain_only.metrics.encode());
     // --require-tls without a certificate is a configuration error.
     let (up, _s) = upstream().await;
     let mut bad = config(up, &_d.path().join("tables.json"));
     bad.require_tls = true;
-    assert!(matches!(
-        portcullis_proxy::start(bad).await.err(),
-        Some(portcullis_proxy::StartError::RequireTlsWithoutCert)
-    ));
-    for x in [p, q] {
+    assert!(matches!(portcullis_proxy::start(bad).await.err(), Some(portcullis_proxy::StartError::NeedsCert)));
+    for x in [p, q, plain_only] {
         x.shutdown();
         within("shutdown", x.wait()).await;
     }
