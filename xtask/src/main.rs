@@ -24,15 +24,10 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("crdgen") => crdgen(&root),
-        Some("bench") => match (args.get(1).map(String::as_str), args.get(2)) {
-            (Some("proxy-load"), n) => bench::proxy_load(&root, n.map(|n| n.parse()).transpose()?.unwrap_or(10_000)),
-            _ => bail!(
-                "usage: cargo xtask bench proxy-load [CLIENTS]   (criterion benches: cargo bench -p portcullis-proxy / -p portcullis-controller)"
-            ),
-        },
+        Some("bench") => bench::main(&root, &args[1..]),
         Some("demo") => demo::run(&root, &k8s_bins(&root)?),
         _ => {
-            eprintln!("usage: cargo xtask <test [cargo test args]|demo|bench proxy-load [N]|k8s-bins|crdgen>");
+            eprintln!("usage: cargo xtask <test [cargo test args]|demo|bench <suite> [--smoke]|k8s-bins|crdgen>");
             std::process::exit(2);
         }
     }

@@ -1,0 +1,251 @@
+//! The server side of a bench: the upstream (a small hyper server, 1 KiB body), portcullis-proxy and nginx, each a
+//! child process pinned to the server core; tables; /proc readings (RSS, CPU time).
+
+use super::load::SERVER_CPU;
+use anyhow::{Context, Result, bail};
+use portcullis_table::{Client, KeyEntry, Period, Plan, Quota, RouteScope, Table, Throttle, key_digest};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A child process killed (by its own pid) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `xtask bench __upstream`: serves 200 with a 1 KiB body; prints its address on the first stdout line.
+pub fn upstream_main() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let addr = crate::http::start_sized_upstream(1024).await?;
+        println!("{addr}");
+        std::future::pending::<()>().await;
+        anyhow::Ok(())
+    })
+}
+
+pub fn start_upstream() -> Result<Proc> {
+    let exe = helper_exe()?;
+    let mut child = Command::new("taskset")
+        .args(["-c", SERVER_CPU])
+        .arg(exe)
+        .args(["bench", "__upstream"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the upstream")?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let addr = line.trim().parse().with_context(|| format!("upstream said {line:?}"))?;
+    Ok(Proc { child, addr, admin: None })
+}
+
+pub fn start_proxy(bin: &Path, upstream: SocketAddr, tables: &Path) -> Result<Proc> {
+    let (port, admin) = (free_port()?, free_port()?);
+    let child = Command::new("taskset")
+        .args(["-c", SERVER_CPU])
+        .arg(bin)
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg(format!("--admin-listen=127.0.0.1:{admin}"))
+        .arg(format!("--upstream={upstream}"))
+        .arg(format!("--tables={}", tables.display()))
+        .args(["--log-format", "json"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting portcullis-proxy")?;
+    let p = Proc { child, addr: ([127, 0, 0, 1], port).into(), admin: Some(([127, 0, 0, 1], admin).into()) };
+    wait_url(&format!("http://127.0.0.1:{admin}/readyz"), Duration::from_secs(120))?;
+    Ok(p)
+}
+
+pub fn wait_url(url: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !curl_ok(url) {
+        if Instant::now() > deadline {
+            bail!("{url} not ready within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+pub fn curl_ok(url: &str) -> bool {
+    Command::new("curl").args(["-fsS", "-o", "/dev/null", url]).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+pub fn build_proxy(root: &Path) -> Result<PathBuf> {
+    eprintln!("xtask bench: cargo build --release -p portcullis-proxy -p xtask");
+    let st = Command::new("cargo")
+        .current_dir(root)
+        .args(["build", "--release", "-q", "-p", "portcullis-proxy", "-p", "xtask"])
+        .status()?;
+    if !st.success() {
+        bail!("cargo build --release -p portcullis-proxy -p xtask failed");
+    }
+    Ok(root.join("target/release/portcullis-proxy"))
+}
+
+pub const LIMIT_FREE: Throttle = Throttle { rate: 1_000_000_000, per_millis: 1000, burst: 1_000_000 };
+
+/// N clients on one plan; client 0 holds `bench-key-0` and is allowed from 127.0.0.1/32, every other client from
+/// its own 10.x.y.0/24. `throttle: None` and `quota: None` = P0's allow-all-ish policy.
+pub fn table(n: usize, throttle: Option<Throttle>, quota: bool) -> Table {
+    let mut plans = BTreeMap::new();
+    plans.insert(
+        "bench".to_string(),
+        Plan {
+            throttle,
+            quota: quota.then_some(Quota { limit: 1_000_000_000_000, period: Period::Month }),
+            global_limits: false,
+            routes: vec![RouteScope { path_prefix: "/v1".into(), methods: vec!["GET".into()] }],
+        },
+    );
+    let clients = (0..n.max(1))
+        .map(|i| Client {
+            id: format!("bench/client-{i:06}"),
+            keys: vec![KeyEntry { sha256: key_digest(key(i).as_bytes()), expires_at: None }],
+            source_ranges: vec![client_cidr(i).parse().expect("cidr")],
+            disabled: false,
+            plans: vec!["bench".into()],
+        })
+        .collect();
+    Table::new("bench/upstream", plans, clients)
+}
+
+pub fn key(i: usize) -> String {
+    format!("bench-key-{i}")
+}
+
+pub fn client_cidr(i: usize) -> String {
+    if i == 0 { "127.0.0.1/32".into() } else { format!("10.{}.{}.0/24", (i >> 8) & 255, i & 255) }
+}
+
+/// nginx config. `policy = false`: N0, plain pass-through with upstream keepalive. `policy = true`: N1, the same
+/// job as Portcullis with nginx's own modules: `map` of API key (raw keys: nginx has no SHA-256 without njs) →
+/// client, `geo` of source address → client (each client's own CIDR), a per-client check that both agree, a
+/// route/method check, and `limit_req` per client with burst (limits far above the load, as for P1).
+pub fn nginx_conf(dir: &Path, upstream: SocketAddr, port: u16, policy: bool, clients: usize) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  \
+         proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  \
+         scgi_temp_path {d}/scgi;\n  upstream app {{ server {upstream}; keepalive 64; }}\n",
+        d = dir.display()
+    ));
+    if policy {
+        s.push_str("  map_hash_bucket_size 128;\n  map_hash_max_size 262144;\n");
+        s.push_str("  map $http_x_api_key $client {\n    default \"\";\n");
+        for i in 0..clients.max(1) {
+            s.push_str(&format!("    \"{}\" c{i};\n", key(i)));
+        }
+        s.push_str("  }\n  geo $src_client {\n    default \"-\";\n");
+        for i in 0..clients.max(1) {
+            s.push_str(&format!("    {} c{i};\n", client_cidr(i)));
+        }
+        s.push_str("  }\n  map \"$client:$src_client\" $source_ok {\n    \"~^(?<c>[^:]+):\\k<c>$\" 1;\n    default 0;\n  }\n");
+        s.push_str("  limit_req_zone $client zone=perclient:32m rate=1000000r/s;\n  limit_req_status 429;\n");
+    }
+    s.push_str(&format!("  server {{\n    listen 127.0.0.1:{port};\n"));
+    if policy {
+        s.push_str(
+            "    location /v1 {\n      if ($client = \"\") { return 401; }\n      if ($source_ok = 0) { return 403; }\n      \
+             if ($request_method != GET) { return 403; }\n      limit_req zone=perclient burst=1000 nodelay;\n      \
+             proxy_set_header x-api-key \"\";\n      proxy_set_header x-portcullis-client $client;\n",
+        );
+    } else {
+        s.push_str("    location / {\n");
+    }
+    s.push_str("      proxy_pass http://app;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }\n");
+    if policy {
+        s.push_str("    location / { return 403; }\n");
+    }
+    s.push_str("  }\n}\n");
+    s
+}
+
+pub fn start_nginx(dir: &Path, upstream: SocketAddr, policy: bool, clients: usize) -> Result<Proc> {
+    let sub = dir.join(if policy { "nginx-n1" } else { "nginx-n0" });
+    std::fs::create_dir_all(&sub)?;
+    let port = free_port()?;
+    let conf = sub.join("nginx.conf");
+    std::fs::write(&conf, nginx_conf(&sub, upstream, port, policy, clients))?;
+    let child = Command::new("taskset")
+        .args(["-c", SERVER_CPU, "nginx", "-p"])
+        .arg(&sub)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting nginx (apt-get install -y nginx)")?;
+    let p = Proc { child, addr: ([127, 0, 0, 1], port).into(), admin: None };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(p.addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("nginx did not listen within 60 s; see {}", sub.join("error.log").display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(p)
+}
+
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(field).and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok()))
+        .with_context(|| format!("{field} not in /proc/{pid}/status"))
+}
+
+pub fn rss_mib(pid: u32) -> Result<f64> {
+    Ok(status_kib(pid, "VmRSS:")? as f64 / 1024.0)
+}
+
+pub fn hwm_mib(pid: u32) -> Result<f64> {
+    Ok(status_kib(pid, "VmHWM:")? as f64 / 1024.0)
+}
+
+/// Resets VmHWM to the current RSS (Linux ≥ 4.0: `echo 5 > /proc/PID/clear_refs`).
+pub fn reset_hwm(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
+/// utime + stime of a process in seconds (clock ticks of 1/100 s, the Linux USER_HZ).
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = &s[s.rfind(')').context("stat")? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let (u, st): (u64, u64) = (f[11].parse()?, f[12].parse()?);
+    Ok((u + st) as f64 / 100.0)
+}
+
+/// The release build of xtask itself, which serves the upstream and the open-loop generator (a debug build would
+/// be the bottleneck); falls back to the running binary.
+pub fn helper_exe() -> Result<PathBuf> {
+    let release = super::super::repo_root().join("target/release/xtask");
+    if release.exists() { Ok(release) } else { Ok(std::env::current_exe()?) }
+}
