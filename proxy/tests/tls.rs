@@ -378,3 +378,66 @@ async fn proxy_v2_in_front_of_tls() {
     p.shutdown();
     within("shutdown", p.wait()).await;
 }
+
+#[tokio::test]
+async fn the_binary_serves_tls_configured_from_the_environment() {
+    let ca = Ca::new();
+    let (cert, key) = ca.leaf(7);
+    let secret = SecretDir::new(&cert, &key);
+    let (up, _seen) = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tables.json");
+    write_table(&path, &standard_table());
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (listen, plain, admin) = (free(), free(), free());
+    let spawn = |cert: PathBuf| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_portcullis-proxy"))
+            .env("PORTCULLIS_LISTEN", listen.to_string())
+            .env("PORTCULLIS_PLAIN_LISTEN", plain.to_string())
+            .env("PORTCULLIS_ADMIN_LISTEN", admin.to_string())
+            .env("PORTCULLIS_UPSTREAM", up.to_string())
+            .env("PORTCULLIS_TABLES", &path)
+            .env("PORTCULLIS_TLS_CERT", cert)
+            .env("PORTCULLIS_TLS_KEY", secret.path("tls.key"))
+            .env("PORTCULLIS_REQUIRE_TLS", "true")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let wait_exit = |mut child: std::process::Child| async move {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "proxy did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+
+    // A certificate that does not load at start: the proxy refuses to start.
+    let bad = dir.path().join("bad.crt");
+    std::fs::write(&bad, "not a certificate").unwrap();
+    assert!(!wait_exit(spawn(bad)).await.success());
+
+    let child = spawn(secret.path("tls.crt"));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if tokio::net::TcpStream::connect(admin).await.is_ok() && get(ip(1), admin, "/readyz", &[]).await.status == 200
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "proxy never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = tls_connect(ip(1), listen, ca.client_config(&[b"http/1.1"])).await;
+    assert_eq!(served_serial(&s), serial_of(&cert));
+    assert_eq!(http1_over(s).await.send("GET", "/v1/x", &[KEY]).await.status, 200);
+    assert_eq!(get(ip(1), plain, "/v1/x", &[KEY]).await.reason(), "tls_required");
+    let m = get(ip(1), admin, "/metrics", &[]).await.body;
+    assert!(m.contains("portcullis_proxy_tls_certificate_expiry_timestamp_seconds "), "{m}");
+    let killed = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    assert!(wait_exit(child).await.success());
+}
