@@ -441,3 +441,37 @@ async fn the_binary_serves_tls_configured_from_the_environment() {
     assert!(killed.success());
     assert!(wait_exit(child).await.success());
 }
+
+#[tokio::test]
+async fn tls12_is_accepted_and_stalled_handshakes_time_out() {
+    let ca = Ca::new();
+    let (cert, key) = ca.leaf(1);
+    let secret = SecretDir::new(&cert, &key);
+    let (p, _seen, _d) = tls_proxy(&secret, |c| c.header_read_timeout = Duration::from_millis(300)).await;
+
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.issuer.der().clone()).unwrap();
+    let tls12 = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let s = tls_connect(ip(1), p.addr, Arc::new(tls12)).await;
+    assert_eq!(s.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_2));
+    assert_eq!(http1_over(s).await.send("GET", "/v1/x", &[KEY]).await.status, 200);
+
+    // A client that connects and never says hello is cut off and counted.
+    let out = within("stalled client closed", async {
+        let mut s = tcp_from(ip(1), p.addr).await;
+        let mut buf = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf).await
+    })
+    .await;
+    assert!(!matches!(out, Ok(n) if n > 0), "no bytes for a client that sent none");
+    wait_until("timeout counted", || {
+        p.metrics.encode().contains(r#"portcullis_proxy_tls_handshakes_total{outcome="timeout"} 1"#)
+    })
+    .await;
+    p.shutdown();
+    within("shutdown", p.wait()).await;
+}
