@@ -14,7 +14,7 @@ pub mod shard;
 
 pub use digest::{KeyDigest, fingerprint, key_digest};
 pub use error::TableError;
-pub use model::{Client, KeyEntry, Period, Plan, Quota, RouteScope, Table, Throttle};
+pub use model::{CertIdentity, Client, KeyEntry, Period, Plan, Quota, RouteScope, Table, Throttle};
 
 /// The schema version this crate renders and accepts.
 pub const SCHEMA_VERSION: u32 = 1;

@@ -88,6 +88,77 @@ pub struct Client {
     pub disabled: bool,
     /// Names of plans (keys of [`Table::plans`]) granting this client access, in order of precedence.
     pub plans: Vec<String>,
+    /// Client-certificate identities that identify this client (TLS with `--client-ca` only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<CertIdentity>,
+    /// A key alone is not enough: the connection's verified client certificate must match `certificates` too.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub require_certificate: bool,
+}
+
+/// One accepted client-certificate identity. Serialised as a single-key object, e.g. `{"sanDNS": "a.example"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum CertIdentity {
+    /// The subject's Common Name (CN), compared exactly (case-sensitive).
+    #[serde(rename = "subject")]
+    Subject(String),
+    /// A DNS name among the subjectAltNames; compared case-insensitively (stored lowercase).
+    #[serde(rename = "sanDNS")]
+    SanDns(String),
+    /// A URI among the subjectAltNames (e.g. a SPIFFE ID), compared exactly.
+    #[serde(rename = "sanURI")]
+    SanUri(String),
+    /// SHA-256 of the certificate's DER encoding, 64 lowercase hex digits.
+    #[serde(rename = "sha256")]
+    Sha256(String),
+}
+
+impl CertIdentity {
+    /// The canonical form: DNS names and fingerprints lowercased (fingerprints may also be written with `:`).
+    pub fn normalized(&self) -> CertIdentity {
+        match self {
+            CertIdentity::Subject(s) => CertIdentity::Subject(s.clone()),
+            CertIdentity::SanDns(s) => CertIdentity::SanDns(s.to_ascii_lowercase()),
+            CertIdentity::SanUri(s) => CertIdentity::SanUri(s.clone()),
+            CertIdentity::Sha256(s) => CertIdentity::Sha256(s.replace(':', "").to_ascii_lowercase()),
+        }
+    }
+
+    /// Why this identity can never match, if it cannot.
+    pub fn problem(&self) -> Option<String> {
+        let (kind, v) = match self {
+            CertIdentity::Subject(v) => ("subject", v),
+            CertIdentity::SanDns(v) => ("sanDNS", v),
+            CertIdentity::SanUri(v) => ("sanURI", v),
+            CertIdentity::Sha256(v) => ("sha256", v),
+        };
+        if v.is_empty() {
+            return Some(format!("certificate {kind} is empty"));
+        }
+        if let CertIdentity::Sha256(h) = self
+            && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        {
+            return Some(format!("certificate sha256 {h:?} is not 64 lowercase hex digits"));
+        }
+        if let CertIdentity::SanDns(d) = self
+            && d.bytes().any(|b| b.is_ascii_uppercase())
+        {
+            return Some(format!("certificate sanDNS {d:?} is not lowercase"));
+        }
+        None
+    }
+}
+
+impl std::fmt::Display for CertIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CertIdentity::Subject(v) => write!(f, "subject {v:?}"),
+            CertIdentity::SanDns(v) => write!(f, "sanDNS {v:?}"),
+            CertIdentity::SanUri(v) => write!(f, "sanURI {v:?}"),
+            CertIdentity::Sha256(v) => write!(f, "sha256 {v}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,6 +235,7 @@ impl Table {
         }
         let mut ids = HashSet::with_capacity(self.clients.len());
         let mut digests = HashSet::new();
+        let mut identities = HashSet::new();
         for (i, c) in self.clients.iter().enumerate() {
             if i > 0 && self.clients[i - 1].id >= c.id {
                 return Err(TableError::invalid(what, format!("clients not sorted by id at {:?}", c.id)));
@@ -184,6 +256,17 @@ impl Table {
                     return Err(TableError::invalid(
                         what,
                         format!("key {} is listed twice (client {})", k.sha256, c.id),
+                    ));
+                }
+            }
+            for ci in &c.certificates {
+                if let Some(p) = ci.problem() {
+                    return Err(TableError::invalid(what, format!("client {}: {p}", c.id)));
+                }
+                if !identities.insert(ci) {
+                    return Err(TableError::invalid(
+                        what,
+                        format!("certificate {ci} is listed twice (client {})", c.id),
                     ));
                 }
             }
@@ -279,6 +362,8 @@ pub(crate) mod tests {
                 source_ranges: vec![format!("10.{}.{}.0/24", (i >> 8) & 255, i & 255).parse().unwrap()],
                 disabled: false,
                 plans: vec!["gold".into()],
+                certificates: vec![],
+                require_certificate: false,
             })
             .collect();
         Table::new("team-a/orders", plans, clients)
@@ -336,6 +421,50 @@ pub(crate) mod tests {
         assert!(matches!(Table::from_json("{not json", "f"), Err(TableError::Malformed { .. })));
         let bad_cidr = r#"{"schemaVersion":1,"service":"a/b","clients":[{"id":"a/c","keys":[],"sourceRanges":["10.0.0.0/33"],"plans":[]}]}"#;
         assert!(matches!(Table::from_json(bad_cidr, "f"), Err(TableError::Malformed { .. })));
+    }
+
+    #[test]
+    fn certificate_identities_round_trip_and_are_validated() {
+        let unused = sample(2);
+        let json = unused.to_json();
+        assert!(!json.contains("certificates") && !json.contains("requireCertificate"), "unused fields not written");
+
+        let mut t = sample(2);
+        t.clients[0].certificates = vec![
+            CertIdentity::Subject("Client A".into()),
+            CertIdentity::SanDns("a.example".into()),
+            CertIdentity::SanUri("spiffe://td/a".into()),
+            CertIdentity::Sha256("ab".repeat(32)),
+        ];
+        t.clients[0].require_certificate = true;
+        t.revision = t.compute_revision();
+        assert_ne!(t.revision, unused.revision);
+        let json = t.to_json();
+        assert!(
+            json.contains(
+                r#""certificates":[{"subject":"Client A"},{"sanDNS":"a.example"},{"sanURI":"spiffe://td/a"}"#
+            )
+        );
+        assert!(json.contains(r#""requireCertificate":true"#));
+        assert_eq!(Table::from_json(&json, "f").unwrap(), t);
+
+        let mut dup = t.clone();
+        dup.clients[1].certificates = vec![CertIdentity::SanDns("a.example".into())];
+        dup.revision = dup.compute_revision();
+        assert!(dup.validate("x").unwrap_err().to_string().contains("listed twice"));
+
+        for bad in [
+            CertIdentity::Sha256("AB".repeat(32)),
+            CertIdentity::Sha256("ab".into()),
+            CertIdentity::SanDns("A.example".into()),
+            CertIdentity::Subject(String::new()),
+        ] {
+            let mut b = sample(1);
+            b.clients[0].certificates = vec![bad.clone()];
+            b.revision = b.compute_revision();
+            assert!(b.validate("x").is_err(), "{bad}");
+        }
+        assert_eq!(CertIdentity::Sha256("AB:".repeat(32)).normalized(), CertIdentity::Sha256("ab".repeat(32)));
     }
 
     #[test]
