@@ -56,6 +56,8 @@ fn table(n: usize) -> (CompiledTable<DefaultClock>, Vec<[u8; KEY_LEN]>) {
             source_ranges: vec![format!("{}/32", addr(i)).parse().unwrap(), "192.168.0.0/16".parse().unwrap()],
             disabled: false,
             plans: vec!["gold".into()],
+            certificates: vec![],
+            require_certificate: false,
         })
         .collect();
     let t = Table::new("bench/svc", plans(), clients);
@@ -78,6 +80,7 @@ fn bench_clients(c: &mut Criterion) {
                     method: "GET",
                     path: "/v1/orders/42",
                     key: Some(&k),
+                    cert: None,
                     now,
                 };
                 let d = decide(Some(&t), black_box(&f));
@@ -99,6 +102,8 @@ fn bench_prefixes(c: &mut Criterion) {
         source_ranges: ranges.collect(),
         disabled: false,
         plans: vec!["gold".into()],
+        certificates: vec![],
+        require_certificate: false,
     };
     let t = Table::new("bench/svc", plans(), vec![client]);
     let t = CompiledTable::compile(&t, None, DefaultClock::default()).unwrap();
@@ -112,6 +117,7 @@ fn bench_prefixes(c: &mut Criterion) {
                 method: "POST",
                 path: "/v1/orders",
                 key: Some(key.as_bytes()),
+                cert: None,
                 now,
             };
             let d = decide(Some(&t), black_box(&f));
@@ -133,6 +139,8 @@ fn bench_compile(c: &mut Criterion) {
             source_ranges: vec![format!("{}/32", addr(i)).parse().unwrap()],
             disabled: false,
             plans: vec!["gold".into()],
+            certificates: vec![],
+            require_certificate: false,
         })
         .collect();
     let t = Table::new("bench/svc", plans(), clients);

@@ -31,6 +31,17 @@ impl std::fmt::Debug for TableSource {
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// `--client-ca`: PEM CA certificates; request a client certificate and verify it against them.
+    pub client_ca: Option<PathBuf>,
+    /// `--require-client-cert`: refuse handshakes without a (verified) client certificate.
+    pub require_client_cert: bool,
+}
+
+impl TlsFiles {
+    /// A serving certificate and key, no client certificates.
+    pub fn new(cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        Self { cert: cert.into(), key: key.into(), client_ca: None, require_client_cert: false }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -103,6 +114,13 @@ pub struct Cli {
     /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
     #[arg(long, env = "PORTCULLIS_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): request a client certificate on the TLS listener and verify it against them (read at
+    /// start). A verified certificate can identify an ApiClient (spec.certificates).
+    #[arg(long, env = "PORTCULLIS_CLIENT_CA", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+    /// Refuse TLS handshakes without a client certificate verified against --client-ca.
+    #[arg(long, env = "PORTCULLIS_REQUIRE_CLIENT_CERT", requires = "client_ca")]
+    pub require_client_cert: bool,
     /// Refuse (403 tls_required) any request carrying the key header over plain HTTP.
     #[arg(long, env = "PORTCULLIS_REQUIRE_TLS", requires = "tls_cert")]
     pub require_tls: bool,
@@ -174,7 +192,9 @@ impl Cli {
         let mut c = Config::new(self.listen, self.upstream, tables);
         c.plain_listen = self.plain_listen;
         c.tls = match (self.tls_cert, self.tls_key) {
-            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (Some(cert), Some(key)) => {
+                Some(TlsFiles { cert, key, client_ca: self.client_ca, require_client_cert: self.require_client_cert })
+            }
             _ => None,
         };
         c.require_tls = self.require_tls;
@@ -255,5 +275,16 @@ mod tests {
         assert!(parse(&["--tls-key", "k.pem"]).is_err());
         assert!(parse(&["--require-tls"]).is_err(), "--require-tls needs a certificate");
         assert!(parse(&["--plain-listen", "0.0.0.0:8080"]).is_err());
+        let c = parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem", "--client-ca", "ca.pem", "--require-client-cert"])
+            .unwrap()
+            .unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.client_ca.as_deref().and_then(|p| p.to_str()), Some("ca.pem"));
+        assert!(tls.require_client_cert);
+        assert!(parse(&["--client-ca", "ca.pem"]).is_err(), "--client-ca needs a certificate");
+        assert!(
+            parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem", "--require-client-cert"]).is_err(),
+            "--require-client-cert needs --client-ca"
+        );
     }
 }

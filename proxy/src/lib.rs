@@ -89,7 +89,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         return Err(StartError::NeedsCert);
     }
     let tls = match &config.tls {
-        Some(f) => Some(tls::setup(f.cert.clone(), f.key.clone(), metrics.clone())?),
+        Some(f) => Some(tls::setup(f, metrics.clone())?),
         None => None,
     };
     let listener = bind(config.listen).await?;

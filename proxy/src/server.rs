@@ -3,7 +3,7 @@
 
 use crate::config::Config;
 use crate::decision::client_addr::client_addr;
-use crate::decision::{CidrSet, Decision, Denial, Reason, RequestFacts, decide};
+use crate::decision::{CidrSet, Decision, Denial, PeerCert, Reason, RequestFacts, decide};
 use crate::io::{Activity, ConnIo, InFlight};
 use crate::metrics::Metrics;
 use crate::proxy_protocol::{self, Parsed};
@@ -172,7 +172,7 @@ async fn serve_connection(
     // The bytes read past a PROXY header (the start of a ClientHello, or of an HTTP request) are replayed first.
     let io = ConnIo::new(prefix, stream, activity.clone());
     let Some(acceptor) = tls else {
-        return serve_http(TokioIo::new(io), peer, addr, Alpn::None, activity, shared, stop).await;
+        return serve_http(TokioIo::new(io), peer, addr, Alpn::None, None, activity, shared, stop).await;
     };
     let tls_stream = match tokio::time::timeout(shared.header_read_timeout, acceptor.accept(io)).await {
         Ok(Ok(s)) => {
@@ -195,7 +195,17 @@ async fn serve_connection(
         Some(b"http/1.1") => Alpn::Http1,
         _ => Alpn::Tls,
     };
-    serve_http(TokioIo::new(tls_stream), peer, addr, alpn, activity, shared, stop).await;
+    // The leaf was verified against --client-ca by rustls; its identities are parsed once, for every request.
+    let cert = tls_stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|der| {
+        match PeerCert::from_der(der) {
+            Ok(c) => Some(Arc::new(c)),
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "client certificate does not parse; treated as absent");
+                None
+            }
+        }
+    });
+    serve_http(TokioIo::new(tls_stream), peer, addr, alpn, cert, activity, shared, stop).await;
 }
 
 /// What the transport says about the protocol.
@@ -209,11 +219,13 @@ enum Alpn {
     H2,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_http<I>(
     io: I,
     peer: SocketAddr,
     addr: IpAddr,
     alpn: Alpn,
+    cert: Option<Arc<PeerCert>>,
     activity: Arc<Activity>,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
@@ -226,8 +238,9 @@ async fn serve_http<I>(
     let service = hyper::service::service_fn(move |req| {
         let shared = svc_shared.clone();
         let guard = InFlight::new(svc_activity.clone());
+        let cert = cert.clone();
         async move {
-            let resp = handle(&shared, addr, tls, req).await;
+            let resp = handle(&shared, addr, tls, cert.as_deref(), req).await;
             drop(guard);
             Ok::<_, Infallible>(resp)
         }
@@ -314,7 +327,13 @@ fn single_header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a [u
     }
 }
 
-async fn handle(shared: &Shared, conn_addr: IpAddr, tls: bool, mut req: Request<Incoming>) -> Response<Body> {
+async fn handle(
+    shared: &Shared,
+    conn_addr: IpAddr,
+    tls: bool,
+    cert: Option<&PeerCert>,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
     let start = Instant::now();
     if shared.require_tls && !tls && req.headers().contains_key(&shared.key_header) {
         // The key has crossed the network in clear already; refusing keeps callers from relying on it working.
@@ -328,6 +347,7 @@ async fn handle(shared: &Shared, conn_addr: IpAddr, tls: bool, mut req: Request<
             method: req.method().as_str(),
             path: req.uri().path(),
             key: single_header(req.headers(), &shared.key_header),
+            cert,
             now: jiff::Timestamp::now(),
         };
         let table = shared.tables.current.load();

@@ -6,7 +6,13 @@
 //! the certificate and key files (size, mtime, inode, following symlinks, so Kubernetes' `..data` symlink swap is
 //! seen) and swaps in a new pair only when it parses and the key matches the certificate; otherwise the failure is
 //! logged and counted and the old pair stays.
+//!
+//! With a client CA (`--client-ca`) the listener requests a client certificate and verifies it with rustls'
+//! `WebPkiClientVerifier` (chain to the CA, validity period, client-auth usage). A certificate that fails
+//! verification fails the handshake; none at all is accepted unless `--require-client-cert`. The CA file is read
+//! at start only.
 
+use crate::config::TlsFiles;
 use crate::metrics::Metrics;
 use arc_swap::ArcSwap;
 use std::path::{Path, PathBuf};
@@ -18,7 +24,7 @@ use tokio_rustls::rustls;
 use tokio_rustls::rustls::crypto::CryptoProvider;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
+use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use tokio_rustls::rustls::sign::CertifiedKey;
 
 /// ALPN protocols offered, in server preference order.
@@ -36,6 +42,8 @@ pub enum TlsError {
     Certificate { path: String, reason: String },
     #[error("certificate and key: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("{path}: client CA: {reason}")]
+    ClientCa { path: String, reason: String },
 }
 
 /// A certificate chain + key that parsed and match, with what the metrics and logs need.
@@ -100,8 +108,30 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The client-certificate verifier for `--client-ca` (`require`: `--require-client-cert`).
+pub fn client_verifier(
+    ca_path: &Path,
+    require: bool,
+    provider: Arc<CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let pem = read(ca_path)?;
+    let err = |reason: String| TlsError::ClientCa { path: ca_path.display().to_string(), reason };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&pem) {
+        let c = c.map_err(|e| err(e.to_string()))?;
+        roots.add(c).map_err(|e| err(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(err("no PEM CERTIFICATE block".into()));
+    }
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    let builder = if require { builder } else { builder.allow_unauthenticated() };
+    builder.build().map_err(|e| err(e.to_string()))
+}
+
 /// Loads the certificate (an error here stops the start) and builds the acceptor and its watcher.
-pub fn setup(cert: PathBuf, key: PathBuf, metrics: Arc<Metrics>) -> Result<(TlsAcceptor, CertWatcher), TlsError> {
+pub fn setup(files: &TlsFiles, metrics: Arc<Metrics>) -> Result<(TlsAcceptor, CertWatcher), TlsError> {
+    let (cert, key) = (files.cert.clone(), files.key.clone());
     let provider = provider();
     // Stamped before reading, so a change racing the first load is seen by the first poll.
     let stamps = (stamp(&cert), stamp(&key));
@@ -109,10 +139,17 @@ pub fn setup(cert: PathBuf, key: PathBuf, metrics: Arc<Metrics>) -> Result<(TlsA
     tracing::info!(cert = %cert.display(), subject = %loaded.subject, serial = %loaded.serial, "TLS certificate loaded");
     metrics.tls_certificate_expiry.set(loaded.not_after);
     let resolver = Arc::new(CertResolver::new(loaded.key));
-    let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver.clone());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+    let builder = match &files.client_ca {
+        Some(ca) => {
+            let verifier = client_verifier(ca, files.require_client_cert, provider.clone())?;
+            tracing::info!(client_ca = %ca.display(), required = files.require_client_cert, "client certificates requested");
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(resolver.clone());
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     let last = match stamps {
         (Some(c), Some(k)) => Some((c, k)),

@@ -89,7 +89,7 @@ impl SecretDir {
     }
 
     fn files(&self) -> TlsFiles {
-        TlsFiles { cert: self.path("tls.crt"), key: self.path("tls.key") }
+        TlsFiles::new(self.path("tls.crt"), self.path("tls.key"))
     }
 
     fn path(&self, f: &str) -> PathBuf {

@@ -7,13 +7,14 @@
 //! leading bytes of *the digest of their guess* match a stored digest, which does not help find a key (preimage
 //! resistance), but the constant-time compare costs a few nanoseconds and removes the question.
 
+use super::certs::PeerCert;
 use super::cidr::CidrSet;
 use super::quota::QuotaCounter;
 use super::throttle::ThrottleState;
 use governor::clock::{Clock, DefaultClock};
 use http::HeaderValue;
 use jiff::Timestamp;
-use portcullis_table::{KeyDigest, RouteScope, Table};
+use portcullis_table::{CertIdentity, KeyDigest, RouteScope, Table};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
@@ -92,6 +93,8 @@ pub struct CompiledPlan<C: Clock = DefaultClock> {
 #[repr(C)]
 pub struct CompiledClient<C: Clock = DefaultClock> {
     pub disabled: bool,
+    /// A key alone does not identify this client: the connection's certificate must match it too.
+    pub require_certificate: bool,
     pub sources: CidrSet,
     first_plan: Option<CompiledPlan<C>>,
     more_plans: Box<[CompiledPlan<C>]>,
@@ -111,6 +114,8 @@ pub struct CompiledTable<C: Clock = DefaultClock> {
     pub service: String,
     pub revision: String,
     pub keys: DigestMap<KeyRef>,
+    /// Certificate identity (canonical form) → index into `clients`.
+    pub certs: HashMap<CertIdentity, u32>,
     pub clients: Vec<CompiledClient<C>>,
     pub clock: C,
 }
@@ -142,6 +147,7 @@ impl<C: Clock + Clone> CompiledTable<C> {
             .collect();
         let nkeys = table.clients.iter().map(|c| c.keys.len()).sum();
         let mut keys: DigestMap<KeyRef> = DigestMap::with_capacity_and_hasher(nkeys, Default::default());
+        let mut certs = HashMap::new();
         let mut clients = Vec::with_capacity(table.clients.len());
         for (i, c) in table.clients.iter().enumerate() {
             let header = HeaderValue::from_str(&c.id).map_err(|_| CompileError::ClientId(c.id.clone()))?;
@@ -164,9 +170,14 @@ impl<C: Clock + Clone> CompiledTable<C> {
             for k in &c.keys {
                 keys.insert(k.sha256.into(), KeyRef { client: i as u32, expires_at: k.expires_at });
             }
+            for ci in &c.certificates {
+                // `Table::validate` guarantees an identity names one client; should two, the first keeps it.
+                certs.entry(ci.normalized()).or_insert(i as u32);
+            }
             let mut plans = plans.into_iter();
             clients.push(CompiledClient {
                 disabled: c.disabled,
+                require_certificate: c.require_certificate,
                 sources: CidrSet::new(&c.source_ranges),
                 first_plan: plans.next(),
                 more_plans: plans.collect(),
@@ -174,13 +185,34 @@ impl<C: Clock + Clone> CompiledTable<C> {
                 id: c.id.clone(),
             });
         }
-        Ok(Self { service: table.service.clone(), revision: table.revision.clone(), keys, clients, clock })
+        Ok(Self { service: table.service.clone(), revision: table.revision.clone(), keys, certs, clients, clock })
     }
 
     /// The client a key digest belongs to, with the key's expiry.
     pub fn lookup(&self, digest: &KeyDigest) -> Option<(&CompiledClient<C>, KeyRef)> {
         let r = *self.keys.get(&DigestKey(digest.0))?;
         Some((&self.clients[r.client as usize], r))
+    }
+
+    /// The one client `cert` identifies: its identities must all lead to the same client (none leading nowhere
+    /// is fine); a certificate matching two clients identifies none.
+    pub fn lookup_cert(&self, cert: &PeerCert) -> Option<(u32, &CompiledClient<C>)> {
+        let mut found = None;
+        for id in &cert.identities {
+            if let Some(&i) = self.certs.get(id) {
+                match found {
+                    None => found = Some(i),
+                    Some(f) if f == i => {}
+                    Some(_) => return None,
+                }
+            }
+        }
+        found.map(|i| (i, &self.clients[i as usize]))
+    }
+
+    /// Whether `cert` carries an identity of client number `client`.
+    pub fn cert_matches(&self, cert: &PeerCert, client: u32) -> bool {
+        cert.identities.iter().any(|id| self.certs.get(id) == Some(&client))
     }
 
     pub fn client(&self, id: &str) -> Option<&CompiledClient<C>> {
@@ -226,6 +258,8 @@ mod tests {
             source_ranges: vec!["127.0.0.1/32".parse().unwrap()],
             disabled: false,
             plans: vec!["p".into()],
+            certificates: vec![],
+            require_certificate: false,
         };
         let t1 = Table::new("ns/svc", plans.clone(), vec![client("ns/a", b"ka"), client("ns/b", b"kb")]);
         let clock = FakeRelativeClock::default();

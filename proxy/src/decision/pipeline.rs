@@ -1,5 +1,7 @@
-//! The decision for one request: key → client → key expiry / disabled → source range → route → throttle → quota.
+//! The decision for one request: key (or, without a key, the verified client certificate) → client → key expiry /
+//! certificate required / disabled → source range → route → throttle → quota.
 
+use super::certs::PeerCert;
 use super::keys::{CompiledClient, CompiledPlan, CompiledTable};
 use super::quota::period_secs;
 use super::throttle::retry_after_secs;
@@ -23,10 +25,12 @@ pub enum Reason {
     UpstreamUnavailable,
     /// `--require-tls`: the key header was sent over plain HTTP.
     TlsRequired,
+    /// The key's client has `requireCertificate` and the connection's certificate does not match it.
+    CertificateRequired,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::InvalidKey,
         Reason::KeyExpired,
         Reason::ClientDisabled,
@@ -37,6 +41,7 @@ impl Reason {
         Reason::NoTable,
         Reason::UpstreamUnavailable,
         Reason::TlsRequired,
+        Reason::CertificateRequired,
     ];
 
     pub fn status(self) -> u16 {
@@ -46,7 +51,8 @@ impl Reason {
             | Reason::ClientDisabled
             | Reason::SourceNotAllowed
             | Reason::RouteNotAllowed
-            | Reason::TlsRequired => 403,
+            | Reason::TlsRequired
+            | Reason::CertificateRequired => 403,
             Reason::RateLimited | Reason::QuotaExceeded => 429,
             Reason::NoTable => 503,
             Reason::UpstreamUnavailable => 502,
@@ -65,6 +71,7 @@ impl Reason {
             Reason::NoTable => "no_table",
             Reason::UpstreamUnavailable => "upstream_unavailable",
             Reason::TlsRequired => "tls_required",
+            Reason::CertificateRequired => "certificate_required",
         }
     }
 
@@ -83,6 +90,9 @@ impl Reason {
             Reason::NoTable => r#"{"error":"no access table loaded yet","reason":"no_table"}"#,
             Reason::UpstreamUnavailable => r#"{"error":"upstream unavailable","reason":"upstream_unavailable"}"#,
             Reason::TlsRequired => r#"{"error":"API keys are accepted over HTTPS only","reason":"tls_required"}"#,
+            Reason::CertificateRequired => {
+                r#"{"error":"a matching client certificate is required","reason":"certificate_required"}"#
+            }
         }
     }
 }
@@ -95,6 +105,8 @@ pub struct RequestFacts<'a> {
     pub path: &'a str,
     /// The key header's value; `None` when absent or sent more than once.
     pub key: Option<&'a [u8]>,
+    /// The connection's verified client certificate (TLS with `--client-ca`), if one was presented.
+    pub cert: Option<&'a PeerCert>,
     pub now: Timestamp,
 }
 
@@ -136,11 +148,23 @@ impl<C: Clock> Decision<'_, C> {
 pub fn decide<'t, C: Clock + Clone>(table: Option<&'t CompiledTable<C>>, req: &RequestFacts<'_>) -> Decision<'t, C> {
     let Some(table) = table else { return Decision::Deny(Reason::NoTable.into()) };
     let deny = |r: Reason| Decision::Deny(r.into());
-    let Some(key) = req.key.filter(|k| !k.is_empty()) else { return deny(Reason::InvalidKey) };
-    let Some((client, key_ref)) = table.lookup(&key_digest(key)) else { return deny(Reason::InvalidKey) };
-    if key_ref.expires_at.is_some_and(|exp| req.now >= exp) {
-        return deny(Reason::KeyExpired);
-    }
+    let client = match req.key.filter(|k| !k.is_empty()) {
+        Some(key) => {
+            let Some((client, key_ref)) = table.lookup(&key_digest(key)) else { return deny(Reason::InvalidKey) };
+            if key_ref.expires_at.is_some_and(|exp| req.now >= exp) {
+                return deny(Reason::KeyExpired);
+            }
+            if client.require_certificate && !req.cert.is_some_and(|c| table.cert_matches(c, key_ref.client)) {
+                return deny(Reason::CertificateRequired);
+            }
+            client
+        }
+        // No key: a certificate naming exactly one client identifies it; anything else reads as a missing key.
+        None => match req.cert.and_then(|c| table.lookup_cert(c)) {
+            Some((_, client)) => client,
+            None => return deny(Reason::InvalidKey),
+        },
+    };
     if client.disabled {
         return deny(Reason::ClientDisabled);
     }
@@ -187,7 +211,7 @@ pub fn decide<'t, C: Clock + Clone>(table: Option<&'t CompiledTable<C>>, req: &R
 pub(crate) mod tests {
     use super::*;
     use governor::clock::FakeRelativeClock;
-    use portcullis_table::{Client, KeyEntry, Period, Plan, Quota, RouteScope, Table, Throttle};
+    use portcullis_table::{CertIdentity, Client, KeyEntry, Period, Plan, Quota, RouteScope, Table, Throttle};
     use std::collections::BTreeMap;
     use std::time::Duration;
 
@@ -205,17 +229,26 @@ pub(crate) mod tests {
             "small".to_string(),
             Plan { quota: Some(Quota { limit: 2, period: Period::Day }), ..Default::default() },
         );
+        plans.insert("open".to_string(), Plan::default());
         let client = |id: &str, key: &[u8], cidr: &str, plans: &[&str]| Client {
             id: id.into(),
             keys: vec![KeyEntry { sha256: key_digest(key), expires_at: None }],
             source_ranges: vec![cidr.parse().unwrap()],
             disabled: false,
             plans: plans.iter().map(|s| s.to_string()).collect(),
+            certificates: vec![],
+            require_certificate: false,
         };
         let mut expired = client("ns/expired", b"k-exp", "127.0.0.0/8", &["small"]);
         expired.keys[0].expires_at = Some("2020-01-01T00:00:00Z".parse().unwrap());
         let mut disabled = client("ns/disabled", b"k-dis", "127.0.0.0/8", &["small"]);
         disabled.disabled = true;
+        let mut by_cert = client("ns/by-cert", b"k-cert", "127.0.0.0/8", &["open"]);
+        by_cert.keys.clear();
+        by_cert.certificates = vec![CertIdentity::SanDns("a.example".into()), CertIdentity::Subject("A".into())];
+        let mut strict = client("ns/strict", b"k-strict", "127.0.0.0/8", &["open"]);
+        strict.require_certificate = true;
+        strict.certificates = vec![CertIdentity::SanUri("spiffe://td/strict".into())];
         Table::new(
             "ns/svc",
             plans,
@@ -224,12 +257,75 @@ pub(crate) mod tests {
                 client("ns/quota", b"k-quota", "::1/128", &["small"]),
                 expired,
                 disabled,
+                by_cert,
+                strict,
             ],
         )
     }
 
     fn facts<'a>(key: Option<&'a [u8]>, addr: &str, method: &'a str, path: &'a str) -> RequestFacts<'a> {
-        RequestFacts { addr: addr.parse().unwrap(), method, path, key, now: "2026-02-18T12:00:00Z".parse().unwrap() }
+        RequestFacts {
+            addr: addr.parse().unwrap(),
+            method,
+            path,
+            key,
+            cert: None,
+            now: "2026-02-18T12:00:00Z".parse().unwrap(),
+        }
+    }
+
+    fn cert(ids: &[CertIdentity]) -> PeerCert {
+        PeerCert { identities: ids.to_vec() }
+    }
+
+    fn allowed_id<C: Clock>(d: Decision<'_, C>) -> Result<String, Reason> {
+        match d {
+            Decision::Allow { client, .. } => Ok(client.id.clone()),
+            Decision::Deny(d) => Err(d.reason),
+        }
+    }
+
+    #[test]
+    fn certificates_identify_and_combine_with_keys() {
+        let t = CompiledTable::compile(&table(), None, FakeRelativeClock::default()).unwrap();
+        let t = Some(&t);
+        let a_dns = cert(&[CertIdentity::Subject("other".into()), CertIdentity::SanDns("a.example".into())]);
+        let a_both = cert(&[CertIdentity::Subject("A".into()), CertIdentity::SanDns("a.example".into())]);
+        let strict = cert(&[CertIdentity::SanUri("spiffe://td/strict".into())]);
+        let unknown = cert(&[CertIdentity::Sha256("00".repeat(32))]);
+        let ambiguous =
+            cert(&[CertIdentity::SanDns("a.example".into()), CertIdentity::SanUri("spiffe://td/strict".into())]);
+        let with = |key: Option<&'static [u8]>, c: &'static PeerCert| RequestFacts {
+            cert: Some(c),
+            ..facts(key, "127.0.0.1", "GET", "/")
+        };
+        let leak = |c: PeerCert| -> &'static PeerCert { Box::leak(Box::new(c)) };
+        let (a_dns, a_both, strict, unknown, ambiguous) =
+            (leak(a_dns), leak(a_both), leak(strict), leak(unknown), leak(ambiguous));
+
+        // Certificate alone.
+        assert_eq!(allowed_id(decide(t, &with(None, a_dns))), Ok("ns/by-cert".into()));
+        assert_eq!(allowed_id(decide(t, &with(None, a_both))), Ok("ns/by-cert".into()), "two identities, one client");
+        assert_eq!(allowed_id(decide(t, &with(None, unknown))), Err(Reason::InvalidKey));
+        assert_eq!(allowed_id(decide(t, &with(None, ambiguous))), Err(Reason::InvalidKey), "names two clients");
+        assert_eq!(allowed_id(decide(t, &facts(None, "127.0.0.1", "GET", "/"))), Err(Reason::InvalidKey));
+        // A certificate-only client still goes through source ranges.
+        let far = RequestFacts { cert: Some(a_dns), ..facts(None, "10.0.0.1", "GET", "/") };
+        assert_eq!(allowed_id(decide(t, &far)), Err(Reason::SourceNotAllowed));
+        // A key wins over the certificate; a bad key is not rescued by a good certificate.
+        let read = RequestFacts { cert: Some(a_dns), ..facts(Some(b"k-read"), "127.0.0.1", "GET", "/v1") };
+        assert_eq!(allowed_id(decide(t, &read)), Ok("ns/reader".into()));
+        assert_eq!(allowed_id(decide(t, &with(Some(b"nope"), a_dns))), Err(Reason::InvalidKey));
+        // requireCertificate: key + matching certificate, nothing less.
+        assert_eq!(
+            allowed_id(decide(t, &facts(Some(b"k-strict"), "127.0.0.1", "GET", "/"))),
+            Err(Reason::CertificateRequired)
+        );
+        assert_eq!(allowed_id(decide(t, &with(Some(b"k-strict"), a_dns))), Err(Reason::CertificateRequired));
+        assert_eq!(allowed_id(decide(t, &with(Some(b"k-strict"), strict))), Ok("ns/strict".into()));
+        assert_eq!(allowed_id(decide(t, &with(Some(b"k-strict"), ambiguous))), Ok("ns/strict".into()));
+        assert_eq!(allowed_id(decide(t, &with(None, strict))), Ok("ns/strict".into()), "its certificate alone");
+        assert_eq!(Reason::CertificateRequired.status(), 403);
     }
 
     fn reason<C: Clock>(d: Decision<'_, C>) -> Option<Reason> {

@@ -112,6 +112,8 @@ pub fn client(id: &str, key: &str, cidrs: &[&str], plans: &[&str]) -> Client {
         source_ranges: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
         disabled: false,
         plans: plans.iter().map(|p| p.to_string()).collect(),
+        certificates: vec![],
+        require_certificate: false,
     }
 }
 
