@@ -164,10 +164,7 @@ pub fn openloop_main(args: &[String]) -> Result<()> {
             let (next, errors, key) = (next.clone(), errors.clone(), key.clone());
             tasks.push(tokio::spawn(async move {
                 let mut lat: Vec<u32> = Vec::new();
-                let stream = tokio::net::TcpStream::connect(addr).await?;
-                stream.set_nodelay(true)?;
-                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-                tokio::spawn(conn);
+                let mut sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= total {
@@ -185,17 +182,18 @@ pub fn openloop_main(args: &[String]) -> Result<()> {
                             tokio::task::yield_now().await;
                         }
                     }
-                    sender.ready().await?;
-                    let req = Request::get("/v1/items")
-                        .header("host", "bench")
-                        .header("x-api-key", key.as_str())
-                        .body(Full::new(Bytes::new()))?;
-                    let resp = sender.send_request(req).await?;
-                    let ok = resp.status().is_success();
-                    resp.into_body().collect().await?;
-                    lat.push(intended.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                    if !ok {
-                        errors.fetch_add(1, Ordering::Relaxed);
+                    // A closed or failed connection counts as an error and is reopened for the next request.
+                    match one(&mut sender, addr, &key).await {
+                        Ok(ok) => {
+                            lat.push(intended.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                            if !ok {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(_) => {
+                            sender = None;
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
                 anyhow::Ok(lat)
@@ -222,4 +220,25 @@ pub fn openloop_main(args: &[String]) -> Result<()> {
     })?;
     println!("{v}");
     Ok(())
+}
+
+async fn one(
+    sender: &mut Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+    addr: SocketAddr,
+    key: &str,
+) -> Result<bool> {
+    if sender.is_none() {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        *sender = Some(s);
+    }
+    let s = sender.as_mut().context("sender")?;
+    s.ready().await?;
+    let req = Request::get("/v1/items").header("host", "bench").header("x-api-key", key).body(Full::new(Bytes::new()))?;
+    let resp = s.send_request(req).await?;
+    let ok = resp.status().is_success();
+    resp.into_body().collect().await?;
+    Ok(ok)
 }

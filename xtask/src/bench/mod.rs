@@ -3,12 +3,14 @@
 //!
 //! Suites: `throughput` (D / N0 / N1 / P0 / P1 arms, closed-loop wrk + open-loop added latency), `memory` (RSS
 //! idle / 10 000 clients / under load, CPU seconds per 1 000 requests), `scale` (P1 at 10 … 100 000 clients, table
-//! swap time and peak RSS), `limiter` (admitted vs configured rate), `all`. `--smoke`: 1 s runs, one repetition,
+//! swap time and peak RSS), `limiter` (admitted vs configured rate), `propagation` (API write → enforced, on the
+//! local control plane), `all`. `--smoke`: 1 s runs, one repetition,
 //! small tables, written to `target/bench-smoke/` instead (proves the code still works; no figures to publish).
 //!
 //! The load generator is pinned to CPU 0 and every server process (upstream, proxy, nginx) to CPU 1 (`taskset`).
 
 mod load;
+mod propagation;
 mod servers;
 mod suites;
 
@@ -31,7 +33,7 @@ impl Drop for Ctx {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask bench <throughput|memory|scale|limiter|all> [--smoke]";
+const USAGE: &str = "usage: cargo xtask bench <throughput|memory|scale|limiter|propagation|all> [--smoke]";
 
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
@@ -59,24 +61,21 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         tmp,
         command: format!("cargo xtask bench {}", args.join(" ")),
     };
-    let list: &[&str] = match *suite {
-        "all" => &["throughput", "memory", "scale", "limiter"],
-        s @ ("throughput" | "memory" | "scale" | "limiter") => std::slice::from_ref(match s {
-            "throughput" => &"throughput",
-            "memory" => &"memory",
-            "scale" => &"scale",
-            _ => &"limiter",
-        }),
+    const ALL: [&str; 5] = ["throughput", "memory", "scale", "limiter", "propagation"];
+    let list: Vec<&str> = match *suite {
+        "all" => ALL.to_vec(),
+        s if ALL.contains(&s) => vec![s],
         _ => bail!(USAGE),
     };
     let bin = servers::build_proxy(root)?;
-    for s in list {
+    for s in &list {
         eprintln!("xtask bench: suite {s}{}", if smoke { " (smoke)" } else { "" });
         let t = std::time::Instant::now();
         let (data, md, svg) = match *s {
             "throughput" => suites::throughput(&ctx, &bin)?,
             "memory" => suites::memory(&ctx, &bin)?,
             "scale" => suites::scale(&ctx, &bin)?,
+            "propagation" => propagation::propagation(&ctx)?,
             _ => suites::limiter(&ctx, &bin)?,
         };
         write_report(&ctx, s, data, &md, svg.as_deref(), t.elapsed().as_secs_f64())?;

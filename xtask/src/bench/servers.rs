@@ -131,6 +131,8 @@ pub fn table(n: usize, throttle: Option<Throttle>, quota: bool) -> Table {
             source_ranges: vec![client_cidr(i).parse().expect("cidr")],
             disabled: false,
             plans: vec!["bench".into()],
+            certificates: vec![],
+            require_certificate: false,
         })
         .collect();
     Table::new("bench/upstream", plans, clients)

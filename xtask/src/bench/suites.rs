@@ -437,6 +437,7 @@ pub fn summary(suite: &str, r: &Value) -> Value {
                            "cpu_s_per_1k_requests": r["proxy_cpu_s_per_1k_req"]}),
         "scale" => json!({"scale": r["sizes"]}),
         "limiter" => json!({"limiter": r["rates"]}),
+        "propagation" => json!({"propagation_s": r}),
         _ => json!({}),
     }
 }
