@@ -41,6 +41,8 @@ fn fixture(n: usize) -> (Vec<UsagePlan>, Vec<ApiClient>, HashMap<String, Vec<u8>
                         expires_at: None,
                     }],
                     disabled: None,
+                    certificates: vec![],
+                    require_certificate: None,
                 },
             );
             c.metadata.namespace = Some("shop".into());

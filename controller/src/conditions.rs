@@ -53,6 +53,8 @@ pub struct ClientFacts {
     /// Resolved keys, and how many of them are not expired.
     pub resolved_keys: usize,
     pub live_keys: usize,
+    /// Entries of `spec.certificates`: a client identified by certificate needs no key.
+    pub certificates: usize,
     /// Keys dropped because another client uses the same key (fingerprints).
     pub duplicate_keys: Vec<String>,
     pub missing_plans: Vec<String>,
@@ -74,6 +76,13 @@ pub fn client_conditions(f: &ClientFacts) -> Vec<Cond> {
             false,
             reason::DUPLICATE_KEY,
             format!("key(s) {} already belong to another ApiClient", f.duplicate_keys.join(", ")),
+        )
+    } else if f.resolved_keys == 0 && f.certificates > 0 {
+        Cond::new(
+            KEYS_RESOLVED,
+            true,
+            reason::RESOLVED,
+            format!("no keys; identified by {} certificate identity(ies)", f.certificates),
         )
     } else if f.live_keys == 0 {
         Cond::new(KEYS_RESOLVED, false, reason::KEY_EXPIRED, format!("all {} keys have expired", f.resolved_keys))
@@ -234,6 +243,10 @@ mod tests {
     fn expired_missing_plan_invalid_range_pending() {
         let mut f = good();
         f.live_keys = 0;
+        let mut by_cert = f.clone();
+        by_cert.resolved_keys = 0;
+        by_cert.certificates = 1;
+        assert!(get(&client_conditions(&by_cert), "KeysResolved").ok, "certificates stand in for keys");
         f.missing_plans = vec!["gold".into()];
         f.invalid_ranges = vec!["10.0.0.0/33".into()];
         f.unprogrammed = vec!["orders".into()];

@@ -153,6 +153,10 @@ pub struct TableStatus {
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "(has(self.keys) && size(self.keys) > 0) || (has(self.certificates) && size(self.certificates) > 0)",
+     "message": "at least one of keys or certificates must be given"}
+]))]
 pub struct ApiClientSpec {
     /// Names of UsagePlans in this namespace; earlier plans take precedence.
     #[schemars(length(min = 1, max = 16), inner(length(min = 1, max = 253)))]
@@ -164,9 +168,18 @@ pub struct ApiClientSpec {
         {"rule": "self.all(c, isCIDR(c))", "message": "every sourceRanges entry must be a CIDR such as 10.0.0.0/8 or 2001:db8::/32"}
     ]))]
     pub source_ranges: Vec<String>,
-    /// API keys; several at once for rotation.
-    #[schemars(length(min = 1, max = 8))]
+    /// API keys; several at once for rotation. May be empty when `certificates` identify the client.
+    #[serde(default)]
+    #[schemars(length(max = 8))]
     pub keys: Vec<KeySpec>,
+    /// Client-certificate identities (TLS with `--client-ca` at the proxy): a verified certificate matching one of
+    /// them identifies this client without a key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub certificates: Vec<CertificateSpec>,
+    /// Require a matching client certificate in addition to the key (403 `certificate_required` otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub require_certificate: Option<bool>,
     /// Reject every request of this client (403) while keeping it in the tables.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disabled: Option<bool>,
@@ -186,6 +199,32 @@ pub struct KeySpec {
     /// The key is refused from this instant on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
+}
+
+/// One accepted client-certificate identity: exactly one of the fields.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "[has(self.subject), has(self.sanDNS), has(self.sanURI), has(self.sha256)].filter(x, x).size() == 1",
+     "message": "exactly one of subject, sanDNS, sanURI or sha256 must be set"}
+]))]
+pub struct CertificateSpec {
+    /// The certificate subject's Common Name (CN), compared exactly. Not a full distinguished name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub subject: Option<String>,
+    /// A DNS subjectAltName, compared case-insensitively.
+    #[serde(default, rename = "sanDNS", skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub san_dns: Option<String>,
+    /// A URI subjectAltName (e.g. a SPIFFE ID), compared exactly.
+    #[serde(default, rename = "sanURI", skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 2048))]
+    pub san_uri: Option<String>,
+    /// SHA-256 fingerprint of the certificate's DER encoding: 64 hex digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^[0-9a-fA-F]{64}$"))]
+    pub sha256: Option<String>,
 }
 
 /// A key stored in a Secret of the ApiClient's namespace.
@@ -259,6 +298,9 @@ mod tests {
         assert!(ac.contains("isCIDR(c)"));
         assert!(ac.contains("has(self.secretRef) != has(self.generate)"));
         assert!(ac.contains("maxItems: 256"));
+        assert!(ac.contains("filter(x, x).size() == 1"));
+        assert!(ac.contains("size(self.certificates) > 0"));
+        assert!(ac.contains("^[0-9a-fA-F]{64}$"));
         assert!(ac.contains("x-kubernetes-list-type: map"));
         assert!(up.contains("- Day"));
         assert!(up.contains("minimum: 1"));

@@ -1,10 +1,12 @@
 //! Pure translation of UsagePlans and ApiClients (plus resolved key digests) into one Service's [`Table`].
 //! No I/O: everything here is unit-tested.
 
-use crate::crd::{ApiClient, KeySpec, QuotaPeriod, UsagePlan, UsagePlanSpec};
+use crate::crd::{ApiClient, CertificateSpec, KeySpec, QuotaPeriod, UsagePlan, UsagePlanSpec};
 use ipnet::IpNet;
 use kube::ResourceExt;
-use portcullis_table::{Client, KeyDigest, KeyEntry, Period, Plan, Quota, RouteScope, Table, Throttle, key_digest};
+use portcullis_table::{
+    CertIdentity, Client, KeyDigest, KeyEntry, Period, Plan, Quota, RouteScope, Table, Throttle, key_digest,
+};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use thiserror::Error;
 
@@ -210,6 +212,23 @@ pub fn parse_source_ranges(ranges: &[String]) -> (Vec<IpNet>, Vec<String>) {
     (nets, bad)
 }
 
+/// A `spec.certificates` entry as a table identity (canonical form); `None` when it sets no field (the schema's
+/// exactly-one rule refuses that) and the first set field when it sets several.
+pub fn cert_identity(spec: &CertificateSpec) -> Option<CertIdentity> {
+    let id = if let Some(v) = &spec.subject {
+        CertIdentity::Subject(v.clone())
+    } else if let Some(v) = &spec.san_dns {
+        CertIdentity::SanDns(v.clone())
+    } else if let Some(v) = &spec.san_uri {
+        CertIdentity::SanUri(v.clone())
+    } else {
+        CertIdentity::Sha256(spec.sha256.clone()?)
+    };
+    let id = id.normalized();
+    // An identity that can never match (schema should have refused it) is left out rather than failing the table.
+    id.problem().is_none().then_some(id)
+}
+
 /// A built table plus what the status writers need to know about it.
 #[derive(Debug, Clone)]
 pub struct BuiltTable {
@@ -220,6 +239,8 @@ pub struct BuiltTable {
     pub clients: HashMap<String, i64>,
     /// Keys left out because an earlier client (by id) already uses the same key: (client, fingerprint).
     pub duplicate_keys: Vec<(String, String)>,
+    /// Certificate identities left out because an earlier client (by id) already names them: (client, identity).
+    pub duplicate_certificates: Vec<(String, String)>,
 }
 
 /// Builds the table of Service `service` in `namespace` from the namespace's plans and clients. `keys` gives the
@@ -263,6 +284,8 @@ pub fn build_table<'a>(
     selected.sort_by(|a, b| a.0.cmp(&b.0));
     let mut used: HashSet<KeyDigest> = HashSet::with_capacity(selected.len());
     let mut duplicate_keys = Vec::new();
+    let mut used_certs: HashSet<CertIdentity> = HashSet::new();
+    let mut duplicate_certificates = Vec::new();
     let mut client_meta = HashMap::with_capacity(selected.len());
     let mut out = Vec::with_capacity(selected.len());
     for (id, c, granted) in selected {
@@ -274,6 +297,14 @@ pub fn build_table<'a>(
                 duplicate_keys.push((c.name_any(), portcullis_table::fingerprint(&k.sha256)));
             }
         }
+        let mut certificates = Vec::new();
+        for id in c.spec.certificates.iter().filter_map(cert_identity) {
+            if used_certs.insert(id.clone()) {
+                certificates.push(id);
+            } else if !certificates.contains(&id) {
+                duplicate_certificates.push((c.name_any(), id.to_string()));
+            }
+        }
         let (source_ranges, _) = parse_source_ranges(&c.spec.source_ranges);
         client_meta.insert(c.name_any(), c.metadata.generation.unwrap_or(0));
         out.push(Client {
@@ -282,6 +313,8 @@ pub fn build_table<'a>(
             source_ranges,
             disabled: c.spec.disabled.unwrap_or(false),
             plans: granted,
+            certificates,
+            require_certificate: c.spec.require_certificate.unwrap_or(false),
         });
     }
     BuiltTable {
@@ -289,6 +322,7 @@ pub fn build_table<'a>(
         plans: plan_meta,
         clients: client_meta,
         duplicate_keys,
+        duplicate_certificates,
     }
 }
 
@@ -327,6 +361,8 @@ pub(crate) mod tests {
                     expires_at: None,
                 }],
                 disabled: None,
+                certificates: vec![],
+                require_certificate: None,
             },
         );
         c.metadata.namespace = Some("ns".into());
@@ -407,6 +443,43 @@ pub(crate) mod tests {
         assert!(built.table.clients[1].keys.is_empty());
         assert_eq!(built.duplicate_keys.len(), 1);
         assert_eq!(built.duplicate_keys[0].0, "b");
+    }
+
+    #[test]
+    fn certificates_and_require_certificate_reach_the_table() {
+        let plans = [plan("gold", &["orders"], None)];
+        let plain = build_table("ns", "orders", &plans, &[client("a", &["gold"], &[])], |_| vec![]).table;
+        let mut a = client("a", &["gold"], &[]);
+        a.spec.keys.clear();
+        a.spec.certificates = vec![
+            CertificateSpec { san_dns: Some("A.Example".into()), ..Default::default() },
+            CertificateSpec { sha256: Some("AB".repeat(32)), ..Default::default() },
+            CertificateSpec { subject: Some("client a".into()), ..Default::default() },
+            CertificateSpec::default(),
+        ];
+        let mut b = client("b", &["gold"], &[]);
+        b.spec.require_certificate = Some(true);
+        b.spec.certificates = vec![
+            CertificateSpec { san_dns: Some("a.example".into()), ..Default::default() },
+            CertificateSpec { san_uri: Some("spiffe://td/ns/b".into()), ..Default::default() },
+        ];
+        let built = build_table("ns", "orders", &plans, &[a, b], |_| vec![]);
+        built.table.validate("t").unwrap();
+        let t = &built.table;
+        assert_eq!(
+            t.clients[0].certificates,
+            vec![
+                CertIdentity::SanDns("a.example".into()),
+                CertIdentity::Sha256("ab".repeat(32)),
+                CertIdentity::Subject("client a".into()),
+            ]
+        );
+        assert!(!t.clients[0].require_certificate);
+        assert_eq!(t.clients[1].certificates, vec![CertIdentity::SanUri("spiffe://td/ns/b".into())]);
+        assert!(t.clients[1].require_certificate);
+        assert_eq!(built.duplicate_certificates, vec![("b".to_string(), "sanDNS \"a.example\"".to_string())]);
+        // Unused, the new fields leave the table (and its revision) exactly as before.
+        assert!(!plain.to_json().contains("certificates"));
     }
 
     #[test]

@@ -295,6 +295,20 @@ async fn schema_rejects_invalid_objects() {
     .await;
     reject("ApiClient", "apiclients", json!({"usagePlans": ["p"], "keys": [{}]}), "exactly one").await;
     reject("ApiClient", "apiclients", json!({"usagePlans": [], "keys": key}), "usagePlans").await;
+    reject("ApiClient", "apiclients", json!({"usagePlans": ["p"]}), "at least one of keys or certificates").await;
+    reject("ApiClient", "apiclients", json!({"usagePlans": ["p"], "keys": [], "certificates": []}), "at least one")
+        .await;
+    reject(
+        "ApiClient",
+        "apiclients",
+        json!({"usagePlans": ["p"], "certificates": [{"subject": "a", "sanDNS": "a.example"}]}),
+        "exactly one of subject, sanDNS, sanURI or sha256",
+    )
+    .await;
+    reject("ApiClient", "apiclients", json!({"usagePlans": ["p"], "certificates": [{}]}), "exactly one of subject")
+        .await;
+    reject("ApiClient", "apiclients", json!({"usagePlans": ["p"], "certificates": [{"sha256": "abc"}]}), "sha256")
+        .await;
     reject("UsagePlan", "usageplans", json!({"services": [{"name": "a"}], "throttle": {"rate": -5}}), "rate").await;
     reject("UsagePlan", "usageplans", json!({"services": [{"name": "a"}], "throttle": {"rate": 0}}), "rate").await;
     reject(
@@ -319,6 +333,13 @@ async fn schema_rejects_invalid_objects() {
     )
     .await;
     // A valid object is accepted (so the rejections above are about the fields named).
+    let clients: Api<ApiClient> = Api::namespaced(env.admin.clone(), &env.ns);
+    let mut by_cert = ApiClient::new("by-cert", client_spec(&["p"], &[], "s", "k"));
+    by_cert.spec.keys.clear();
+    by_cert.spec.certificates = vec![CertificateSpec { sha256: Some("AB".repeat(32)), ..Default::default() }];
+    by_cert.spec.require_certificate = Some(true);
+    let created = clients.create(&PostParams::default(), &by_cert).await.expect("certificate-only ApiClient accepted");
+    assert_eq!(created.spec.certificates.len(), 1);
     let api: Api<UsagePlan> = Api::namespaced(env.admin.clone(), &env.ns);
     let created = api.create(&PostParams::default(), &plan("ok", &["a"])).await.unwrap();
     assert_eq!(created.spec.throttle.unwrap().per, "1s");

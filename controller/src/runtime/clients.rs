@@ -57,6 +57,7 @@ async fn reconcile_inner(obj: &ApiClient, ctx: &Ctx) -> Result<Action, Error> {
         key_problems: resolved.problems.clone(),
         resolved_keys: resolved.entries.len(),
         live_keys: resolved.live(now),
+        certificates: obj.spec.certificates.len(),
         ..Default::default()
     };
     facts.invalid_ranges = parse_source_ranges(&obj.spec.source_ranges).1;

@@ -189,6 +189,8 @@ pub fn client_spec(plans: &[&str], ranges: &[&str], secret: &str, key: &str) -> 
             expires_at: None,
         }],
         disabled: None,
+        certificates: vec![],
+        require_certificate: None,
     }
 }
 
