@@ -236,7 +236,8 @@ async fn one(
     }
     let s = sender.as_mut().context("sender")?;
     s.ready().await?;
-    let req = Request::get("/v1/items").header("host", "bench").header("x-api-key", key).body(Full::new(Bytes::new()))?;
+    let req =
+        Request::get("/v1/items").header("host", "bench").header("x-api-key", key).body(Full::new(Bytes::new()))?;
     let resp = s.send_request(req).await?;
     let ok = resp.status().is_success();
     resp.into_body().collect().await?;

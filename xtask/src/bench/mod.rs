@@ -54,13 +54,8 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     std::fs::create_dir_all(&out)?;
     let tmp = std::env::temp_dir().join(format!("portcullis-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
-    let ctx = Ctx {
-        root: root.to_path_buf(),
-        smoke,
-        out,
-        tmp,
-        command: format!("cargo xtask bench {}", args.join(" ")),
-    };
+    let ctx =
+        Ctx { root: root.to_path_buf(), smoke, out, tmp, command: format!("cargo xtask bench {}", args.join(" ")) };
     const ALL: [&str; 5] = ["throughput", "memory", "scale", "limiter", "propagation"];
     let list: Vec<&str> = match *suite {
         "all" => ALL.to_vec(),
@@ -138,7 +133,11 @@ fn write_report(ctx: &Ctx, suite: &str, data: Value, md: &str, svg: Option<&str>
         versions["wrk"].as_str().unwrap_or(""),
         versions["nginx"].as_str().unwrap_or(""),
         versions["commit"].as_str().unwrap_or(""),
-        if versions["proxy_or_table_sources_dirty"] == true { " (proxy/ or table/ had uncommitted changes)" } else { "" },
+        if versions["proxy_or_table_sources_dirty"] == true {
+            " (proxy/ or table/ had uncommitted changes)"
+        } else {
+            ""
+        },
         load::LOADGEN_CPU,
         load::SERVER_CPU,
     );
@@ -239,7 +238,13 @@ pub fn bar_svg(title: &str, unit: &str, series: &[&str], groups: &[(String, Vec<
 }
 
 fn fmt_num(v: f64) -> String {
-    if v >= 100.0 { format!("{v:.0}") } else if v >= 1.0 { format!("{v:.2}") } else { format!("{v:.3}") }
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
 }
 
 fn esc(s: &str) -> String {

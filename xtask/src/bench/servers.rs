@@ -94,7 +94,11 @@ pub fn wait_url(url: &str, timeout: Duration) -> Result<()> {
 }
 
 pub fn curl_ok(url: &str) -> bool {
-    Command::new("curl").args(["-fsS", "-o", "/dev/null", url]).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new("curl")
+        .args(["-fsS", "-o", "/dev/null", url])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 pub fn build_proxy(root: &Path) -> Result<PathBuf> {
@@ -169,7 +173,9 @@ pub fn nginx_conf(dir: &Path, upstream: SocketAddr, port: u16, policy: bool, cli
         for i in 0..clients.max(1) {
             s.push_str(&format!("    {} c{i};\n", client_cidr(i)));
         }
-        s.push_str("  }\n  map \"$client:$src_client\" $source_ok {\n    \"~^(?<c>[^:]+):\\k<c>$\" 1;\n    default 0;\n  }\n");
+        s.push_str(
+            "  }\n  map \"$client:$src_client\" $source_ok {\n    \"~^(?<c>[^:]+):\\k<c>$\" 1;\n    default 0;\n  }\n",
+        );
         s.push_str("  limit_req_zone $client zone=perclient:32m rate=1000000r/s;\n  limit_req_status 429;\n");
     }
     s.push_str(&format!("  server {{\n    listen 127.0.0.1:{port};\n"));
@@ -182,7 +188,9 @@ pub fn nginx_conf(dir: &Path, upstream: SocketAddr, port: u16, policy: bool, cli
     } else {
         s.push_str("    location / {\n");
     }
-    s.push_str("      proxy_pass http://app;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }\n");
+    s.push_str(
+        "      proxy_pass http://app;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }\n",
+    );
     if policy {
         s.push_str("    location / { return 403; }\n");
     }

@@ -200,7 +200,8 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
             (p.to_string(), ["N1", "P0", "P1"].iter().map(|n| ol_med(ai(n), p) - ol_med(0, p)).collect::<Vec<f64>>())
         })
         .collect();
-    let svg2 = bar_svg(&format!("Added latency vs direct at {rate} req/s (open loop)"), "ms", &["N1", "P0", "P1"], &groups2);
+    let svg2 =
+        bar_svg(&format!("Added latency vs direct at {rate} req/s (open loop)"), "ms", &["N1", "P0", "P1"], &groups2);
     std::fs::write(ctx.out.join("throughput-latency.svg"), svg2)?;
     md.push_str("\n![added latency](throughput-latency.svg)\n");
     Ok((data, md, Some(svg1)))
@@ -299,7 +300,9 @@ fn metrics(admin: SocketAddr) -> Result<String> {
 fn serving_revision(admin: SocketAddr, rev: &str) -> bool {
     metrics(admin).is_ok_and(|m| {
         m.lines().any(|l| {
-            l.starts_with("portcullis_proxy_table_info") && l.contains(&format!("revision=\"{rev}\"")) && l.ends_with(" 1")
+            l.starts_with("portcullis_proxy_table_info")
+                && l.contains(&format!("revision=\"{rev}\""))
+                && l.ends_with(" 1")
         })
     })
 }
@@ -379,7 +382,11 @@ pub fn scale(ctx: &Ctx, bin: &Path) -> Result<Out> {
     );
     let groups: Vec<(String, Vec<f64>)> =
         sizes.iter().enumerate().map(|(i, n)| (format!("{n} clients"), vec![median(rps[i].clone())])).collect();
-    Ok((json!({"sizes": rows, "runs": k.reps, "seconds_per_run": k.secs}), md, Some(bar_svg("P1 throughput by table size", "req/s", &["req/s"], &groups))))
+    Ok((
+        json!({"sizes": rows, "runs": k.reps, "seconds_per_run": k.secs}),
+        md,
+        Some(bar_svg("P1 throughput by table size", "req/s", &["req/s"], &groups)),
+    ))
 }
 
 pub fn limiter(ctx: &Ctx, bin: &Path) -> Result<Out> {
@@ -431,10 +438,12 @@ pub fn summary(suite: &str, r: &Value) -> Value {
         "throughput" => json!({"throughput": {"ratios": r["ratios"], "added_latency_ms": r["added_latency_ms"],
                                               "open_loop_rate_rps": r["open_loop"]["rate_rps"],
                                               "rps": r["arms"].as_array().map(|a| a.iter().map(|x| (x["arm"].as_str().unwrap_or("").to_string(), x["median"]["rps"].clone())).collect::<serde_json::Map<_, _>>())}}),
-        "memory" => json!({"rss_mb": {"idle": r["rss_mib"]["idle_1_client"], "idle_no_table": r["rss_mib"]["idle_no_table"],
+        "memory" => {
+            json!({"rss_mb": {"idle": r["rss_mib"]["idle_1_client"], "idle_no_table": r["rss_mib"]["idle_no_table"],
                                       "clients_10k_idle": r["rss_mib"]["idle_clients"],
                                       "clients_10k_under_load": r["rss_mib"]["under_load_peak"]},
-                           "cpu_s_per_1k_requests": r["proxy_cpu_s_per_1k_req"]}),
+                           "cpu_s_per_1k_requests": r["proxy_cpu_s_per_1k_req"]})
+        }
         "scale" => json!({"scale": r["sizes"]}),
         "limiter" => json!({"limiter": r["rates"]}),
         "propagation" => json!({"propagation_s": r}),
