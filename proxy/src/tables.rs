@@ -304,6 +304,7 @@ mod tests {
                 method,
                 path,
                 key: Some(key.as_bytes()),
+                cert: None,
                 now: jiff::Timestamp::now(),
             };
             decide(Some(&c), &f).reason()
