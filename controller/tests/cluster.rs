@@ -11,7 +11,7 @@ use kube::core::ApiResource;
 use portcullis_controller::crd::*;
 use portcullis_controller::keygen::validate_key_format;
 use portcullis_table::naming::index_name;
-use portcullis_table::{Period, Quota, Throttle, key_digest};
+use portcullis_table::{CertIdentity, Period, Quota, Throttle, key_digest};
 use portcullis_testkit::wait_for;
 use serde_json::json;
 use std::time::Duration;
@@ -118,6 +118,29 @@ async fn plan_and_client_render_table_edits_and_deletes() {
     assert!(http_get(ctl.admin_addr, "/healthz").await.unwrap().0.contains("200"));
 
     assert_no_key_material(&env, &[key.to_string()]).await;
+    ctl.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_only_client_is_rendered_and_ready() {
+    let env = env("certs").await;
+    let ctl = start_controller(&env, "certs-1").await;
+    create_plan(&env, plan("gold", &["orders"])).await;
+    let mut spec = client_spec(&["gold"], &["10.0.0.0/8"], "unused", "key");
+    spec.keys.clear();
+    spec.certificates = vec![
+        CertificateSpec { san_dns: Some("Batch.Example".into()), ..Default::default() },
+        CertificateSpec { sha256: Some("AB".repeat(32)), ..Default::default() },
+    ];
+    spec.require_certificate = Some(true);
+    create_client(&env, "batch", spec).await;
+    let (_, t) = wait_table(&env, "orders", "certificate-only client present", |t| t.clients.len() == 1).await;
+    let c = &t.clients[0];
+    assert!(c.keys.is_empty());
+    assert_eq!(c.certificates, [CertIdentity::SanDns("batch.example".into()), CertIdentity::Sha256("ab".repeat(32))]);
+    assert!(c.require_certificate);
+    let ready = wait_client_condition(&env, "batch", "Ready", "True", Some("Ready")).await;
+    assert_eq!(ready.status.unwrap().keys, 0);
     ctl.stop().await.expect("clean stop");
 }
 
