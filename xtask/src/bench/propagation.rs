@@ -12,7 +12,7 @@ use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use portcullis_testkit::ControlPlane;
 use serde_json::{Value, json};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 const NS: &str = "bench";
@@ -89,14 +89,25 @@ fn apiclients(client: kube::Client) -> Api<DynamicObject> {
 }
 
 async fn until(proxy: SocketAddr, from: IpAddr, key: &str, want: impl Fn(u16) -> bool, kids: &mut Kids) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    until_for(proxy, from, key, want, kids, Duration::from_secs(30)).await
+}
+
+async fn until_for(
+    proxy: SocketAddr,
+    from: IpAddr,
+    key: &str,
+    want: impl Fn(u16) -> bool,
+    kids: &mut Kids,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
     loop {
         let r = get(from, proxy, "/v1/items", Some(key)).await?;
         if want(r.status) {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("change not reflected within 30 s (last answer {} {})", r.status, r.body.trim());
+            bail!("change not reflected within {timeout:?} (last answer {} {})", r.status, r.body.trim());
         }
         for c in &mut kids.0 {
             if let Some(s) = c.try_wait()? {
@@ -143,7 +154,7 @@ async fn run(ctx: &Ctx, cp: &ControlPlane, trials: usize) -> Result<Series> {
             .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
             .arg(format!("--webhook-listen=127.0.0.1:{webhook_port}"))
             .stdout(std::fs::File::create(logs.join("controller.log"))?)
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(logs.join("controller.err"))?)
             .spawn()?,
     );
     cp.apply_yaml(&format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n"), None).await?;
@@ -176,14 +187,25 @@ async fn run(ctx: &Ctx, cp: &ControlPlane, trials: usize) -> Result<Series> {
             .arg(format!("--admin-listen=127.0.0.1:{ap}"))
             .arg(format!("--upstream={echo}"))
             .arg(format!("--tables-from=configmap/{NS}/{}", portcullis_table::naming::index_name("echo")))
+            .env("RUST_LOG", "info")
             .stdout(std::fs::File::create(logs.join("proxy.log"))?)
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(logs.join("proxy.err"))?)
             .spawn()?,
     );
     let proxy = SocketAddr::from(([127, 0, 0, 1], pp));
     let lo: IpAddr = Ipv4Addr::LOCALHOST.into();
     let lo2: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
-    until(proxy, lo, &key(0), |s| s == 200, &mut kids).await.context("waiting for client 0 to be served")?;
+    if let Err(e) = until_for(proxy, lo, &key(0), |s| s == 200, &mut kids, Duration::from_secs(120)).await {
+        let tail = |f: &str| {
+            let t = std::fs::read_to_string(logs.join(f)).unwrap_or_default();
+            t.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+        };
+        bail!(
+            "client 0 never served: {e:#}\n--- controller.log\n{}\n--- proxy.log\n{}",
+            tail("controller.log"),
+            tail("proxy.log")
+        );
+    }
     eprintln!("  propagation: control plane, controller and proxy up");
     let mut create = Vec::new();
     for i in 1..=trials {
