@@ -102,12 +102,14 @@ async fn until_for(
 ) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        let r = get(from, proxy, "/v1/items", Some(key)).await?;
-        if want(r.status) {
-            return Ok(());
-        }
+        // Connection errors (the proxy not listening yet) count as "not yet".
+        let last = match get(from, proxy, "/v1/items", Some(key)).await {
+            Ok(r) if want(r.status) => return Ok(()),
+            Ok(r) => format!("{} {}", r.status, r.body.trim()),
+            Err(e) => format!("{e:#}"),
+        };
         if Instant::now() > deadline {
-            bail!("change not reflected within {timeout:?} (last answer {} {})", r.status, r.body.trim());
+            bail!("change not reflected within {timeout:?} (last answer {last})");
         }
         for c in &mut kids.0 {
             if let Some(s) = c.try_wait()? {
