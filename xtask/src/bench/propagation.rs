@@ -179,7 +179,7 @@ async fn run(ctx: &Ctx, cp: &ControlPlane, trials: usize) -> Result<Series> {
     // Client 0 exists before the proxy starts, so its first table is not empty.
     cp.apply_yaml(&secret(0), Some(NS)).await?;
     let api = apiclients(admin.clone());
-    api.create(&PostParams::default(), &client_obj(0, &["127.0.0.1/32"], false)?).await?;
+    api.create(&PostParams::default(), &client_obj(0, &["127.0.0.1/32"])?).await?;
     let echo = start_echo("x-api-key").await?;
     let (pp, ap) = (super::servers::free_port()?, super::servers::free_port()?);
     kids.0.push(
@@ -213,7 +213,7 @@ async fn run(ctx: &Ctx, cp: &ControlPlane, trials: usize) -> Result<Series> {
     for i in 1..=trials {
         cp.apply_yaml(&secret(i), Some(NS)).await?;
         let t = Instant::now();
-        api.create(&PostParams::default(), &client_obj(i, &["127.0.0.1/32"], false)?).await?;
+        api.create(&PostParams::default(), &client_obj(i, &["127.0.0.1/32"])?).await?;
         until(proxy, lo, &key(i), |s| s == 200, &mut kids).await.context("create")?;
         create.push(t.elapsed().as_secs_f64());
     }
@@ -229,15 +229,25 @@ async fn run(ctx: &Ctx, cp: &ControlPlane, trials: usize) -> Result<Series> {
     }
     let mut revoke = Vec::new();
     for i in 1..=trials {
+        // Revoke = remove the key's entry: the client's keys now list only a new Secret (created before the clock).
+        cp.apply_yaml(
+            &format!(
+                "apiVersion: v1\nkind: Secret\nmetadata: {{name: r{i}}}\ntype: Opaque\nstringData: {{api-key: rotated-{}}}\n",
+                key(i)
+            ),
+            Some(NS),
+        )
+        .await?;
         let t = Instant::now();
-        api.patch(&format!("c{i}"), &PatchParams::default(), &Patch::Merge(keys_patch(i, true))).await?;
+        let patch = json!({"spec": {"keys": [{"secretRef": {"name": format!("r{i}"), "key": "api-key"}}]}});
+        api.patch(&format!("c{i}"), &PatchParams::default(), &Patch::Merge(patch)).await?;
         until(proxy, lo, &key(i), |s| s == 401 || s == 403, &mut kids).await.context("revoke")?;
         revoke.push(t.elapsed().as_secs_f64());
     }
     Ok(vec![
         ("create", "new ApiClient (Secret created before) → its key gets 200", create),
         ("cidr_change", "sourceRanges ± 127.0.0.2/32 → 200 / 403 from 127.0.0.2", cidr),
-        ("revoke", "key entry `disabled: true` → 401/403", revoke),
+        ("revoke", "key entry replaced by a new key (Secret created before) → old key 401", revoke),
     ])
 }
 
@@ -245,15 +255,15 @@ fn key(i: usize) -> String {
     format!("bench-prop-key-{i:04}-0123456789abcdef")
 }
 
-fn keys_patch(i: usize, disabled: bool) -> Value {
-    json!({"spec": {"keys": [{"secretRef": {"name": format!("k{i}"), "key": "api-key"}, "disabled": disabled}]}})
+fn keys_patch(i: usize) -> Value {
+    json!({"spec": {"keys": [{"secretRef": {"name": format!("k{i}"), "key": "api-key"}}]}})
 }
 
-fn client_obj(i: usize, ranges: &[&str], disabled: bool) -> Result<DynamicObject> {
+fn client_obj(i: usize, ranges: &[&str]) -> Result<DynamicObject> {
     Ok(serde_json::from_value(json!({
         "apiVersion": "portcullis.dev/v1alpha1", "kind": "ApiClient",
         "metadata": {"name": format!("c{i}"), "namespace": NS},
         "spec": {"usagePlans": ["bench"], "sourceRanges": ranges,
-                 "keys": keys_patch(i, disabled)["spec"]["keys"]}
+                 "keys": keys_patch(i)["spec"]["keys"]}
     }))?)
 }
