@@ -93,29 +93,11 @@ async fn demo(root: &Path, target: &Path, cp: &ControlPlane) -> Result<()> {
     say(&format!(
         "helm install portcullis charts/portcullis -n {RELEASE_NS} --create-namespace \\\n      --set webhook.url=https://127.0.0.1:{webhook_port}/mutate"
     ));
-    let out = Command::new(cp.helm())
-        .current_dir(root)
-        .args(["install", "portcullis", "charts/portcullis", "-n", RELEASE_NS, "--create-namespace"])
-        .args(["--set", &format!("webhook.url=https://127.0.0.1:{webhook_port}/mutate")])
-        .arg("--kubeconfig")
-        .arg(cp.admin_kubeconfig())
-        .output()?;
-    if !out.status.success() {
-        bail!("helm install failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    }
-    println!("    {}", String::from_utf8_lossy(&out.stdout).lines().take(6).collect::<Vec<_>>().join("\n    "));
+    let out = helm_install(cp, root, webhook_port)?;
+    println!("    {}", out.lines().take(6).collect::<Vec<_>>().join("\n    "));
 
     say("running the controller as the chart's ServiceAccount (least-privilege RBAC, not admin)");
-    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), RELEASE_NS);
-    let sa = sas
-        .list(&Default::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|s| s.metadata.name)
-        .find(|n| n != "default")
-        .context("the chart created no ServiceAccount for the controller")?;
-    let token = cp.service_account_token(RELEASE_NS, &sa).await;
+    let (sa, token) = controller_token(cp, &admin).await?;
     let kubeconfig = cp.kubeconfig_for_token(&token);
     let metrics_port = free_port()?;
     procs.spawn(
@@ -320,6 +302,37 @@ async fn plan_condition(cp: &ControlPlane, plan: &str, kind: &str) -> Result<(St
         .find(|c| c["type"] == kind)
         .map(|c| (c["status"].as_str().unwrap_or("").to_string(), c["message"].as_str().unwrap_or("").to_string()))
         .unwrap_or_else(|| ("Unknown".into(), "(not reported yet)".into())))
+}
+
+/// `helm install portcullis charts/portcullis` into the release namespace, with the webhook called on loopback
+/// (the controller runs as a local process). Returns helm's output.
+pub(crate) fn helm_install(cp: &ControlPlane, root: &Path, webhook_port: u16) -> Result<String> {
+    let out = Command::new(cp.helm())
+        .current_dir(root)
+        .args(["install", "portcullis", "charts/portcullis", "-n", RELEASE_NS, "--create-namespace"])
+        .args(["--set", &format!("webhook.url=https://127.0.0.1:{webhook_port}/mutate")])
+        .arg("--kubeconfig")
+        .arg(cp.admin_kubeconfig())
+        .output()?;
+    if !out.status.success() {
+        bail!("helm install failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The chart's controller ServiceAccount and a token for it: the controller runs with its least-privilege RBAC.
+pub(crate) async fn controller_token(cp: &ControlPlane, admin: &kube::Client) -> Result<(String, String)> {
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), RELEASE_NS);
+    let sa = sas
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|s| s.metadata.name)
+        .find(|n| n != "default")
+        .context("the chart created no ServiceAccount for the controller")?;
+    let token = cp.service_account_token(RELEASE_NS, &sa).await;
+    Ok((sa, token))
 }
 
 async fn apiclients(cp: &ControlPlane) -> Api<DynamicObject> {

@@ -6,7 +6,6 @@ use super::Ctx;
 use super::load::round;
 use crate::http::{get, start_echo};
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use portcullis_testkit::ControlPlane;
@@ -127,26 +126,8 @@ async fn run(ctx: &Ctx, cp: &ControlPlane, trials: usize) -> Result<Series> {
     let logs = cp.dir().to_path_buf();
     let admin = cp.admin_client().await;
     let webhook_port = super::servers::free_port()?;
-    let out = Command::new(cp.helm())
-        .current_dir(&ctx.root)
-        .args(["install", "portcullis", "charts/portcullis", "-n", RELEASE_NS, "--create-namespace"])
-        .args(["--set", &format!("webhook.url=https://127.0.0.1:{webhook_port}/mutate")])
-        .arg("--kubeconfig")
-        .arg(cp.admin_kubeconfig())
-        .output()?;
-    if !out.status.success() {
-        bail!("helm install failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    }
-    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), RELEASE_NS);
-    let sa = sas
-        .list(&Default::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|s| s.metadata.name)
-        .find(|n| n != "default")
-        .context("the chart created no ServiceAccount")?;
-    let token = cp.service_account_token(RELEASE_NS, &sa).await;
+    crate::demo::helm_install(cp, &ctx.root, webhook_port)?;
+    let (_, token) = crate::demo::controller_token(cp, &admin).await?;
     let target = ctx.root.join("target/debug");
     let metrics_port = super::servers::free_port()?;
     kids.0.push(
