@@ -66,6 +66,8 @@ pub struct Config {
     pub max_connections: usize,
     pub shutdown_grace: Duration,
     pub file_poll_interval: Duration,
+    /// Serving threads; 0 = one per CPU.
+    pub workers: usize,
 }
 
 impl Config {
@@ -88,6 +90,7 @@ impl Config {
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(20),
             file_poll_interval: Duration::from_millis(250),
+            workers: 0,
         }
     }
 }
@@ -159,6 +162,10 @@ pub struct Cli {
     /// Most client connections open at once; further connections wait in the accept backlog.
     #[arg(long, env = "PORTCULLIS_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+    /// Threads serving connections, each with its own single-threaded runtime (0 = one per CPU this process may
+    /// use, cgroup CPU quota included).
+    #[arg(long, env = "PORTCULLIS_WORKERS", default_value_t = 0)]
+    pub workers: usize,
     /// On SIGTERM/SIGINT, time given to in-flight requests before exiting.
     #[arg(long, env = "PORTCULLIS_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -208,6 +215,7 @@ impl Cli {
         c.idle_timeout = self.idle_timeout;
         c.max_connections = self.max_connections.max(1);
         c.shutdown_grace = self.shutdown_grace;
+        c.workers = self.workers;
         Ok(c)
     }
 }

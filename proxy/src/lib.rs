@@ -13,6 +13,8 @@ pub mod proxy_protocol;
 pub mod server;
 pub mod tables;
 pub mod tls;
+pub mod upstream;
+pub mod workers;
 
 pub use config::{Cli, Config, TableSource, TlsFiles};
 
@@ -35,6 +37,8 @@ pub enum StartError {
     KubeConfig(String),
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
+    #[error("starting the worker threads: {0}")]
+    Workers(std::io::Error),
     #[error("--require-tls and --plain-listen need --tls-cert and --tls-key")]
     NeedsCert,
 }
@@ -148,16 +152,21 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     tracing::info!(%addr, tls = acceptor.is_some(), ?plain_addr, ?admin_addr, require_tls = config.require_tls,
         upstream = %config.upstream, tables = ?config.tables, "proxy listening");
     let max = config.max_connections.max(1);
+    let workers = Arc::new(
+        workers::Workers::start(workers::Workers::default_count(config.workers)).map_err(StartError::Workers)?,
+    );
+    tracing::info!(workers = workers.len(), "serving threads started");
     let mut servers = vec![tokio::spawn(server::serve(
         listener,
         acceptor,
         shared.clone(),
+        workers.clone(),
         max,
         config.shutdown_grace,
         stop_rx.clone(),
     ))];
     if let Some((l, _)) = plain {
-        servers.push(tokio::spawn(server::serve(l, None, shared, max, config.shutdown_grace, stop_rx)));
+        servers.push(tokio::spawn(server::serve(l, None, shared, workers, max, config.shutdown_grace, stop_rx)));
     }
     Ok(Running { addr, plain_addr, admin_addr, tables, metrics, stop, servers, background })
 }

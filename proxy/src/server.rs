@@ -8,13 +8,13 @@ use crate::io::{Activity, ConnIo, InFlight};
 use crate::metrics::Metrics;
 use crate::proxy_protocol::{self, Parsed};
 use crate::tables::TableStore;
+use crate::upstream::{ConnSlot, Upstream};
+use crate::workers::Workers;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -33,8 +33,8 @@ pub const CLIENT_HEADER: HeaderName = HeaderName::from_static("x-portcullis-clie
 pub struct Shared {
     pub tables: Arc<TableStore>,
     pub metrics: Arc<Metrics>,
-    pub upstream: Client<HttpConnector, Incoming>,
-    pub upstream_authority: http::uri::Authority,
+    pub upstream: Upstream,
+    pub upstream_authority: HeaderValue,
     pub key_header: HeaderName,
     pub trusted: CidrSet,
     pub proxy_protocol: bool,
@@ -46,15 +46,9 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(config: &Config, tables: Arc<TableStore>, metrics: Arc<Metrics>) -> Result<Self, http::Error> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let upstream = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
-        let upstream_authority: http::uri::Authority = config.upstream.parse().map_err(http::Error::from)?;
+        let authority: http::uri::Authority = config.upstream.parse().map_err(http::Error::from)?;
+        let upstream_authority = HeaderValue::from_str(authority.as_str()).map_err(http::Error::from)?;
+        let upstream = Upstream::new(authority.as_str());
         Ok(Self {
             tables,
             metrics,
@@ -77,6 +71,7 @@ pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
+    workers: Arc<Workers>,
     max_connections: usize,
     grace: Duration,
     mut stop: watch::Receiver<bool>,
@@ -102,15 +97,29 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
+        // The socket moves to the worker's I/O driver: deregistered here, registered there.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "handing a connection to a worker failed");
+                continue;
+            }
+        };
         let shared = shared.clone();
         let stop = stop.clone();
         let tls = tls.clone();
-        conns.spawn(async move {
-            shared.metrics.open_connections.inc();
-            serve_connection(stream, peer, tls, shared.clone(), stop).await;
-            shared.metrics.open_connections.dec();
-            drop(permit);
-        });
+        conns.spawn_on(
+            async move {
+                shared.metrics.open_connections.inc();
+                match TcpStream::from_std(stream) {
+                    Ok(stream) => serve_connection(stream, peer, tls, shared.clone(), stop).await,
+                    Err(e) => tracing::warn!(%peer, error = %e, "registering a connection on a worker failed"),
+                }
+                shared.metrics.open_connections.dec();
+                drop(permit);
+            },
+            workers.pick(),
+        );
     }
     drop(listener);
     tracing::info!(connections = conns.len(), "listener closed; draining connections");
@@ -235,12 +244,14 @@ async fn serve_http<I>(
     let tls = alpn != Alpn::None;
     let svc_shared = shared.clone();
     let svc_activity = activity.clone();
+    let slot = Arc::new(ConnSlot::default());
     let service = hyper::service::service_fn(move |req| {
         let shared = svc_shared.clone();
         let guard = InFlight::new(svc_activity.clone());
         let cert = cert.clone();
+        let slot = slot.clone();
         async move {
-            let resp = handle(&shared, addr, tls, cert.as_deref(), req).await;
+            let resp = handle(&shared, &slot, addr, tls, cert.as_deref(), req).await;
             drop(guard);
             Ok::<_, Infallible>(resp)
         }
@@ -329,6 +340,7 @@ fn single_header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a [u
 
 async fn handle(
     shared: &Shared,
+    slot: &ConnSlot,
     conn_addr: IpAddr,
     tls: bool,
     cert: Option<&PeerCert>,
@@ -375,26 +387,21 @@ async fn handle(
     parts.headers.remove(&shared.key_header);
     parts.headers.remove(&CLIENT_HEADER);
     parts.headers.insert(CLIENT_HEADER, client_header);
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(a) = parts.uri.authority()
-        && let Ok(v) = HeaderValue::from_str(a.as_str())
-    {
-        parts.headers.insert(header::HOST, v);
+    if !parts.headers.contains_key(header::HOST) {
+        let host = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        parts.headers.insert(header::HOST, host.unwrap_or_else(|| shared.upstream_authority.clone()));
     }
+    // Origin form (`/path?query`) for the upstream, whatever form the client used.
     let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    parts.uri =
-        match Uri::builder().scheme("http").authority(shared.upstream_authority.clone()).path_and_query(pq).build() {
-            Ok(u) => u,
-            Err(_) => {
-                return json_response(
-                    StatusCode::BAD_REQUEST,
-                    r#"{"error":"bad request target","reason":"bad_request"}"#,
-                );
-            }
-        };
+    parts.uri = match Uri::builder().path_and_query(pq).build() {
+        Ok(u) => u,
+        Err(_) => {
+            return json_response(StatusCode::BAD_REQUEST, r#"{"error":"bad request target","reason":"bad_request"}"#);
+        }
+    };
     parts.version = Version::HTTP_11;
 
-    let result = shared.upstream.request(Request::from_parts(parts, body)).await;
+    let result = shared.upstream.send(slot, Request::from_parts(parts, body)).await;
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => {

@@ -1,0 +1,138 @@
+//! The upstream leg. Each client connection gets its own upstream HTTP/1.1 connection, opened on its first admitted
+//! request and reused for the requests after it (HTTP/1.1 is sequential on a connection, so one is always enough):
+//! no shared pool to lock, no task spawned per request to return a connection to a pool, and an upstream connection
+//! is closed when the client connection that owns it closes. Requests that arrive while the connection's own
+//! upstream connection is busy (h2 streams multiplexed on one client connection) go through a shared pooled client.
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+pub type UpstreamError = Box<dyn std::error::Error + Send + Sync>;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Upstream {
+    /// `host:port`, as configured.
+    addr: String,
+    pooled: Client<HttpConnector, Incoming>,
+}
+
+/// The upstream connection owned by one client connection.
+#[derive(Default)]
+pub struct ConnSlot(Mutex<SlotState>);
+
+#[derive(Default)]
+enum SlotState {
+    #[default]
+    Empty,
+    Idle(SendRequest<Incoming>),
+    Busy,
+}
+
+/// A slot marked busy; dropping it without [`Lease::put_back`] (error, cancelled request, upgrade) empties it, so the
+/// next request opens a fresh connection.
+struct Lease<'a> {
+    slot: &'a ConnSlot,
+    sender: Option<SendRequest<Incoming>>,
+}
+
+impl Lease<'_> {
+    fn put_back(mut self, sender: SendRequest<Incoming>) {
+        self.sender = Some(sender);
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        let state = match self.sender.take() {
+            Some(s) if !s.is_closed() => SlotState::Idle(s),
+            _ => SlotState::Empty,
+        };
+        *self.slot.0.lock().unwrap_or_else(|p| p.into_inner()) = state;
+    }
+}
+
+impl ConnSlot {
+    /// `None` when the slot is busy with another request.
+    fn lease(&self) -> Option<(Lease<'_>, Option<SendRequest<Incoming>>)> {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match std::mem::replace(&mut *state, SlotState::Busy) {
+            SlotState::Busy => None,
+            SlotState::Empty => Some((Lease { slot: self, sender: None }, None)),
+            SlotState::Idle(s) => Some((Lease { slot: self, sender: None }, Some(s))),
+        }
+    }
+}
+
+impl Upstream {
+    pub fn new(addr: &str) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let pooled = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Self { addr: addr.to_owned(), pooled }
+    }
+
+    /// Sends `req` (URI in origin form, `Host` set) on the slot's connection, or on the shared pool when the slot is
+    /// busy.
+    pub async fn send(&self, slot: &ConnSlot, req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+        let Some((lease, idle)) = slot.lease() else {
+            return self.send_pooled(req).await;
+        };
+        let (mut sender, reused) = match idle {
+            Some(mut s) => match s.ready().await {
+                Ok(()) => (s, true),
+                Err(_) => (self.connect().await?, false),
+            },
+            None => (self.connect().await?, false),
+        };
+        let resp = match sender.try_send_request(req).await {
+            Ok(r) => r,
+            // A reused connection the upstream closed while idle, before the request was written: retry once on a
+            // fresh one, as a pooled client would.
+            Err(mut e) if reused => match e.take_message() {
+                Some(req) => {
+                    sender = self.connect().await?;
+                    sender.send_request(req).await?
+                }
+                None => return Err(e.into_error().into()),
+            },
+            Err(e) => return Err(e.into_error().into()),
+        };
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            lease.put_back(sender);
+        }
+        Ok(resp)
+    }
+
+    async fn send_pooled(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+        let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        *req.uri_mut() = format!("http://{}{pq}", self.addr).parse()?;
+        Ok(self.pooled.request(req).await?)
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.addr.as_str()))
+            .await
+            .map_err(|_| format!("connecting to {} timed out", self.addr))??;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+}
