@@ -33,7 +33,7 @@ pub const CLIENT_HEADER: HeaderName = HeaderName::from_static("x-portcullis-clie
 pub struct Shared {
     pub tables: Arc<TableStore>,
     pub metrics: Arc<Metrics>,
-    pub upstream: Upstream,
+    pub upstream: Arc<Upstream>,
     pub upstream_authority: HeaderValue,
     pub key_header: HeaderName,
     pub trusted: CidrSet,
@@ -48,7 +48,7 @@ impl Shared {
     pub fn new(config: &Config, tables: Arc<TableStore>, metrics: Arc<Metrics>) -> Result<Self, http::Error> {
         let authority: http::uri::Authority = config.upstream.parse().map_err(http::Error::from)?;
         let upstream_authority = HeaderValue::from_str(authority.as_str()).map_err(http::Error::from)?;
-        let upstream = Upstream::new(authority.as_str());
+        let upstream = Arc::new(Upstream::new(authority.as_str()));
         Ok(Self {
             tables,
             metrics,
@@ -244,7 +244,7 @@ async fn serve_http<I>(
     let tls = alpn != Alpn::None;
     let svc_shared = shared.clone();
     let svc_activity = activity.clone();
-    let slot = Arc::new(ConnSlot::default());
+    let slot = Arc::new(ConnSlot::new(shared.upstream.clone()));
     let service = hyper::service::service_fn(move |req| {
         let shared = svc_shared.clone();
         let guard = InFlight::new(svc_activity.clone());

@@ -1,8 +1,10 @@
-//! The upstream leg. Each client connection gets its own upstream HTTP/1.1 connection, opened on its first admitted
+//! The upstream leg. Each client connection owns one upstream HTTP/1.1 connection, taken on its first admitted
 //! request and reused for the requests after it (HTTP/1.1 is sequential on a connection, so one is always enough):
-//! no shared pool to lock, no task spawned per request to return a connection to a pool, and an upstream connection
-//! is closed when the client connection that owns it closes. Requests that arrive while the connection's own
-//! upstream connection is busy (h2 streams multiplexed on one client connection) go through a shared pooled client.
+//! no shared pool touched per request, no task spawned per request to return a connection to a pool. When the client
+//! connection closes, its upstream connection is parked (up to [`MAX_PARKED`], for at most [`PARK_TIMEOUT`]) for
+//! the next client connection, so short-lived clients do not cost a TCP connect each. Requests that arrive while the
+//! connection's own upstream connection is busy (h2 streams multiplexed on one client connection) go through a
+//! shared pooled client.
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -10,23 +12,30 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 pub type UpstreamError = Box<dyn std::error::Error + Send + Sync>;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle upstream connections kept for the next client connection.
+pub const MAX_PARKED: usize = 64;
+/// How long a parked upstream connection is kept.
+pub const PARK_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Upstream {
     /// `host:port`, as configured.
     addr: String,
     pooled: Client<HttpConnector, Incoming>,
+    parked: Mutex<Vec<(Instant, SendRequest<Incoming>)>>,
 }
 
 /// The upstream connection owned by one client connection.
-#[derive(Default)]
-pub struct ConnSlot(Mutex<SlotState>);
+pub struct ConnSlot {
+    state: Mutex<SlotState>,
+    upstream: Arc<Upstream>,
+}
 
 #[derive(Default)]
 enum SlotState {
@@ -55,14 +64,27 @@ impl Drop for Lease<'_> {
             Some(s) if !s.is_closed() => SlotState::Idle(s),
             _ => SlotState::Empty,
         };
-        *self.slot.0.lock().unwrap_or_else(|p| p.into_inner()) = state;
+        *self.slot.state.lock().unwrap_or_else(|p| p.into_inner()) = state;
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let state = std::mem::take(self.state.get_mut().unwrap_or_else(|p| p.into_inner()));
+        if let SlotState::Idle(s) = state {
+            self.upstream.park(s);
+        }
     }
 }
 
 impl ConnSlot {
+    pub fn new(upstream: Arc<Upstream>) -> Self {
+        Self { state: Mutex::new(SlotState::Empty), upstream }
+    }
+
     /// `None` when the slot is busy with another request.
     fn lease(&self) -> Option<(Lease<'_>, Option<SendRequest<Incoming>>)> {
-        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match std::mem::replace(&mut *state, SlotState::Busy) {
             SlotState::Busy => None,
             SlotState::Empty => Some((Lease { slot: self, sender: None }, None)),
@@ -81,7 +103,35 @@ impl Upstream {
             .pool_max_idle_per_host(256)
             .pool_timer(TokioTimer::new())
             .build(connector);
-        Self { addr: addr.to_owned(), pooled }
+        Self { addr: addr.to_owned(), pooled, parked: Mutex::new(Vec::new()) }
+    }
+
+    /// Keeps an idle connection (one with no response in progress) for the next client connection.
+    fn park(&self, sender: SendRequest<Incoming>) {
+        if !sender.is_ready() {
+            return;
+        }
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        parked.retain(|(at, s)| !s.is_closed() && at.elapsed() < PARK_TIMEOUT);
+        if parked.len() < MAX_PARKED {
+            parked.push((Instant::now(), sender));
+        }
+    }
+
+    /// The most recently parked connection still open.
+    fn unpark(&self) -> Option<SendRequest<Incoming>> {
+        let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some((at, s)) = parked.pop() {
+            if !s.is_closed() && at.elapsed() < PARK_TIMEOUT {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// Parked connections (for tests and metrics).
+    pub fn parked(&self) -> usize {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Sends `req` (URI in origin form, `Host` set) on the slot's connection, or on the shared pool when the slot is
@@ -90,7 +140,7 @@ impl Upstream {
         let Some((lease, idle)) = slot.lease() else {
             return self.send_pooled(req).await;
         };
-        let (mut sender, reused) = match idle {
+        let (mut sender, reused) = match idle.or_else(|| self.unpark()) {
             Some(mut s) => match s.ready().await {
                 Ok(()) => (s, true),
                 Err(_) => (self.connect().await?, false),

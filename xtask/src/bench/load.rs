@@ -42,16 +42,30 @@ pub fn round(v: f64, digits: i32) -> f64 {
 
 /// `taskset -c 0 wrk -t1 -cC -dDs --latency -H 'x-api-key: KEY' URL`; the exact argv is returned for the report.
 pub fn wrk_cmd(url: &str, conns: u32, secs: f64, key: &str) -> Vec<String> {
+    wrk_cmd_close(url, conns, secs, key, false)
+}
+
+/// With `close`, every request carries `Connection: close`: a new connection (and TLS handshake) per request.
+pub fn wrk_cmd_close(url: &str, conns: u32, secs: f64, key: &str, close: bool) -> Vec<String> {
     let d = if secs < 1.0 { "1s".to_string() } else { format!("{}s", secs as u64) };
-    ["taskset", "-c", LOADGEN_CPU, "wrk", "-t1", &format!("-c{conns}"), &format!("-d{d}"), "--latency", "-H"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([format!("x-api-key: {key}"), url.to_string()])
-        .collect()
+    let mut argv: Vec<String> =
+        ["taskset", "-c", LOADGEN_CPU, "wrk", "-t1", &format!("-c{conns}"), &format!("-d{d}"), "--latency", "-H"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([format!("x-api-key: {key}")])
+            .collect();
+    if close {
+        argv.extend(["-H".to_string(), "Connection: close".to_string()]);
+    }
+    argv.push(url.to_string());
+    argv
 }
 
 pub fn wrk(url: &str, conns: u32, secs: f64, key: &str, allow_non2xx: bool) -> Result<Wrk> {
-    let argv = wrk_cmd(url, conns, secs, key);
+    wrk_argv(wrk_cmd(url, conns, secs, key), url, allow_non2xx)
+}
+
+pub fn wrk_argv(argv: Vec<String>, url: &str, allow_non2xx: bool) -> Result<Wrk> {
     let out = Command::new(&argv[0]).args(&argv[1..]).output().context("running wrk (apt-get install wrk)")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let field = |prefix: &str| {

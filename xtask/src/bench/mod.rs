@@ -1,7 +1,8 @@
 //! `cargo xtask bench <suite> [--smoke]`: side-by-side benchmarks on this machine, written to `docs/benchmarks/`
 //! (`<suite>.json`, `<suite>.md`, `<suite>.svg`, and the merged `latest.json`). See `docs/benchmarks/README.md`.
 //!
-//! Suites: `throughput` (D / N0 / N1 / P0 / P1 arms, closed-loop wrk + open-loop added latency), `memory` (RSS
+//! Suites: `throughput` (D / N0 / N1 / P0 / P1 arms, closed-loop wrk + open-loop added latency), `tls` (HTTPS
+//! req/s and handshakes/s, P1 vs nginx with the same certificate), `memory` (RSS
 //! idle / 10 000 clients / under load, CPU seconds per 1 000 requests), `scale` (P1 at 10 … 100 000 clients, table
 //! swap time and peak RSS), `limiter` (admitted vs configured rate), `propagation` (API write → enforced, on the
 //! local control plane), `all`. `--smoke`: 1 s runs, one repetition,
@@ -33,7 +34,7 @@ impl Drop for Ctx {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask bench <throughput|memory|scale|limiter|propagation|all> [--smoke]";
+const USAGE: &str = "usage: cargo xtask bench <throughput|tls|memory|scale|limiter|propagation|all> [--smoke]";
 
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
@@ -56,7 +57,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     std::fs::create_dir_all(&tmp)?;
     let ctx =
         Ctx { root: root.to_path_buf(), smoke, out, tmp, command: format!("cargo xtask bench {}", args.join(" ")) };
-    const ALL: [&str; 5] = ["throughput", "memory", "scale", "limiter", "propagation"];
+    const ALL: [&str; 6] = ["throughput", "tls", "memory", "scale", "limiter", "propagation"];
     let list: Vec<&str> = match *suite {
         "all" => ALL.to_vec(),
         s if ALL.contains(&s) => vec![s],
@@ -68,6 +69,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         let t = std::time::Instant::now();
         let (data, md, svg) = match *s {
             "throughput" => suites::throughput(&ctx, &bin)?,
+            "tls" => suites::tls(&ctx, &bin)?,
             "memory" => suites::memory(&ctx, &bin)?,
             "scale" => suites::scale(&ctx, &bin)?,
             "propagation" => propagation::propagation(&ctx)?,

@@ -63,6 +63,11 @@ pub fn start_upstream() -> Result<Proc> {
 }
 
 pub fn start_proxy(bin: &Path, upstream: SocketAddr, tables: &Path) -> Result<Proc> {
+    start_proxy_with(bin, upstream, tables, &[])
+}
+
+/// [`start_proxy`] with extra arguments (e.g. `--tls-cert=…`).
+pub fn start_proxy_with(bin: &Path, upstream: SocketAddr, tables: &Path, extra: &[String]) -> Result<Proc> {
     let (port, admin) = (free_port()?, free_port()?);
     let child = Command::new("taskset")
         .args(["-c", SERVER_CPU])
@@ -71,6 +76,7 @@ pub fn start_proxy(bin: &Path, upstream: SocketAddr, tables: &Path) -> Result<Pr
         .arg(format!("--admin-listen=127.0.0.1:{admin}"))
         .arg(format!("--upstream={upstream}"))
         .arg(format!("--tables={}", tables.display()))
+        .args(extra)
         .args(["--log-format", "json"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -154,7 +160,29 @@ pub fn client_cidr(i: usize) -> String {
 /// job as Portcullis with nginx's own modules: `map` of API key (raw keys: nginx has no SHA-256 without njs) →
 /// client, `geo` of source address → client (each client's own CIDR), a per-client check that both agree, a
 /// route/method check, and `limit_req` per client with burst (limits far above the load, as for P1).
-pub fn nginx_conf(dir: &Path, upstream: SocketAddr, port: u16, policy: bool, clients: usize) -> String {
+/// A certificate and its key, PEM files.
+pub struct TlsPair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A self-signed ECDSA P-256 certificate for `127.0.0.1` (rcgen's default key type), shared by nginx and the proxy.
+pub fn write_cert(dir: &Path) -> Result<TlsPair> {
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+    let pair = TlsPair { cert: dir.join("tls.crt"), key: dir.join("tls.key") };
+    std::fs::write(&pair.cert, ck.cert.pem())?;
+    std::fs::write(&pair.key, ck.signing_key.serialize_pem())?;
+    Ok(pair)
+}
+
+pub fn nginx_conf(
+    dir: &Path,
+    upstream: SocketAddr,
+    port: u16,
+    policy: bool,
+    clients: usize,
+    tls: Option<&TlsPair>,
+) -> String {
     let mut s = String::new();
     s.push_str(&format!(
         "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
@@ -178,7 +206,15 @@ pub fn nginx_conf(dir: &Path, upstream: SocketAddr, port: u16, policy: bool, cli
         );
         s.push_str("  limit_req_zone $client zone=perclient:32m rate=1000000r/s;\n  limit_req_status 429;\n");
     }
-    s.push_str(&format!("  server {{\n    listen 127.0.0.1:{port};\n"));
+    match tls {
+        Some(t) => s.push_str(&format!(
+            "  server {{\n    listen 127.0.0.1:{port} ssl;\n    ssl_certificate {};\n    ssl_certificate_key {};\n    \
+             ssl_protocols TLSv1.2 TLSv1.3;\n",
+            t.cert.display(),
+            t.key.display()
+        )),
+        None => s.push_str(&format!("  server {{\n    listen 127.0.0.1:{port};\n")),
+    }
     if policy {
         s.push_str(
             "    location /v1 {\n      if ($client = \"\") { return 401; }\n      if ($source_ok = 0) { return 403; }\n      \
@@ -199,11 +235,22 @@ pub fn nginx_conf(dir: &Path, upstream: SocketAddr, port: u16, policy: bool, cli
 }
 
 pub fn start_nginx(dir: &Path, upstream: SocketAddr, policy: bool, clients: usize) -> Result<Proc> {
-    let sub = dir.join(if policy { "nginx-n1" } else { "nginx-n0" });
+    start_nginx_with(dir, upstream, policy, clients, None)
+}
+
+pub fn start_nginx_with(
+    dir: &Path,
+    upstream: SocketAddr,
+    policy: bool,
+    clients: usize,
+    tls: Option<&TlsPair>,
+) -> Result<Proc> {
+    let name = format!("nginx-{}{}", if policy { "n1" } else { "n0" }, if tls.is_some() { "-tls" } else { "" });
+    let sub = dir.join(name);
     std::fs::create_dir_all(&sub)?;
     let port = free_port()?;
     let conf = sub.join("nginx.conf");
-    std::fs::write(&conf, nginx_conf(&sub, upstream, port, policy, clients))?;
+    std::fs::write(&conf, nginx_conf(&sub, upstream, port, policy, clients, tls))?;
     let child = Command::new("taskset")
         .args(["-c", SERVER_CPU, "nginx", "-p"])
         .arg(&sub)

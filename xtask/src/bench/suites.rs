@@ -432,6 +432,92 @@ pub fn limiter(ctx: &Ctx, bin: &Path) -> Result<Out> {
     Ok((json!({"rates": rows}), md, Some(bar_svg("Admitted as % of configured rate", "%", &["admitted %"], &groups))))
 }
 
+/// TLS termination: P1 with `--tls-cert` against nginx doing N1's job with `listen … ssl`, the same certificate
+/// (ECDSA P-256, generated here) and key. Two measures, arms interleaved: HTTPS requests/s on kept-alive
+/// connections, and handshakes/s (every request with `Connection: close`, so one full handshake per request; wrk
+/// does not resume sessions).
+pub fn tls(ctx: &Ctx, bin: &Path) -> Result<Out> {
+    let k = knobs(ctx);
+    let pair = servers::write_cert(&ctx.tmp)?;
+    let table = ctx.tmp.join("tls-p1.json");
+    write_table(&table, &servers::table(k.clients, Some(LIMIT_FREE), true))?;
+    let up = servers::start_upstream()?;
+    let nt = servers::start_nginx_with(&ctx.tmp, up.addr, true, k.clients, Some(&pair))?;
+    let tls_args = [format!("--tls-cert={}", pair.cert.display()), format!("--tls-key={}", pair.key.display())];
+    let pt = servers::start_proxy_with(bin, up.addr, &table, &tls_args)?;
+    let arms: [(&str, &Proc); 2] = [("N1+TLS", &nt), ("P1+TLS", &pt)];
+    let https = |a: SocketAddr| format!("https://{a}/v1/items");
+    let run = |p: &Proc, close: bool, secs: f64| -> Result<(Wrk, f64)> {
+        let pids = [p.pid(), up.pid()];
+        let before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<Result<f64>>()?;
+        let argv = load::wrk_cmd_close(&https(p.addr), CONNS, secs, &servers::key(0), close);
+        let w = load::wrk_argv(argv, &https(p.addr), false)?;
+        let after: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<Result<f64>>()?;
+        Ok((w.clone(), (after - before) / w.requests.max(1) as f64 * 1000.0))
+    };
+    for (name, p) in arms {
+        for close in [false, true] {
+            let (w, _) = run(p, close, 1.0).with_context(|| format!("warm-up {name}"))?;
+            eprintln!("  warm-up {name}{}: {:.0} req/s", if close { " (close)" } else { "" }, w.rps);
+        }
+    }
+    // [arm][keepalive=0 / close=1] → runs
+    let mut runs: Vec<[Vec<(Wrk, f64)>; 2]> = vec![[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+    for r in 0..k.reps {
+        for (i, (name, p)) in arms.iter().enumerate() {
+            for (j, close) in [false, true].into_iter().enumerate() {
+                let (w, cpu) = run(p, close, k.secs)?;
+                eprintln!("  run {r} {name} {}: {:.0} req/s", if close { "handshakes" } else { "keep-alive" }, w.rps);
+                runs[i][j].push((w, cpu));
+            }
+        }
+    }
+    let med = |i: usize, j: usize| {
+        let mut v = runs[i][j].clone();
+        v.sort_by(|a, b| a.0.rps.total_cmp(&b.0.rps));
+        v[v.len() / 2].clone()
+    };
+    let mut rows = Vec::new();
+    let mut md = format!(
+        "Both arms terminate TLS with the same self-signed ECDSA P-256 certificate (rcgen), TLS 1.2 + 1.3 enabled \
+         (wrk's OpenSSL negotiates TLS 1.3), hold {} clients and enforce the same policy as N1 / P1 (throughput \
+         suite). Keep-alive: `{}`. Handshakes: the same with `-H 'Connection: close'`, so every request is a new TCP \
+         connection and a full handshake (wrk does not resume sessions); req/s = handshakes/s. Arms interleaved, {} \
+         runs of {} s, median. Server CPU counts the arm's process plus the upstream.\n\n\
+         | arm | HTTPS keep-alive req/s | p50 ms | p99 ms | CPU s / 1 000 req | handshakes/s | p50 ms | p99 ms | CPU s / 1 000 handshakes |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        k.clients,
+        load::wrk_cmd("https://ADDR/v1/items", CONNS, k.secs, "bench-key-0").join(" "),
+        k.reps,
+        k.secs
+    );
+    for (i, (name, _)) in arms.iter().enumerate() {
+        let (ka, hs) = (med(i, 0), med(i, 1));
+        md.push_str(&format!(
+            "| {name} | {:.0} | {:.3} | {:.3} | {:.4} | {:.0} | {:.3} | {:.3} | {:.4} |\n",
+            ka.0.rps, ka.0.lat_ms[0], ka.0.lat_ms[3], ka.1, hs.0.rps, hs.0.lat_ms[0], hs.0.lat_ms[3], hs.1
+        ));
+        rows.push(json!({"arm": name, "keepalive": ka.0.json(), "keepalive_cpu_s_per_1k": round(ka.1, 5),
+                         "handshakes": hs.0.json(), "handshake_cpu_s_per_1k": round(hs.1, 5),
+                         "keepalive_runs": runs[i][0].iter().map(|r| round(r.0.rps, 0)).collect::<Vec<_>>(),
+                         "handshake_runs": runs[i][1].iter().map(|r| round(r.0.rps, 0)).collect::<Vec<_>>()}));
+    }
+    let ratio = |j: usize| round(med(1, j).0.rps / med(0, j).0.rps, 3);
+    let ratios = json!({"keepalive P1+TLS/N1+TLS": ratio(0), "handshakes P1+TLS/N1+TLS": ratio(1)});
+    md.push_str(&format!(
+        "\n**Ratios**: HTTPS keep-alive P1+TLS / N1+TLS = {}; handshakes/s P1+TLS / N1+TLS = {}.\n",
+        ratio(0),
+        ratio(1)
+    ));
+    let groups = vec![
+        ("keep-alive req/s".to_string(), vec![med(0, 0).0.rps, med(1, 0).0.rps]),
+        ("handshakes/s".to_string(), vec![med(0, 1).0.rps, med(1, 1).0.rps]),
+    ];
+    let svg = bar_svg("TLS termination: nginx vs Portcullis (same cert)", "per second", &["N1+TLS", "P1+TLS"], &groups);
+    let data = json!({"clients": k.clients, "runs": k.reps, "seconds_per_run": k.secs, "wrk_connections": CONNS,
+                      "certificate": "self-signed ECDSA P-256 (rcgen)", "arms": rows, "ratios": ratios});
+    Ok((data, md, Some(svg)))
+}
+
 /// The `latest.json` fields a suite contributes.
 pub fn summary(suite: &str, r: &Value) -> Value {
     match suite {
@@ -447,6 +533,9 @@ pub fn summary(suite: &str, r: &Value) -> Value {
         "scale" => json!({"scale": r["sizes"]}),
         "limiter" => json!({"limiter": r["rates"]}),
         "propagation" => json!({"propagation_s": r}),
+        "tls" => {
+            json!({"tls": {"ratios": r["ratios"], "arms": r["arms"].as_array().map(|a| a.iter().map(|x| (x["arm"].as_str().unwrap_or("").to_string(), json!({"keepalive_rps": x["keepalive"]["rps"], "handshakes_per_s": x["handshakes"]["rps"]}))).collect::<serde_json::Map<_, _>>())}})
+        }
         _ => json!({}),
     }
 }
