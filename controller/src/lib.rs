@@ -3,6 +3,7 @@
 pub mod conditions;
 pub mod crd;
 pub mod exposure;
+pub mod fixtures;
 pub mod keygen;
 pub mod model;
 pub mod runtime;
