@@ -5,7 +5,8 @@
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use portcullis_controller::webhook::inject::{
-    ANNOTATION_SERVICE, ANNOTATION_UPSTREAM_PORT, CONTAINER_NAME, INJECT_KEY,
+    ANNOTATION_SERVICE, ANNOTATION_TLS_SECRET, ANNOTATION_UPSTREAM_PORT, CONTAINER_NAME, INJECT_KEY, TLS_MOUNT_PATH,
+    TLS_VOLUME_NAME,
 };
 use portcullis_controller::webhook::{Webhook, WebhookArgs};
 use portcullis_testkit::{ControlPlane, random_hex, wait_for};
@@ -222,4 +223,35 @@ async fn bad_annotations_are_refused_with_a_message_naming_them() {
         }
         assert!(pods.get_opt(name).await.unwrap().is_none(), "refused pod {name} must not exist");
     }
+}
+
+#[tokio::test]
+async fn a_tls_secret_annotation_mounts_the_secret_into_the_sidecar_only() {
+    let cp = setup().await;
+    let ns = cp.namespace("wh-tls").await;
+    let pods: Api<Pod> = Api::namespaced(cp.admin_client().await, &ns);
+    let mut p = opted_in("tls-0", "orders", "8080");
+    p.metadata.annotations.as_mut().unwrap().insert(ANNOTATION_TLS_SECRET.into(), "orders-tls".into());
+    // The API server validates the patched Pod (volume, mount, args) before storing it.
+    let created = pods.create(&PostParams::default(), &p).await.expect("create");
+    let stored = pods.get("tls-0").await.unwrap();
+    for pod in [&created, &stored] {
+        let c = sidecar(pod);
+        let args = c.args.clone().unwrap();
+        assert!(args.contains(&format!("--tls-cert={TLS_MOUNT_PATH}/tls.crt")), "{args:?}");
+        assert!(args.contains(&format!("--tls-key={TLS_MOUNT_PATH}/tls.key")), "{args:?}");
+        let mount = c.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == TLS_VOLUME_NAME).expect("mount");
+        assert_eq!((mount.mount_path.as_str(), mount.read_only), (TLS_MOUNT_PATH, Some(true)));
+        let spec = pod.spec.as_ref().unwrap();
+        let vol = spec.volumes.as_ref().unwrap().iter().find(|v| v.name == TLS_VOLUME_NAME).expect("volume");
+        assert_eq!(vol.secret.as_ref().unwrap().secret_name.as_deref(), Some("orders-tls"));
+        let app = spec.containers.iter().find(|c| c.name == "app").unwrap();
+        assert!(
+            app.volume_mounts.iter().flatten().all(|m| m.name != TLS_VOLUME_NAME),
+            "the app container must not see the private key"
+        );
+    }
+    // A pod without the annotation gets no TLS flags.
+    let plain = pods.create(&PostParams::default(), &opted_in("plain-0", "orders", "8080")).await.unwrap();
+    assert!(!sidecar(&plain).args.as_ref().unwrap().iter().any(|a| a.starts_with("--tls")));
 }
