@@ -1,5 +1,5 @@
 //! `cargo xtask bench <suite> [--smoke]`: side-by-side benchmarks on this machine, written to `docs/benchmarks/`
-//! (`<suite>.json`, `<suite>.md`, `<suite>.svg`, and the merged `latest.json`). See `docs/benchmarks/README.md`.
+//! (`<suite>.json`, `<suite>.md`, `<suite>.png` + `.svg` plots, and the merged `latest.json`). See `docs/benchmarks/README.md`.
 //!
 //! Suites: `throughput` (D / N0 / N1 / P0 / P1 arms, closed-loop wrk + open-loop added latency), `tls` (HTTPS
 //! req/s and handshakes/s, P1 vs nginx with the same certificate), `memory` (RSS
@@ -145,8 +145,7 @@ fn write_report(ctx: &Ctx, suite: &str, data: Value, md: &str, svg: Option<&str>
     );
     text.push_str(md);
     if let Some(svg) = svg {
-        std::fs::write(ctx.out.join(format!("{suite}.svg")), svg)?;
-        text.push_str(&format!("\n![{suite}]({suite}.svg)\n"));
+        text.push_str(&write_plot(&ctx.out, suite, svg)?);
     }
     std::fs::write(ctx.out.join(format!("{suite}.md")), text)?;
     // latest.json: merged, one key per suite, plus the machine.
@@ -165,6 +164,27 @@ fn write_report(ctx: &Ctx, suite: &str, data: Value, md: &str, svg: Option<&str>
     std::fs::write(&latest_path, serde_json::to_string_pretty(&latest)? + "\n")?;
     eprintln!("xtask bench: wrote {}/{suite}.{{json,md}} and latest.json", ctx.out.display());
     Ok(())
+}
+
+/// Writes `NAME.svg` and `NAME.png` (rendered with resvg, system fonts) and returns the Markdown image line.
+pub fn write_plot(dir: &Path, name: &str, svg: &str) -> Result<String> {
+    use resvg::{tiny_skia, usvg};
+    std::fs::write(dir.join(format!("{name}.svg")), svg)?;
+    let mut opt = usvg::Options::default();
+    opt.fontdb_mut().load_system_fonts();
+    // The SVG asks for the generic `sans-serif`; map it to a face that is installed (DejaVu Sans on Debian).
+    let families: Vec<String> =
+        opt.fontdb.faces().filter_map(|f| f.families.first().map(|(name, _)| name.clone())).collect();
+    if let Some(family) = families.iter().find(|f| *f == "DejaVu Sans").or(families.first()).cloned() {
+        opt.fontdb_mut().set_sans_serif_family(family.clone());
+        opt.font_family = family;
+    }
+    let tree = usvg::Tree::from_str(svg, &opt).with_context(|| format!("parsing the {name} plot"))?;
+    let size = tree.size().to_int_size();
+    let mut pixmap = tiny_skia::Pixmap::new(size.width(), size.height()).context("allocating the plot image")?;
+    resvg::render(&tree, tiny_skia::Transform::default(), &mut pixmap.as_mut());
+    pixmap.save_png(dir.join(format!("{name}.png"))).with_context(|| format!("writing {name}.png"))?;
+    Ok(format!("\n![{name}]({name}.png) ([SVG]({name}.svg))\n"))
 }
 
 /// A plain SVG bar chart (no plotting dependency): one group of bars per label, one bar per series.

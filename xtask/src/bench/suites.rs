@@ -202,8 +202,7 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
         .collect();
     let svg2 =
         bar_svg(&format!("Added latency vs direct at {rate} req/s (open loop)"), "ms", &["N1", "P0", "P1"], &groups2);
-    std::fs::write(ctx.out.join("throughput-latency.svg"), svg2)?;
-    md.push_str("\n![added latency](throughput-latency.svg)\n");
+    md.push_str(&super::write_plot(&ctx.out, "throughput-latency", &svg2)?);
     Ok((data, md, Some(svg1)))
 }
 
@@ -338,12 +337,13 @@ pub fn scale(ctx: &Ctx, bin: &Path) -> Result<Out> {
     let mut md = format!(
         "P1 (full policy: key, CIDR, route, throttle, quota; limits far above the load) with N clients loaded, one \
          proxy per size, all started up front; `{}` interleaved across sizes, {} runs of {} s, median.\n\n\
-         | clients | startup to ready s | req/s (median) | vs 10 clients | swap s (median) | RSS before swap MiB | peak RSS during swap MiB | runs (req/s) |\n|---:|---:|---:|---:|---:|---:|---:|---|\n",
+         | clients | startup to ready s | req/s (median) | vs 10 clients | swap s (median) | RSS before swap MiB | peak RSS during swap MiB | controller render s | runs (req/s) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
         load::wrk_cmd("URL", CONNS, k.secs, "bench-key-0").join(" "),
         k.reps,
         k.secs
     );
     let base = median(rps[0].clone());
+    let renders: Vec<f64> = sizes.iter().map(|&n| render_seconds(n)).collect();
     for (i, (n, path, p, startup)) in proxies.iter().enumerate() {
         let admin = p.admin.context("admin")?;
         let mut times = Vec::new();
@@ -365,20 +365,24 @@ pub fn scale(ctx: &Ctx, bin: &Path) -> Result<Out> {
         let m = median(rps[i].clone());
         let swap = median(times.clone());
         md.push_str(&format!(
-            "| {n} | {startup:.2} | {m:.0} | {:.3} | {swap:.3} | {before:.1} | {peak:.1} | {} |\n",
+            "| {n} | {startup:.2} | {m:.0} | {:.3} | {swap:.3} | {before:.1} | {peak:.1} | {:.4} | {} |\n",
             m / base,
+            renders[i],
             rps[i].iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
         ));
         rows.push(json!({"clients": n, "startup_s": round(*startup, 3), "rps_median": round(m, 0),
                          "rps_vs_10": round(m / base, 3), "rps_runs": rps[i], "swap_s": times.iter().map(|t| round(*t, 4)).collect::<Vec<_>>(),
-                         "swap_s_median": round(swap, 4), "rss_before_swap_mib": round(before, 2), "peak_rss_during_swaps_mib": round(peak, 2)}));
+                         "swap_s_median": round(swap, 4), "controller_render_s": round(renders[i], 5), "rss_before_swap_mib": round(before, 2), "peak_rss_during_swaps_mib": round(peak, 2)}));
     }
     md.push_str(
         "\nSwap time is from the rename of the new tables file to the first `/metrics` answer showing \
          `portcullis_proxy_table_info{revision=\"<new>\"} 1` (polled every ~2 ms). It includes the proxy's 250 ms \
          file poll interval (docs/proxy.md), so it is bounded below by detection, not by parsing. Goal: throughput \
-         within 3 % of the 10-client run at every size. Controller render time for these sizes is not re-measured \
-         here: `cargo bench -p portcullis-controller --bench render` (README \"Figures\").\n",
+         within 3 % of the 10-client run at every size. Controller render = what the controller does per reconcile \
+         of a Service with that many clients (resolve each key from the Secret cache and hash it, build the table, \
+         render the sharded ConfigMap data; `portcullis_controller::fixtures::build_and_render`, release build, \
+         median of 3, in the xtask process between the load runs); `cargo bench -p portcullis-controller --bench \
+         render` measures the same with criterion.\n",
     );
     let groups: Vec<(String, Vec<f64>)> =
         sizes.iter().enumerate().map(|(i, n)| (format!("{n} clients"), vec![median(rps[i].clone())])).collect();
@@ -387,6 +391,22 @@ pub fn scale(ctx: &Ctx, bin: &Path) -> Result<Out> {
         md,
         Some(bar_svg("P1 throughput by table size", "req/s", &["req/s"], &groups)),
     ))
+}
+
+/// Median of 3 controller build + render runs for `n` clients, in seconds.
+fn render_seconds(n: usize) -> f64 {
+    use portcullis_controller::fixtures::{build_and_render, fixture};
+    let (plans, clients, keys) = fixture(n);
+    let times = (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(build_and_render(&plans, &clients, &keys));
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    let m = median(times);
+    eprintln!("  controller render, {n} clients: {m:.4} s");
+    m
 }
 
 pub fn limiter(ctx: &Ctx, bin: &Path) -> Result<Out> {
