@@ -40,6 +40,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("__openloop") => return load::openloop_main(&args[1..]),
         Some("__upstream") => return servers::upstream_main(),
+        Some("__render") => return suites::render_main(&args[1..]),
         _ => {}
     }
     let smoke = args.iter().any(|a| a == "--smoke");

@@ -343,7 +343,7 @@ pub fn scale(ctx: &Ctx, bin: &Path) -> Result<Out> {
         k.secs
     );
     let base = median(rps[0].clone());
-    let renders: Vec<f64> = sizes.iter().map(|&n| render_seconds(n)).collect();
+    let renders: Vec<f64> = sizes.iter().map(|&n| render_seconds(n)).collect::<Result<_>>()?;
     for (i, (n, path, p, startup)) in proxies.iter().enumerate() {
         let admin = p.admin.context("admin")?;
         let mut times = Vec::new();
@@ -381,7 +381,7 @@ pub fn scale(ctx: &Ctx, bin: &Path) -> Result<Out> {
          within 3 % of the 10-client run at every size. Controller render = what the controller does per reconcile \
          of a Service with that many clients (resolve each key from the Secret cache and hash it, build the table, \
          render the sharded ConfigMap data; `portcullis_controller::fixtures::build_and_render`, release build, \
-         median of 3, in the xtask process between the load runs); `cargo bench -p portcullis-controller --bench \
+         median of 3, in the release build of xtask between the load runs); `cargo bench -p portcullis-controller --bench \
          render` measures the same with criterion.\n",
     );
     let groups: Vec<(String, Vec<f64>)> =
@@ -393,9 +393,23 @@ pub fn scale(ctx: &Ctx, bin: &Path) -> Result<Out> {
     ))
 }
 
-/// Median of 3 controller build + render runs for `n` clients, in seconds.
-fn render_seconds(n: usize) -> f64 {
+/// Median of 3 controller build + render runs for `n` clients, in seconds, measured in the release build of xtask
+/// (`bench __render N`; `cargo xtask` itself is a debug build).
+fn render_seconds(n: usize) -> Result<f64> {
+    let out = std::process::Command::new(servers::helper_exe()?)
+        .args(["bench", "__render", &n.to_string()])
+        .output()
+        .context("running xtask bench __render")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let m: f64 = text.trim().parse().with_context(|| format!("__render printed {text:?}"))?;
+    eprintln!("  controller render, {n} clients: {m:.4} s");
+    Ok(m)
+}
+
+/// `xtask bench __render N`: prints the median of 3 build + render runs for N synthetic clients, in seconds.
+pub fn render_main(args: &[String]) -> Result<()> {
     use portcullis_controller::fixtures::{build_and_render, fixture};
+    let n: usize = args.first().context("__render N")?.parse()?;
     let (plans, clients, keys) = fixture(n);
     let times = (0..3)
         .map(|_| {
@@ -404,9 +418,8 @@ fn render_seconds(n: usize) -> f64 {
             t.elapsed().as_secs_f64()
         })
         .collect();
-    let m = median(times);
-    eprintln!("  controller render, {n} clients: {m:.4} s");
-    m
+    println!("{}", median(times));
+    Ok(())
 }
 
 pub fn limiter(ctx: &Ctx, bin: &Path) -> Result<Out> {
