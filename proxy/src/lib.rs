@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod config;
 pub mod decision;
+pub mod heap;
 pub mod io;
 pub mod metrics;
 pub mod proxy_protocol;

@@ -78,8 +78,11 @@ async fn apply_text(store: &Arc<TableStore>, path: &Path, text: String) -> Resul
     let store = store.clone();
     let what = path.display().to_string();
     tokio::task::spawn_blocking(move || {
-        let table = Table::from_json(&text, &what)?;
-        store.apply(&table, &what)
+        let applied = Table::from_json(&text, &what).map_err(LoadError::from).and_then(|t| store.apply(&t, &what));
+        // The parsed table, the text and (after a swap) the old compiled table are freed by now.
+        drop(text);
+        crate::heap::release_free_memory();
+        applied
     })
     .await
     .expect("table loading does not panic")
@@ -268,9 +271,14 @@ async fn apply_index(
             Ok(table) => {
                 let store = store.clone();
                 let what = what.to_string();
-                return tokio::task::spawn_blocking(move || store.apply(&table, &what))
-                    .await
-                    .expect("table loading does not panic");
+                return tokio::task::spawn_blocking(move || {
+                    let applied = store.apply(&table, &what);
+                    drop((table, shards));
+                    crate::heap::release_free_memory();
+                    applied
+                })
+                .await
+                .expect("table loading does not panic");
             }
             // A shard missing or not matching its digest is usually one being written right now: retry.
             Err(e @ TableError::Shard { .. }) if attempt < SHARD_ATTEMPTS => {
