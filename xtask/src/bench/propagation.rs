@@ -134,23 +134,33 @@ type Series = Vec<(&'static str, &'static str, Vec<f64>, Vec<f64>)>;
 
 /// Watches the proxy's index ConfigMap and records when each write of it is seen: the controller's share of a trial
 /// is the time from the API write to the first index write after it (the index is written last, after its shards).
-fn watch_index(client: kube::Client) -> std::sync::Arc<std::sync::Mutex<Vec<Instant>>> {
+/// Aborts the task when dropped, on every way out of [`run`].
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn watch_index(client: kube::Client) -> (std::sync::Arc<std::sync::Mutex<Vec<Instant>>>, AbortOnDrop) {
     use futures::StreamExt;
     use kube::runtime::{WatchStreamExt, watcher};
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let s = seen.clone();
     let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client, NS);
     let name = portcullis_table::naming::index_name("echo");
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let mut events = watcher(cms, cfg).applied_objects().boxed();
+        // Backoff: without it a watch on a stopped API server retries without ever yielding.
+        let mut events = watcher(cms, cfg).default_backoff().applied_objects().boxed();
         while let Some(e) = events.next().await {
             if e.is_ok() {
                 s.lock().expect("lock").push(Instant::now());
             }
         }
     });
-    seen
+    (seen, AbortOnDrop(task))
 }
 
 fn written_after(seen: &std::sync::Mutex<Vec<Instant>>, t: Instant) -> f64 {
@@ -226,7 +236,7 @@ async fn run(ctx: &Ctx, cp: &ControlPlane, trials: usize) -> Result<Series> {
         );
     }
     eprintln!("  propagation: control plane, controller and proxy up");
-    let index_writes = watch_index(admin.clone());
+    let (index_writes, _index_watch) = watch_index(admin.clone());
     let (mut create_c, mut cidr_c, mut revoke_c) = (Vec::new(), Vec::new(), Vec::new());
     let mut create = Vec::new();
     for i in 1..=trials {
