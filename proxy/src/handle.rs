@@ -4,17 +4,23 @@
 
 use crate::config::Config;
 use crate::decision::client_addr::client_addr;
+use crate::decision::path::{EscapedSlashes, PathError, normalize};
 use crate::decision::{CidrSet, Decision, Denial, PeerCert, Reason, RequestFacts, decide};
 use crate::metrics::Metrics;
-use crate::respond::{Body, denial_response, json_response};
-use crate::rewrite::{CLIENT_HEADER, is_upgrade, strip_hop_by_hop};
+use crate::respond::{Body, denial_response};
+use crate::rewrite::{
+    CLIENT_HEADER, Proto, is_upgrade, scrub_client_headers, set_forwarding_headers, strip_hop_by_hop, strip_key_param,
+};
 use crate::tables::TableStore;
 use crate::upstream::{ConnSlot, Upstream};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use std::borrow::Cow;
+use std::error::Error as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -40,6 +46,8 @@ pub struct Handler {
     pub key_header: HeaderName,
     pub trusted: CidrSet,
     pub require_tls: bool,
+    pub escaped_slashes: EscapedSlashes,
+    pub allow_underscore_headers: bool,
 }
 
 impl Handler {
@@ -59,6 +67,8 @@ impl Handler {
             key_header: config.key_header.clone(),
             trusted: config.trusted_proxies.clone(),
             require_tls: config.require_tls,
+            escaped_slashes: config.escaped_slashes,
+            allow_underscore_headers: config.allow_underscore_headers,
         })
     }
 
@@ -70,12 +80,34 @@ impl Handler {
             self.metrics.count(Some(Reason::TlsRequired), start.elapsed().as_secs_f64());
             return denial_response(&Reason::TlsRequired.into());
         }
+        let refuse = |reason: Reason, detail: &str| {
+            tracing::debug!(peer = %conn.addr, reason = reason.code(), detail, "refused");
+            self.metrics.count(Some(reason), start.elapsed().as_secs_f64());
+            denial_response(&reason.into())
+        };
+        // RFC 9112 §3.2: one Host; RFC 9110 §4.2.4: no userinfo in the target.
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        if hosts.next().is_some() && hosts.next().is_some() {
+            return refuse(Reason::BadRequest, "several Host lines");
+        }
+        let authority = req.uri().authority().map(|a| a.as_str());
+        if authority.is_some_and(|a| a.contains('@')) {
+            return refuse(Reason::BadRequest, "userinfo in the request target");
+        }
+        // The path is normalised once: the decision sees it, and so does the application.
+        let target = match origin_target(req.uri(), self.escaped_slashes, self.key_header.as_str()) {
+            Ok(t) => t,
+            Err(e) => return refuse(Reason::InvalidPath, e.as_str()),
+        };
+        let addr = match client_addr(conn.addr, req.headers(), &self.trusted) {
+            Ok(a) => a,
+            Err(e) => return refuse(Reason::AmbiguousForwarded, e.as_str()),
+        };
         let verdict: Result<HeaderValue, Denial> = {
-            let addr = client_addr(conn.addr, req.headers(), &self.trusted);
             let facts = RequestFacts {
                 addr,
                 method: req.method().as_str(),
-                path: req.uri().path(),
+                path: target.path(),
                 key: single_header(req.headers(), &self.key_header),
                 cert: conn.cert.as_deref(),
                 now: jiff::Timestamp::now(),
@@ -96,35 +128,43 @@ impl Handler {
                 return denial_response(&d);
             }
         };
+        // The authority of an absolute-form (or h2) target wins over the client's Host (RFC 9112 §3.2.2).
+        let host = match authority {
+            Some(a) => HeaderValue::from_str(a).ok(),
+            None => None,
+        };
+        let proto = Proto::decide(conn.tls, self.trusted.contains(conn.addr.to_canonical()), req.headers());
 
         // Only HTTP/1.1 has Upgrade; on h2 the header is connection-specific and simply stripped.
         let upgrade = req.version() == Version::HTTP_11 && is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgrade);
-        parts.headers.remove(&self.key_header);
-        parts.headers.remove(&CLIENT_HEADER);
+        scrub_client_headers(&mut parts.headers, &self.key_header, self.allow_underscore_headers);
         parts.headers.insert(CLIENT_HEADER, client_header);
-        if !parts.headers.contains_key(header::HOST) {
-            let host = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-            parts.headers.insert(header::HOST, host.unwrap_or_else(|| self.upstream_authority.clone()));
-        }
-        // Origin form (`/path?query`) for the upstream, whatever form the client used.
-        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        parts.uri = match Uri::builder().path_and_query(pq).build() {
-            Ok(u) => u,
-            Err(_) => {
-                return json_response(
-                    StatusCode::BAD_REQUEST,
-                    r#"{"error":"bad request target","reason":"bad_request"}"#,
-                );
+        set_forwarding_headers(&mut parts.headers, addr, proto);
+        match host {
+            Some(h) => {
+                parts.headers.insert(header::HOST, h);
             }
-        };
+            None if !parts.headers.contains_key(header::HOST) => {
+                parts.headers.insert(header::HOST, self.upstream_authority.clone());
+            }
+            None => {}
+        }
+        parts.uri = target;
         parts.version = Version::HTTP_11;
 
         let result = self.upstream.send(slot, Request::from_parts(parts, body)).await;
         let mut resp = match result {
             Ok(r) => r,
+            Err(e) if client_body_failed(&*e) => {
+                // The client's body was malformed (bad chunked framing) or cut short: the client's fault, not the
+                // application's, and not an allowed request.
+                tracing::debug!(error = %e, "request body from the client failed");
+                self.metrics.count(Some(Reason::BadRequest), start.elapsed().as_secs_f64());
+                return denial_response(&Reason::BadRequest.into());
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "upstream request failed");
                 self.metrics.count(Some(Reason::UpstreamUnavailable), start.elapsed().as_secs_f64());
@@ -163,5 +203,63 @@ fn single_header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a [u
     match (it.next(), it.next()) {
         (Some(v), None) => Some(v.as_bytes()),
         _ => None,
+    }
+}
+
+/// The origin-form target for the application: the normalised path (see [`crate::decision::path`]) and the query
+/// without the key ([`strip_key_param`]). When neither changes, the client's path-and-query is reused as is.
+pub fn origin_target(uri: &Uri, slashes: EscapedSlashes, key_header: &str) -> Result<Uri, PathError> {
+    let path = normalize(uri.path(), slashes)?;
+    let query = uri.query();
+    let stripped = query.and_then(|q| strip_key_param(q, key_header));
+    if let (Cow::Borrowed(_), None, Some(pq)) = (&path, &stripped, uri.path_and_query()) {
+        return Ok(Uri::from(pq.clone()));
+    }
+    let pq = match (stripped, query) {
+        (Some(q), _) if q.is_empty() => path.into_owned(),
+        (Some(q), _) => format!("{path}?{q}"),
+        (None, Some(q)) => format!("{path}?{q}"),
+        (None, None) => path.into_owned(),
+    };
+    // Built from pieces of a valid target (escapes upper-cased, unreserved characters decoded): always valid.
+    PathAndQuery::try_from(pq).map(Uri::from).map_err(|_| PathError::NotOriginForm)
+}
+
+/// True when forwarding failed because the client's request body did: hyper reports an error of the body it was
+/// sending as a "user" error whose source is the error of our `Incoming` (malformed chunked framing, a body cut
+/// short, an h2 stream reset).
+fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && h.is_user()
+            && h.source().is_some_and(|s| s.downcast_ref::<hyper::Error>().is_some())
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(u: &str) -> Result<String, PathError> {
+        origin_target(&u.parse().unwrap(), EscapedSlashes::Reject, "x-api-key").map(|u| u.to_string())
+    }
+
+    #[test]
+    fn the_forwarded_target_is_origin_form_normalised_and_keyless() {
+        assert_eq!(target("/v1/x?a=1").as_deref(), Ok("/v1/x?a=1"));
+        assert_eq!(target("/v1/x?").as_deref(), Ok("/v1/x?"));
+        assert_eq!(target("/v1/../admin?a=/../x").as_deref(), Ok("/admin?a=/../x"), "the query is not a path");
+        assert_eq!(target("http://a.example/v1/%2e%2e/b?x-api-key=k&q=1").as_deref(), Ok("/b?q=1"));
+        assert_eq!(target("http://a.example").as_deref(), Ok("/"));
+        assert_eq!(target("https://a.example:8443/v1?x-api-key=k").as_deref(), Ok("/v1"));
+        assert_eq!(target("/v1/..%2fadmin"), Err(PathError::EscapedSlash));
+        assert_eq!(target("*"), Err(PathError::NotOriginForm));
+        assert_eq!(target("a.example:443"), Err(PathError::NotOriginForm));
     }
 }

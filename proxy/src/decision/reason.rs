@@ -17,10 +17,16 @@ pub enum Reason {
     TlsRequired,
     /// The key's client has `requireCertificate` and the connection's certificate does not match it.
     CertificateRequired,
+    /// The path cannot be normalised safely (see [`super::path`]).
+    InvalidPath,
+    /// A trusted proxy's forwarding headers do not name one client (see [`super::client_addr`]).
+    AmbiguousForwarded,
+    /// Malformed in another way: several `Host` lines, userinfo in the target, a malformed request body.
+    BadRequest,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 14] = [
         Reason::InvalidKey,
         Reason::KeyExpired,
         Reason::ClientDisabled,
@@ -32,10 +38,14 @@ impl Reason {
         Reason::UpstreamUnavailable,
         Reason::TlsRequired,
         Reason::CertificateRequired,
+        Reason::InvalidPath,
+        Reason::AmbiguousForwarded,
+        Reason::BadRequest,
     ];
 
     pub fn status(self) -> u16 {
         match self {
+            Reason::InvalidPath | Reason::AmbiguousForwarded | Reason::BadRequest => 400,
             Reason::InvalidKey => 401,
             Reason::KeyExpired
             | Reason::ClientDisabled
@@ -62,6 +72,9 @@ impl Reason {
             Reason::UpstreamUnavailable => "upstream_unavailable",
             Reason::TlsRequired => "tls_required",
             Reason::CertificateRequired => "certificate_required",
+            Reason::InvalidPath => "invalid_path",
+            Reason::AmbiguousForwarded => "ambiguous_forwarded",
+            Reason::BadRequest => "bad_request",
         }
     }
 
@@ -83,6 +96,11 @@ impl Reason {
             Reason::CertificateRequired => {
                 r#"{"error":"a matching client certificate is required","reason":"certificate_required"}"#
             }
+            Reason::InvalidPath => r#"{"error":"request path cannot be normalised safely","reason":"invalid_path"}"#,
+            Reason::AmbiguousForwarded => {
+                r#"{"error":"forwarding headers do not name one client","reason":"ambiguous_forwarded"}"#
+            }
+            Reason::BadRequest => r#"{"error":"malformed request","reason":"bad_request"}"#,
         }
     }
 }
