@@ -192,6 +192,9 @@ impl Driver<'_> {
     async fn drive(&self, machine: &mut IndexWatch, input: Input) {
         let mut next = Some(input);
         while let Some(input) = next.take() {
+            if let Input::Failed(f) | Input::Loaded { outcome: LoadOutcome::Failed(f), .. } = &input {
+                self.store.metrics().table_source_error(f.kind());
+            }
             match machine.step(input) {
                 Effect::Nothing => {}
                 Effect::Load(object) => {
@@ -202,7 +205,6 @@ impl Driver<'_> {
                     self.store.revoke(cause, &format!("{}: {detail}", self.what));
                 }
                 Effect::Keep { kind, detail } => {
-                    self.store.metrics().table_source_error(kind);
                     tracing::warn!(what = %self.what, kind, %detail, "table source unavailable; the table in force stays");
                 }
                 Effect::Reject { detail } => {
