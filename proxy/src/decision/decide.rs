@@ -63,6 +63,9 @@ impl<C: Clock> Decision<'_, C> {
 pub fn decide<'t, C: Clock + Clone>(table: Option<&'t CompiledTable<C>>, req: &RequestFacts<'_>) -> Decision<'t, C> {
     let Some(table) = table else { return Decision::Deny(Reason::NoTable.into()) };
     let deny = |r: Reason| Decision::Deny(r.into());
+    if table.deny_all.is_some() {
+        return deny(Reason::ServiceNotGranted);
+    }
     let client = match req.key.filter(|k| !k.is_empty()) {
         Some(key) => {
             let Some((client, key_ref)) = table.lookup(&key_digest(key)) else { return deny(Reason::InvalidKey) };

@@ -17,6 +17,10 @@ pub enum Reason {
     TlsRequired,
     /// The key's client has `requireCertificate` and the connection's certificate does not match it.
     CertificateRequired,
+    /// The table is a deny-all table: no UsagePlan grants this Service.
+    ServiceNotGranted,
+    /// The proxy had a table and it was taken away (index deleted, or reading it is no longer permitted).
+    TableRevoked,
     /// The path cannot be normalised safely (see [`super::path`]).
     InvalidPath,
     /// A trusted proxy's forwarding headers do not name one client (see [`super::client_addr`]).
@@ -26,7 +30,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 16] = [
         Reason::InvalidKey,
         Reason::KeyExpired,
         Reason::ClientDisabled,
@@ -38,6 +42,8 @@ impl Reason {
         Reason::UpstreamUnavailable,
         Reason::TlsRequired,
         Reason::CertificateRequired,
+        Reason::ServiceNotGranted,
+        Reason::TableRevoked,
         Reason::InvalidPath,
         Reason::AmbiguousForwarded,
         Reason::BadRequest,
@@ -52,9 +58,10 @@ impl Reason {
             | Reason::SourceNotAllowed
             | Reason::RouteNotAllowed
             | Reason::TlsRequired
-            | Reason::CertificateRequired => 403,
+            | Reason::CertificateRequired
+            | Reason::ServiceNotGranted => 403,
             Reason::RateLimited | Reason::QuotaExceeded => 429,
-            Reason::NoTable => 503,
+            Reason::NoTable | Reason::TableRevoked => 503,
             Reason::UpstreamUnavailable => 502,
         }
     }
@@ -72,6 +79,8 @@ impl Reason {
             Reason::UpstreamUnavailable => "upstream_unavailable",
             Reason::TlsRequired => "tls_required",
             Reason::CertificateRequired => "certificate_required",
+            Reason::ServiceNotGranted => "service_not_granted",
+            Reason::TableRevoked => "table_revoked",
             Reason::InvalidPath => "invalid_path",
             Reason::AmbiguousForwarded => "ambiguous_forwarded",
             Reason::BadRequest => "bad_request",
@@ -95,6 +104,12 @@ impl Reason {
             Reason::TlsRequired => r#"{"error":"API keys are accepted over HTTPS only","reason":"tls_required"}"#,
             Reason::CertificateRequired => {
                 r#"{"error":"a matching client certificate is required","reason":"certificate_required"}"#
+            }
+            Reason::ServiceNotGranted => {
+                r#"{"error":"no usage plan grants access to this service","reason":"service_not_granted"}"#
+            }
+            Reason::TableRevoked => {
+                r#"{"error":"the access table was withdrawn; every request is refused","reason":"table_revoked"}"#
             }
             Reason::InvalidPath => r#"{"error":"request path cannot be normalised safely","reason":"invalid_path"}"#,
             Reason::AmbiguousForwarded => {
