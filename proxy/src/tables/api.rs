@@ -4,8 +4,8 @@
 //! One visible loop: [`IndexWatch`] decides, this module only performs the requests it asks for and feeds the
 //! answers back. No `kube::runtime`: every event type, error and relist is handled here.
 
+use super::TableStore;
 use super::index_watch::{Effect, Failure, IndexObject, IndexWatch, Input, LoadOutcome, Request};
-use super::{LoadError, TableStore};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use portcullis_table::TableError;
@@ -262,7 +262,7 @@ impl Driver<'_> {
                     backoff *= 2;
                 }
                 Err(e @ TableError::Shard { .. }) => return LoadOutcome::Incomplete(e.to_string()),
-                Err(e) => return LoadOutcome::Invalid(LoadError::from(e).to_string()),
+                Err(e) => return LoadOutcome::Invalid(e.to_string()),
             }
         }
         unreachable!("the last attempt returns")
