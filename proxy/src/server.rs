@@ -1,6 +1,7 @@
 //! The client-facing listeners: PROXY protocol sniffing, then TLS (on a TLS listener), HTTP/1.1 + h2 (h2c on plain
 //! listeners, ALPN `h2` on TLS), the decision, and forwarding.
 
+use crate::body::RequestBody;
 use crate::config::Config;
 use crate::decision::client_addr::client_addr;
 use crate::decision::{CidrSet, Decision, Denial, PeerCert, Reason, RequestFacts, decide};
@@ -41,6 +42,7 @@ pub struct Shared {
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub body_read_timeout: Duration,
     pub require_tls: bool,
 }
 
@@ -48,7 +50,7 @@ impl Shared {
     pub fn new(config: &Config, tables: Arc<TableStore>, metrics: Arc<Metrics>) -> Result<Self, http::Error> {
         let authority: http::uri::Authority = config.upstream.parse().map_err(http::Error::from)?;
         let upstream_authority = HeaderValue::from_str(authority.as_str()).map_err(http::Error::from)?;
-        let upstream = Arc::new(Upstream::new(authority.as_str()));
+        let upstream = Arc::new(Upstream::new(authority.as_str(), config.max_side_pool_requests));
         Ok(Self {
             tables,
             metrics,
@@ -60,6 +62,7 @@ impl Shared {
             max_header_bytes: config.max_header_bytes,
             header_read_timeout: config.header_read_timeout,
             idle_timeout: config.idle_timeout,
+            body_read_timeout: config.body_read_timeout,
             require_tls: config.require_tls,
         })
     }
@@ -179,7 +182,7 @@ async fn serve_connection(
     }
     let activity = Arc::new(Activity::default());
     // The bytes read past a PROXY header (the start of a ClientHello, or of an HTTP request) are replayed first.
-    let io = ConnIo::new(prefix, stream, activity.clone());
+    let io = ConnIo::new(prefix, stream);
     let Some(acceptor) = tls else {
         return serve_http(TokioIo::new(io), peer, addr, Alpn::None, None, activity, shared, stop).await;
     };
@@ -401,6 +404,7 @@ async fn handle(
     };
     parts.version = Version::HTTP_11;
 
+    let body = RequestBody::new(body, shared.body_read_timeout);
     let result = shared.upstream.send(slot, Request::from_parts(parts, body)).await;
     let mut resp = match result {
         Ok(r) => r,
