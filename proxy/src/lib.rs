@@ -1,17 +1,21 @@
 //! Portcullis proxy: the sidecar that checks an API key, the source address, the route, a throttle and a quota
 //! before forwarding a request to the application on loopback.
 //!
-//! [`decision`] is the pure logic (no I/O). [`start`] binds the listeners and returns a [`Running`] proxy whose
+//! [`decision`] is the pure logic (no I/O); [`handle`] is one request's path (decision, rewrite, forward);
+//! [`server`] is the listeners and each connection's lifecycle. [`start`] binds the listeners and returns a [`Running`] proxy whose
 //! bound addresses tests can read; [`run`] is what the binary calls.
 
 pub mod admin;
 pub mod body;
 pub mod config;
 pub mod decision;
+pub mod handle;
 pub mod heap;
 pub mod io;
 pub mod metrics;
 pub mod proxy_protocol;
+pub mod respond;
+pub mod rewrite;
 pub mod server;
 pub mod source_limit;
 pub mod tables;

@@ -26,7 +26,7 @@ pub enum LoadError {
     #[error(transparent)]
     Table(#[from] TableError),
     #[error("compiling table: {0}")]
-    Compile(#[from] crate::decision::keys::CompileError),
+    Compile(#[from] crate::decision::compiled::CompileError),
     #[error("ConfigMap {0} has no {1:?} data key")]
     MissingKey(String, &'static str),
     #[error("Kubernetes API: {0}")]

@@ -1,15 +1,23 @@
 //! Pure decision logic: no I/O, no clocks except those passed in.
+//!
+//! - [`decide`]: the decision for one request ([`RequestFacts`] → [`Decision`]);
+//! - [`reason`]: why a request was refused (status, code, body);
+//! - [`compiled`]: the table as the request path reads it (key digests, clients, plans with their limiter state);
+//! - [`client_addr`]: which address a request comes from (`--trusted-proxies`);
+//! - [`route`], [`cidr`], [`certs`], [`throttle`], [`quota`]: the individual checks.
 
 pub mod certs;
 pub mod cidr;
 pub mod client_addr;
-pub mod keys;
-pub mod pipeline;
+pub mod compiled;
+pub mod decide;
 pub mod quota;
+pub mod reason;
 pub mod route;
 pub mod throttle;
 
 pub use certs::PeerCert;
 pub use cidr::CidrSet;
-pub use keys::{CompiledClient, CompiledPlan, CompiledTable};
-pub use pipeline::{Decision, Denial, Reason, RequestFacts, decide};
+pub use compiled::{CompiledClient, CompiledPlan, CompiledTable};
+pub use decide::{Decision, Denial, RequestFacts, decide};
+pub use reason::Reason;
