@@ -9,9 +9,9 @@
 //! The timer is created the first time the proxy actually has to wait for body bytes: a request without a body, or
 //! whose body came with its head, allocates nothing.
 //!
-//! [`ResponseBody`]: the application's response body on its way to the client, carrying the request's
-//! [`InFlight`] guard (so a stream counts as open until its response body has been sent) and, for requests sent on
-//! the shared side pool, that pool's permit.
+//! [`ResponseBody`]: the application's response body, carrying, for requests sent on the shared side pool, that
+//! pool's permit until it has been read. [`Counted`]: any response body with the request's [`InFlight`] guard, so a
+//! request (an HTTP/2 stream) counts as in progress until its response body has been sent.
 
 use crate::io::InFlight;
 use bytes::Bytes;
@@ -149,21 +149,15 @@ impl Body for RequestBody {
     }
 }
 
-/// The application's response body, holding what must live until it has been sent.
+/// The application's response body, holding the side-pool permit (if any) until it has been read.
 pub struct ResponseBody {
     inner: Incoming,
-    _in_flight: Option<InFlight>,
-    _permit: Option<OwnedSemaphorePermit>,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl ResponseBody {
     pub fn new(inner: Incoming, permit: Option<OwnedSemaphorePermit>) -> Self {
-        Self { inner, _in_flight: None, _permit: permit }
-    }
-
-    /// Keeps the request counted as in progress until the body is done.
-    pub fn hold(&mut self, in_flight: InFlight) {
-        self._in_flight = Some(in_flight);
+        Self { inner, permit }
     }
 }
 
@@ -174,9 +168,41 @@ impl Body for ResponseBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let r = ready!(Pin::new(&mut self.inner).poll_frame(cx));
         if r.is_none() {
-            // Done: release the guards now rather than when hyper drops the body.
-            self._in_flight = None;
-            self._permit = None;
+            // Done: release the permit now rather than when hyper drops the body.
+            self.permit = None;
+        }
+        Poll::Ready(r)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that keeps its request counted as in progress until it has been sent (or dropped).
+pub struct Counted<B> {
+    inner: B,
+    in_flight: Option<InFlight>,
+}
+
+impl<B> Counted<B> {
+    pub fn new(inner: B, in_flight: InFlight) -> Self {
+        Self { inner, in_flight: Some(in_flight) }
+    }
+}
+
+impl<B: Body + Unpin> Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let r = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if r.is_none() {
+            self.in_flight = None;
         }
         Poll::Ready(r)
     }

@@ -135,7 +135,8 @@ impl Metrics {
     pub fn count(&self, reason: Option<Reason>, seconds: f64) {
         let (decision, reason) = match reason {
             None => ("allow", "ok"),
-            Some(Reason::UpstreamUnavailable) => ("allow", Reason::UpstreamUnavailable.code()),
+            // Admitted by the decision; the application could not take it.
+            Some(r @ (Reason::UpstreamUnavailable | Reason::UpstreamBusy)) => ("allow", r.code()),
             Some(r) => ("deny", r.code()),
         };
         self.requests.get_or_create(&RequestLabels { decision, reason }).inc();

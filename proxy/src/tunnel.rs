@@ -11,8 +11,9 @@
 //!
 //! Lifetime: the tunnel runs in the client connection's own task after the HTTP/1.1 connection hands its socket
 //! over, so it holds that connection's `--max-connections` slot (and its `--max-connections-per-source` count) for
-//! as long as it lives, and is cut with the connection at the end of the shutdown grace period. It is closed when
-//! no byte has crossed it in either direction for `--tunnel-idle-timeout`.
+//! as long as it lives. It is closed when no byte has crossed it in either direction for `--tunnel-idle-timeout`,
+//! and as soon as shutdown begins: a tunnel has no end to wait for, and holding the process for the whole grace
+//! period would only delay the client's reconnection (to another replica).
 
 use crate::io::now_millis;
 use http::HeaderMap;
@@ -26,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
 
 /// `--upgrade-protocols`: lowercase protocol names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,12 +143,17 @@ pub enum End {
     Closed(io::Result<(u64, u64)>),
     /// No byte either way for the idle timeout.
     Idle,
+    /// Shutdown began.
+    Shutdown,
     /// An upgrade did not complete.
     Failed(hyper::Error),
 }
 
-/// Runs a tunnel until a side closes or it has been idle for `idle`.
-pub async fn run(client: OnUpgrade, upstream: OnUpgrade, idle: Duration) -> End {
+/// Runs a tunnel until a side closes, it has been idle for `idle`, or `stop` flips.
+pub async fn run(client: OnUpgrade, upstream: OnUpgrade, idle: Duration, mut stop: watch::Receiver<bool>) -> End {
+    if *stop.borrow() {
+        return End::Shutdown;
+    }
     let (c, u) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(e) => return End::Failed(e),
@@ -162,6 +169,7 @@ pub async fn run(client: OnUpgrade, upstream: OnUpgrade, idle: Duration) -> End 
     loop {
         tokio::select! {
             r = copy.as_mut() => return End::Closed(r),
+            _ = stop.changed() => return End::Shutdown,
             _ = check.tick() => {
                 if now_millis().saturating_sub(last.load(Ordering::Relaxed)) >= idle_ms {
                     return End::Idle;

@@ -7,8 +7,10 @@
 //! shared pooled client.
 
 use crate::body::{RequestBody, ResponseBody};
+use crate::tunnel::Pending;
 use http::{Request, Response, StatusCode};
 use hyper::client::conn::http1::{self, SendRequest};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -40,10 +42,12 @@ pub struct Upstream {
     parked: Mutex<Vec<(Instant, SendRequest<RequestBody>)>>,
 }
 
-/// The upstream connection owned by one client connection.
+/// The upstream connection owned by one client connection; after an accepted upgrade, the tunnel's two halves,
+/// waiting for the client connection to hand its socket over ([`crate::tunnel`]).
 pub struct ConnSlot {
     state: Mutex<SlotState>,
     upstream: Arc<Upstream>,
+    tunnel: Pending,
 }
 
 #[derive(Default)]
@@ -88,7 +92,16 @@ impl Drop for ConnSlot {
 
 impl ConnSlot {
     pub fn new(upstream: Arc<Upstream>) -> Self {
-        Self { state: Mutex::new(SlotState::Empty), upstream }
+        Self { state: Mutex::new(SlotState::Empty), upstream, tunnel: Pending::default() }
+    }
+
+    /// Keeps the halves of an upgrade the application accepted, for the connection to run once HTTP/1.1 is done.
+    pub fn set_tunnel(&self, client: OnUpgrade, upstream: OnUpgrade) {
+        self.tunnel.set(client, upstream);
+    }
+
+    pub fn take_tunnel(&self) -> Option<(OnUpgrade, OnUpgrade)> {
+        self.tunnel.take()
     }
 
     /// `None` when the slot is busy with another request.

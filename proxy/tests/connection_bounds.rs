@@ -43,11 +43,7 @@ async fn stop(p: Running) {
 
 /// The value of a metric line (`name{labels}`) in the admin encoding, 0 when absent.
 fn metric(p: &Running, line: &str) -> f64 {
-    p.metrics
-        .encode()
-        .lines()
-        .find_map(|l| l.strip_prefix(line).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0.0)
+    p.metrics.encode().lines().find_map(|l| l.strip_prefix(line).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
 }
 
 /// Reads until the peer closes (EOF or reset), returning what was read and when it ended.
@@ -104,9 +100,10 @@ struct PingerEnd {
     lasted: Duration,
 }
 
-/// Sends the h2 preface and SETTINGS, then never opens a stream: acknowledges the server's SETTINGS and PINGs and
-/// sends a PING of its own every 50 ms, until the proxy closes the connection.
-async fn preface_and_pings(mut s: TcpStream) -> PingerEnd {
+/// Sends the h2 preface and SETTINGS, then never opens a stream. With `answer`, acknowledges the server's SETTINGS
+/// and PINGs and sends a PING of its own every 50 ms; without, sends nothing more. Until the proxy closes the
+/// connection.
+async fn preface_and_pings(mut s: TcpStream, answer: bool) -> PingerEnd {
     let start = Instant::now();
     s.write_all(PREFACE).await.unwrap();
     s.write_all(&frame(SETTINGS, 0, &[])).await.unwrap();
@@ -116,7 +113,7 @@ async fn preface_and_pings(mut s: TcpStream) -> PingerEnd {
     let mut chunk = [0u8; 4096];
     loop {
         tokio::select! {
-            _ = tick.tick() => {
+            _ = tick.tick(), if answer => {
                 let _ = s.write_all(&frame(PING, 0, b"clientpg")).await;
             }
             r = s.read(&mut chunk) => {
@@ -131,10 +128,10 @@ async fn preface_and_pings(mut s: TcpStream) -> PingerEnd {
                     let payload = buf[9..9 + len].to_vec();
                     buf.drain(..9 + len);
                     match kind {
-                        SETTINGS if flags & ACK == 0 => {
+                        SETTINGS if answer && flags & ACK == 0 => {
                             let _ = s.write_all(&frame(SETTINGS, ACK, &[])).await;
                         }
-                        PING if flags & ACK == 0 => {
+                        PING if answer && flags & ACK == 0 => {
                             pings_answered += 1;
                             let _ = s.write_all(&frame(PING, ACK, &payload)).await;
                         }
@@ -193,16 +190,19 @@ async fn preface_only_h2_connections_answering_pings_do_not_keep_clients_out() {
     })
     .await;
     let mut pingers = tokio::task::JoinSet::new();
-    for _ in 0..3 {
+    // Two answer every PING (and send their own); one says nothing after its preface, not even to the GOAWAY.
+    for answer in [true, true, false] {
         let s = tcp_from(ip(1), p.addr).await;
-        pingers.spawn(preface_and_pings(s));
+        pingers.spawn(preface_and_pings(s, answer));
     }
     wait_until("three h2 connections held", || p.metrics.open_connections.get() == 3).await;
     let t = Instant::now();
     let r = get(ip(1), p.addr, "/v1/x", &[("x-api-key", "k-reader")]).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(t.elapsed() < Duration::from_secs(5), "a real client waited {:?}", t.elapsed());
-    for end in within("pingers closed", pingers.join_all()).await {
+    let ends = within("pingers closed", pingers.join_all()).await;
+    assert!(ends.iter().any(|e| e.pings_answered > 0), "the server's PINGs were answered");
+    for end in ends {
         assert!(end.goaway, "closed with a GOAWAY");
         assert!(end.lasted >= idle - Duration::from_millis(50), "closed before the idle timeout: {:?}", end.lasted);
         assert!(end.lasted < Duration::from_secs(5), "kept open {:?} by PINGs", end.lasted);
@@ -323,9 +323,11 @@ async fn behind_a_trusted_proxy_the_proxy_protocol_source_is_counted() {
     assert_eq!(other.send("GET", "/v1/a", &[("x-api-key", "k-reader")]).await.status, 403, "served (wrong source)");
     // A second connection for 203.0.113.7 is closed.
     let mut s = tcp_from(ip(1), p.addr).await;
-    s.write_all(b"PROXY TCP4 203.0.113.7 127.0.0.1 40001 8443\r\nGET /v1/b HTTP/1.1\r\nHost: x\r\nx-api-key: k-reader\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(
+        b"PROXY TCP4 203.0.113.7 127.0.0.1 40001 8443\r\nGET /v1/b HTTP/1.1\r\nHost: x\r\nx-api-key: k-reader\r\n\r\n",
+    )
+    .await
+    .unwrap();
     let (bytes, _) = read_until_closed(&mut s).await;
     assert!(bytes.is_empty(), "{}", String::from_utf8_lossy(&bytes));
     assert_eq!(metric(&p, "portcullis_proxy_connections_closed_total{reason=\"source_limit\"}"), 1.0);
@@ -336,6 +338,8 @@ async fn behind_a_trusted_proxy_the_proxy_protocol_source_is_counted() {
 
 const WS_REQUEST: &[u8] =
     b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nx-api-key: k-reader\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
+/// The same, refused: the proxy's answer closes the connection (hyper sees `Connection: close` from the client).
+const WS_REQUEST_CLOSE: &[u8] = b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nx-api-key: k-reader\r\nConnection: upgrade, close\r\nUpgrade: websocket\r\n\r\n";
 
 #[tokio::test]
 async fn a_tunnel_holds_a_connection_slot_and_is_closed_when_idle() {
@@ -389,7 +393,7 @@ async fn only_allow_listed_upgrades_reach_the_application() {
     let refused = raw(
         ip(1),
         p.addr,
-        b"GET /v1/x HTTP/1.1\r\nHost: x\r\nx-api-key: k-reader\r\nConnection: upgrade\r\nUpgrade: x-tunnel\r\n\r\n",
+        b"GET /v1/x HTTP/1.1\r\nHost: x\r\nx-api-key: k-reader\r\nConnection: upgrade, close\r\nUpgrade: x-tunnel\r\n\r\n",
     )
     .await;
     let text = String::from_utf8_lossy(&refused);
@@ -400,7 +404,7 @@ async fn only_allow_listed_upgrades_reach_the_application() {
     let mixed = raw(
         ip(1),
         p.addr,
-        b"GET /v1/x HTTP/1.1\r\nHost: x\r\nx-api-key: k-reader\r\nConnection: upgrade\r\nUpgrade: websocket, h2c\r\n\r\n",
+        b"GET /v1/x HTTP/1.1\r\nHost: x\r\nx-api-key: k-reader\r\nConnection: upgrade, close\r\nUpgrade: websocket, h2c\r\n\r\n",
     )
     .await;
     assert!(String::from_utf8_lossy(&mixed).starts_with("HTTP/1.1 400"));
@@ -433,7 +437,7 @@ async fn only_allow_listed_upgrades_reach_the_application() {
 #[tokio::test]
 async fn with_no_upgrade_protocols_websocket_is_refused_too() {
     let (p, _dir) = proxy(|c| c.upgrade_protocols = portcullis_proxy::tunnel::UpgradeProtocols::none()).await;
-    let r = raw(ip(1), p.addr, WS_REQUEST).await;
+    let r = raw(ip(1), p.addr, WS_REQUEST_CLOSE).await;
     assert!(String::from_utf8_lossy(&r).starts_with("HTTP/1.1 400"), "{}", String::from_utf8_lossy(&r));
     stop(p).await;
 }
@@ -561,7 +565,9 @@ async fn a_body_trickling_in_below_the_floor_is_aborted_a_steady_one_is_not() {
     // 4 KiB every 100 ms for 800 ms: slower than the whole body's timeout, but steady: delivered.
     let s = tcp_from(ip(1), p.addr).await;
     let (mut r, mut w) = s.into_split();
-    w.write_all(b"POST /v1/up HTTP/1.1\r\nHost: x\r\nx-api-key: k-reader\r\nContent-Length: 32768\r\n\r\n").await.unwrap();
+    w.write_all(b"POST /v1/up HTTP/1.1\r\nHost: x\r\nx-api-key: k-reader\r\nContent-Length: 32768\r\n\r\n")
+        .await
+        .unwrap();
     for _ in 0..8 {
         w.write_all(&[b'y'; 4096]).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await; // the client's pace
@@ -581,12 +587,10 @@ async fn a_stalled_h2_request_body_gets_408() {
     let (up, mut bodies) = body_upstream().await;
     let (p, _dir) = proxy_to(up, |c| c.body_read_timeout = Duration::from_millis(300)).await;
     let stream = tcp_from(ip(1), p.addr).await;
-    let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, StreamBody<_>>(
-        TokioExecutor::new(),
-        TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake::<_, _, StreamBody<_>>(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
     tx.try_send(Ok(Frame::data(Bytes::from_static(b"first bytes")))).unwrap();

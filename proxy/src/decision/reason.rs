@@ -17,10 +17,16 @@ pub enum Reason {
     TlsRequired,
     /// The key's client has `requireCertificate` and the connection's certificate does not match it.
     CertificateRequired,
+    /// An HTTP/1.1 `Upgrade` to a protocol not in `--upgrade-protocols`.
+    UpgradeNotAllowed,
+    /// The shared upstream pool for busy h2 connections is at `--max-side-pool-requests`.
+    UpstreamBusy,
+    /// The request body did not arrive fast enough (`--body-read-timeout`).
+    BodyTimeout,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 14] = [
         Reason::InvalidKey,
         Reason::KeyExpired,
         Reason::ClientDisabled,
@@ -32,6 +38,9 @@ impl Reason {
         Reason::UpstreamUnavailable,
         Reason::TlsRequired,
         Reason::CertificateRequired,
+        Reason::UpgradeNotAllowed,
+        Reason::UpstreamBusy,
+        Reason::BodyTimeout,
     ];
 
     pub fn status(self) -> u16 {
@@ -44,8 +53,10 @@ impl Reason {
             | Reason::TlsRequired
             | Reason::CertificateRequired => 403,
             Reason::RateLimited | Reason::QuotaExceeded => 429,
-            Reason::NoTable => 503,
+            Reason::NoTable | Reason::UpstreamBusy => 503,
             Reason::UpstreamUnavailable => 502,
+            Reason::UpgradeNotAllowed => 400,
+            Reason::BodyTimeout => 408,
         }
     }
 
@@ -62,6 +73,9 @@ impl Reason {
             Reason::UpstreamUnavailable => "upstream_unavailable",
             Reason::TlsRequired => "tls_required",
             Reason::CertificateRequired => "certificate_required",
+            Reason::UpgradeNotAllowed => "upgrade_not_allowed",
+            Reason::UpstreamBusy => "upstream_busy",
+            Reason::BodyTimeout => "body_timeout",
         }
     }
 
@@ -83,6 +97,11 @@ impl Reason {
             Reason::CertificateRequired => {
                 r#"{"error":"a matching client certificate is required","reason":"certificate_required"}"#
             }
+            Reason::UpgradeNotAllowed => {
+                r#"{"error":"upgrade to this protocol is not allowed","reason":"upgrade_not_allowed"}"#
+            }
+            Reason::UpstreamBusy => r#"{"error":"upstream busy, retry","reason":"upstream_busy"}"#,
+            Reason::BodyTimeout => r#"{"error":"request body too slow","reason":"body_timeout"}"#,
         }
     }
 }
