@@ -1,9 +1,11 @@
-//! ns per decision (key digest + lookup + source check + route + throttle + quota) at various table sizes.
+//! ns per decision (key digest + lookup + source check + route + throttle + quota) at various table sizes, and
+//! the path normaliser that runs before it.
 //!
 //! `cargo bench -p portcullis-proxy --bench decision`
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use governor::clock::DefaultClock;
+use portcullis_proxy::decision::path::{EscapedSlashes, normalize};
 use portcullis_proxy::decision::{CompiledTable, RequestFacts, decide};
 use portcullis_table::{Client, KeyEntry, Period, Plan, Quota, RouteScope, Table, Throttle, key_digest};
 use std::collections::BTreeMap;
@@ -128,6 +130,21 @@ fn bench_prefixes(c: &mut Criterion) {
     c.bench_function("decision/key_digest_only", |b| b.iter(|| key_digest(black_box(key.as_bytes()))));
 }
 
+/// The path normaliser, which runs before every decision: an already-normal path (checked, borrowed) and one that
+/// needs every rule (dot segments, merged slashes, escapes decoded and upper-cased).
+fn bench_path(c: &mut Criterion) {
+    let mut g = c.benchmark_group("decision");
+    g.bench_function("path_already_normal", |b| {
+        b.iter(|| normalize(black_box("/v1/orders/42/items"), EscapedSlashes::Reject).unwrap().len())
+    });
+    g.bench_function("path_rewritten", |b| {
+        b.iter(|| {
+            normalize(black_box("/v1/./orders//%34%32/x/../items%2d%7e%c3%a9"), EscapedSlashes::Reject).unwrap().len()
+        })
+    });
+    g.finish();
+}
+
 /// What a table swap costs off the request path: validating and compiling 100 000 clients (file mode also parses
 /// JSON; both run on the blocking pool while requests keep using the previous table).
 fn bench_compile(c: &mut Criterion) {
@@ -163,6 +180,6 @@ fn bench_compile(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = bench_clients, bench_prefixes, bench_compile
+    targets = bench_clients, bench_prefixes, bench_path, bench_compile
 }
 criterion_main!(benches);

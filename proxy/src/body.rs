@@ -52,6 +52,22 @@ pub enum RequestBodyError {
     Stalled(#[from] BodyStalled),
 }
 
+impl RequestBodyError {
+    /// Whether `e` or any error in its source chain is the client's body failing (malformed chunked framing, a body
+    /// cut short, an h2 stream reset): hyper reports an error of the body it was sending as a "user" error whose
+    /// source is this body's error.
+    pub fn client_in_chain(e: &(dyn std::error::Error + 'static)) -> bool {
+        let mut cur = Some(e);
+        while let Some(e) = cur {
+            if matches!(e.downcast_ref(), Some(RequestBodyError::Client(_))) {
+                return true;
+            }
+            cur = e.source();
+        }
+        false
+    }
+}
+
 /// The progress rule, without I/O: time spent waiting accumulates until [`PROGRESS_FLOOR`] bytes have arrived.
 #[derive(Debug, Clone)]
 pub struct Progress {

@@ -2,6 +2,7 @@
 //! what [`crate::start`] takes, so tests can build it directly.
 
 use crate::decision::CidrSet;
+use crate::decision::path::EscapedSlashes;
 use crate::tunnel::UpgradeProtocols;
 use clap::Parser;
 use http::HeaderName;
@@ -61,6 +62,11 @@ pub struct Config {
     pub trusted_proxies: CidrSet,
     pub proxy_protocol: bool,
     pub key_header: HeaderName,
+    /// `--allow-escaped-slashes`: keep `%2F` / `%5C` in paths instead of refusing them.
+    pub escaped_slashes: EscapedSlashes,
+    /// `--allow-underscore-headers`: forward headers with `_` in their name (except look-alikes of the identity,
+    /// key and forwarding headers, which are always dropped).
+    pub allow_underscore_headers: bool,
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
@@ -98,6 +104,8 @@ impl Config {
             trusted_proxies: CidrSet::default(),
             proxy_protocol: false,
             key_header: HeaderName::from_static("x-api-key"),
+            escaped_slashes: EscapedSlashes::Reject,
+            allow_underscore_headers: false,
             max_header_bytes: 16 * 1024,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
@@ -168,6 +176,15 @@ pub struct Cli {
     /// Header carrying the API key.
     #[arg(long, env = "PORTCULLIS_KEY_HEADER", default_value = "x-api-key")]
     pub key_header: String,
+    /// Pass `%2F` and `%5C` in request paths to the application (escaped, not segment separators for route
+    /// scopes) instead of refusing the request with 400 invalid_path. Only for applications that never decode
+    /// them into separators.
+    #[arg(long, env = "PORTCULLIS_ALLOW_ESCAPED_SLASHES")]
+    pub allow_escaped_slashes: bool,
+    /// Forward request headers with `_` in their name (dropped by default, as nginx and Envoy do). Look-alikes of
+    /// x-portcullis-client, the key header and the forwarding headers are dropped regardless.
+    #[arg(long, env = "PORTCULLIS_ALLOW_UNDERSCORE_HEADERS")]
+    pub allow_underscore_headers: bool,
     #[arg(long, env = "PORTCULLIS_LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
     /// Largest request head (request line + headers) accepted, in bytes (at least 8192 for HTTP/1).
@@ -260,6 +277,8 @@ impl Cli {
         c.proxy_protocol = self.proxy_protocol;
         c.key_header = HeaderName::from_bytes(self.key_header.to_ascii_lowercase().as_bytes())
             .map_err(|_| ConfigError::KeyHeader(self.key_header.clone()))?;
+        c.escaped_slashes = if self.allow_escaped_slashes { EscapedSlashes::Keep } else { EscapedSlashes::Reject };
+        c.allow_underscore_headers = self.allow_underscore_headers;
         c.max_header_bytes = self.max_header_bytes;
         c.header_read_timeout = self.header_read_timeout;
         c.idle_timeout = self.idle_timeout;
@@ -340,6 +359,15 @@ mod tests {
         assert!(parse_duration("soon").is_err());
         assert!(Cli::try_parse_from(["portcullis-proxy", "--upstream", "x:1"]).is_err(), "a table source is required");
         assert!(c.tls.is_none() && !c.require_tls && c.plain_listen.is_none());
+        assert_eq!(c.escaped_slashes, EscapedSlashes::Reject);
+        assert!(!c.allow_underscore_headers);
+        let base = ["portcullis-proxy", "--upstream", "127.0.0.1:1", "--tables", "t.json"];
+        let c = Cli::try_parse_from(base.iter().chain(&["--allow-escaped-slashes", "--allow-underscore-headers"]))
+            .unwrap()
+            .into_config()
+            .unwrap();
+        assert_eq!(c.escaped_slashes, EscapedSlashes::Keep);
+        assert!(c.allow_underscore_headers);
     }
 
     #[test]

@@ -2,20 +2,25 @@
 //! application receives → forwarding (and, for an accepted upgrade, the tunnel). Everything about the connection
 //! itself (PROXY header, TLS, HTTP/1.1 vs h2, timeouts, shutdown) is in [`crate::server`].
 
-use crate::body::{BodyStalled, RequestBody};
+use crate::body::{BodyStalled, RequestBody, RequestBodyError};
 use crate::config::Config;
 use crate::decision::client_addr::client_addr;
+use crate::decision::path::{EscapedSlashes, PathError, normalize};
 use crate::decision::{CidrSet, Decision, Denial, PeerCert, Reason, RequestFacts, decide};
 use crate::metrics::Metrics;
-use crate::respond::{Body, denial_response, json_response};
-use crate::rewrite::{CLIENT_HEADER, is_upgrade, strip_hop_by_hop};
+use crate::respond::{Body, denial_response};
+use crate::rewrite::{
+    CLIENT_HEADER, Proto, is_upgrade, scrub_client_headers, set_forwarding_headers, strip_hop_by_hop, strip_key_param,
+};
 use crate::tables::TableStore;
 use crate::tunnel::{self, UpgradeProtocols};
 use crate::upstream::{Busy, ConnSlot, Upstream};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -43,6 +48,8 @@ pub struct Handler {
     pub require_tls: bool,
     pub body_read_timeout: std::time::Duration,
     pub upgrade_protocols: UpgradeProtocols,
+    pub escaped_slashes: EscapedSlashes,
+    pub allow_underscore_headers: bool,
 }
 
 impl Handler {
@@ -64,6 +71,8 @@ impl Handler {
             require_tls: config.require_tls,
             body_read_timeout: config.body_read_timeout,
             upgrade_protocols: config.upgrade_protocols.clone(),
+            escaped_slashes: config.escaped_slashes,
+            allow_underscore_headers: config.allow_underscore_headers,
         })
     }
 
@@ -75,12 +84,34 @@ impl Handler {
             self.metrics.count(Some(Reason::TlsRequired), start.elapsed().as_secs_f64());
             return denial_response(&Reason::TlsRequired.into());
         }
+        let refuse = |reason: Reason, detail: &str| {
+            tracing::debug!(peer = %conn.addr, reason = reason.code(), detail, "refused");
+            self.metrics.count(Some(reason), start.elapsed().as_secs_f64());
+            denial_response(&reason.into())
+        };
+        // RFC 9112 §3.2: one Host; RFC 9110 §4.2.4: no userinfo in the target.
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        if hosts.next().is_some() && hosts.next().is_some() {
+            return refuse(Reason::BadRequest, "several Host lines");
+        }
+        let authority = req.uri().authority().map(|a| a.as_str());
+        if authority.is_some_and(|a| a.contains('@')) {
+            return refuse(Reason::BadRequest, "userinfo in the request target");
+        }
+        // The path is normalised once: the decision sees it, and so does the application.
+        let target = match origin_target(req.uri(), self.escaped_slashes, self.key_header.as_str()) {
+            Ok(t) => t,
+            Err(e) => return refuse(Reason::InvalidPath, e.as_str()),
+        };
+        let addr = match client_addr(conn.addr, req.headers(), &self.trusted) {
+            Ok(a) => a,
+            Err(e) => return refuse(Reason::AmbiguousForwarded, e.as_str()),
+        };
         let verdict: Result<HeaderValue, Denial> = {
-            let addr = client_addr(conn.addr, req.headers(), &self.trusted);
             let facts = RequestFacts {
                 addr,
                 method: req.method().as_str(),
-                path: req.uri().path(),
+                path: target.path(),
                 key: single_header(req.headers(), &self.key_header),
                 cert: conn.cert.as_deref(),
                 now: jiff::Timestamp::now(),
@@ -101,6 +132,12 @@ impl Handler {
                 return denial_response(&d);
             }
         };
+        // The authority of an absolute-form (or h2) target wins over the client's Host (RFC 9112 §3.2.2).
+        let host = match authority {
+            Some(a) => HeaderValue::from_str(a).ok(),
+            None => None,
+        };
+        let proto = Proto::decide(conn.tls, self.trusted.contains(conn.addr.to_canonical()), req.headers());
 
         // Only HTTP/1.1 has Upgrade; on h2 the header is connection-specific and simply stripped. The protocol must be
         // allow-listed (`tunnel::judge`); a lone `h2c` is served as the plain request it also is.
@@ -117,30 +154,32 @@ impl Handler {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgrade);
-        parts.headers.remove(&self.key_header);
-        parts.headers.remove(&CLIENT_HEADER);
+        scrub_client_headers(&mut parts.headers, &self.key_header, self.allow_underscore_headers);
         parts.headers.insert(CLIENT_HEADER, client_header);
-        if !parts.headers.contains_key(header::HOST) {
-            let host = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-            parts.headers.insert(header::HOST, host.unwrap_or_else(|| self.upstream_authority.clone()));
-        }
-        // Origin form (`/path?query`) for the upstream, whatever form the client used.
-        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        parts.uri = match Uri::builder().path_and_query(pq).build() {
-            Ok(u) => u,
-            Err(_) => {
-                return json_response(
-                    StatusCode::BAD_REQUEST,
-                    r#"{"error":"bad request target","reason":"bad_request"}"#,
-                );
+        set_forwarding_headers(&mut parts.headers, addr, proto);
+        match host {
+            Some(h) => {
+                parts.headers.insert(header::HOST, h);
             }
-        };
+            None if !parts.headers.contains_key(header::HOST) => {
+                parts.headers.insert(header::HOST, self.upstream_authority.clone());
+            }
+            None => {}
+        }
+        parts.uri = target;
         parts.version = Version::HTTP_11;
 
         let body = RequestBody::new(body, self.body_read_timeout);
         let result = self.upstream.send(slot, Request::from_parts(parts, body)).await;
         let mut resp = match result {
             Ok(r) => r,
+            Err(e) if client_body_failed(&*e) => {
+                // The client's body was malformed (bad chunked framing) or cut short: the client's fault, not the
+                // application's, and not an allowed request.
+                tracing::debug!(error = %e, "request body from the client failed");
+                self.metrics.count(Some(Reason::BadRequest), start.elapsed().as_secs_f64());
+                return denial_response(&Reason::BadRequest.into());
+            }
             Err(e) => {
                 let denial = if e.is::<Busy>() {
                     tracing::debug!(error = %e, "side pool full");
@@ -182,5 +221,52 @@ fn single_header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a [u
     match (it.next(), it.next()) {
         (Some(v), None) => Some(v.as_bytes()),
         _ => None,
+    }
+}
+
+/// The origin-form target for the application: the normalised path (see [`crate::decision::path`]) and the query
+/// without the key ([`strip_key_param`]). When neither changes, the client's path-and-query is reused as is.
+pub fn origin_target(uri: &Uri, slashes: EscapedSlashes, key_header: &str) -> Result<Uri, PathError> {
+    let path = normalize(uri.path(), slashes)?;
+    let query = uri.query();
+    let stripped = query.and_then(|q| strip_key_param(q, key_header));
+    if let (Cow::Borrowed(_), None, Some(pq)) = (&path, &stripped, uri.path_and_query()) {
+        return Ok(Uri::from(pq.clone()));
+    }
+    let pq = match (stripped, query) {
+        (Some(q), _) if q.is_empty() => path.into_owned(),
+        (Some(q), _) => format!("{path}?{q}"),
+        (None, Some(q)) => format!("{path}?{q}"),
+        (None, None) => path.into_owned(),
+    };
+    // Built from pieces of a valid target (escapes upper-cased, unreserved characters decoded): always valid.
+    PathAndQuery::try_from(pq).map(Uri::from).map_err(|_| PathError::NotOriginForm)
+}
+
+/// True when forwarding failed because the client's request body did (malformed chunked framing, a body cut short,
+/// an h2 stream reset): see [`RequestBodyError::client_in_chain`].
+fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    RequestBodyError::client_in_chain(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(u: &str) -> Result<String, PathError> {
+        origin_target(&u.parse().unwrap(), EscapedSlashes::Reject, "x-api-key").map(|u| u.to_string())
+    }
+
+    #[test]
+    fn the_forwarded_target_is_origin_form_normalised_and_keyless() {
+        assert_eq!(target("/v1/x?a=1").as_deref(), Ok("/v1/x?a=1"));
+        assert_eq!(target("/v1/x?").as_deref(), Ok("/v1/x?"));
+        assert_eq!(target("/v1/../admin?a=/../x").as_deref(), Ok("/admin?a=/../x"), "the query is not a path");
+        assert_eq!(target("http://a.example/v1/%2e%2e/b?x-api-key=k&q=1").as_deref(), Ok("/b?q=1"));
+        assert_eq!(target("http://a.example").as_deref(), Ok("/"));
+        assert_eq!(target("https://a.example:8443/v1?x-api-key=k").as_deref(), Ok("/v1"));
+        assert_eq!(target("/v1/..%2fadmin"), Err(PathError::EscapedSlash));
+        assert_eq!(target("*"), Err(PathError::NotOriginForm));
+        assert_eq!(target("a.example:443"), Err(PathError::NotOriginForm));
     }
 }

@@ -59,32 +59,44 @@ async fn untrusted_peers_cannot_change_the_decision_with_headers() {
 async fn trusted_hops_use_the_rightmost_untrusted_address() {
     let (p, _dir) = proxy(false).await;
     let trusted = ip(10);
-    let cases: &[(&[(&str, &str)], u16)] = &[
-        (&[("x-forwarded-for", "127.0.0.1")], 200),
-        (&[("x-forwarded-for", "203.0.113.7")], 200),
-        (&[("x-forwarded-for", "127.0.0.1, 127.0.0.11")], 200), // .11 is another trusted hop
-        (&[("x-forwarded-for", "127.0.0.3, 127.0.0.1")], 200),  // the client claims .3; .1 is what our hop saw
-        (&[("x-forwarded-for", "127.0.0.1, 127.0.0.3")], 403),  // spoofed .1 to the left of the real .3
-        // Several lines, or both headers: ambiguous, so the peer (127.0.0.10, not allowed) decides.
-        (&[("x-forwarded-for", "127.0.0.1"), ("x-forwarded-for", "127.0.0.3")], 403),
-        (&[("x-forwarded-for", "127.0.0.3"), ("x-forwarded-for", "127.0.0.1")], 403),
-        (&[("x-forwarded-for", "127.0.0.1"), ("forwarded", "for=127.0.0.1")], 403),
-        (&[("forwarded", "for=127.0.0.3"), ("forwarded", "for=127.0.0.1")], 403),
-        (&[("x-forwarded-for", "::ffff:127.0.0.1")], 200),
-        (&[("forwarded", "for=127.0.0.1;proto=http")], 200),
-        (&[("forwarded", "for=127.0.0.1, for=127.0.0.3")], 403),
-        // Garbage from a trusted hop: fall back to the peer (127.0.0.10, not allowed).
-        (&[("x-forwarded-for", "not-an-ip")], 403),
-        (&[("x-forwarded-for", "127.0.0.1, nonsense")], 403),
-        (&[("forwarded", "for=unknown")], 403),
-        (&[("x-real-ip", "127.0.0.1")], 403),
-        (&[], 403),
+    let long = vec!["127.0.0.1"; 33].join(", ");
+    type Case<'a> = (&'a [(&'a str, &'a str)], u16, &'a str);
+    let cases: &[Case] = &[
+        (&[("x-forwarded-for", "127.0.0.1")], 200, ""),
+        (&[("x-forwarded-for", "203.0.113.7")], 200, ""),
+        (&[("x-forwarded-for", "127.0.0.1, 127.0.0.11")], 200, ""), // .11 is another trusted hop
+        (&[("x-forwarded-for", "127.0.0.3, 127.0.0.1")], 200, ""),  // the client claims .3; .1 is what our hop saw
+        (&[("x-forwarded-for", "127.0.0.1, 127.0.0.3")], 403, "source_not_allowed"), // spoofed .1 left of .3
+        // Several lines are one list in order: the last line is the one our hop appended.
+        (&[("x-forwarded-for", "127.0.0.1"), ("x-forwarded-for", "127.0.0.3")], 403, "source_not_allowed"),
+        (&[("x-forwarded-for", "127.0.0.3"), ("x-forwarded-for", "127.0.0.1")], 200, ""),
+        (&[("forwarded", "for=127.0.0.3"), ("forwarded", "for=127.0.0.1")], 200, ""),
+        // Both headers: they must name the same client.
+        (&[("x-forwarded-for", "127.0.0.1"), ("forwarded", "for=127.0.0.1")], 200, ""),
+        (&[("x-forwarded-for", "127.0.0.3"), ("forwarded", "for=127.0.0.1")], 400, "ambiguous_forwarded"),
+        (&[("x-forwarded-for", "127.0.0.1"), ("forwarded", "for=127.0.0.3")], 400, "ambiguous_forwarded"),
+        (&[("x-forwarded-for", "::ffff:127.0.0.1")], 200, ""),
+        (&[("forwarded", "for=127.0.0.1;proto=http")], 200, ""),
+        (&[("forwarded", "for=127.0.0.1, for=127.0.0.3")], 403, "source_not_allowed"),
+        // Garbage, obfuscation and over-long chains from a trusted hop: refused, never the peer.
+        (&[("x-forwarded-for", "not-an-ip")], 400, "ambiguous_forwarded"),
+        (&[("x-forwarded-for", "127.0.0.1, nonsense")], 400, "ambiguous_forwarded"),
+        (&[("x-forwarded-for", long.as_str())], 400, "ambiguous_forwarded"),
+        (&[("forwarded", "for=unknown")], 400, "ambiguous_forwarded"),
+        (&[("forwarded", "for=_gateway")], 400, "ambiguous_forwarded"),
+        (&[("forwarded", "for=\"127.0.0.1")], 400, "ambiguous_forwarded"),
+        // X-Real-IP is never used; no header at all: the peer (127.0.0.10, not allowed) decides.
+        (&[("x-real-ip", "127.0.0.1")], 403, "source_not_allowed"),
+        (&[], 403, "source_not_allowed"),
     ];
-    for (headers, status) in cases {
+    for (headers, status, reason) in cases {
         let mut h = headers.to_vec();
         h.push(KEY);
         let r = get(trusted, p.addr, "/v1/x", &h).await;
         assert_eq!(r.status.as_u16(), *status, "{headers:?}: {}", r.body);
+        if !reason.is_empty() {
+            assert_eq!(r.reason(), *reason, "{headers:?}");
+        }
     }
     p.shutdown();
     within("shutdown", p.wait()).await;

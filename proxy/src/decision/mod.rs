@@ -3,6 +3,7 @@
 //! - [`decide`]: the decision for one request ([`RequestFacts`] → [`Decision`]);
 //! - [`reason`]: why a request was refused (status, code, body);
 //! - [`compiled`]: the table as the request path reads it (key digests, clients, plans with their limiter state);
+//! - [`path`]: the request path, normalised once for the decision and the application;
 //! - [`client_addr`]: which address a request comes from (`--trusted-proxies`);
 //! - [`route`], [`cidr`], [`certs`], [`throttle`], [`quota`]: the individual checks.
 
@@ -11,6 +12,7 @@ pub mod cidr;
 pub mod client_addr;
 pub mod compiled;
 pub mod decide;
+pub mod path;
 pub mod quota;
 pub mod reason;
 pub mod route;

@@ -23,10 +23,16 @@ pub enum Reason {
     UpstreamBusy,
     /// The request body did not arrive fast enough (`--body-read-timeout`).
     BodyTimeout,
+    /// The path cannot be normalised safely (see [`super::path`]).
+    InvalidPath,
+    /// A trusted proxy's forwarding headers do not name one client (see [`super::client_addr`]).
+    AmbiguousForwarded,
+    /// Malformed in another way: several `Host` lines, userinfo in the target, a malformed request body.
+    BadRequest,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 17] = [
         Reason::InvalidKey,
         Reason::KeyExpired,
         Reason::ClientDisabled,
@@ -41,10 +47,14 @@ impl Reason {
         Reason::UpgradeNotAllowed,
         Reason::UpstreamBusy,
         Reason::BodyTimeout,
+        Reason::InvalidPath,
+        Reason::AmbiguousForwarded,
+        Reason::BadRequest,
     ];
 
     pub fn status(self) -> u16 {
         match self {
+            Reason::InvalidPath | Reason::AmbiguousForwarded | Reason::BadRequest | Reason::UpgradeNotAllowed => 400,
             Reason::InvalidKey => 401,
             Reason::KeyExpired
             | Reason::ClientDisabled
@@ -55,7 +65,6 @@ impl Reason {
             Reason::RateLimited | Reason::QuotaExceeded => 429,
             Reason::NoTable | Reason::UpstreamBusy => 503,
             Reason::UpstreamUnavailable => 502,
-            Reason::UpgradeNotAllowed => 400,
             Reason::BodyTimeout => 408,
         }
     }
@@ -76,6 +85,9 @@ impl Reason {
             Reason::UpgradeNotAllowed => "upgrade_not_allowed",
             Reason::UpstreamBusy => "upstream_busy",
             Reason::BodyTimeout => "body_timeout",
+            Reason::InvalidPath => "invalid_path",
+            Reason::AmbiguousForwarded => "ambiguous_forwarded",
+            Reason::BadRequest => "bad_request",
         }
     }
 
@@ -102,6 +114,11 @@ impl Reason {
             }
             Reason::UpstreamBusy => r#"{"error":"upstream busy, retry","reason":"upstream_busy"}"#,
             Reason::BodyTimeout => r#"{"error":"request body too slow","reason":"body_timeout"}"#,
+            Reason::InvalidPath => r#"{"error":"request path cannot be normalised safely","reason":"invalid_path"}"#,
+            Reason::AmbiguousForwarded => {
+                r#"{"error":"forwarding headers do not name one client","reason":"ambiguous_forwarded"}"#
+            }
+            Reason::BadRequest => r#"{"error":"malformed request","reason":"bad_request"}"#,
         }
     }
 }
