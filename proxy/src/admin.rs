@@ -1,5 +1,10 @@
 //! Admin listener: `/metrics`, `/healthz`, `/readyz` (200 only while an ordinary table is enforced; 503 with the
 //! reason before the first table, for a deny-all table and while the table is revoked).
+//!
+//! HTTP/1.1 only, at most `--admin-max-connections` connections at once (further ones wait in the accept backlog,
+//! as on the main listener), each closed when a request head takes more than 10 s, including the wait for the next
+//! request on a kept-alive connection (hyper's header read timeout), so a slot is never held longer than that by a
+//! client that sends nothing.
 
 use crate::metrics::Metrics;
 use crate::tables::TableStore;
@@ -12,15 +17,24 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
+
+/// How long a request head (or the wait for the next one) may take.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn serve(
     listener: TcpListener,
     tables: Arc<TableStore>,
     metrics: Arc<Metrics>,
+    max_connections: usize,
     mut stop: watch::Receiver<bool>,
 ) {
+    let permits = Arc::new(Semaphore::new(max_connections.max(1)));
     loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = stop.changed() => return,
+        };
         let (stream, _) = tokio::select! {
             a = listener.accept() => match a {
                 Ok(a) => a,
@@ -42,7 +56,7 @@ pub async fn serve(
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc);
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
@@ -52,6 +66,7 @@ pub async fn serve(
                     let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
                 }
             }
+            drop(permit);
         });
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::decision::CidrSet;
 use crate::decision::path::EscapedSlashes;
+use crate::tunnel::UpgradeProtocols;
 use clap::Parser;
 use http::HeaderName;
 use std::net::SocketAddr;
@@ -70,6 +71,19 @@ pub struct Config {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// Open connections per source address (IPv6: per /64); 0 = no cap.
+    pub max_connections_per_source: usize,
+    /// Protocols an HTTP/1.1 `Upgrade` may switch to.
+    pub upgrade_protocols: UpgradeProtocols,
+    /// Close an upgraded connection after this long with no byte either way.
+    pub tunnel_idle_timeout: Duration,
+    /// Requests in progress at once on the shared upstream pool (h2 streams arriving while their connection's own
+    /// upstream connection is busy).
+    pub max_side_pool_requests: usize,
+    /// A request body must advance by `body::PROGRESS_FLOOR` bytes in every period this long spent waiting on it.
+    pub body_read_timeout: Duration,
+    /// Open connections on the admin listener.
+    pub admin_max_connections: usize,
     pub shutdown_grace: Duration,
     pub file_poll_interval: Duration,
     /// `--tables-from`: the table watch is re-established this often (its `timeoutSeconds`), each time authorised
@@ -100,6 +114,12 @@ impl Config {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
             max_connections: 10_000,
+            max_connections_per_source: 0,
+            upgrade_protocols: UpgradeProtocols::default(),
+            tunnel_idle_timeout: Duration::from_secs(300),
+            max_side_pool_requests: 256,
+            body_read_timeout: Duration::from_secs(30),
+            admin_max_connections: 32,
             shutdown_grace: Duration::from_secs(20),
             file_poll_interval: Duration::from_millis(250),
             table_rewatch: Duration::from_secs(30),
@@ -175,15 +195,41 @@ pub struct Cli {
     /// Largest request head (request line + headers) accepted, in bytes (at least 8192 for HTTP/1).
     #[arg(long, env = "PORTCULLIS_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
     pub max_header_bytes: usize,
-    /// Time allowed to receive a request's headers (e.g. `10s`).
+    /// Time allowed to receive a request's headers (e.g. `10s`); also the time a new connection has, from accept,
+    /// to finish its PROXY header, TLS handshake and the HTTP/2 preface (or first HTTP/1.1 byte).
     #[arg(long, env = "PORTCULLIS_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_read_timeout: Duration,
-    /// Close client connections idle for this long.
+    /// Close client connections with no request in progress (HTTP/2: no open stream) for this long. PINGs do not
+    /// count as activity.
     #[arg(long, env = "PORTCULLIS_IDLE_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
-    /// Most client connections open at once; further connections wait in the accept backlog.
+    /// Most client connections open at once (upgraded ones included); further connections wait in the accept
+    /// backlog.
     #[arg(long, env = "PORTCULLIS_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+    /// Most connections one source address (IPv6: one /64) may hold open; further ones are closed at once. The TCP
+    /// peer, or for --trusted-proxies peers with --proxy-protocol the PROXY header's source; trusted peers without
+    /// --proxy-protocol are not capped. 0 = no cap.
+    #[arg(long, env = "PORTCULLIS_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 0)]
+    pub max_connections_per_source: usize,
+    /// Comma-separated protocols an HTTP/1.1 `Upgrade` may switch to (empty: none). `Upgrade: h2c` alone is
+    /// ignored; any other protocol is refused with 400 upgrade_not_allowed.
+    #[arg(long, env = "PORTCULLIS_UPGRADE_PROTOCOLS", default_value = "websocket")]
+    pub upgrade_protocols: String,
+    /// Close an upgraded (WebSocket) connection after this long with no byte in either direction.
+    #[arg(long, env = "PORTCULLIS_TUNNEL_IDLE_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
+    pub tunnel_idle_timeout: Duration,
+    /// Requests in progress at once on the shared upstream pool used by HTTP/2 streams that arrive while their
+    /// connection's own upstream connection is busy; beyond it, 503 upstream_busy.
+    #[arg(long, env = "PORTCULLIS_MAX_SIDE_POOL_REQUESTS", default_value_t = 256)]
+    pub max_side_pool_requests: usize,
+    /// A request body must arrive at 1 KiB (or its end) per this much time spent waiting for it, or the request is
+    /// aborted (408 body_timeout).
+    #[arg(long, env = "PORTCULLIS_BODY_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub body_read_timeout: Duration,
+    /// Most connections open at once on the admin listener; further ones wait in its accept backlog.
+    #[arg(long, env = "PORTCULLIS_ADMIN_MAX_CONNECTIONS", default_value_t = 32)]
+    pub admin_max_connections: usize,
     /// Threads serving connections, each with its own single-threaded runtime (0 = one per CPU this process may
     /// use, cgroup CPU quota included).
     #[arg(long, env = "PORTCULLIS_WORKERS", default_value_t = 0)]
@@ -208,6 +254,10 @@ pub enum ConfigError {
     TablesFrom(String),
     #[error("one of --tables or --tables-from is required")]
     NoTables,
+    #[error("--upgrade-protocols: {0}")]
+    UpgradeProtocols(String),
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -257,6 +307,31 @@ impl Cli {
         c.header_read_timeout = self.header_read_timeout;
         c.idle_timeout = self.idle_timeout;
         c.max_connections = self.max_connections.max(1);
+        c.max_connections_per_source = self.max_connections_per_source;
+        c.upgrade_protocols =
+            UpgradeProtocols::parse(&self.upgrade_protocols).map_err(ConfigError::UpgradeProtocols)?;
+        for (name, d) in [
+            ("--header-read-timeout", self.header_read_timeout),
+            ("--idle-timeout", self.idle_timeout),
+            ("--tunnel-idle-timeout", self.tunnel_idle_timeout),
+            ("--body-read-timeout", self.body_read_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        c.tunnel_idle_timeout = self.tunnel_idle_timeout;
+        for (name, n) in [
+            ("--max-side-pool-requests", self.max_side_pool_requests),
+            ("--admin-max-connections", self.admin_max_connections),
+        ] {
+            if n == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        c.max_side_pool_requests = self.max_side_pool_requests;
+        c.body_read_timeout = self.body_read_timeout;
+        c.admin_max_connections = self.admin_max_connections;
         c.shutdown_grace = self.shutdown_grace;
         c.table_rewatch = self.table_rewatch;
         c.workers = self.workers;
@@ -331,6 +406,52 @@ mod tests {
         assert_eq!(parse("2m").unwrap(), Duration::from_secs(120));
         for bad in ["500ms", "1500ms", "0s", "soon"] {
             assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn connection_bound_flags() {
+        let base = ["portcullis-proxy", "--upstream", "127.0.0.1:1", "--tables", "t.json"];
+        let parse = |extra: &[&str]| Cli::try_parse_from(base.iter().chain(extra.iter())).unwrap().into_config();
+        let d = parse(&[]).unwrap();
+        assert_eq!(d.max_connections_per_source, 0, "off unless asked for");
+        assert_eq!(d.upgrade_protocols, UpgradeProtocols::default());
+        assert_eq!(d.tunnel_idle_timeout, Duration::from_secs(300));
+        assert_eq!(d.max_side_pool_requests, 256);
+        assert_eq!(d.body_read_timeout, Duration::from_secs(30));
+        assert_eq!(d.admin_max_connections, 32);
+        let c = parse(&[
+            "--max-connections-per-source",
+            "20",
+            "--upgrade-protocols",
+            "",
+            "--tunnel-idle-timeout",
+            "1m",
+            "--max-side-pool-requests",
+            "8",
+            "--body-read-timeout",
+            "5s",
+            "--admin-max-connections",
+            "4",
+        ])
+        .unwrap();
+        assert_eq!(c.max_connections_per_source, 20);
+        assert_eq!(c.upgrade_protocols, UpgradeProtocols::none());
+        assert_eq!(c.tunnel_idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.max_side_pool_requests, 8);
+        assert_eq!(c.body_read_timeout, Duration::from_secs(5));
+        assert_eq!(c.admin_max_connections, 4);
+        assert!(matches!(parse(&["--upgrade-protocols", "websocket,h2c"]), Err(ConfigError::UpgradeProtocols(_))));
+        for zero in [
+            ["--body-read-timeout", "0s"],
+            ["--tunnel-idle-timeout", "0s"],
+            ["--idle-timeout", "0ms"],
+            ["--header-read-timeout", "0s"],
+            ["--max-side-pool-requests", "0"],
+            ["--admin-max-connections", "0"],
+        ] {
+            let e = parse(&zero).err().unwrap_or_else(|| panic!("{zero:?} accepted"));
+            assert_eq!(e.to_string(), format!("{} must be greater than zero", zero[0]));
         }
     }
 

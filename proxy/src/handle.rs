@@ -2,6 +2,7 @@
 //! application receives → forwarding (and, for an accepted upgrade, the tunnel). Everything about the connection
 //! itself (PROXY header, TLS, HTTP/1.1 vs h2, timeouts, shutdown) is in [`crate::server`].
 
+use crate::body::{BodyStalled, RequestBody, RequestBodyError};
 use crate::config::Config;
 use crate::decision::client_addr::client_addr;
 use crate::decision::path::{EscapedSlashes, PathError, normalize};
@@ -12,15 +13,14 @@ use crate::rewrite::{
     CLIENT_HEADER, Proto, is_upgrade, scrub_client_headers, set_forwarding_headers, strip_hop_by_hop, strip_key_param,
 };
 use crate::tables::TableStore;
-use crate::upstream::{ConnSlot, Upstream};
+use crate::tunnel::{self, UpgradeProtocols};
+use crate::upstream::{Busy, ConnSlot, Upstream};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use std::borrow::Cow;
-use std::error::Error as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -46,6 +46,8 @@ pub struct Handler {
     pub key_header: HeaderName,
     pub trusted: CidrSet,
     pub require_tls: bool,
+    pub body_read_timeout: std::time::Duration,
+    pub upgrade_protocols: UpgradeProtocols,
     pub escaped_slashes: EscapedSlashes,
     pub allow_underscore_headers: bool,
 }
@@ -67,6 +69,8 @@ impl Handler {
             key_header: config.key_header.clone(),
             trusted: config.trusted_proxies.clone(),
             require_tls: config.require_tls,
+            body_read_timeout: config.body_read_timeout,
+            upgrade_protocols: config.upgrade_protocols.clone(),
             escaped_slashes: config.escaped_slashes,
             allow_underscore_headers: config.allow_underscore_headers,
         })
@@ -139,8 +143,18 @@ impl Handler {
         };
         let proto = Proto::decide(conn.tls, self.trusted.contains(conn.addr.to_canonical()), req.headers());
 
-        // Only HTTP/1.1 has Upgrade; on h2 the header is connection-specific and simply stripped.
-        let upgrade = req.version() == Version::HTTP_11 && is_upgrade(req.headers());
+        // Only HTTP/1.1 has Upgrade; on h2 the header is connection-specific and simply stripped. The protocol must be
+        // allow-listed (`tunnel::judge`); a lone `h2c` is served as the plain request it also is.
+        let upgrade = req.version() == Version::HTTP_11
+            && is_upgrade(req.headers())
+            && match tunnel::judge(req.headers(), &self.upgrade_protocols) {
+                tunnel::Verdict::Pass => true,
+                tunnel::Verdict::Strip => false,
+                tunnel::Verdict::Refuse => {
+                    self.metrics.count(Some(Reason::UpgradeNotAllowed), start.elapsed().as_secs_f64());
+                    return denial_response(&Reason::UpgradeNotAllowed.into());
+                }
+            };
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgrade);
@@ -159,6 +173,7 @@ impl Handler {
         parts.uri = target;
         parts.version = Version::HTTP_11;
 
+        let body = RequestBody::new(body, self.body_read_timeout);
         let result = self.upstream.send(slot, Request::from_parts(parts, body)).await;
         let mut resp = match result {
             Ok(r) => r,
@@ -170,32 +185,35 @@ impl Handler {
                 return denial_response(&Reason::BadRequest.into());
             }
             Err(e) => {
-                tracing::warn!(error = %e, "upstream request failed");
-                self.metrics.count(Some(Reason::UpstreamUnavailable), start.elapsed().as_secs_f64());
-                return denial_response(&Reason::UpstreamUnavailable.into());
+                let denial = if e.is::<Busy>() {
+                    tracing::debug!(error = %e, "side pool full");
+                    Denial { reason: Reason::UpstreamBusy, retry_after: Some(1), rate_limit: None }
+                } else if BodyStalled::in_chain(&*e) {
+                    tracing::debug!(error = %e, "request body stalled; request aborted");
+                    Reason::BodyTimeout.into()
+                } else {
+                    tracing::warn!(error = %e, "upstream request failed");
+                    Reason::UpstreamUnavailable.into()
+                };
+                self.metrics.count(Some(denial.reason), start.elapsed().as_secs_f64());
+                return denial_response(&denial);
             }
         };
-        self.metrics.count(None, start.elapsed().as_secs_f64());
-
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(client_upgrade) = client_upgrade
         {
-            let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                    Ok((c, u)) => {
-                        let mut c = TokioIo::new(c);
-                        let mut u = TokioIo::new(u);
-                        if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                            tracing::debug!(error = %e, "upgraded connection ended");
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "upgrade failed"),
-                }
-            });
+            if !tunnel::response_allowed(resp.headers(), &self.upgrade_protocols) {
+                tracing::warn!("the application switched to a protocol not in --upgrade-protocols; refused");
+                self.metrics.count(Some(Reason::UpstreamUnavailable), start.elapsed().as_secs_f64());
+                return denial_response(&Reason::UpstreamUnavailable.into());
+            }
+            self.metrics.count(None, start.elapsed().as_secs_f64());
+            // The connection runs the tunnel once HTTP/1.1 has handed the socket over (it stays counted).
+            slot.set_tunnel(client_upgrade, hyper::upgrade::on(&mut resp));
             let (parts, _) = resp.into_parts();
             return Response::from_parts(parts, http_body_util::Empty::new().map_err(|never| match never {}).boxed());
         }
+        self.metrics.count(None, start.elapsed().as_secs_f64());
         strip_hop_by_hop(resp.headers_mut(), false);
         resp.map(|b| b.boxed())
     }
@@ -229,21 +247,10 @@ pub fn origin_target(uri: &Uri, slashes: EscapedSlashes, key_header: &str) -> Re
     PathAndQuery::try_from(pq).map(Uri::from).map_err(|_| PathError::NotOriginForm)
 }
 
-/// True when forwarding failed because the client's request body did: hyper reports an error of the body it was
-/// sending as a "user" error whose source is the error of our `Incoming` (malformed chunked framing, a body cut
-/// short, an h2 stream reset).
+/// True when forwarding failed because the client's request body did (malformed chunked framing, a body cut short,
+/// an h2 stream reset): see [`RequestBodyError::client_in_chain`].
 fn client_body_failed(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(h) = err.downcast_ref::<hyper::Error>()
-            && h.is_user()
-            && h.source().is_some_and(|s| s.downcast_ref::<hyper::Error>().is_some())
-        {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
+    RequestBodyError::client_in_chain(e)
 }
 
 #[cfg(test)]

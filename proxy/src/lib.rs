@@ -6,6 +6,7 @@
 //! bound addresses tests can read; [`run`] is what the binary calls.
 
 pub mod admin;
+pub mod body;
 pub mod config;
 pub mod decision;
 pub mod handle;
@@ -16,8 +17,10 @@ pub mod proxy_protocol;
 pub mod respond;
 pub mod rewrite;
 pub mod server;
+pub mod source_limit;
 pub mod tables;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;
 pub mod workers;
 
@@ -128,7 +131,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Some(a) => {
             let l = bind(a).await?;
             let bound = l.local_addr().map_err(|source| StartError::Bind { addr: a, source })?;
-            background.push(tokio::spawn(admin::serve(l, tables.clone(), metrics.clone(), stop_rx.clone())));
+            background.push(tokio::spawn(admin::serve(
+                l,
+                tables.clone(),
+                metrics.clone(),
+                config.admin_max_connections,
+                stop_rx.clone(),
+            )));
             Some(bound)
         }
         None => None,

@@ -32,6 +32,11 @@ pub struct SourceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
@@ -68,6 +73,8 @@ pub struct Metrics {
     pub table_source_errors: Family<KindLabels, Counter>,
     pub proxy_protocol_refused: Counter,
     pub open_connections: Gauge,
+    pub open_tunnels: Gauge,
+    pub connections_closed: Family<CloseLabels, Counter>,
     pub tls_handshakes: Family<OutcomeLabels, Counter>,
     pub tls_reloads: Family<OutcomeLabels, Counter>,
     pub tls_certificate_expiry: Gauge,
@@ -100,6 +107,8 @@ impl Metrics {
         let tables_out_of_order = Counter::default();
         let table_source_errors = Family::<KindLabels, Counter>::default();
         let open_connections = Gauge::default();
+        let open_tunnels = Gauge::default();
+        let connections_closed = Family::<CloseLabels, Counter>::default();
         let tls_handshakes = Family::<OutcomeLabels, Counter>::default();
         let tls_reloads = Family::<OutcomeLabels, Counter>::default();
         let tls_certificate_expiry = Gauge::default();
@@ -145,6 +154,16 @@ impl Metrics {
             proxy_protocol_refused.clone(),
         );
         registry.register("open_connections", "Client connections open", open_connections.clone());
+        registry.register(
+            "open_tunnels",
+            "Upgraded (WebSocket) connections open (also counted in open_connections)",
+            open_tunnels.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Client connections the proxy closed itself, by reason (source_limit, preface_timeout, idle, tunnel_idle)",
+            connections_closed.clone(),
+        );
         Self {
             registry,
             requests,
@@ -159,6 +178,8 @@ impl Metrics {
             table_source_errors,
             proxy_protocol_refused,
             open_connections,
+            open_tunnels,
+            connections_closed,
             tls_handshakes,
             tls_reloads,
             tls_certificate_expiry,
@@ -169,7 +190,8 @@ impl Metrics {
     pub fn count(&self, reason: Option<Reason>, seconds: f64) {
         let (decision, reason) = match reason {
             None => ("allow", "ok"),
-            Some(Reason::UpstreamUnavailable) => ("allow", Reason::UpstreamUnavailable.code()),
+            // Admitted by the decision; the application could not take it.
+            Some(r @ (Reason::UpstreamUnavailable | Reason::UpstreamBusy)) => ("allow", r.code()),
             Some(r) => ("deny", r.code()),
         };
         self.requests.get_or_create(&RequestLabels { decision, reason }).inc();
@@ -232,6 +254,10 @@ impl Metrics {
             "notAfter of the serving certificate, Unix seconds",
             self.tls_certificate_expiry.clone(),
         );
+    }
+
+    pub fn connection_closed(&self, reason: &'static str) {
+        self.connections_closed.get_or_create(&CloseLabels { reason }).inc();
     }
 
     pub fn tls_handshake(&self, outcome: &'static str) {

@@ -1,26 +1,41 @@
-//! The client-facing listeners and each connection's lifecycle: PROXY protocol sniffing, then TLS (on a TLS
-//! listener), HTTP/1.1 + h2 (h2c on plain listeners, ALPN `h2` on TLS), idle timeout and graceful shutdown. Each
-//! request is handed to [`crate::handle`].
+//! The client-facing listeners and each connection's lifecycle: the per-source cap, PROXY protocol sniffing, TLS (on
+//! a TLS listener), the protocol sniff (HTTP/1.1, or h2 by its preface: h2c on plain listeners, ALPN `h2` on TLS),
+//! serving, the idle timeout, an upgraded tunnel, graceful shutdown. Each request is handed to [`crate::handle`].
+//!
+//! Bounds, per connection:
+//! - from accept, `--header-read-timeout` to get through the PROXY header, the TLS handshake and the first bytes
+//!   that tell the protocol (one byte of an HTTP/1.1 request, the 24-byte HTTP/2 preface); then, for HTTP/1.1,
+//!   hyper's header read timeout for each request head (and the wait for the next one);
+//! - no request in progress (HTTP/2: no open stream) for `--idle-timeout`: graceful close (HTTP/2: GOAWAY); a peer
+//!   that does not complete the close (an h2 client not acknowledging the GOAWAY's PING) is dropped
+//!   `--header-read-timeout` later, if still idle;
+//! - an upgraded tunnel runs in the connection's task (so it keeps its `--max-connections` slot and its per-source
+//!   count) until a side closes, `--tunnel-idle-timeout` passes with no byte either way, or shutdown begins.
 
+use crate::body::Counted;
 use crate::config::Config;
 use crate::decision::{CidrSet, PeerCert};
 use crate::handle::{ConnFacts, Handler};
-use crate::io::{Activity, ConnIo, InFlight};
+use crate::io::{self, Activity, ConnIo, InFlight, Protocol, Sniffed};
 use crate::metrics::Metrics;
 use crate::proxy_protocol::{self, Parsed};
+use crate::source_limit::{SourceLimit, SourceSlot};
 use crate::tables::TableStore;
+use crate::tunnel;
 use crate::upstream::{ConnSlot, Upstream};
 use crate::workers::Workers;
 use bytes::{Bytes, BytesMut};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::gauge::Gauge;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 pub struct Shared {
@@ -34,12 +49,15 @@ pub struct Shared {
     pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub tunnel_idle_timeout: Duration,
+    /// `--max-connections-per-source`.
+    pub sources: Arc<SourceLimit>,
 }
 
 impl Shared {
     pub fn new(config: &Config, tables: Arc<TableStore>, metrics: Arc<Metrics>) -> Result<Self, http::Error> {
         let authority: http::uri::Authority = config.upstream.parse().map_err(http::Error::from)?;
-        let upstream = Arc::new(Upstream::new(authority.as_str()));
+        let upstream = Arc::new(Upstream::new(authority.as_str(), config.max_side_pool_requests));
         let handler = Handler::new(config, tables, metrics.clone(), upstream.clone())?;
         Ok(Self {
             handler,
@@ -50,7 +68,25 @@ impl Shared {
             max_header_bytes: config.max_header_bytes,
             header_read_timeout: config.header_read_timeout,
             idle_timeout: config.idle_timeout,
+            tunnel_idle_timeout: config.tunnel_idle_timeout,
+            sources: SourceLimit::new(config.max_connections_per_source),
         })
+    }
+}
+
+/// Decrements a gauge when dropped (also when the task holding it is aborted).
+struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    fn inc(g: &Gauge) -> Self {
+        g.inc();
+        Self(g.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -85,6 +121,10 @@ pub async fn serve(
                 continue;
             }
         };
+        let deadline = Instant::now() + shared.header_read_timeout;
+        let Some(source) = count_peer(&shared, peer) else {
+            continue; // dropping the stream closes it, and the permit goes back
+        };
         let _ = stream.set_nodelay(true);
         // The socket moves to the worker's I/O driver: deregistered here, registered there.
         let stream = match stream.into_std() {
@@ -99,12 +139,11 @@ pub async fn serve(
         let tls = tls.clone();
         conns.spawn_on(
             async move {
-                shared.metrics.open_connections.inc();
+                let _open = GaugeGuard::inc(&shared.metrics.open_connections);
                 match TcpStream::from_std(stream) {
-                    Ok(stream) => serve_connection(stream, peer, tls, shared.clone(), stop).await,
+                    Ok(stream) => serve_connection(stream, peer, deadline, source, tls, shared.clone(), stop).await,
                     Err(e) => tracing::warn!(%peer, error = %e, "registering a connection on a worker failed"),
                 }
-                shared.metrics.open_connections.dec();
                 drop(permit);
             },
             workers.pick(),
@@ -116,6 +155,31 @@ pub async fn serve(
     if drained.is_err() {
         tracing::warn!(connections = conns.len(), "shutdown grace period over; closing remaining connections");
         conns.abort_all();
+    }
+}
+
+/// The per-source count for a new connection: by the TCP peer, except for a `--trusted-proxies` peer, which
+/// carries many clients (with `--proxy-protocol` its connections are counted by the PROXY source instead, in
+/// [`serve_connection`]). `None`: over the cap, refused.
+fn count_peer(shared: &Shared, peer: SocketAddr) -> Option<SourceSlot> {
+    if !shared.sources.enabled() {
+        return Some(SourceSlot::uncounted());
+    }
+    let ip = peer.ip().to_canonical();
+    if shared.trusted.contains(ip) {
+        return Some(SourceSlot::uncounted());
+    }
+    count_source(shared, ip, peer)
+}
+
+fn count_source(shared: &Shared, ip: IpAddr, peer: SocketAddr) -> Option<SourceSlot> {
+    match shared.sources.acquire(ip) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            shared.metrics.connection_closed("source_limit");
+            tracing::debug!(%peer, error = %e, "connection refused");
+            None
+        }
     }
 }
 
@@ -134,9 +198,13 @@ async fn sniff_proxy_header(stream: &mut TcpStream) -> std::io::Result<(Parsed, 
     }
 }
 
+/// `deadline`: accept + `--header-read-timeout`, for everything before the first HTTP bytes. `source` is held for
+/// the connection's life (tunnel included).
 async fn serve_connection(
     mut stream: TcpStream,
     peer: SocketAddr,
+    deadline: Instant,
+    mut source: SourceSlot,
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
@@ -145,7 +213,7 @@ async fn serve_connection(
     let mut addr = peer_ip;
     let mut prefix = Bytes::new();
     if shared.proxy_protocol {
-        match tokio::time::timeout(shared.header_read_timeout, sniff_proxy_header(&mut stream)).await {
+        match tokio::time::timeout_at(deadline, sniff_proxy_header(&mut stream)).await {
             Ok(Ok((Parsed::Header(h), mut buf))) => {
                 if !shared.trusted.contains(peer_ip) {
                     shared.metrics.proxy_protocol_refused.inc();
@@ -154,6 +222,12 @@ async fn serve_connection(
                 }
                 if let Some(src) = h.source {
                     addr = src.ip().to_canonical();
+                    if shared.sources.enabled() {
+                        match count_source(&shared, addr, peer) {
+                            Some(s) => source = s,
+                            None => return,
+                        }
+                    }
                 }
                 prefix = buf.split_off(h.len).freeze();
             }
@@ -163,16 +237,21 @@ async fn serve_connection(
                 tracing::warn!(%peer, error = %e, "malformed PROXY header; connection refused");
                 return;
             }
-            Err(_) => return,
+            Err(_) => {
+                shared.metrics.connection_closed("preface_timeout");
+                tracing::debug!(%peer, "no PROXY header or request in time; closed");
+                return;
+            }
         }
     }
-    let activity = Arc::new(Activity::default());
+    let _source = source;
     // The bytes read past a PROXY header (the start of a ClientHello, or of an HTTP request) are replayed first.
-    let io = ConnIo::new(prefix, stream, activity.clone());
+    let io = ConnIo::new(prefix, stream);
     let Some(acceptor) = tls else {
-        return serve_http(TokioIo::new(io), peer, addr, Alpn::None, None, activity, shared, stop).await;
+        let Some((protocol, io)) = sniff_protocol(io, deadline, &shared, peer).await else { return };
+        return serve_http(io, peer, addr, protocol, false, None, shared, stop).await;
     };
-    let tls_stream = match tokio::time::timeout(shared.header_read_timeout, acceptor.accept(io)).await {
+    let tls_stream = match tokio::time::timeout_at(deadline, acceptor.accept(io)).await {
         Ok(Ok(s)) => {
             shared.metrics.tls_handshake("ok");
             s
@@ -188,11 +267,6 @@ async fn serve_connection(
             return;
         }
     };
-    let alpn = match tls_stream.get_ref().1.alpn_protocol() {
-        Some(b"h2") => Alpn::H2,
-        Some(b"http/1.1") => Alpn::Http1,
-        _ => Alpn::Tls,
-    };
     // The leaf was verified against --client-ca by rustls; its identities are parsed once, for every request.
     let cert = tls_stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|der| {
         match PeerCert::from_der(der) {
@@ -203,54 +277,65 @@ async fn serve_connection(
             }
         }
     });
-    serve_http(TokioIo::new(tls_stream), peer, addr, alpn, cert, activity, shared, stop).await;
+    let Some((protocol, io)) = sniff_protocol(tls_stream, deadline, &shared, peer).await else { return };
+    serve_http(io, peer, addr, protocol, true, cert, shared, stop).await;
 }
 
-/// What the transport says about the protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Alpn {
-    /// Plain TCP: HTTP/1.1 or h2c prior knowledge, told apart by the preface.
-    None,
-    /// TLS without ALPN: either, told apart by the preface.
-    Tls,
-    Http1,
-    H2,
+/// Waits, until `deadline`, for the first bytes to tell HTTP/1.1 from HTTP/2; `None` (close) when they do not come
+/// in time or the peer closes first. The bytes decide, as they did before this deadline existed (hyper-util's auto
+/// builder reads them again from the replay, without a deadline of its own); ALPN is not enforced against them.
+async fn sniff_protocol<S: AsyncRead + Unpin>(
+    io: S,
+    deadline: Instant,
+    shared: &Shared,
+    peer: SocketAddr,
+) -> Option<(Protocol, Sniffed<S>)> {
+    match tokio::time::timeout_at(deadline, io::sniff(io)).await {
+        Ok(Ok(sniffed)) => Some(sniffed),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "connection ended before its first request");
+            None
+        }
+        Err(_) => {
+            shared.metrics.connection_closed("preface_timeout");
+            tracing::debug!(%peer, "no request or HTTP/2 preface in time; closed");
+            None
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn serve_http<I>(
-    io: I,
+async fn serve_http<S>(
+    io: S,
     peer: SocketAddr,
     addr: IpAddr,
-    alpn: Alpn,
+    protocol: Protocol,
+    tls: bool,
     cert: Option<Arc<PeerCert>>,
-    activity: Arc<Activity>,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let facts = Arc::new(ConnFacts { addr, tls: alpn != Alpn::None, cert });
+    let facts = Arc::new(ConnFacts { addr, tls, cert });
+    let activity = Arc::new(Activity::default());
     let svc_shared = shared.clone();
     let svc_activity = activity.clone();
     let slot = Arc::new(ConnSlot::new(shared.upstream.clone()));
+    let svc_slot = slot.clone();
     let service = hyper::service::service_fn(move |req| {
         let shared = svc_shared.clone();
-        let guard = InFlight::new(svc_activity.clone());
+        // In progress from here until its response body has been sent.
+        let in_flight = InFlight::new(svc_activity.clone());
         let facts = facts.clone();
-        let slot = slot.clone();
+        let slot = svc_slot.clone();
         async move {
             let resp = shared.handler.handle(&slot, &facts, req).await;
-            drop(guard);
-            Ok::<_, Infallible>(resp)
+            Ok::<_, Infallible>(resp.map(|body| Counted::new(body, in_flight)))
         }
     });
+    tracing::trace!(%peer, ?protocol, "serving");
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder = match alpn {
-        Alpn::H2 => builder.http2_only(),
-        Alpn::Http1 => builder.http1_only(),
-        Alpn::None | Alpn::Tls => builder,
-    };
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -262,7 +347,7 @@ async fn serve_http<I>(
         .timer(TokioTimer::new())
         .max_header_list_size(shared.max_header_bytes.min(u32::MAX as usize) as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    let conn = builder.serve_connection_with_upgrades(io, service);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     let mut idle_check = tokio::time::interval((shared.idle_timeout / 4).max(Duration::from_millis(10)));
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -270,24 +355,47 @@ async fn serve_http<I>(
     if closing {
         conn.as_mut().graceful_shutdown();
     }
+    // Set when the connection is being closed for being idle.
+    let mut idle_close_at: Option<Instant> = None;
     loop {
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                 }
-                return;
+                break;
             }
             _ = stop.changed(), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = idle_check.tick(), if !closing => {
-                if activity.idle_for(shared.idle_timeout) {
+            _ = idle_check.tick() => {
+                if !closing && activity.idle_for(shared.idle_timeout) {
                     closing = true;
+                    idle_close_at = Some(Instant::now());
+                    shared.metrics.connection_closed("idle");
                     conn.as_mut().graceful_shutdown();
+                } else if let Some(at) = idle_close_at
+                    && at.elapsed() >= shared.header_read_timeout
+                    && activity.in_flight() == 0
+                {
+                    tracing::debug!(%peer, "idle connection did not finish closing; dropped");
+                    return;
                 }
             }
+        }
+    }
+    if let Some((client, upstream)) = slot.take_tunnel() {
+        let _open = GaugeGuard::inc(&shared.metrics.open_tunnels);
+        match tunnel::run(client, upstream, shared.tunnel_idle_timeout, stop).await {
+            tunnel::End::Idle => {
+                shared.metrics.connection_closed("tunnel_idle");
+                tracing::debug!(%peer, "tunnel idle; closed");
+            }
+            tunnel::End::Shutdown => tracing::debug!(%peer, "tunnel closed for shutdown"),
+            tunnel::End::Closed(Ok((up, down))) => tracing::debug!(%peer, up, down, "tunnel closed"),
+            tunnel::End::Closed(Err(e)) => tracing::debug!(%peer, error = %e, "tunnel ended with an error"),
+            tunnel::End::Failed(e) => tracing::debug!(%peer, error = %e, "upgrade did not complete"),
         }
     }
 }

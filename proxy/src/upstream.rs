@@ -6,17 +6,25 @@
 //! connection's own upstream connection is busy (h2 streams multiplexed on one client connection) go through a
 //! shared pooled client.
 
+use crate::body::{RequestBody, ResponseBody};
+use crate::tunnel::Pending;
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 
 pub type UpstreamError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The side pool is at `--max-side-pool-requests`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the shared upstream pool is at its limit of {0} requests (--max-side-pool-requests)")]
+pub struct Busy(pub usize);
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle upstream connections kept for the next client connection.
@@ -27,21 +35,26 @@ pub const PARK_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Upstream {
     /// `host:port`, as configured.
     addr: String,
-    pooled: Client<HttpConnector, Incoming>,
-    parked: Mutex<Vec<(Instant, SendRequest<Incoming>)>>,
+    pooled: Client<HttpConnector, RequestBody>,
+    /// Permits for side-pool requests in progress.
+    side: Arc<Semaphore>,
+    side_max: usize,
+    parked: Mutex<Vec<(Instant, SendRequest<RequestBody>)>>,
 }
 
-/// The upstream connection owned by one client connection.
+/// The upstream connection owned by one client connection; after an accepted upgrade, the tunnel's two halves,
+/// waiting for the client connection to hand its socket over ([`crate::tunnel`]).
 pub struct ConnSlot {
     state: Mutex<SlotState>,
     upstream: Arc<Upstream>,
+    tunnel: Pending,
 }
 
 #[derive(Default)]
 enum SlotState {
     #[default]
     Empty,
-    Idle(SendRequest<Incoming>),
+    Idle(SendRequest<RequestBody>),
     Busy,
 }
 
@@ -49,11 +62,11 @@ enum SlotState {
 /// next request opens a fresh connection.
 struct Lease<'a> {
     slot: &'a ConnSlot,
-    sender: Option<SendRequest<Incoming>>,
+    sender: Option<SendRequest<RequestBody>>,
 }
 
 impl Lease<'_> {
-    fn put_back(mut self, sender: SendRequest<Incoming>) {
+    fn put_back(mut self, sender: SendRequest<RequestBody>) {
         self.sender = Some(sender);
     }
 }
@@ -79,11 +92,20 @@ impl Drop for ConnSlot {
 
 impl ConnSlot {
     pub fn new(upstream: Arc<Upstream>) -> Self {
-        Self { state: Mutex::new(SlotState::Empty), upstream }
+        Self { state: Mutex::new(SlotState::Empty), upstream, tunnel: Pending::default() }
+    }
+
+    /// Keeps the halves of an upgrade the application accepted, for the connection to run once HTTP/1.1 is done.
+    pub fn set_tunnel(&self, client: OnUpgrade, upstream: OnUpgrade) {
+        self.tunnel.set(client, upstream);
+    }
+
+    pub fn take_tunnel(&self) -> Option<(OnUpgrade, OnUpgrade)> {
+        self.tunnel.take()
     }
 
     /// `None` when the slot is busy with another request.
-    fn lease(&self) -> Option<(Lease<'_>, Option<SendRequest<Incoming>>)> {
+    fn lease(&self) -> Option<(Lease<'_>, Option<SendRequest<RequestBody>>)> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match std::mem::replace(&mut *state, SlotState::Busy) {
             SlotState::Busy => None,
@@ -94,7 +116,9 @@ impl ConnSlot {
 }
 
 impl Upstream {
-    pub fn new(addr: &str) -> Self {
+    /// `side_max`: requests in progress at once on the side pool (at least 1).
+    pub fn new(addr: &str, side_max: usize) -> Self {
+        let side_max = side_max.max(1);
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
@@ -103,11 +127,17 @@ impl Upstream {
             .pool_max_idle_per_host(256)
             .pool_timer(TokioTimer::new())
             .build(connector);
-        Self { addr: addr.to_owned(), pooled, parked: Mutex::new(Vec::new()) }
+        Self {
+            addr: addr.to_owned(),
+            pooled,
+            side: Arc::new(Semaphore::new(side_max)),
+            side_max,
+            parked: Mutex::new(Vec::new()),
+        }
     }
 
     /// Keeps an idle connection (one with no response in progress) for the next client connection.
-    fn park(&self, sender: SendRequest<Incoming>) {
+    fn park(&self, sender: SendRequest<RequestBody>) {
         if !sender.is_ready() {
             return;
         }
@@ -119,7 +149,7 @@ impl Upstream {
     }
 
     /// The most recently parked connection still open.
-    fn unpark(&self) -> Option<SendRequest<Incoming>> {
+    fn unpark(&self) -> Option<SendRequest<RequestBody>> {
         let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
         while let Some((at, s)) = parked.pop() {
             if !s.is_closed() && at.elapsed() < PARK_TIMEOUT {
@@ -134,9 +164,18 @@ impl Upstream {
         self.parked.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
+    /// Side-pool requests in progress (for tests and metrics).
+    pub fn side_in_use(&self) -> usize {
+        self.side_max - self.side.available_permits()
+    }
+
     /// Sends `req` (URI in origin form, `Host` set) on the slot's connection, or on the shared pool when the slot is
-    /// busy.
-    pub async fn send(&self, slot: &ConnSlot, req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+    /// busy ([`Busy`] when that is full).
+    pub async fn send(
+        &self,
+        slot: &ConnSlot,
+        req: Request<RequestBody>,
+    ) -> Result<Response<ResponseBody>, UpstreamError> {
         let Some((lease, idle)) = slot.lease() else {
             return self.send_pooled(req).await;
         };
@@ -163,16 +202,18 @@ impl Upstream {
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             lease.put_back(sender);
         }
-        Ok(resp)
+        Ok(resp.map(|b| ResponseBody::new(b, None)))
     }
 
-    async fn send_pooled(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+    async fn send_pooled(&self, mut req: Request<RequestBody>) -> Result<Response<ResponseBody>, UpstreamError> {
+        let permit = self.side.clone().try_acquire_owned().map_err(|_| Busy(self.side_max))?;
         let pq = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
         *req.uri_mut() = format!("http://{}{pq}", self.addr).parse()?;
-        Ok(self.pooled.request(req).await?)
+        let resp = self.pooled.request(req).await?;
+        Ok(resp.map(|b| ResponseBody::new(b, Some(permit))))
     }
 
-    async fn connect(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
+    async fn connect(&self) -> Result<SendRequest<RequestBody>, UpstreamError> {
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.addr.as_str()))
             .await
             .map_err(|_| format!("connecting to {} timed out", self.addr))??;

@@ -472,6 +472,21 @@ async fn tls12_is_accepted_and_stalled_handshakes_time_out() {
         p.metrics.encode().contains(r#"portcullis_proxy_tls_handshakes_total{outcome="timeout"} 1"#)
     })
     .await;
+
+    // A client that finishes the handshake (ALPN h2) but sends only part of the HTTP/2 preface is cut off too.
+    let mut s = tls_connect(ip(1), p.addr, ca.client_config(&[b"h2"])).await;
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    tokio::io::AsyncWriteExt::write_all(&mut s, b"PRI * HTTP/2.0").await.unwrap();
+    let out = within("partial preface closed", async {
+        let mut buf = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf).await.map(|_| buf)
+    })
+    .await;
+    assert!(!matches!(&out, Ok(b) if !b.is_empty()), "nothing answered: {out:?}");
+    wait_until("preface timeout counted", || {
+        p.metrics.encode().contains(r#"portcullis_proxy_connections_closed_total{reason="preface_timeout"} 1"#)
+    })
+    .await;
     p.shutdown();
     within("shutdown", p.wait()).await;
 }

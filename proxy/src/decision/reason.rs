@@ -21,6 +21,12 @@ pub enum Reason {
     ServiceNotGranted,
     /// The proxy had a table and it was taken away (index deleted, or reading it is no longer permitted).
     TableRevoked,
+    /// An HTTP/1.1 `Upgrade` to a protocol not in `--upgrade-protocols`.
+    UpgradeNotAllowed,
+    /// The shared upstream pool for busy h2 connections is at `--max-side-pool-requests`.
+    UpstreamBusy,
+    /// The request body did not arrive fast enough (`--body-read-timeout`).
+    BodyTimeout,
     /// The path cannot be normalised safely (see [`super::path`]).
     InvalidPath,
     /// A trusted proxy's forwarding headers do not name one client (see [`super::client_addr`]).
@@ -30,7 +36,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 19] = [
         Reason::InvalidKey,
         Reason::KeyExpired,
         Reason::ClientDisabled,
@@ -44,6 +50,9 @@ impl Reason {
         Reason::CertificateRequired,
         Reason::ServiceNotGranted,
         Reason::TableRevoked,
+        Reason::UpgradeNotAllowed,
+        Reason::UpstreamBusy,
+        Reason::BodyTimeout,
         Reason::InvalidPath,
         Reason::AmbiguousForwarded,
         Reason::BadRequest,
@@ -51,7 +60,7 @@ impl Reason {
 
     pub fn status(self) -> u16 {
         match self {
-            Reason::InvalidPath | Reason::AmbiguousForwarded | Reason::BadRequest => 400,
+            Reason::InvalidPath | Reason::AmbiguousForwarded | Reason::BadRequest | Reason::UpgradeNotAllowed => 400,
             Reason::InvalidKey => 401,
             Reason::KeyExpired
             | Reason::ClientDisabled
@@ -61,8 +70,9 @@ impl Reason {
             | Reason::CertificateRequired
             | Reason::ServiceNotGranted => 403,
             Reason::RateLimited | Reason::QuotaExceeded => 429,
-            Reason::NoTable | Reason::TableRevoked => 503,
+            Reason::NoTable | Reason::TableRevoked | Reason::UpstreamBusy => 503,
             Reason::UpstreamUnavailable => 502,
+            Reason::BodyTimeout => 408,
         }
     }
 
@@ -81,6 +91,9 @@ impl Reason {
             Reason::CertificateRequired => "certificate_required",
             Reason::ServiceNotGranted => "service_not_granted",
             Reason::TableRevoked => "table_revoked",
+            Reason::UpgradeNotAllowed => "upgrade_not_allowed",
+            Reason::UpstreamBusy => "upstream_busy",
+            Reason::BodyTimeout => "body_timeout",
             Reason::InvalidPath => "invalid_path",
             Reason::AmbiguousForwarded => "ambiguous_forwarded",
             Reason::BadRequest => "bad_request",
@@ -111,6 +124,11 @@ impl Reason {
             Reason::TableRevoked => {
                 r#"{"error":"the access table was withdrawn; every request is refused","reason":"table_revoked"}"#
             }
+            Reason::UpgradeNotAllowed => {
+                r#"{"error":"upgrade to this protocol is not allowed","reason":"upgrade_not_allowed"}"#
+            }
+            Reason::UpstreamBusy => r#"{"error":"upstream busy, retry","reason":"upstream_busy"}"#,
+            Reason::BodyTimeout => r#"{"error":"request body too slow","reason":"body_timeout"}"#,
             Reason::InvalidPath => r#"{"error":"request path cannot be normalised safely","reason":"invalid_path"}"#,
             Reason::AmbiguousForwarded => {
                 r#"{"error":"forwarding headers do not name one client","reason":"ambiguous_forwarded"}"#
