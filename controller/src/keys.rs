@@ -333,23 +333,38 @@ pub fn resolve_keys<S: Deref<Target = Secret>>(client: &ApiClient, lookup: impl 
     out
 }
 
-/// Generated key Secrets of `client` that no entry names any more: owned by the client (uid), labelled as a
-/// generated key ([`LABEL_KEY_NAME`] and the opt-in label), in its namespace. Returns `(name, uid)` of each, for a
-/// delete with a uid precondition. Secrets of earlier versions (`<client>-key-<index>`, without those labels) are
-/// left alone: they are not used, and the garbage collector deletes them with their ApiClient.
+/// Which Secrets are generated key Secrets of a client that no entry names any more: owned by the client (uid),
+/// labelled as a generated key ([`LABEL_KEY_NAME`] and the opt-in label), in its namespace. Secrets of earlier
+/// versions (`<client>-key-<index>`, without those labels) are left alone: they are not used, and the garbage
+/// collector deletes them with their ApiClient.
+pub struct OrphanCheck {
+    uid: String,
+    namespace: Option<String>,
+    named: BTreeSet<String>,
+}
+
+impl OrphanCheck {
+    pub fn new(client: &ApiClient) -> Self {
+        Self { uid: client.uid().unwrap_or_default(), namespace: client.namespace(), named: secret_names(client) }
+    }
+
+    pub fn is_orphan(&self, s: &Secret) -> bool {
+        s.metadata.namespace == self.namespace
+            && owned_by(s, &self.uid)
+            && opted_in(s)
+            && s.labels().contains_key(LABEL_KEY_NAME)
+            && !self.named.contains(s.metadata.name.as_deref().unwrap_or_default())
+    }
+}
+
+/// The orphaned generated key Secrets of `client` among `secrets` (see [`OrphanCheck`]): `(name, uid)` of each, for
+/// a delete with a uid precondition.
 pub fn orphaned_generated_secrets<'a>(
     client: &ApiClient,
     secrets: impl IntoIterator<Item = &'a Secret>,
 ) -> Vec<(String, String)> {
-    let uid = client.uid().unwrap_or_default();
-    let ns = client.namespace();
-    let named = secret_names(client);
-    secrets
-        .into_iter()
-        .filter(|s| s.namespace() == ns && owned_by(s, &uid) && opted_in(s))
-        .filter(|s| s.labels().contains_key(LABEL_KEY_NAME) && !named.contains(&s.name_any()))
-        .map(|s| (s.name_any(), s.uid().unwrap_or_default()))
-        .collect()
+    let check = OrphanCheck::new(client);
+    secrets.into_iter().filter(|s| check.is_orphan(s)).map(|s| (s.name_any(), s.uid().unwrap_or_default())).collect()
 }
 
 #[cfg(test)]

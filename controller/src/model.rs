@@ -211,7 +211,9 @@ pub fn build_table<'a>(
     }
     let mut client_meta = HashMap::with_capacity(selected.len());
     let mut out = Vec::with_capacity(selected.len());
-    for (((id, c, granted), entries), certificates) in selected.into_iter().zip(kept_keys).zip(kept_certs) {
+    for (((id, c, granted), mut entries), certificates) in selected.into_iter().zip(kept_keys).zip(kept_certs) {
+        // By digest, not spec order: reordering `spec.keys` leaves the table (and its revision) unchanged.
+        entries.sort_by_key(|k| k.sha256);
         let (source_ranges, _) = parse_source_ranges(&c.spec.source_ranges);
         client_meta.insert(c.name_any(), c.metadata.generation.unwrap_or(0));
         out.push(Client {
@@ -366,6 +368,12 @@ pub(crate) mod tests {
         assert_eq!(built.duplicate_keys[0].0, "b");
         let built = build_table("ns", "orders", &plans, &[client("a", &["gold"], &[]), acme], |_| same.clone());
         assert_eq!(built.duplicate_keys[0].0, "a");
+        // Key order in the spec does not change the table.
+        let two = vec![same[0].clone(), KeyEntry { sha256: key_digest(b"other"), expires_at: None }];
+        let rev = |keys: Vec<KeyEntry>| {
+            build_table("ns", "orders", &plans, &[client("solo", &["gold"], &[])], |_| keys.clone()).table.revision
+        };
+        assert_eq!(rev(two.clone()), rev(two.into_iter().rev().collect()));
         // One client naming the same key twice keeps it once, and is not its own duplicate.
         let twice = vec![same[0].clone(), same[0].clone()];
         let built = build_table("ns", "orders", &plans, &[client("solo", &["gold"], &[])], |_| twice.clone());

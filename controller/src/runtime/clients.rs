@@ -190,10 +190,12 @@ async fn create_generated_secret(
 /// ApiClient is read fresh first (a cached spec may lag behind one that names the Secret again), and each delete
 /// carries the Secret's uid as a precondition.
 async fn delete_orphaned_secrets(ctx: &Ctx, obj: &ApiClient, ns: &str) -> Result<(), Error> {
-    let secrets = ctx.secrets.state();
-    if keys::orphaned_generated_secrets(obj, secrets.iter().map(|s| &**s)).is_empty() {
+    // The common case (nothing to delete) walks the cache without copying it.
+    let check = keys::OrphanCheck::new(obj);
+    if ctx.secrets.find(|s| check.is_orphan(s)).is_none() {
         return Ok(());
     }
+    let secrets = ctx.secrets.state();
     let Some(fresh) = Api::<ApiClient>::namespaced(ctx.client.clone(), ns).get_opt(&obj.name_any()).await? else {
         return Ok(()); // deleted: the garbage collector takes its Secrets
     };
