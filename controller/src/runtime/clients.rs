@@ -63,7 +63,15 @@ async fn reconcile_inner(obj: &ApiClient, ctx: &Ctx) -> Result<Action, Error> {
             }
         }
     }
-    delete_orphaned_secrets(ctx, obj, &ns).await?;
+    // A failed delete (say, an older ClusterRole without `delete` on Secrets) must not stop the status: the orphan
+    // is not used either way (no entry names it), and the delete is retried.
+    let orphans_left = match delete_orphaned_secrets(ctx, obj, &ns).await {
+        Ok(()) => false,
+        Err(e) => {
+            tracing::warn!(namespace = %ns, client = %name, error = %e, "deleting an unreferenced generated key Secret failed");
+            true
+        }
+    };
     if created && create_failures.is_empty() {
         // The Secret watch brings it into the cache and triggers us again.
         return Ok(Action::requeue(Duration::from_secs(2)));
@@ -112,18 +120,7 @@ async fn reconcile_inner(obj: &ApiClient, ctx: &Ctx) -> Result<Action, Error> {
         observed_generation: Some(generation),
         conditions,
         key_fingerprints: resolved.resolved.iter().map(|k| k.fingerprint.clone()).collect(),
-        generated_keys: resolved
-            .resolved
-            .iter()
-            .filter(|k| k.generated)
-            .filter_map(|k| {
-                Some(GeneratedKeyStatus {
-                    name: k.at.name.clone()?,
-                    secret: k.secret.clone(),
-                    fingerprint: k.fingerprint.clone(),
-                })
-            })
-            .collect(),
+        generated_keys: generated_key_status(&resolved.resolved),
         keys: facts.live_keys as u32,
     };
     if status != old {
@@ -140,9 +137,28 @@ async fn reconcile_inner(obj: &ApiClient, ctx: &Ctx) -> Result<Action, Error> {
         .map(|d| d + Duration::from_secs(1))
         .unwrap_or(Duration::from_secs(600))
         .min(Duration::from_secs(600));
-    // A failed creation is retried (the condition says why meanwhile).
-    let requeue = if create_failures.is_empty() { requeue } else { requeue.min(Duration::from_secs(10)) };
+    // A failed creation or delete is retried (for a creation, the condition says why meanwhile).
+    let requeue =
+        if create_failures.is_empty() && !orphans_left { requeue } else { requeue.min(Duration::from_secs(10)) };
     Ok(Action::requeue(requeue))
+}
+
+/// `status.generatedKeys`: one entry per key name (a list-map keyed by name; the schema keeps names unique, this
+/// keeps the status writable even if it did not).
+fn generated_key_status(resolved: &[keys::ResolvedKey]) -> Vec<GeneratedKeyStatus> {
+    let mut out: Vec<GeneratedKeyStatus> = Vec::new();
+    for k in resolved.iter().filter(|k| k.generated) {
+        if let Some(name) = &k.at.name
+            && !out.iter().any(|g| &g.name == name)
+        {
+            out.push(GeneratedKeyStatus {
+                name: name.clone(),
+                secret: k.secret.clone(),
+                fingerprint: k.fingerprint.clone(),
+            });
+        }
+    }
+    out
 }
 
 /// Creates Secret `secret` holding a fresh key for key `key_name`, owned by the ApiClient and labelled as a generated,
