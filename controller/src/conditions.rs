@@ -1,6 +1,6 @@
 //! Condition types, reasons and their computation from facts. No I/O.
 
-use crate::model::KeyProblem;
+use crate::keys::KeyProblem;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 pub mod types {
@@ -17,6 +17,16 @@ pub mod reason {
     pub const RESOLVED: &str = "Resolved";
     pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
     pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";
+    /// A `secretRef` Secret without the opt-in label `portcullis.dev/api-key: "true"`.
+    pub const SECRET_NOT_OPTED_IN: &str = "SecretNotOptedIn";
+    /// A `secretRef` Secret owned by another ApiClient.
+    pub const SECRET_OWNED_BY_ANOTHER_CLIENT: &str = "SecretOwnedByAnotherClient";
+    /// A Secret at a generated key's name that is not this ApiClient's generated key.
+    pub const SECRET_CONFLICT: &str = "SecretConflict";
+    /// Creating a generated key's Secret failed.
+    pub const SECRET_CREATE_FAILED: &str = "SecretCreateFailed";
+    /// A `generate` entry without a name (stored before names were required).
+    pub const KEY_NAME_MISSING: &str = "KeyNameMissing";
     pub const KEY_EXPIRED: &str = "KeyExpired";
     pub const DUPLICATE_KEY: &str = "DuplicateKey";
     pub const PLAN_NOT_FOUND: &str = "PlanNotFound";
@@ -75,7 +85,11 @@ pub fn client_conditions(f: &ClientFacts) -> Vec<Cond> {
             KEYS_RESOLVED,
             false,
             reason::DUPLICATE_KEY,
-            format!("key(s) {} already belong to another ApiClient", f.duplicate_keys.join(", ")),
+            format!(
+                "key(s) {} are also claimed by an older ApiClient in the same table, which keeps them; refused for \
+                 this ApiClient (give it its own key)",
+                f.duplicate_keys.join(", ")
+            ),
         )
     } else if f.resolved_keys == 0 && f.certificates > 0 {
         Cond::new(
@@ -228,7 +242,8 @@ mod tests {
     #[test]
     fn missing_secret_names_secret_and_blocks_ready() {
         let mut f = good();
-        f.key_problems.push(KeyProblem::SecretNotFound { index: 0, secret: "k1".into() });
+        let at = crate::keys::KeyAt { index: 0, name: None };
+        f.key_problems.push(KeyProblem::SecretNotFound { at, secret: "k1".into() });
         let cs = client_conditions(&f);
         let k = get(&cs, "KeysResolved");
         assert!(!k.ok);

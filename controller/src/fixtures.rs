@@ -3,13 +3,17 @@
 //! does for them.
 
 use crate::crd::*;
-use crate::model::{SecretLookup, build_table, resolve_keys};
+use crate::keys::{LABEL_API_KEY, resolve_keys};
+use crate::model::build_table;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use portcullis_table::naming::{Slot, index_name};
 use portcullis_table::shard::{MAX_SHARD_BYTES, Rendered, render};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
-/// One plan, `n` clients, and the Secret data (data key → key bytes) their keys live in.
-pub fn fixture(n: usize) -> (Vec<UsagePlan>, Vec<ApiClient>, HashMap<String, Vec<u8>>) {
+/// One plan, `n` clients, and the (opted-in) Secret `keys` their keys live in (data key `k<i>`).
+pub fn fixture(n: usize) -> (Vec<UsagePlan>, Vec<ApiClient>, Secret) {
     let mut plan = UsagePlan::new(
         "gold",
         UsagePlanSpec {
@@ -25,7 +29,7 @@ pub fn fixture(n: usize) -> (Vec<UsagePlan>, Vec<ApiClient>, HashMap<String, Vec
     );
     plan.metadata.namespace = Some("shop".into());
     plan.metadata.uid = Some("uid".into());
-    let mut keys = HashMap::new();
+    let mut keys = BTreeMap::new();
     let clients = (0..n)
         .map(|i| {
             let name = format!("client-{i:06}");
@@ -36,8 +40,7 @@ pub fn fixture(n: usize) -> (Vec<UsagePlan>, Vec<ApiClient>, HashMap<String, Vec
                     source_ranges: vec![format!("10.{}.{}.0/24", i / 65536 % 256, i / 256 % 256)],
                     keys: vec![KeySpec {
                         secret_ref: Some(SecretKeyRef { name: "keys".into(), key: format!("k{i}") }),
-                        generate: None,
-                        expires_at: None,
+                        ..Default::default()
                     }],
                     disabled: None,
                     certificates: vec![],
@@ -46,18 +49,28 @@ pub fn fixture(n: usize) -> (Vec<UsagePlan>, Vec<ApiClient>, HashMap<String, Vec
             );
             c.metadata.namespace = Some("shop".into());
             c.metadata.generation = Some(1);
-            keys.insert(format!("k{i}"), format!("pcl_bench_key_{i:08}").into_bytes());
+            keys.insert(format!("k{i}"), ByteString(format!("pcl_bench_key_{i:08}").into_bytes()));
             c
         })
         .collect();
-    (vec![plan], clients, keys)
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some("keys".into()),
+            namespace: Some("shop".into()),
+            labels: Some(BTreeMap::from([(LABEL_API_KEY.to_string(), "true".to_string())])),
+            ..Default::default()
+        },
+        data: Some(keys),
+        ..Default::default()
+    };
+    (vec![plan], clients, secret)
 }
 
 /// What the controller does per reconcile of the Service: resolve keys (lookup + SHA-256), build the table, render
 /// the sharded ConfigMap data.
-pub fn build_and_render(plans: &[UsagePlan], clients: &[ApiClient], keys: &HashMap<String, Vec<u8>>) -> Rendered {
+pub fn build_and_render(plans: &[UsagePlan], clients: &[ApiClient], keys: &Secret) -> Rendered {
     let built = build_table("shop", "orders", plans, clients, |c| {
-        resolve_keys(c, |_, k| keys.get(k).map_or(SecretLookup::KeyMissing, |v| SecretLookup::Found(v.clone()))).entries
+        resolve_keys(c, |name| (name == "keys").then_some(keys)).entries
     });
     render(&built.table, &index_name("orders"), Slot::A, 1, MAX_SHARD_BYTES).expect("renders")
 }

@@ -2,9 +2,11 @@
 
 pub mod conditions;
 pub mod crd;
+pub mod events;
 pub mod exposure;
 pub mod fixtures;
 pub mod keygen;
+pub mod keys;
 pub mod model;
 pub mod runtime;
 

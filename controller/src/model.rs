@@ -1,19 +1,12 @@
-//! Pure translation of UsagePlans and ApiClients (plus resolved key digests) into one Service's [`Table`].
-//! No I/O: everything here is unit-tested.
+//! Pure translation of UsagePlans and ApiClients (plus resolved key digests, see [`crate::keys`]) into one
+//! Service's [`Table`]. No I/O: everything here is unit-tested.
 
-use crate::crd::{ApiClient, CertificateSpec, KeySpec, QuotaPeriod, UsagePlan, UsagePlanSpec};
+use crate::crd::{ApiClient, CertificateSpec, QuotaPeriod, UsagePlan, UsagePlanSpec};
 use ipnet::IpNet;
 use kube::ResourceExt;
-use portcullis_table::{
-    CertIdentity, Client, KeyDigest, KeyEntry, Period, Plan, Quota, RouteScope, Table, Throttle, key_digest,
-};
+use portcullis_table::{CertIdentity, Client, KeyDigest, KeyEntry, Period, Plan, Quota, RouteScope, Table, Throttle};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use thiserror::Error;
-
-/// Data key of the generated key in a generated Secret.
-pub const GENERATED_KEY_DATA_KEY: &str = "key";
-/// Label on generated key Secrets naming their ApiClient.
-pub const LABEL_API_CLIENT: &str = "portcullis.dev/api-client";
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SpecError {
@@ -28,11 +21,6 @@ pub fn to_k8s_time(t: jiff::Timestamp) -> k8s_openapi::jiff::Timestamp {
 
 pub fn from_k8s_time(t: k8s_openapi::jiff::Timestamp) -> jiff::Timestamp {
     jiff::Timestamp::new(t.as_second(), t.subsec_nanosecond()).expect("same range")
-}
-
-/// Name of the Secret holding the generated key `index` of `client`.
-pub fn generated_secret_name(client: &str, index: usize) -> String {
-    format!("{client}-key-{index}")
 }
 
 /// `500ms`, `1s`, `2m`, `1h` → milliseconds.
@@ -95,108 +83,6 @@ pub fn grants(plan: &UsagePlan, service: &str) -> bool {
     plan.spec.services.iter().any(|s| s.name == service)
 }
 
-/// Looking up one key in a Secret of the client's namespace.
-#[derive(Clone, PartialEq, Eq)]
-pub enum SecretLookup {
-    SecretNotFound,
-    KeyMissing,
-    Found(Vec<u8>),
-}
-
-/// Never prints key bytes.
-impl std::fmt::Debug for SecretLookup {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SecretLookup::SecretNotFound => f.write_str("SecretNotFound"),
-            SecretLookup::KeyMissing => f.write_str("KeyMissing"),
-            SecretLookup::Found(b) => write!(f, "Found({} bytes)", b.len()),
-        }
-    }
-}
-
-/// Why one of a client's keys could not be resolved. Names the Secret and data key, never the key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyProblem {
-    SecretNotFound { index: usize, secret: String },
-    SecretKeyMissing { index: usize, secret: String, key: String },
-    EmptyKey { index: usize, secret: String, key: String },
-}
-
-impl KeyProblem {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            KeyProblem::SecretNotFound { .. } => crate::conditions::reason::SECRET_NOT_FOUND,
-            KeyProblem::SecretKeyMissing { .. } => crate::conditions::reason::SECRET_KEY_MISSING,
-            KeyProblem::EmptyKey { .. } => crate::conditions::reason::SECRET_KEY_MISSING,
-        }
-    }
-
-    pub fn message(&self) -> String {
-        match self {
-            KeyProblem::SecretNotFound { index, secret } => {
-                format!("spec.keys[{index}]: Secret {secret:?} not found in the ApiClient's namespace")
-            }
-            KeyProblem::SecretKeyMissing { index, secret, key } => {
-                format!("spec.keys[{index}]: Secret {secret:?} has no data key {key:?}")
-            }
-            KeyProblem::EmptyKey { index, secret, key } => {
-                format!("spec.keys[{index}]: data key {key:?} of Secret {secret:?} is empty")
-            }
-        }
-    }
-}
-
-/// A client's keys as digests, plus what went wrong.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ResolvedKeys {
-    pub entries: Vec<KeyEntry>,
-    pub problems: Vec<KeyProblem>,
-}
-
-impl ResolvedKeys {
-    /// Keys that are not expired at `now`.
-    pub fn live(&self, now: jiff::Timestamp) -> usize {
-        self.entries.iter().filter(|k| k.expires_at.is_none_or(|e| e > now)).count()
-    }
-
-    /// The earliest expiry still in the future (to re-check conditions then).
-    pub fn next_expiry(&self, now: jiff::Timestamp) -> Option<jiff::Timestamp> {
-        self.entries.iter().filter_map(|k| k.expires_at).filter(|e| *e > now).min()
-    }
-}
-
-/// Where key `index` of `spec` lives: `(secret name, data key)`.
-pub fn key_location(client: &str, index: usize, spec: &KeySpec) -> (String, String) {
-    match &spec.secret_ref {
-        Some(r) => (r.name.clone(), r.key.clone()),
-        None => (generated_secret_name(client, index), GENERATED_KEY_DATA_KEY.to_string()),
-    }
-}
-
-/// Resolves every key of `client` through `lookup(secret, data_key)`. Key bytes are trimmed of surrounding ASCII
-/// whitespace (a trailing newline from `--from-file`), then hashed; the bytes themselves go nowhere else.
-pub fn resolve_keys(client: &ApiClient, lookup: impl Fn(&str, &str) -> SecretLookup) -> ResolvedKeys {
-    let mut out = ResolvedKeys::default();
-    let name = client.name_any();
-    for (index, spec) in client.spec.keys.iter().enumerate() {
-        let (secret, key) = key_location(&name, index, spec);
-        match lookup(&secret, &key) {
-            SecretLookup::SecretNotFound => out.problems.push(KeyProblem::SecretNotFound { index, secret }),
-            SecretLookup::KeyMissing => out.problems.push(KeyProblem::SecretKeyMissing { index, secret, key }),
-            SecretLookup::Found(bytes) => {
-                let bytes = bytes.as_slice().trim_ascii();
-                if bytes.is_empty() {
-                    out.problems.push(KeyProblem::EmptyKey { index, secret, key });
-                } else {
-                    let expires_at = spec.expires_at.as_ref().map(|t| from_k8s_time(t.0));
-                    out.entries.push(KeyEntry { sha256: key_digest(bytes), expires_at });
-                }
-            }
-        }
-    }
-    out
-}
-
 /// Parsed source ranges and the entries that are not CIDRs (schema should have refused them).
 pub fn parse_source_ranges(ranges: &[String]) -> (Vec<IpNet>, Vec<String>) {
     let mut nets = Vec::with_capacity(ranges.len());
@@ -237,10 +123,18 @@ pub struct BuiltTable {
     pub plans: BTreeMap<String, (String, i64)>,
     /// Clients in the table: name → generation rendered.
     pub clients: HashMap<String, i64>,
-    /// Keys left out because an earlier client (by id) already uses the same key: (client, fingerprint).
+    /// Keys left out because an older client (creationTimestamp, then name) in the table already uses the same key:
+    /// (client, fingerprint).
     pub duplicate_keys: Vec<(String, String)>,
-    /// Certificate identities left out because an earlier client (by id) already names them: (client, identity).
+    /// Certificate identities left out because an older client already names them: (client, identity).
     pub duplicate_certificates: Vec<(String, String)>,
+}
+
+/// Which of two clients claiming the same key keeps it: the older by creationTimestamp, then by name (a client
+/// without a timestamp, which the API server always sets, counts as newest).
+fn seniority(c: &ApiClient) -> (bool, Option<k8s_openapi::jiff::Timestamp>, &str) {
+    let created = c.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    (created.is_none(), created, c.metadata.name.as_deref().unwrap_or_default())
 }
 
 /// Builds the table of Service `service` in `namespace` from the namespace's plans and clients. `keys` gives the
@@ -282,29 +176,44 @@ pub fn build_table<'a>(
         }
     }
     selected.sort_by(|a, b| a.0.cmp(&b.0));
+    // A key (or certificate identity) claimed by several clients goes to the oldest (creationTimestamp, then name),
+    // whatever order they come in: a newer ApiClient can never take a key away from an older one.
+    let mut order: Vec<usize> = (0..selected.len()).collect();
+    order.sort_by_key(|&i| seniority(selected[i].1));
+    let mut kept_keys: Vec<Vec<KeyEntry>> = vec![Vec::new(); selected.len()];
+    let mut kept_certs: Vec<Vec<CertIdentity>> = vec![Vec::new(); selected.len()];
     let mut used: HashSet<KeyDigest> = HashSet::with_capacity(selected.len());
     let mut duplicate_keys = Vec::new();
     let mut used_certs: HashSet<CertIdentity> = HashSet::new();
     let mut duplicate_certificates = Vec::new();
-    let mut client_meta = HashMap::with_capacity(selected.len());
-    let mut out = Vec::with_capacity(selected.len());
-    for (id, c, granted) in selected {
-        let mut entries = Vec::new();
+    for i in order {
+        let c = selected[i].1;
         for k in keys(c) {
+            if kept_keys[i].iter().any(|e| e.sha256 == k.sha256) {
+                continue; // the same key twice in one client: kept once
+            }
             if used.insert(k.sha256) {
-                entries.push(k);
+                kept_keys[i].push(k);
             } else {
                 duplicate_keys.push((c.name_any(), portcullis_table::fingerprint(&k.sha256)));
             }
         }
-        let mut certificates = Vec::new();
         for id in c.spec.certificates.iter().filter_map(cert_identity) {
+            if kept_certs[i].contains(&id) {
+                continue;
+            }
             if used_certs.insert(id.clone()) {
-                certificates.push(id);
-            } else if !certificates.contains(&id) {
+                kept_certs[i].push(id);
+            } else {
                 duplicate_certificates.push((c.name_any(), id.to_string()));
             }
         }
+    }
+    let mut client_meta = HashMap::with_capacity(selected.len());
+    let mut out = Vec::with_capacity(selected.len());
+    for (((id, c, granted), mut entries), certificates) in selected.into_iter().zip(kept_keys).zip(kept_certs) {
+        // By digest, not spec order: reordering `spec.keys` leaves the table (and its revision) unchanged.
+        entries.sort_by_key(|k| k.sha256);
         let (source_ranges, _) = parse_source_ranges(&c.spec.source_ranges);
         client_meta.insert(c.name_any(), c.metadata.generation.unwrap_or(0));
         out.push(Client {
@@ -331,6 +240,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::crd::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use portcullis_table::key_digest;
 
     pub fn plan(name: &str, services: &[&str], rate: Option<u32>) -> UsagePlan {
         let mut p = UsagePlan::new(
@@ -357,8 +267,7 @@ pub(crate) mod tests {
                 source_ranges: ranges.iter().map(|s| s.to_string()).collect(),
                 keys: vec![KeySpec {
                     secret_ref: Some(SecretKeyRef { name: format!("{name}-secret"), key: "key".into() }),
-                    generate: None,
-                    expires_at: None,
+                    ..Default::default()
                 }],
                 disabled: None,
                 certificates: vec![],
@@ -432,17 +341,44 @@ pub(crate) mod tests {
         assert_ne!(t1.revision, t2.revision);
     }
 
+    fn created(mut c: ApiClient, at: &str) -> ApiClient {
+        c.metadata.creation_timestamp = Some(Time(at.parse().unwrap()));
+        c
+    }
+
     #[test]
-    fn duplicate_keys_are_kept_once_so_the_table_stays_valid() {
+    fn a_duplicate_key_stays_with_the_oldest_client_and_the_table_stays_valid() {
         let plans = [plan("gold", &["orders"], None)];
-        let clients = [client("a", &["gold"], &[]), client("b", &["gold"], &[])];
         let same = vec![KeyEntry { sha256: key_digest(b"same"), expires_at: None }];
-        let built = build_table("ns", "orders", &plans, &clients, |_| same.clone());
-        built.table.validate("t").unwrap();
-        assert_eq!(built.table.clients[0].keys.len(), 1);
-        assert!(built.table.clients[1].keys.is_empty());
-        assert_eq!(built.duplicate_keys.len(), 1);
+        // "aaa" sorts first by name but was created after "acme": acme keeps the key.
+        let acme = created(client("acme", &["gold"], &[]), "2026-01-01T00:00:00Z");
+        let aaa = created(client("aaa", &["gold"], &["0.0.0.0/0"]), "2026-01-02T00:00:00Z");
+        for clients in [[acme.clone(), aaa.clone()], [aaa.clone(), acme.clone()]] {
+            let built = build_table("ns", "orders", &plans, &clients, |_| same.clone());
+            built.table.validate("t").unwrap();
+            let ids: Vec<&str> = built.table.clients.iter().map(|c| c.id.as_str()).collect();
+            assert_eq!(ids, ["ns/aaa", "ns/acme"], "output stays sorted by id");
+            assert!(built.table.clients[0].keys.is_empty(), "the newer client is refused");
+            assert_eq!(built.table.clients[1].keys, same, "the older client keeps the key");
+            assert_eq!(built.duplicate_keys, [("aaa".to_string(), portcullis_table::fingerprint(&same[0].sha256))]);
+        }
+        // Same timestamp: the name decides. No timestamp counts as newest.
+        let b = created(client("b", &["gold"], &[]), "2026-01-01T00:00:00Z");
+        let built = build_table("ns", "orders", &plans, &[b, acme.clone()], |_| same.clone());
         assert_eq!(built.duplicate_keys[0].0, "b");
+        let built = build_table("ns", "orders", &plans, &[client("a", &["gold"], &[]), acme], |_| same.clone());
+        assert_eq!(built.duplicate_keys[0].0, "a");
+        // Key order in the spec does not change the table.
+        let two = vec![same[0].clone(), KeyEntry { sha256: key_digest(b"other"), expires_at: None }];
+        let rev = |keys: Vec<KeyEntry>| {
+            build_table("ns", "orders", &plans, &[client("solo", &["gold"], &[])], |_| keys.clone()).table.revision
+        };
+        assert_eq!(rev(two.clone()), rev(two.into_iter().rev().collect()));
+        // One client naming the same key twice keeps it once, and is not its own duplicate.
+        let twice = vec![same[0].clone(), same[0].clone()];
+        let built = build_table("ns", "orders", &plans, &[client("solo", &["gold"], &[])], |_| twice.clone());
+        assert_eq!(built.table.clients[0].keys.len(), 1);
+        assert!(built.duplicate_keys.is_empty());
     }
 
     #[test]
@@ -483,51 +419,9 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn keys_resolve_through_secrets_and_problems_name_the_secret() {
-        let mut c = client("a", &["gold"], &[]);
-        c.spec.keys.push(KeySpec { secret_ref: None, generate: Some(GenerateSpec {}), expires_at: None });
-        c.spec.keys.push(KeySpec {
-            secret_ref: Some(SecretKeyRef { name: "other".into(), key: "k".into() }),
-            generate: None,
-            expires_at: Some(Time("2030-01-01T00:00:00Z".parse().unwrap())),
-        });
-        let r = resolve_keys(&c, |secret, key| match (secret, key) {
-            ("a-secret", "key") => SecretLookup::Found(b"  s3cret\n".to_vec()),
-            ("a-key-1", GENERATED_KEY_DATA_KEY) => SecretLookup::KeyMissing,
-            _ => SecretLookup::SecretNotFound,
-        });
-        assert_eq!(r.entries, vec![KeyEntry { sha256: key_digest(b"s3cret"), expires_at: None }]);
-        assert_eq!(
-            r.problems,
-            vec![
-                KeyProblem::SecretKeyMissing { index: 1, secret: "a-key-1".into(), key: "key".into() },
-                KeyProblem::SecretNotFound { index: 2, secret: "other".into() },
-            ]
-        );
-        assert!(r.problems[1].message().contains("\"other\""));
-        assert!(!format!("{r:?}").contains("s3cret"));
-    }
-
-    #[test]
     fn source_ranges_are_normalised_and_bad_ones_reported() {
         let (nets, bad) = parse_source_ranges(&["10.1.2.3/8".into(), "10.0.0.0/8".into(), "10.0.0.0/33".into()]);
         assert_eq!(nets, vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]);
         assert_eq!(bad, vec!["10.0.0.0/33".to_string()]);
-    }
-
-    #[test]
-    fn expiry_helpers() {
-        let now: jiff::Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
-        let past = Some("2025-01-01T00:00:00Z".parse().unwrap());
-        let future = Some("2027-01-01T00:00:00Z".parse().unwrap());
-        let r = ResolvedKeys {
-            entries: vec![
-                KeyEntry { sha256: key_digest(b"1"), expires_at: past },
-                KeyEntry { sha256: key_digest(b"2"), expires_at: future },
-            ],
-            problems: vec![],
-        };
-        assert_eq!(r.live(now), 1);
-        assert_eq!(r.next_expiry(now), future);
     }
 }

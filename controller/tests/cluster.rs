@@ -206,14 +206,17 @@ async fn generated_key_is_created_once_and_survives_restart() {
     let ctl = start_controller(&env, "gen-1").await;
     create_plan(&env, plan("basic", &["api"])).await;
     let mut spec = client_spec(&["basic"], &["127.0.0.1/32"], "unused", "unused");
-    spec.keys = vec![KeySpec { secret_ref: None, generate: Some(GenerateSpec {}), expires_at: None }];
+    spec.keys = vec![KeySpec { name: Some("main".into()), generate: Some(GenerateSpec {}), ..Default::default() }];
     create_client(&env, "robot", spec).await;
     wait_client_condition(&env, "robot", "Ready", "True", None).await;
     let secrets: Api<Secret> = Api::namespaced(env.admin.clone(), &env.ns);
-    let s1 = secrets.get("robot-key-0").await.unwrap();
+    let s1 = secrets.get("robot-key-main").await.unwrap();
     let key = String::from_utf8(s1.data.as_ref().unwrap()["key"].0.clone()).unwrap();
     validate_key_format(&key).expect("generated key has the pcl_ format");
     assert_eq!(s1.metadata.owner_references.as_ref().unwrap()[0].kind, "ApiClient");
+    assert_eq!(s1.metadata.labels.as_ref().unwrap()["portcullis.dev/api-key"], "true");
+    assert_eq!(s1.metadata.labels.as_ref().unwrap()["portcullis.dev/key-name"], "main");
+    wait_event(&env, "robot", "KeyGenerated").await;
     wait_table(&env, "api", "generated key digest", |t| {
         t.clients.first().is_some_and(|c| c.keys.first().is_some_and(|k| k.sha256 == key_digest(key.as_bytes())))
     })
@@ -233,7 +236,7 @@ async fn generated_key_is_created_once_and_survives_restart() {
         })
     })
     .await;
-    let s2 = secrets.get("robot-key-0").await.unwrap();
+    let s2 = secrets.get("robot-key-main").await.unwrap();
     assert_eq!(s1.metadata.resource_version, s2.metadata.resource_version);
     assert_eq!(s1.data, s2.data);
     assert_no_key_material(&env, &[key]).await;
@@ -317,6 +320,16 @@ async fn schema_rejects_invalid_objects() {
     )
     .await;
     reject("ApiClient", "apiclients", json!({"usagePlans": ["p"], "keys": [{}]}), "exactly one").await;
+    reject("ApiClient", "apiclients", json!({"usagePlans": ["p"], "keys": [{"generate": {}}]}), "needs a name").await;
+    reject(
+        "ApiClient",
+        "apiclients",
+        json!({"usagePlans": ["p"], "keys": [{"name": "k1", "generate": {}}, {"name": "k1", "secretRef": {"name": "s", "key": "k"}}]}),
+        "key names must be unique",
+    )
+    .await;
+    reject("ApiClient", "apiclients", json!({"usagePlans": ["p"], "keys": [{"name": "K_1", "generate": {}}]}), "name")
+        .await;
     reject("ApiClient", "apiclients", json!({"usagePlans": [], "keys": key}), "usagePlans").await;
     reject("ApiClient", "apiclients", json!({"usagePlans": ["p"]}), "at least one of keys or certificates").await;
     reject("ApiClient", "apiclients", json!({"usagePlans": ["p"], "keys": [], "certificates": []}), "at least one")

@@ -156,7 +156,7 @@ async fn demo(root: &Path, target: &Path, cp: &ControlPlane) -> Result<()> {
     wait_http_ok(&format!("127.0.0.1:{admin_port}"), "/readyz", Duration::from_secs(30), &mut procs).await?;
     println!("    proxy on {proxy} → app on {echo}; ready (first table loaded)");
 
-    let acme_key = generated_key(cp, "acme").await?;
+    let acme_key = generated_key(cp, "acme-key-k1", Duration::from_secs(5), &mut procs).await?;
     let globex_key = "globex-demo-key-0123456789abcdef";
     let local: IpAddr = Ipv4Addr::new(127, 0, 0, 1).into();
     let other: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
@@ -230,6 +230,48 @@ async fn demo(root: &Path, target: &Path, cp: &ControlPlane) -> Result<()> {
         procs.check()?;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+
+    say("rotate acme's key (README): add {name: k2, generate: {}}, hand out acme-key-k2, remove the k1 entry");
+    let add = serde_json::json!([{"op": "add", "path": "/spec/keys/-", "value": {"name": "k2", "generate": {}}}]);
+    api.patch("acme", &PatchParams::default(), &Patch::Json::<()>(serde_json::from_value(add)?)).await?;
+    let new_key = generated_key(cp, "acme-key-k2", Duration::from_secs(10), &mut procs).await?;
+    match until_answer(proxy, &new_key, 200, &mut procs).await? {
+        Some(d) => {
+            println!("    ✔ the new key (acme-key-k2) works {:.0} ms after it was handed out", d.as_secs_f64() * 1e3)
+        }
+        None => {
+            failures += 1;
+            println!("    ✘ the new key was not accepted within 10 s");
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = get(local, proxy, "/v1/orders", Some(&acme_key)).await?;
+    failures += usize::from(r.status != 200);
+    println!(
+        "    {} the old key during the overlap: {} {}",
+        if r.status == 200 { "✔" } else { "✘" },
+        r.status,
+        r.body.trim()
+    );
+    let remove = serde_json::json!([{"op": "test", "path": "/spec/keys/0/name", "value": "k1"},
+                                    {"op": "remove", "path": "/spec/keys/0"}]);
+    api.patch("acme", &PatchParams::default(), &Patch::Json::<()>(serde_json::from_value(remove)?)).await?;
+    match until_answer(proxy, &acme_key, 401, &mut procs).await? {
+        Some(d) => println!("    ✔ the old key is refused {:.0} ms after its entry was removed", d.as_secs_f64() * 1e3),
+        None => {
+            failures += 1;
+            println!("    ✘ the old key was still accepted 10 s after its entry was removed");
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = get(local, proxy, "/v1/orders", Some(&new_key)).await?;
+    failures += usize::from(r.status != 200);
+    println!(
+        "    {} the new key after the rotation: {} {}",
+        if r.status == 200 { "✔" } else { "✘" },
+        r.status,
+        r.body.trim()
+    );
 
     say("bypass guard: kubectl patch service echo -p '{\"spec\":{\"type\":\"NodePort\"}}'");
     let (status, msg) = plan_condition(cp, "partners", "Exposure").await?;
@@ -357,16 +399,36 @@ async fn wait_ready(cp: &ControlPlane, name: &str, timeout: Duration, procs: &mu
     }
 }
 
-/// The platform team hands the generated key to the partner: it is in the Secret the controller created.
-async fn generated_key(cp: &ControlPlane, client: &str) -> Result<String> {
+/// The platform team hands the generated key to the partner: it is in the Secret the controller created,
+/// `<client>-key-<key name>`.
+async fn generated_key(cp: &ControlPlane, secret: &str, timeout: Duration, procs: &mut Procs) -> Result<String> {
     let secrets: Api<Secret> = Api::namespaced(cp.admin_client().await, NS);
-    for s in secrets.list(&Default::default()).await?.items {
-        let owned = s.metadata.owner_references.iter().flatten().any(|o| o.kind == "ApiClient" && o.name == client);
-        if owned && let Some(v) = s.data.as_ref().and_then(|d| d.values().next()) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = secrets.get_opt(secret).await?
+            && let Some(v) = s.data.as_ref().and_then(|d| d.get("key"))
+        {
             return Ok(String::from_utf8(v.0.clone())?);
         }
+        if Instant::now() > deadline {
+            bail!("no generated key Secret {secret} after {timeout:?}");
+        }
+        procs.check()?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    bail!("no generated key Secret owned by apiclient/{client}")
+}
+
+/// Asks with `key` every 300 ms (below the plan's 5/s) until the answer is `want`; the time it took.
+async fn until_answer(proxy: SocketAddr, key: &str, want: u16, procs: &mut Procs) -> Result<Option<Duration>> {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        if get(Ipv4Addr::LOCALHOST.into(), proxy, "/v1/orders", Some(key)).await?.status == want {
+            return Ok(Some(t.elapsed()));
+        }
+        procs.check()?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(None)
 }
 
 /// The controller grants the ServiceAccount of the Service's opted-in pods read access to that Service's table

@@ -119,8 +119,8 @@ pub(crate) async fn publish_transitions(ctx: &Ctx, obj: &ObjectReference, old: &
             ("True", "Ready") => (EventType::Normal, c.message.clone()),
             _ => continue,
         };
-        let ev =
-            KEvent { type_, reason: c.reason.clone(), note: Some(note), action: "Reconcile".into(), secondary: None };
+        let note = Some(crate::events::truncate_note(note));
+        let ev = KEvent { type_, reason: c.reason.clone(), note, action: "Reconcile".into(), secondary: None };
         if let Err(e) = ctx.recorder.publish(&ev, obj).await {
             tracing::debug!(error = %e, "publishing an Event failed");
         }
@@ -173,8 +173,9 @@ fn trim_meta<K: Resource>(o: &mut K) {
     o.meta_mut().managed_fields = None;
 }
 
-/// Secret types that never hold API keys: their data is dropped from the cache (Helm releases can be large), and
-/// so are annotations (`kubectl apply` copies the whole Secret into `last-applied-configuration`).
+/// Secret types that never hold API keys: their data is dropped from the cache (Helm releases can be large), as is
+/// the data of every Secret not opted in as a key (`portcullis.dev/api-key: "true"`), and so are annotations
+/// (`kubectl apply` copies the whole Secret into `last-applied-configuration`).
 const NON_KEY_SECRET_TYPES: &[&str] = &[
     "helm.sh/release.v1",
     "kubernetes.io/service-account-token",
@@ -188,7 +189,7 @@ fn trim_secret(s: &mut Secret) {
     s.metadata.managed_fields = None;
     s.metadata.annotations = None;
     s.string_data = None;
-    if s.type_.as_deref().is_some_and(|t| NON_KEY_SECRET_TYPES.contains(&t)) {
+    if s.type_.as_deref().is_some_and(|t| NON_KEY_SECRET_TYPES.contains(&t)) || !crate::keys::opted_in(s) {
         s.data = None;
     }
 }
@@ -530,6 +531,7 @@ mod tests {
             data: Some(BTreeMap::from([("k".to_string(), ByteString(b"v".to_vec()))])),
             ..Default::default()
         };
+        s.metadata.labels = Some(BTreeMap::from([(crate::keys::LABEL_API_KEY.to_string(), "true".to_string())]));
         s.metadata.annotations = Some(BTreeMap::from([("last-applied".to_string(), "{...}".to_string())]));
         s
     }
@@ -543,6 +545,10 @@ mod tests {
         let mut helm = secret("helm.sh/release.v1");
         trim_secret(&mut helm);
         assert!(helm.data.is_none());
+        let mut not_opted_in = secret("Opaque");
+        not_opted_in.metadata.labels = None;
+        trim_secret(&mut not_opted_in);
+        assert!(not_opted_in.data.is_none());
     }
 
     #[test]

@@ -8,7 +8,8 @@
 use super::{Ctx, Error, FIELD_MANAGER, MANAGED_BY, publish_transitions};
 use crate::conditions::{PlanFacts, merge, plan_conditions};
 use crate::crd::{API_VERSION, ApiClient, TableStatus, UsagePlan, UsagePlanStatus};
-use crate::model::{self, build_table, key_location, resolve_keys};
+use crate::keys::{self, resolve_keys};
+use crate::model::{self, build_table};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
@@ -106,19 +107,9 @@ pub async fn run_table_worker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ser
 }
 
 /// Resolved keys of `client` from the Secret cache (digests only).
-pub(crate) fn cached_keys(ctx: &Ctx, client: &ApiClient) -> model::ResolvedKeys {
+pub(crate) fn cached_keys(ctx: &Ctx, client: &ApiClient) -> keys::ResolvedKeys {
     let ns = client.namespace().unwrap_or_default();
-    resolve_keys(client, |secret, key| secret_lookup(ctx, &ns, secret, key))
-}
-
-pub(crate) fn secret_lookup(ctx: &Ctx, ns: &str, secret: &str, key: &str) -> model::SecretLookup {
-    match ctx.secrets.get(&ObjectRef::new(secret).within(ns)) {
-        None => model::SecretLookup::SecretNotFound,
-        Some(s) => match s.data.as_ref().and_then(|d| d.get(key)) {
-            Some(v) => model::SecretLookup::Found(v.0.clone()),
-            None => model::SecretLookup::KeyMissing,
-        },
-    }
+    resolve_keys(client, |secret| ctx.secrets.get(&ObjectRef::new(secret).within(&ns)))
 }
 
 async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
@@ -374,6 +365,5 @@ pub(crate) fn services_of_client(ctx: &Ctx, client: &ApiClient) -> BTreeSet<Serv
 
 /// Whether `client` reads key material from Secret `secret` (same namespace assumed).
 pub(crate) fn uses_secret(client: &ApiClient, secret: &str) -> bool {
-    let name = client.name_any();
-    client.spec.keys.iter().enumerate().any(|(i, k)| key_location(&name, i, k).0 == secret)
+    keys::uses_secret(client, secret)
 }

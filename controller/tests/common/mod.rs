@@ -8,6 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use portcullis_controller::crd::{ApiClient, ApiClientSpec, KeySpec, SecretKeyRef, UsagePlan};
+use portcullis_controller::keys::LABEL_API_KEY;
 use portcullis_controller::runtime::tables::Debounce;
 use portcullis_controller::{Config, Error};
 use portcullis_table::Table;
@@ -170,9 +171,16 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(String, String)> 
     Some((head.lines().next()?.to_string(), body.to_string()))
 }
 
+/// Creates a Secret opted in as a key holder (`portcullis.dev/api-key: "true"`).
 pub async fn create_secret(env: &Env, name: &str, data: &[(&str, &str)]) {
+    create_secret_labelled(env, name, data, true).await
+}
+
+/// Creates a Secret, opted in as a key holder or not.
+pub async fn create_secret_labelled(env: &Env, name: &str, data: &[(&str, &str)], opted_in: bool) {
+    let labels = opted_in.then(|| BTreeMap::from([(LABEL_API_KEY.to_string(), "true".to_string())]));
     let s = Secret {
-        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+        metadata: ObjectMeta { name: Some(name.into()), labels, ..Default::default() },
         string_data: Some(data.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
         ..Default::default()
     };
@@ -185,8 +193,7 @@ pub fn client_spec(plans: &[&str], ranges: &[&str], secret: &str, key: &str) -> 
         source_ranges: ranges.iter().map(|s| s.to_string()).collect(),
         keys: vec![KeySpec {
             secret_ref: Some(SecretKeyRef { name: secret.into(), key: key.into() }),
-            generate: None,
-            expires_at: None,
+            ..Default::default()
         }],
         disabled: None,
         certificates: vec![],

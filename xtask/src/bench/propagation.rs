@@ -199,7 +199,7 @@ async fn run(ctx: &Ctx, cp: &ControlPlane, trials: usize) -> Result<Series> {
     .await?;
     let secret = |i: usize| {
         format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: k{i}}}\ntype: Opaque\nstringData: {{api-key: {}}}\n",
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: k{i}, labels: {{portcullis.dev/api-key: \"true\"}}}}\ntype: Opaque\nstringData: {{api-key: {}}}\n",
             key(i)
         )
     };
@@ -263,7 +263,7 @@ async fn run(ctx: &Ctx, cp: &ControlPlane, trials: usize) -> Result<Series> {
         // Revoke = remove the key's entry: the client's keys now list only a new Secret (created before the clock).
         cp.apply_yaml(
             &format!(
-                "apiVersion: v1\nkind: Secret\nmetadata: {{name: r{i}}}\ntype: Opaque\nstringData: {{api-key: rotated-{}}}\n",
+                "apiVersion: v1\nkind: Secret\nmetadata: {{name: r{i}, labels: {{portcullis.dev/api-key: \"true\"}}}}\ntype: Opaque\nstringData: {{api-key: rotated-{}}}\n",
                 key(i)
             ),
             Some(NS),
