@@ -5,41 +5,22 @@
 //! wait), so thousands of ApiClient changes cost a handful of renders. One batch is processed at a time, so two
 //! writers never race on the same Service.
 
-use super::{Ctx, Error, FIELD_MANAGER, MANAGED_BY, publish_transitions};
-use crate::conditions::{PlanFacts, merge, plan_conditions};
-use crate::crd::{API_VERSION, ApiClient, TableStatus, UsagePlan, UsagePlanStatus};
-use crate::model::{self, build_table, key_location, resolve_keys};
+pub use super::rendered::{ServiceKey, ServiceState};
+use super::status::update_plan_status;
+use super::{Ctx, Error, FIELD_MANAGER, MANAGED_BY};
+use crate::crd::{API_VERSION, ApiClient, UsagePlan};
+use crate::model::{self, build_table, resolve_keys};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
-use kube::{Resource, ResourceExt};
 use portcullis_table::naming::{INDEX_DATA_KEY, LABEL_ROLE, LABEL_SERVICE, SHARD_DATA_KEY, Slot, index_name};
 use portcullis_table::shard::{IndexDoc, MAX_SHARD_BYTES, render};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-
-/// A protected Service.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceKey {
-    pub namespace: String,
-    pub name: String,
-}
-
-/// What the current table of a Service holds (as last written or confirmed by this controller).
-#[derive(Clone, Debug, Default)]
-pub struct ServiceState {
-    pub revision: String,
-    pub shards: usize,
-    /// ApiClient name → generation in the table.
-    pub clients: HashMap<String, i64>,
-    /// Granting UsagePlan name → (uid, generation).
-    pub plans: BTreeMap<String, (String, i64)>,
-    /// ApiClient name → fingerprints of its keys left out as duplicates.
-    pub duplicates: HashMap<String, Vec<String>>,
-}
 
 /// Trailing debounce: a batch closes after `quiet` without new triggers, or `max_wait` after it opened.
 #[derive(Clone, Copy, Debug)]
@@ -226,6 +207,7 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         clients: built.clients,
         plans: built.plans,
         duplicates,
+        excluded: Default::default(),
     };
     // Tell the ApiClient reconciler about clients whose presence, generation or duplicate keys changed.
     let changed: Vec<String> = match &old {
@@ -296,77 +278,4 @@ async fn delete_tables(cms: &Api<ConfigMap>, service: &str, keep: &HashSet<Strin
         }
     }
     Ok(())
-}
-
-async fn update_plan_status(ctx: &Ctx, plan: &UsagePlan) -> Result<(), Error> {
-    let ns = plan.namespace().unwrap_or_default();
-    let name = plan.name_any();
-    let uid = plan.uid().unwrap_or_default();
-    let generation = plan.metadata.generation.unwrap_or(0);
-    let mut facts = PlanFacts::default();
-    let mut tables = Vec::new();
-    {
-        let state = ctx.state.read().expect("state lock");
-        for s in &plan.spec.services {
-            facts.services.push(s.name.clone());
-            let st = state.get(&ServiceKey { namespace: ns.clone(), name: s.name.clone() });
-            let key = ServiceKey { namespace: ns.clone(), name: s.name.clone() };
-            if let Some(e) = ctx.render_errors.read().expect("errors lock").get(&key) {
-                facts.render_errors.push((s.name.clone(), e.clone()));
-            }
-            let svc = ctx.services.get(&ObjectRef::new(&s.name).within(&ns));
-            facts.exposure.push((s.name.clone(), crate::exposure::check_service(&s.name, svc.as_deref())));
-            match st {
-                Some(st) if st.plans.get(&name) == Some(&(uid.clone(), generation)) => tables.push(TableStatus {
-                    service: s.name.clone(),
-                    revision: st.revision.clone(),
-                    shards: st.shards as u32,
-                }),
-                _ => facts.unprogrammed.push(s.name.clone()),
-            }
-        }
-    }
-    if let Err(e) = model::plan_entry(&name, &plan.spec, "") {
-        facts.spec_error = Some(e.to_string());
-    }
-    let clients = ctx
-        .clients
-        .state()
-        .iter()
-        .filter(|c| c.namespace().as_deref() == Some(ns.as_str()) && c.spec.usage_plans.contains(&name))
-        .count() as u32;
-    let old = plan.status.clone().unwrap_or_default();
-    let conditions = merge(&old.conditions, &plan_conditions(&facts), Some(generation), jiff::Timestamp::now());
-    let status = UsagePlanStatus { observed_generation: Some(generation), conditions, clients, tables };
-    if status == old {
-        return Ok(());
-    }
-    let api: Api<UsagePlan> = Api::namespaced(ctx.client.clone(), &ns);
-    let patch = serde_json::json!({ "status": status });
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
-    publish_transitions(ctx, &plan.object_ref(&()), &old.conditions, &status.conditions).await;
-    Ok(())
-}
-
-/// Services whose tables a change of `client` may affect: those its plans grant now, and those it is in now.
-pub(crate) fn services_of_client(ctx: &Ctx, client: &ApiClient) -> BTreeSet<ServiceKey> {
-    let ns = client.namespace().unwrap_or_default();
-    let name = client.name_any();
-    let mut out = BTreeSet::new();
-    for p in &client.spec.usage_plans {
-        if let Some(plan) = ctx.plans.get(&ObjectRef::new(p).within(&ns)) {
-            out.extend(plan.spec.services.iter().map(|s| ServiceKey { namespace: ns.clone(), name: s.name.clone() }));
-        }
-    }
-    let state = ctx.state.read().expect("state lock");
-    out.extend(
-        state.iter().filter(|(k, st)| k.namespace == ns && st.clients.contains_key(&name)).map(|(k, _)| k.clone()),
-    );
-    out
-}
-
-/// Whether `client` reads key material from Secret `secret` (same namespace assumed).
-pub(crate) fn uses_secret(client: &ApiClient, secret: &str) -> bool {
-    let name = client.name_any();
-    client.spec.keys.iter().enumerate().any(|(i, k)| key_location(&name, i, k).0 == secret)
 }
