@@ -59,7 +59,7 @@ pub fn build_and_render(plans: &[UsagePlan], clients: &[ApiClient], keys: &HashM
     let built = build_table("shop", "orders", plans, clients, |c| {
         resolve_keys(c, |_, k| keys.get(k).map_or(SecretLookup::KeyMissing, |v| SecretLookup::Found(v.clone()))).entries
     });
-    render(&built.table, &index_name("orders"), Slot::A, MAX_SHARD_BYTES).expect("renders")
+    render(&built.table, &index_name("orders"), Slot::A, 1, MAX_SHARD_BYTES).expect("renders")
 }
 
 #[cfg(test)]

@@ -33,7 +33,7 @@ async fn put(api: &Api<ConfigMap>, name: &str, key: &str, data: &str) {
 /// Writes a revision the way the controller does: shards first, then the index. `corrupt_shard` overwrites one
 /// shard with content that does not match the index digest.
 async fn publish(api: &Api<ConfigMap>, table: &Table, slot: Slot, corrupt_shard: Option<usize>) {
-    let r = render(table, &index_name(SERVICE), slot, 4096).expect("render");
+    let r = render(table, &index_name(SERVICE), slot, 0, 4096).expect("render");
     assert!(r.shards.len() > 1, "the test table should need several shards");
     for (i, (name, data)) in r.shards.iter().enumerate() {
         let data = if corrupt_shard == Some(i) { data.replacen("\"t/", "\"x/", 1) } else { data.clone() };

@@ -10,11 +10,14 @@ pub mod digest;
 pub mod error;
 pub mod model;
 pub mod naming;
+pub mod sequence;
 pub mod shard;
 
 pub use digest::{KeyDigest, fingerprint, key_digest};
 pub use error::TableError;
-pub use model::{CertIdentity, Client, KeyEntry, Period, Plan, Quota, RouteScope, Table, Throttle};
+pub use model::{
+    CertIdentity, Client, DenyAll, KeyEntry, MAX_DENY_REASON, Period, Plan, Quota, RouteScope, Table, Throttle,
+};
 
 /// The schema version this crate renders and accepts.
 pub const SCHEMA_VERSION: u32 = 1;

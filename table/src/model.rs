@@ -22,6 +22,35 @@ pub struct Table {
     pub plans: BTreeMap<String, Plan>,
     #[serde(default)]
     pub clients: Vec<Client>,
+    /// Present on a **deny-all table**: no UsagePlan grants the Service, so the proxy refuses every request
+    /// (403 `service_not_granted`). Such a table has no plans and no clients. Omitted otherwise (so tables that
+    /// do not use it, and their revisions, are unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny_all: Option<DenyAll>,
+}
+
+/// Why a table denies everything (see [`Table::deny_all`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DenyAll {
+    /// Human-readable, for logs and the proxy's `/readyz` (never sent to clients). 1..=[`MAX_DENY_REASON`] bytes,
+    /// no control characters.
+    pub reason: String,
+}
+
+/// Longest accepted [`DenyAll::reason`], in bytes.
+pub const MAX_DENY_REASON: usize = 512;
+
+impl DenyAll {
+    pub fn validate(&self, what: &str) -> Result<(), TableError> {
+        if self.reason.is_empty() || self.reason.len() > MAX_DENY_REASON {
+            return Err(TableError::invalid(what, format!("denyAll reason must be 1..={MAX_DENY_REASON} bytes")));
+        }
+        if self.reason.chars().any(char::is_control) {
+            return Err(TableError::invalid(what, "denyAll reason contains control characters"));
+        }
+        Ok(())
+    }
 }
 
 /// What a UsagePlan grants on this Service.
@@ -177,10 +206,37 @@ impl Table {
     /// A sealed table: clients sorted, revision computed.
     pub fn new(service: impl Into<String>, plans: BTreeMap<String, Plan>, mut clients: Vec<Client>) -> Self {
         clients.sort_by(|a, b| a.id.cmp(&b.id));
-        let mut t =
-            Self { schema_version: SCHEMA_VERSION, service: service.into(), revision: String::new(), plans, clients };
+        let mut t = Self {
+            schema_version: SCHEMA_VERSION,
+            service: service.into(),
+            revision: String::new(),
+            plans,
+            clients,
+            deny_all: None,
+        };
         t.revision = t.compute_revision();
         t
+    }
+
+    /// The sealed **deny-all table** of `service` (`namespace/name`): what the controller publishes for a Service
+    /// no UsagePlan grants, so running proxies refuse every request (403 `service_not_granted`) instead of keeping
+    /// the last table they had. `reason` is for operators (logs, `/readyz`), e.g. "no UsagePlan grants shop/orders".
+    pub fn deny_all(service: impl Into<String>, reason: impl Into<String>) -> Self {
+        let mut t = Self {
+            schema_version: SCHEMA_VERSION,
+            service: service.into(),
+            revision: String::new(),
+            plans: BTreeMap::new(),
+            clients: Vec::new(),
+            deny_all: Some(DenyAll { reason: reason.into() }),
+        };
+        t.revision = t.compute_revision();
+        t
+    }
+
+    /// Whether this is a deny-all table.
+    pub fn is_deny_all(&self) -> bool {
+        self.deny_all.is_some()
     }
 
     /// Hash of everything but the revision itself: the first 16 hex digits of SHA-256 over the canonical JSON.
@@ -192,12 +248,15 @@ impl Table {
             service: &'a str,
             plans: &'a BTreeMap<String, Plan>,
             clients: &'a [Client],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            deny_all: Option<&'a DenyAll>,
         }
         let content = Content {
             schema_version: self.schema_version,
             service: &self.service,
             plans: &self.plans,
             clients: &self.clients,
+            deny_all: self.deny_all.as_ref(),
         };
         let mut h = Sha256::new();
         serde_json::to_writer(HashWriter(&mut h), &content).expect("serialising a table cannot fail");
@@ -229,6 +288,12 @@ impl Table {
         check_schema(self.schema_version, what)?;
         if self.service.split('/').count() != 2 || self.service.split('/').any(str::is_empty) {
             return Err(TableError::invalid(what, format!("service {:?} is not namespace/name", self.service)));
+        }
+        if let Some(d) = &self.deny_all {
+            d.validate(what)?;
+            if !self.plans.is_empty() || !self.clients.is_empty() {
+                return Err(TableError::invalid(what, "a denyAll table has no plans and no clients"));
+            }
         }
         for (name, plan) in &self.plans {
             plan.validate(&format!("{what}: plan {name}"))?;
@@ -465,6 +530,29 @@ pub(crate) mod tests {
             assert!(b.validate("x").is_err(), "{bad}");
         }
         assert_eq!(CertIdentity::Sha256("AB:".repeat(32)).normalized(), CertIdentity::Sha256("ab".repeat(32)));
+    }
+
+    #[test]
+    fn deny_all_table_round_trips_and_is_validated() {
+        let t = Table::deny_all("shop/orders", "no UsagePlan grants shop/orders");
+        assert!(t.is_deny_all());
+        let json = t.to_json();
+        assert!(json.contains(r#""denyAll":{"reason":"no UsagePlan grants shop/orders"}"#), "{json}");
+        assert_eq!(Table::from_json(&json, "f").unwrap(), t);
+        // The reason is content: another reason is another revision; an ordinary empty table differs too.
+        assert_ne!(t.revision, Table::deny_all("shop/orders", "other").revision);
+        assert_ne!(t.revision, Table::new("shop/orders", BTreeMap::new(), vec![]).revision);
+        // Ordinary tables do not mention it, so their revisions did not change with the field.
+        assert!(!sample(1).to_json().contains("denyAll"));
+
+        let mut with_clients = sample(1);
+        with_clients.deny_all = Some(DenyAll { reason: "x".into() });
+        with_clients.revision = with_clients.compute_revision();
+        assert!(with_clients.validate("x").unwrap_err().to_string().contains("no plans and no clients"));
+        for bad in ["", "line\nbreak", &"r".repeat(MAX_DENY_REASON + 1)] {
+            let t = Table::deny_all("a/b", bad);
+            assert!(t.validate("x").is_err(), "{bad:?}");
+        }
     }
 
     #[test]

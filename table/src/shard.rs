@@ -6,7 +6,7 @@
 
 use crate::model::{check_schema, parse_json};
 use crate::naming::{MAX_SHARDS, Slot, shard_name};
-use crate::{Client, Plan, SCHEMA_VERSION, Table, TableError};
+use crate::{Client, DenyAll, Plan, SCHEMA_VERSION, Table, TableError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -20,10 +20,18 @@ pub struct IndexDoc {
     pub schema_version: u32,
     pub service: String,
     pub revision: String,
+    /// Orders the revisions of one index object (see [`crate::sequence`]). Absent in indexes written before it
+    /// existed: read as 0.
+    #[serde(default)]
+    pub sequence: u64,
     pub slot: Slot,
     pub clients: usize,
     pub plans: BTreeMap<String, Plan>,
+    /// Empty for a deny-all table, which has no shards.
     pub shards: Vec<ShardRef>,
+    /// Set on the index of a deny-all table ([`Table::deny_all`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny_all: Option<DenyAll>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,8 +62,32 @@ pub struct Rendered {
     pub shards: Vec<(String, String)>,
 }
 
-/// Splits `table` into shards of at most `max_bytes` each, named for `slot` of `index_name`.
-pub fn render(table: &Table, index_name: &str, slot: Slot, max_bytes: usize) -> Result<Rendered, TableError> {
+/// Splits `table` into shards of at most `max_bytes` each, named for `slot` of `index_name`; the index carries
+/// `sequence` (compute it with [`crate::sequence::next_sequence`]). A deny-all table renders to an index without
+/// shards.
+pub fn render(
+    table: &Table,
+    index_name: &str,
+    slot: Slot,
+    sequence: u64,
+    max_bytes: usize,
+) -> Result<Rendered, TableError> {
+    if let Some(deny_all) = &table.deny_all {
+        table.validate(&format!("table {}", table.service))?;
+        let index = IndexDoc {
+            schema_version: SCHEMA_VERSION,
+            service: table.service.clone(),
+            revision: table.revision.clone(),
+            sequence,
+            slot,
+            clients: 0,
+            plans: BTreeMap::new(),
+            shards: Vec::new(),
+            deny_all: Some(deny_all.clone()),
+        };
+        let index_json = serde_json::to_string(&index).expect("serialisable");
+        return Ok(Rendered { index, index_json, shards: Vec::new() });
+    }
     // Serialise each client once; pack greedily in id order (deterministic).
     let overhead = serde_json::to_string(&ShardDoc {
         schema_version: SCHEMA_VERSION,
@@ -115,10 +147,12 @@ pub fn render(table: &Table, index_name: &str, slot: Slot, max_bytes: usize) -> 
         schema_version: SCHEMA_VERSION,
         service: table.service.clone(),
         revision: table.revision.clone(),
+        sequence,
         slot,
         clients: table.clients.len(),
         plans: table.plans.clone(),
         shards: refs,
+        deny_all: None,
     };
     let index_json = serde_json::to_string(&index).expect("serialisable");
     Ok(Rendered { index, index_json, shards })
@@ -138,13 +172,23 @@ impl IndexDoc {
     pub fn parse(json: &str, what: &str) -> Result<Self, TableError> {
         let doc: IndexDoc = parse_json(json, what)?;
         check_schema(doc.schema_version, what)?;
-        if doc.shards.is_empty() || doc.shards.len() > MAX_SHARDS {
+        if let Some(d) = &doc.deny_all {
+            d.validate(what)?;
+            if !doc.shards.is_empty() || !doc.plans.is_empty() || doc.clients != 0 {
+                return Err(TableError::invalid(what, "a denyAll index has no shards, plans or clients"));
+            }
+        } else if doc.shards.is_empty() || doc.shards.len() > MAX_SHARDS {
             return Err(TableError::invalid(
                 what,
                 format!("index names {} shards (1..={MAX_SHARDS})", doc.shards.len()),
             ));
         }
         Ok(doc)
+    }
+
+    /// Whether this is the index of a deny-all table (nothing to fetch: [`assemble`] it with no shards).
+    pub fn is_deny_all(&self) -> bool {
+        self.deny_all.is_some()
     }
 }
 
@@ -185,6 +229,7 @@ pub fn assemble(index: &IndexDoc, shards: &[Option<&str>]) -> Result<Table, Tabl
         revision: index.revision.clone(),
         plans: index.plans.clone(),
         clients,
+        deny_all: index.deny_all.clone(),
     };
     table.validate(&format!("table {} revision {}", index.service, index.revision))?;
     Ok(table)
@@ -198,7 +243,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn round_trip(t: &Table, max: usize) -> (Rendered, Table) {
-        let r = render(t, &index_name("orders"), Slot::A, max).unwrap();
+        let r = render(t, &index_name("orders"), Slot::A, 7, max).unwrap();
         let idx = IndexDoc::parse(&r.index_json, "index").unwrap();
         let shards: Vec<Option<&str>> = r.shards.iter().map(|(_, s)| Some(s.as_str())).collect();
         let back = assemble(&idx, &shards).unwrap();
@@ -226,7 +271,7 @@ mod tests {
     #[test]
     fn missing_stale_or_corrupt_shards_are_refused() {
         let t = sample(3000);
-        let r = render(&t, "idx", Slot::B, 64 * 1024).unwrap();
+        let r = render(&t, "idx", Slot::B, 1, 64 * 1024).unwrap();
         let idx = IndexDoc::parse(&r.index_json, "index").unwrap();
         let mut shards: Vec<Option<&str>> = r.shards.iter().map(|(_, s)| Some(s.as_str())).collect();
         shards[1] = None;
@@ -236,29 +281,60 @@ mod tests {
         shards[1] = Some(&corrupt);
         assert!(assemble(&idx, &shards).unwrap_err().to_string().contains("does not match the index digest"));
 
-        let other = render(&sample(2999), "idx", Slot::B, 64 * 1024).unwrap();
+        let other = render(&sample(2999), "idx", Slot::B, 1, 64 * 1024).unwrap();
         shards[1] = Some(&other.shards[1].1);
         assert!(assemble(&idx, &shards).is_err());
     }
 
     #[test]
+    fn index_carries_the_sequence_and_old_indexes_read_as_zero() {
+        let (r, _) = round_trip(&sample(3), MAX_SHARD_BYTES);
+        assert_eq!(r.index.sequence, 7);
+        assert!(r.index_json.contains(r#""sequence":7"#), "{}", r.index_json);
+        let legacy = r.index_json.replace(r#""sequence":7,"#, "");
+        assert!(!legacy.contains("sequence"));
+        assert_eq!(IndexDoc::parse(&legacy, "index").unwrap().sequence, 0);
+    }
+
+    #[test]
+    fn deny_all_table_renders_to_an_index_without_shards() {
+        let t = Table::deny_all("shop/orders", "no UsagePlan grants shop/orders");
+        let r = render(&t, &index_name("orders"), Slot::B, 9, MAX_SHARD_BYTES).unwrap();
+        assert!(r.shards.is_empty());
+        assert!(r.index_json.contains(r#""denyAll":{"reason":"no UsagePlan grants shop/orders"}"#));
+        let idx = IndexDoc::parse(&r.index_json, "index").unwrap();
+        assert!(idx.is_deny_all());
+        assert_eq!((idx.sequence, idx.clients, idx.shards.len()), (9, 0, 0));
+        assert_eq!(assemble(&idx, &[]).unwrap(), t);
+
+        // An ordinary index must name shards; a deny-all one must not.
+        let ordinary = render(&sample(2), "i", Slot::A, 1, MAX_SHARD_BYTES).unwrap().index;
+        let no_shards = IndexDoc { shards: vec![], ..ordinary.clone() };
+        let json = serde_json::to_string(&no_shards).unwrap();
+        assert!(IndexDoc::parse(&json, "i").unwrap_err().to_string().contains("shards"));
+        let with_shard = IndexDoc { deny_all: Some(DenyAll { reason: "x".into() }), ..ordinary };
+        let with_shard = serde_json::to_string(&with_shard).unwrap();
+        assert!(IndexDoc::parse(&with_shard, "i").unwrap_err().to_string().contains("no shards"));
+    }
+
+    #[test]
     fn too_many_shards_is_an_error_not_a_truncation() {
         let t = sample(5000);
-        assert!(matches!(render(&t, "i", Slot::A, 4096), Err(TableError::TooManyShards { .. })));
+        assert!(matches!(render(&t, "i", Slot::A, 1, 4096), Err(TableError::TooManyShards { .. })));
     }
 
     proptest! {
         #[test]
         fn any_table_round_trips_through_shards(n in 0usize..400, max in 2_000usize..40_000) {
             let t = sample(n);
-            let r = render(&t, "i", Slot::A, max);
+            let r = render(&t, "i", Slot::A, 1, max);
             if let Ok(r) = r {
                 let idx = IndexDoc::parse(&r.index_json, "index").unwrap();
                 let shards: Vec<Option<&str>> = r.shards.iter().map(|(_, s)| Some(s.as_str())).collect();
                 prop_assert_eq!(assemble(&idx, &shards).unwrap(), t.clone());
                 prop_assert!(r.shards.iter().all(|(_, s)| s.len() <= max));
                 // Determinism: rendering again gives byte-identical output.
-                prop_assert_eq!(render(&t, "i", Slot::A, max).unwrap(), r);
+                prop_assert_eq!(render(&t, "i", Slot::A, 1, max).unwrap(), r);
             }
         }
     }

@@ -16,6 +16,7 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use portcullis_table::naming::{INDEX_DATA_KEY, LABEL_ROLE, LABEL_SERVICE, SHARD_DATA_KEY, Slot, index_name};
+use portcullis_table::sequence::{PreviousIndex, next_sequence};
 use portcullis_table::shard::{IndexDoc, MAX_SHARD_BYTES, render};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -152,7 +153,13 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         }
         _ => {
             let slot = current_doc.as_ref().map(|d| d.slot.other()).unwrap_or(Slot::A);
-            let rendered = render(table, &index, slot, MAX_SHARD_BYTES)
+            let previous = match (&current, &current_doc) {
+                (None, _) => PreviousIndex::Absent,
+                (Some(_), Some(doc)) => PreviousIndex::Readable(doc),
+                (Some(_), None) => PreviousIndex::Unreadable,
+            };
+            let sequence = next_sequence(previous, jiff::Timestamp::now());
+            let rendered = render(table, &index, slot, sequence, MAX_SHARD_BYTES)
                 .map_err(|source| Error::Table { service: table.service.clone(), source })?;
             let pp = PatchParams::apply(FIELD_MANAGER).force();
             for (name, json) in &rendered.shards {
