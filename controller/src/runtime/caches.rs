@@ -135,9 +135,23 @@ pub(crate) fn trim_secret(s: &mut Secret) {
     }
 }
 
-/// The table ConfigMaps are cached for their events only; the current index is always read fresh.
+/// Annotation set on *cached* table ConfigMaps only (never written): the hex SHA-256 of the shard data the cache
+/// dropped, so that drift (a deleted or edited shard) is found without reading every shard.
+pub const CACHED_DATA_SHA256: &str = "portcullis.dev/cached-data-sha256";
+
+/// The table ConfigMaps are cached for their events and their shard's content hash; the current index is always
+/// read fresh.
 pub(crate) fn trim_configmap(cm: &mut ConfigMap) {
     cm.metadata.managed_fields = None;
+    let sha = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(portcullis_table::naming::SHARD_DATA_KEY))
+        .map(|d| super::publish::data_sha256(d));
+    cm.metadata.annotations.get_or_insert_with(Default::default).remove(CACHED_DATA_SHA256);
+    if let Some(sha) = sha {
+        cm.metadata.annotations.get_or_insert_with(Default::default).insert(CACHED_DATA_SHA256.into(), sha);
+    }
     cm.data = None;
     cm.binary_data = None;
 }
@@ -243,6 +257,7 @@ mod tests {
         };
         trim_configmap(&mut cm);
         assert!(cm.data.is_none());
+        assert_eq!(cm.metadata.annotations.unwrap()[CACHED_DATA_SHA256], super::super::publish::data_sha256("{}"));
     }
 
     fn named(name: &str) -> ConfigMap {

@@ -16,6 +16,7 @@ pub mod caches;
 pub mod clients;
 pub mod leader;
 pub mod metrics;
+pub mod publish;
 pub mod rendered;
 pub mod status;
 pub mod tables;
@@ -69,6 +70,14 @@ pub enum Error {
     Admin { addr: SocketAddr, source: std::io::Error },
     #[error("a controller task stopped unexpectedly: {0}")]
     TaskEnded(String),
+    #[error("table index {0} changed or vanished since it was read (another writer?)")]
+    Conflict(String),
+    #[error(
+        "the table index of {service} would be {bytes} bytes, more than a ConfigMap may safely hold ({max}); the last table stays in force: reduce the plans' routes"
+    )]
+    IndexTooLarge { service: String, bytes: usize, max: usize },
+    #[error("leader election: {0}")]
+    LeaseConfig(#[from] leader::LeaseConfigError),
 }
 
 #[derive(Clone, Debug)]
@@ -79,6 +88,14 @@ pub struct Config {
     pub lease_namespace: String,
     pub lease_name: String,
     pub lease_duration: Duration,
+    /// How long the holder keeps writing after the start of its last successful renewal (below `lease_duration`).
+    pub lease_renew_deadline: Duration,
+    /// Interval between Lease renewals (and the timeout of each Lease API call); below `lease_renew_deadline`.
+    pub lease_retry_period: Duration,
+    /// Every Service is re-rendered and its shards checked this often (repairs drift no event reported).
+    pub resync_interval: Duration,
+    /// Budget of one shard's data string (tests lower it to exercise per-client render errors).
+    pub max_shard_bytes: usize,
     /// This replica's identity in the Lease and in Events.
     pub identity: String,
     /// Admin HTTP (`/metrics`, `/healthz`, `/readyz`); `None` disables it.
@@ -94,6 +111,10 @@ impl Default for Config {
             lease_namespace: "default".into(),
             lease_name: "portcullis-controller".into(),
             lease_duration: Duration::from_secs(15),
+            lease_renew_deadline: Duration::from_secs(10),
+            lease_retry_period: Duration::from_secs(2),
+            resync_interval: Duration::from_secs(300),
+            max_shard_bytes: portcullis_table::shard::MAX_SHARD_BYTES,
             identity: format!("portcullis-controller-{}", std::process::id()),
             metrics_listen: None,
             debounce: Debounce { quiet: Duration::from_millis(100), max_wait: Duration::from_secs(2) },
@@ -120,10 +141,21 @@ pub struct Ctx {
     pub client_tx: mpsc::UnboundedSender<ObjectRef<ApiClient>>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// The Lease this replica writes under (`None` without leader election).
+    pub lease: Option<Arc<LeaderLease>>,
+    pub lease_name: String,
+    pub max_shard_bytes: usize,
 }
 
 impl Ctx {
-    fn new(client: kube::Client, caches: Caches, recorder: Recorder, metrics: Arc<Metrics>) -> (Self, Queues) {
+    fn new(
+        client: kube::Client,
+        config: &Config,
+        caches: Caches,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        lease: Option<Arc<LeaderLease>>,
+    ) -> (Self, Queues) {
         let (table_tx, table_rx) = mpsc::unbounded_channel();
         let (client_tx, client_rx) = mpsc::unbounded_channel();
         let ctx = Ctx {
@@ -140,6 +172,9 @@ impl Ctx {
             client_tx,
             recorder,
             metrics,
+            lease,
+            lease_name: config.lease_name.clone(),
+            max_shard_bytes: config.max_shard_bytes,
         };
         (ctx, Queues { tables: table_rx, clients: client_rx })
     }
@@ -148,6 +183,29 @@ impl Ctx {
     pub(crate) fn triggers(&self, f: impl FnOnce(&View) -> Triggers) -> Triggers {
         let rendered = self.state.read().expect("state lock");
         f(&View { plans: &self.plans, clients: &self.clients, rendered: &rendered })
+    }
+
+    /// `Err(LostLease)` unless this replica may write now (it leads, judged on its own clock).
+    pub(crate) fn ensure_leader(&self) -> Result<(), Error> {
+        match &self.lease {
+            Some(l) if !l.is_leader() => Err(Error::LostLease(self.lease_name.clone())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every Service this controller should look at: those it has rendered, those plans name, and those with table
+    /// ConfigMaps in the cache.
+    fn all_services(&self) -> Vec<ServiceKey> {
+        let mut all: std::collections::BTreeSet<ServiceKey> =
+            self.state.read().expect("state lock").keys().cloned().collect();
+        for p in self.plans.state() {
+            let ns = kube::ResourceExt::namespace(&*p).unwrap_or_default();
+            all.extend(p.spec.services.iter().map(|s| ServiceKey::new(&ns, &s.name)));
+        }
+        for cm in self.caches.configmaps.state() {
+            all.extend(triggers::configmap_changed(&cm).services);
+        }
+        all.into_iter().collect()
     }
 
     /// Queues what `t` asks for.
@@ -203,17 +261,18 @@ pub async fn run(client: kube::Client, config: Config, shutdown: impl Future<Out
     let _admin_guard = AbortOnDrop(admin);
     tokio::pin!(shutdown);
 
-    let lease = config.leader_elect.then(|| {
-        LeaderLease::new(
-            client.clone(),
-            LeaseConfig {
-                namespace: config.lease_namespace.clone(),
-                name: config.lease_name.clone(),
-                identity: config.identity.clone(),
-                duration: config.lease_duration,
-            },
-        )
-    });
+    let lease_config = LeaseConfig {
+        namespace: config.lease_namespace.clone(),
+        name: config.lease_name.clone(),
+        identity: config.identity.clone(),
+        duration: config.lease_duration,
+        renew_deadline: config.lease_renew_deadline,
+        retry_period: config.lease_retry_period,
+    };
+    if config.leader_elect {
+        lease_config.check()?;
+    }
+    let lease = config.leader_elect.then(|| Arc::new(LeaderLease::new(client.clone(), lease_config)));
     if let Some(lease) = &lease {
         health.set_ready(true); // a standby replica is healthy and ready; it simply does not write
         tokio::select! {
@@ -224,7 +283,17 @@ pub async fn run(client: kube::Client, config: Config, shutdown: impl Future<Out
     }
     health.set_ready(false);
 
-    let result = run_leader(&client, &config, metrics.clone(), health.clone(), lease.as_ref(), &mut shutdown).await;
+    // Renewal runs from the moment we lead, not only once the caches are synced.
+    let lost = async {
+        match &lease {
+            Some(l) => l.hold().await,
+            None => futures::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        r = run_leader(&client, &config, metrics.clone(), health.clone(), lease.clone(), &mut shutdown) => r,
+        _ = lost => Err(Error::LostLease(config.lease_name.clone())),
+    };
     metrics.leader.set(0);
     if let Some(lease) = &lease
         && !matches!(result, Err(Error::LostLease(_)))
@@ -249,7 +318,7 @@ async fn run_leader(
     config: &Config,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    lease: Option<&LeaderLease>,
+    lease: Option<Arc<LeaderLease>>,
     shutdown: &mut (impl Future<Output = ()> + Unpin),
 ) -> Result<(), Error> {
     let (caches, watches) = caches::start(client, &config.namespace);
@@ -257,10 +326,10 @@ async fn run_leader(
         client.clone(),
         Reporter { controller: FIELD_MANAGER.into(), instance: Some(config.identity.clone()) },
     );
-    let (ctx, queues) = Ctx::new(client.clone(), caches.clone(), recorder, metrics);
+    let (ctx, queues) = Ctx::new(client.clone(), config, caches.clone(), recorder, metrics, lease);
     let ctx = Arc::new(ctx);
 
-    let mut tasks: JoinSet<&'static str> = JoinSet::new();
+    let mut tasks: JoinSet<Result<&'static str, Error>> = JoinSet::new();
     let c = ctx.clone();
     let mut seen = SpecSeen::default();
     tasks.spawn(async move {
@@ -270,7 +339,7 @@ async fn run_leader(
             }
         })
         .await;
-        "usageplans watch"
+        Ok("usageplans watch")
     });
     let c = ctx.clone();
     let mut seen = SpecSeen::default();
@@ -281,7 +350,7 @@ async fn run_leader(
             }
         })
         .await;
-        "apiclients watch"
+        Ok("apiclients watch")
     });
     let c = ctx.clone();
     tasks.spawn(async move {
@@ -289,7 +358,7 @@ async fn run_leader(
             c.dispatch(c.triggers(|v| triggers::secret_changed(v, o)));
         })
         .await;
-        "secrets watch"
+        Ok("secrets watch")
     });
     let c = ctx.clone();
     tasks.spawn(async move {
@@ -297,7 +366,7 @@ async fn run_leader(
             c.dispatch(triggers::configmap_changed(o));
         })
         .await;
-        "configmaps watch"
+        Ok("configmaps watch")
     });
     let c = ctx.clone();
     tasks.spawn(async move {
@@ -305,7 +374,7 @@ async fn run_leader(
             c.dispatch(c.triggers(|v| triggers::service_changed(v, o)));
         })
         .await;
-        "services watch"
+        Ok("services watch")
     });
     let c = ctx.clone();
     tasks.spawn(async move {
@@ -313,7 +382,7 @@ async fn run_leader(
             c.dispatch(c.triggers(|v| triggers::pod_changed(v, o)));
         })
         .await;
-        "pods watch"
+        Ok("pods watch")
     });
 
     // Nothing is written before every cache is complete: an empty cache must never render an empty table.
@@ -328,8 +397,8 @@ async fn run_leader(
         let ctx = ctx.clone();
         let debounce = config.debounce;
         async move {
-            tables::run_table_worker(ctx, queues.tables, debounce).await;
-            "table worker"
+            tables::run_table_worker(ctx, queues.tables, debounce).await?;
+            Ok("table worker")
         }
     });
     // The ApiClient reconciler runs on kube-runtime's applier (the engine of `Controller`: dedup, debounce,
@@ -356,23 +425,34 @@ async fn run_leader(
     });
     tasks.spawn(async move {
         controller.await;
-        "apiclient controller"
+        Ok("apiclient controller")
     });
 
-    let lost = async {
-        match lease {
-            Some(l) => l.hold().await,
-            None => futures::future::pending().await,
+    // Periodic full resync: every Service is re-rendered (an unchanged one costs a GET of its index and a look at
+    // the cached shard hashes), so drift no event reported is repaired within one interval.
+    tasks.spawn({
+        let ctx = ctx.clone();
+        let every = config.resync_interval;
+        async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let all = ctx.all_services();
+                tracing::debug!(services = all.len(), "periodic resync");
+                ctx.dispatch(Triggers { services: all.into_iter().collect(), ..Default::default() });
+            }
         }
-    };
+    });
+
     let result = tokio::select! {
         _ = &mut *shutdown => Ok(()),
-        _ = lost => Err(Error::LostLease(config.lease_name.clone())),
-        ended = tasks.join_next() => Err(Error::TaskEnded(match ended {
-            Some(Ok(name)) => name.to_string(),
-            Some(Err(e)) => e.to_string(),
-            None => "none".into(),
-        })),
+        ended = tasks.join_next() => match ended {
+            Some(Ok(Err(e))) => Err(e),
+            Some(Ok(Ok(name))) => Err(Error::TaskEnded(name.to_string())),
+            Some(Err(e)) => Err(Error::TaskEnded(e.to_string())),
+            None => Err(Error::TaskEnded("none".into())),
+        },
     };
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}

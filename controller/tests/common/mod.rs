@@ -151,6 +151,9 @@ pub async fn start_controller_with_lease(env: &Env, identity: &str, lease: &str)
         identity: identity.into(),
         metrics_listen: Some(admin_addr),
         debounce: Debounce { quiet: Duration::from_millis(100), max_wait: Duration::from_secs(2) },
+        lease_renew_deadline: Duration::from_secs(4),
+        lease_retry_period: Duration::from_secs(1),
+        ..Config::default()
     };
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(portcullis_controller::run(client, config, async move {
