@@ -1,4 +1,5 @@
-//! Admin listener: `/metrics`, `/healthz`, `/readyz` (200 only once a table has loaded).
+//! Admin listener: `/metrics`, `/healthz`, `/readyz` (200 only while an ordinary table is enforced; 503 with the
+//! reason before the first table, for a deny-all table and while the table is revoked).
 
 use crate::metrics::Metrics;
 use crate::tables::TableStore;
@@ -67,10 +68,11 @@ fn route(req: &Request<Incoming>, tables: &TableStore, metrics: &Metrics) -> Res
             text(StatusCode::OK, metrics.encode(), "application/openmetrics-text; version=1.0.0; charset=utf-8")
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
-        "/readyz" => match tables.revision() {
-            Some(rev) => text(StatusCode::OK, format!("ok revision {rev}\n"), "text/plain"),
-            None => text(StatusCode::SERVICE_UNAVAILABLE, "no table loaded yet\n".into(), "text/plain"),
-        },
+        "/readyz" => {
+            let state = tables.state();
+            let status = if state.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            text(status, format!("{}\n", state.describe()), "text/plain")
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
     }
 }

@@ -66,6 +66,10 @@ pub struct Config {
     pub max_connections: usize,
     pub shutdown_grace: Duration,
     pub file_poll_interval: Duration,
+    /// `--tables-from`: the table watch is re-established this often (its `timeoutSeconds`), each time authorised
+    /// afresh, so a lost permission (RBAC removed) is noticed within about this time even when nothing changes.
+    /// Whole seconds, at least 1 s.
+    pub table_rewatch: Duration,
     /// Serving threads; 0 = one per CPU.
     pub workers: usize,
 }
@@ -90,6 +94,7 @@ impl Config {
             max_connections: 10_000,
             shutdown_grace: Duration::from_secs(20),
             file_poll_interval: Duration::from_millis(250),
+            table_rewatch: Duration::from_secs(30),
             workers: 0,
         }
     }
@@ -166,6 +171,11 @@ pub struct Cli {
     /// use, cgroup CPU quota included).
     #[arg(long, env = "PORTCULLIS_WORKERS", default_value_t = 0)]
     pub workers: usize,
+    /// With --tables-from: re-establish the table watch this often (whole seconds, at least 1s). Each new watch is
+    /// authorised afresh, so a removed RoleBinding is noticed within about this time even if the table does not
+    /// change (deletions and changes of the table are seen at once, whatever this is).
+    #[arg(long, env = "PORTCULLIS_TABLE_REWATCH", default_value = "30s", value_parser = parse_rewatch)]
+    pub table_rewatch: Duration,
     /// On SIGTERM/SIGINT, time given to in-flight requests before exiting.
     #[arg(long, env = "PORTCULLIS_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -187,6 +197,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let d: jiff::SignedDuration =
         s.parse().map_err(|e| format!("{s:?} is not a duration such as 10s or 500ms: {e}"))?;
     Duration::try_from(d).map_err(|_| format!("{s:?} must not be negative"))
+}
+
+/// A `--table-rewatch` value: the watch's `timeoutSeconds`, so whole seconds and at least one.
+pub fn parse_rewatch(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    check_rewatch(d)?;
+    Ok(d)
+}
+
+pub fn check_rewatch(d: Duration) -> Result<(), String> {
+    if d < Duration::from_secs(1) || d.subsec_nanos() != 0 || d.as_secs() > u64::from(u32::MAX) {
+        return Err(format!("{d:?}: the table watch timeout must be whole seconds, at least 1s"));
+    }
+    Ok(())
 }
 
 impl Cli {
@@ -215,6 +239,7 @@ impl Cli {
         c.idle_timeout = self.idle_timeout;
         c.max_connections = self.max_connections.max(1);
         c.shutdown_grace = self.shutdown_grace;
+        c.table_rewatch = self.table_rewatch;
         c.workers = self.workers;
         Ok(c)
     }
@@ -265,6 +290,20 @@ mod tests {
         assert!(parse_duration("soon").is_err());
         assert!(Cli::try_parse_from(["portcullis-proxy", "--upstream", "x:1"]).is_err(), "a table source is required");
         assert!(c.tls.is_none() && !c.require_tls && c.plain_listen.is_none());
+        assert_eq!(c.table_rewatch, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn table_rewatch_must_be_whole_seconds() {
+        let parse = |v: &str| {
+            Cli::try_parse_from(["portcullis-proxy", "--upstream", "x:1", "--tables", "t", "--table-rewatch", v])
+                .map(|c| c.table_rewatch)
+        };
+        assert_eq!(parse("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse("2m").unwrap(), Duration::from_secs(120));
+        for bad in ["500ms", "1500ms", "0s", "soon"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

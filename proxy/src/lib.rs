@@ -42,6 +42,8 @@ pub enum StartError {
     Workers(std::io::Error),
     #[error("--require-tls and --plain-listen need --tls-cert and --tls-key")]
     NeedsCert,
+    #[error("--table-rewatch: {0}")]
+    TableRewatch(String),
 }
 
 /// A started proxy.
@@ -81,7 +83,8 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 }
 
 /// Binds the listeners, starts the table source and serves. A table that cannot be loaded at start is logged
-/// and the proxy answers 503 `no_table` until one loads.
+/// and the proxy answers 503 `no_table` until one loads; a table taken away later (deleted, no longer readable)
+/// makes it answer 503 `table_revoked` (see [`tables::TableState`]).
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let mut metrics = Metrics::new();
     if config.tls.is_some() {
@@ -134,16 +137,20 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             background.push(tokio::spawn(watcher.run(config.file_poll_interval, stop_rx.clone())));
         }
         TableSource::ConfigMap { namespace, name, kube } => {
-            let kube_config = match kube {
+            config::check_rewatch(config.table_rewatch).map_err(StartError::TableRewatch)?;
+            let mut kube_config = match kube {
                 Some(c) => *c,
                 None => kube::Config::infer().await.map_err(|e| StartError::KubeConfig(e.to_string()))?,
             };
+            // The table watch retries on its own, with backoff; the client's retry layer would only hide failures.
+            kube_config.default_retry = false;
             let client = kube::Client::try_from(kube_config).map_err(|e| StartError::KubeConfig(e.to_string()))?;
             background.push(tokio::spawn(tables::watch_configmap(
                 tables.clone(),
                 client,
                 namespace,
                 name,
+                config.table_rewatch,
                 stop_rx.clone(),
             )));
         }

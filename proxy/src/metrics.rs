@@ -36,6 +36,24 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabels {
+    pub cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+/// Every value of the `state` label of `portcullis_proxy_table_state` (see [`crate::tables::TableState`]).
+pub const TABLE_STATES: [&str; 4] = ["no_table", "serving", "deny_all", "revoked"];
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
@@ -44,6 +62,10 @@ pub struct Metrics {
     pub clients: Gauge,
     pub swaps: Counter,
     pub rejected_tables: Family<SourceLabels, Counter>,
+    pub table_state: Family<StateLabels, Gauge>,
+    pub table_revocations: Family<CauseLabels, Counter>,
+    pub tables_out_of_order: Counter,
+    pub table_source_errors: Family<KindLabels, Counter>,
     pub proxy_protocol_refused: Counter,
     pub open_connections: Gauge,
     pub tls_handshakes: Family<OutcomeLabels, Counter>,
@@ -70,6 +92,13 @@ impl Metrics {
         let swaps = Counter::default();
         let rejected_tables = Family::<SourceLabels, Counter>::default();
         let proxy_protocol_refused = Counter::default();
+        let table_state = Family::<StateLabels, Gauge>::default();
+        for state in TABLE_STATES {
+            table_state.get_or_create(&StateLabels { state }).set(i64::from(state == "no_table"));
+        }
+        let table_revocations = Family::<CauseLabels, Counter>::default();
+        let tables_out_of_order = Counter::default();
+        let table_source_errors = Family::<KindLabels, Counter>::default();
         let open_connections = Gauge::default();
         let tls_handshakes = Family::<OutcomeLabels, Counter>::default();
         let tls_reloads = Family::<OutcomeLabels, Counter>::default();
@@ -89,6 +118,28 @@ impl Metrics {
             rejected_tables.clone(),
         );
         registry.register(
+            "table_state",
+            "What the proxy enforces (value 1 for the current state): no_table (none yet), serving, deny_all (a \
+             deny-all table: no plan grants the Service), revoked (the table was deleted or may no longer be read)",
+            table_state.clone(),
+        );
+        registry.register(
+            "table_revocations",
+            "Times the proxy started denying every request because its table was taken away, by cause",
+            table_revocations.clone(),
+        );
+        registry.register(
+            "tables_out_of_order",
+            "Index revisions refused because their sequence is older than (or conflicts with) the one applied",
+            tables_out_of_order.clone(),
+        );
+        registry.register(
+            "table_source_errors",
+            "Errors reading the table source, by kind (transient: the table stays; gone: relist; forbidden, \
+             unauthorized, not_found: the proxy denies)",
+            table_source_errors.clone(),
+        );
+        registry.register(
             "proxy_protocol_refused",
             "Connections refused: PROXY header from an untrusted peer, or malformed",
             proxy_protocol_refused.clone(),
@@ -102,6 +153,10 @@ impl Metrics {
             clients,
             swaps,
             rejected_tables,
+            table_state,
+            table_revocations,
+            tables_out_of_order,
+            table_source_errors,
             proxy_protocol_refused,
             open_connections,
             tls_handshakes,
@@ -131,6 +186,29 @@ impl Metrics {
         *cur = Some(labels);
         self.clients.set(clients as i64);
         self.swaps.inc();
+    }
+
+    /// The table is no longer enforced (revoked): drop its info series and client count.
+    pub fn table_dropped(&self) {
+        let mut cur = self.current_table.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = cur.take() {
+            self.table_info.remove(&old);
+        }
+        self.clients.set(0);
+    }
+
+    pub fn set_table_state(&self, state: &'static str) {
+        for s in TABLE_STATES {
+            self.table_state.get_or_create(&StateLabels { state: s }).set(i64::from(s == state));
+        }
+    }
+
+    pub fn table_revoked(&self, cause: &'static str) {
+        self.table_revocations.get_or_create(&CauseLabels { cause }).inc();
+    }
+
+    pub fn table_source_error(&self, kind: &'static str) {
+        self.table_source_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
     pub fn table_rejected(&self, source: &'static str) {

@@ -363,7 +363,11 @@ async fn handle(
             now: jiff::Timestamp::now(),
         };
         let table = shared.tables.current.load();
-        match decide(table.as_deref(), &facts) {
+        let decision = match table.as_deref() {
+            Some(t) => decide(Some(t), &facts),
+            None => Decision::Deny(shared.tables.missing_reason().into()),
+        };
+        match decision {
             Decision::Allow { client, .. } => Ok(client.header.clone()),
             Decision::Deny(d) => {
                 tracing::debug!(client_addr = %addr, reason = d.reason.code(), "denied");

@@ -113,6 +113,9 @@ impl<C: Clock> CompiledClient<C> {
 pub struct CompiledTable<C: Clock = DefaultClock> {
     pub service: String,
     pub revision: String,
+    /// A deny-all table ([`portcullis_table::Table::deny_all`]): every request is refused, with this reason in
+    /// the logs and `/readyz` (never in responses).
+    pub deny_all: Option<String>,
     pub keys: DigestMap<KeyRef>,
     /// Certificate identity (canonical form) → index into `clients`.
     pub certs: HashMap<CertIdentity, u32>,
@@ -185,7 +188,15 @@ impl<C: Clock + Clone> CompiledTable<C> {
                 id: c.id.clone(),
             });
         }
-        Ok(Self { service: table.service.clone(), revision: table.revision.clone(), keys, certs, clients, clock })
+        Ok(Self {
+            service: table.service.clone(),
+            revision: table.revision.clone(),
+            deny_all: table.deny_all.as_ref().map(|d| d.reason.clone()),
+            keys,
+            certs,
+            clients,
+            clock,
+        })
     }
 
     /// The client a key digest belongs to, with the key's expiry.

@@ -27,10 +27,14 @@ pub enum Reason {
     TlsRequired,
     /// The key's client has `requireCertificate` and the connection's certificate does not match it.
     CertificateRequired,
+    /// The table is a deny-all table: no UsagePlan grants this Service.
+    ServiceNotGranted,
+    /// The proxy had a table and it was taken away (index deleted, or reading it is no longer permitted).
+    TableRevoked,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 13] = [
         Reason::InvalidKey,
         Reason::KeyExpired,
         Reason::ClientDisabled,
@@ -42,6 +46,8 @@ impl Reason {
         Reason::UpstreamUnavailable,
         Reason::TlsRequired,
         Reason::CertificateRequired,
+        Reason::ServiceNotGranted,
+        Reason::TableRevoked,
     ];
 
     pub fn status(self) -> u16 {
@@ -52,9 +58,10 @@ impl Reason {
             | Reason::SourceNotAllowed
             | Reason::RouteNotAllowed
             | Reason::TlsRequired
-            | Reason::CertificateRequired => 403,
+            | Reason::CertificateRequired
+            | Reason::ServiceNotGranted => 403,
             Reason::RateLimited | Reason::QuotaExceeded => 429,
-            Reason::NoTable => 503,
+            Reason::NoTable | Reason::TableRevoked => 503,
             Reason::UpstreamUnavailable => 502,
         }
     }
@@ -72,6 +79,8 @@ impl Reason {
             Reason::UpstreamUnavailable => "upstream_unavailable",
             Reason::TlsRequired => "tls_required",
             Reason::CertificateRequired => "certificate_required",
+            Reason::ServiceNotGranted => "service_not_granted",
+            Reason::TableRevoked => "table_revoked",
         }
     }
 
@@ -92,6 +101,12 @@ impl Reason {
             Reason::TlsRequired => r#"{"error":"API keys are accepted over HTTPS only","reason":"tls_required"}"#,
             Reason::CertificateRequired => {
                 r#"{"error":"a matching client certificate is required","reason":"certificate_required"}"#
+            }
+            Reason::ServiceNotGranted => {
+                r#"{"error":"no usage plan grants access to this service","reason":"service_not_granted"}"#
+            }
+            Reason::TableRevoked => {
+                r#"{"error":"the access table was withdrawn; every request is refused","reason":"table_revoked"}"#
             }
         }
     }
@@ -148,6 +163,9 @@ impl<C: Clock> Decision<'_, C> {
 pub fn decide<'t, C: Clock + Clone>(table: Option<&'t CompiledTable<C>>, req: &RequestFacts<'_>) -> Decision<'t, C> {
     let Some(table) = table else { return Decision::Deny(Reason::NoTable.into()) };
     let deny = |r: Reason| Decision::Deny(r.into());
+    if table.deny_all.is_some() {
+        return deny(Reason::ServiceNotGranted);
+    }
     let client = match req.key.filter(|k| !k.is_empty()) {
         Some(key) => {
             let Some((client, key_ref)) = table.lookup(&key_digest(key)) else { return deny(Reason::InvalidKey) };
@@ -390,6 +408,20 @@ pub(crate) mod tests {
         }
         let none: Option<&CompiledTable<FakeRelativeClock>> = None;
         assert_eq!(reason(decide(none, &ok)), Some(Reason::NoTable));
+    }
+
+    #[test]
+    fn a_deny_all_table_refuses_every_request() {
+        let t = Table::deny_all("t/svc", "no UsagePlan grants t/svc");
+        let c = CompiledTable::compile(&t, None, FakeRelativeClock::default()).unwrap();
+        assert_eq!(c.deny_all.as_deref(), Some("no UsagePlan grants t/svc"));
+        for key in [Some(&b"k-read"[..]), Some(b"unknown"), None] {
+            assert_eq!(reason(decide(Some(&c), &facts(key, "127.0.0.1", "GET", "/"))), Some(Reason::ServiceNotGranted));
+        }
+        assert_eq!(Reason::ServiceNotGranted.status(), 403);
+        assert_eq!(Reason::TableRevoked.status(), 503);
+        // The reason never reaches the client.
+        assert!(!Reason::ServiceNotGranted.body().contains("UsagePlan grants"));
     }
 
     #[test]

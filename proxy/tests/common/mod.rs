@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+pub mod cluster;
+
 pub const WAIT: Duration = Duration::from_secs(20);
 
 pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {

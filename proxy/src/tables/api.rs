@@ -1,0 +1,296 @@
+//! `--tables-from configmap/NS/NAME`: the table watch on kube's client API (list + watch of the one index
+//! ConfigMap by `metadata.name` field selector, get of its shards by name — so RBAC `resourceNames` suffices).
+//!
+//! One visible loop: [`IndexWatch`] decides, this module only performs the requests it asks for and feeds the
+//! answers back. No `kube::runtime`: every event type, error and relist is handled here.
+
+use super::index_watch::{Effect, Failure, IndexObject, IndexWatch, Input, LoadOutcome, Request};
+use super::{LoadError, TableStore};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ListParams, WatchEvent, WatchParams};
+use portcullis_table::TableError;
+use portcullis_table::naming::{INDEX_DATA_KEY, SHARD_DATA_KEY};
+use portcullis_table::sequence::Verdict;
+use portcullis_table::shard::{IndexDoc, assemble};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+/// Longest wait for the answer to one list, get or watch request (kube's client has no read timeout).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How much longer than its `timeoutSeconds` a watch may stay silent before it is considered dead.
+const WATCH_GRACE: Duration = Duration::from_secs(15);
+/// How often an incomplete revision (a shard missing or not matching) is tried again while nothing changes.
+const RETRY_PENDING: Duration = Duration::from_secs(3);
+/// Attempts for a revision whose shards do not (yet) match the index, and the first backoff (doubling).
+const SHARD_ATTEMPTS: u32 = 4;
+const SHARD_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Watches the index ConfigMap `name` until `stop` flips, keeping `store` in step with it (see
+/// [`super::index_watch`] for what each answer does). `rewatch`: the watch's `timeoutSeconds` — the stream is
+/// re-established that often, and each new watch request is authorised afresh, so a lost permission is noticed
+/// within about that time even when nothing changes (at least 1 s, whole seconds).
+pub async fn watch_configmap(
+    store: Arc<TableStore>,
+    client: kube::Client,
+    namespace: String,
+    name: String,
+    rewatch: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
+    let what = format!("ConfigMap {namespace}/{name}");
+    let selector = format!("metadata.name={name}");
+    let lp = ListParams::default().fields(&selector);
+    let timeout_secs = u32::try_from(rewatch.as_secs().max(1)).unwrap_or(u32::MAX);
+    let wp = WatchParams::default().fields(&selector).timeout(timeout_secs);
+    let idle = Duration::from_secs(u64::from(timeout_secs)) + WATCH_GRACE;
+    let mut machine = IndexWatch::new();
+    let driver = Driver { store: &store, api: &api, what: &what };
+    let mut retry_at: Option<tokio::time::Instant> = None;
+
+    loop {
+        let Some((request, delay)) = machine.next_request() else { unreachable!("no stream is open between requests") };
+        if !delay.is_zero() && until_stopped(&mut stop, tokio::time::sleep(jitter(delay))).await.is_none() {
+            return;
+        }
+        match request {
+            Request::List => {
+                let Some(answer) = until_stopped(&mut stop, timed(api.list(&lp))).await else { return };
+                let input = match answer {
+                    Ok(list) => Input::Listed {
+                        resource_version: list.metadata.resource_version.clone().unwrap_or_default(),
+                        index: list.items.into_iter().find(|cm| cm.metadata.name.as_deref() == Some(&name)).map(object),
+                    },
+                    Err(f) => Input::Failed(f),
+                };
+                driver.drive(&mut machine, input).await;
+            }
+            Request::Watch { resource_version } => {
+                let Some(answer) = until_stopped(&mut stop, timed(api.watch(&wp, &resource_version))).await else {
+                    return;
+                };
+                let stream = match answer {
+                    Ok(s) => s,
+                    Err(f) => {
+                        driver.drive(&mut machine, Input::Failed(f)).await;
+                        continue;
+                    }
+                };
+                driver.drive(&mut machine, Input::WatchOpened).await;
+                let mut stream = std::pin::pin!(stream);
+                while machine.is_streaming() {
+                    // An absolute deadline: events (bookmarks, re-watches) must not keep postponing the retry.
+                    retry_at = match (machine.pending(), retry_at) {
+                        (None, _) => None,
+                        (Some(_), None) => Some(tokio::time::Instant::now() + RETRY_PENDING),
+                        (Some(_), at) => at,
+                    };
+                    let retry = async move {
+                        match retry_at {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    use futures::StreamExt;
+                    let input = tokio::select! {
+                        ev = tokio::time::timeout(idle, stream.next()) => match ev {
+                            Err(_) => Input::Failed(Failure::Transient(format!("watch silent for {idle:?}"))),
+                            Ok(None) => Input::WatchEnded,
+                            Ok(Some(Ok(ev))) => event(ev),
+                            Ok(Some(Err(e))) => Input::Failed(classify(&e)),
+                        },
+                        _ = retry => {
+                            retry_at = None;
+                            Input::RetryPending
+                        }
+                        _ = stop.changed() => return,
+                    };
+                    driver.drive(&mut machine, input).await;
+                }
+            }
+        }
+    }
+}
+
+/// Runs `f` unless `stop` flips first (`None`).
+async fn until_stopped<T>(stop: &mut watch::Receiver<bool>, f: impl Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        v = f => Some(v),
+        _ = stop.changed() => None,
+    }
+}
+
+/// One request with [`REQUEST_TIMEOUT`], its error classified.
+async fn timed<T>(f: impl Future<Output = Result<T, kube::Error>>) -> Result<T, Failure> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
+        Ok(r) => r.map_err(|e| classify(&e)),
+        Err(_) => Err(Failure::Transient(format!("no answer within {REQUEST_TIMEOUT:?}"))),
+    }
+}
+
+/// 50–100 % of `d`, so sidecars that failed together do not retry together.
+fn jitter(d: Duration) -> Duration {
+    use std::hash::{BuildHasher, RandomState};
+    let r = RandomState::new().hash_one(std::time::Instant::now()) % 1000;
+    d.mul_f64(0.5 + r as f64 / 2000.0)
+}
+
+fn object(cm: ConfigMap) -> IndexObject {
+    let index = match cm.data.as_ref().and_then(|d| d.get(INDEX_DATA_KEY)) {
+        Some(json) => IndexDoc::parse(json, "index").map_err(|e| e.to_string()),
+        None => Err(format!("the ConfigMap has no {INDEX_DATA_KEY:?} data key")),
+    };
+    IndexObject {
+        uid: cm.metadata.uid.unwrap_or_default(),
+        resource_version: cm.metadata.resource_version.unwrap_or_default(),
+        index,
+    }
+}
+
+fn event(ev: WatchEvent<ConfigMap>) -> Input {
+    match ev {
+        WatchEvent::Added(cm) | WatchEvent::Modified(cm) => Input::Changed(object(cm)),
+        WatchEvent::Deleted(cm) => Input::Deleted {
+            uid: cm.metadata.uid.unwrap_or_default(),
+            resource_version: cm.metadata.resource_version.unwrap_or_default(),
+        },
+        WatchEvent::Bookmark(b) => Input::Bookmark { resource_version: b.metadata.resource_version },
+        WatchEvent::Error(status) => Input::Failed(classify_status(status.code, &status.message)),
+    }
+}
+
+/// The one place that decides what an API error means: 401/403/404 are about access and revoke, 410 relists,
+/// everything else (connection errors, timeouts, 5xx, 429, bad responses) is transient and keeps the table.
+pub fn classify(e: &kube::Error) -> Failure {
+    match e {
+        kube::Error::Api(s) => classify_status(s.code, &s.message),
+        other => Failure::Transient(other.to_string()),
+    }
+}
+
+fn classify_status(code: u16, message: &str) -> Failure {
+    let detail = || format!("{code}: {message}");
+    match code {
+        401 => Failure::Unauthorized(detail()),
+        403 => Failure::Forbidden(detail()),
+        404 => Failure::NotFound(detail()),
+        410 => Failure::Gone,
+        _ => Failure::Transient(detail()),
+    }
+}
+
+struct Driver<'a> {
+    store: &'a Arc<TableStore>,
+    api: &'a Api<ConfigMap>,
+    what: &'a str,
+}
+
+impl Driver<'_> {
+    /// Steps the machine with `input` and performs its effects (a load answers back with [`Input::Loaded`]).
+    async fn drive(&self, machine: &mut IndexWatch, input: Input) {
+        let mut next = Some(input);
+        while let Some(input) = next.take() {
+            match machine.step(input) {
+                Effect::Nothing => {}
+                Effect::Load(object) => {
+                    let outcome = self.load(&object).await;
+                    next = Some(Input::Loaded { object, outcome });
+                }
+                Effect::Revoke { cause, detail } => {
+                    self.store.revoke(cause, &format!("{}: {detail}", self.what));
+                }
+                Effect::Keep { kind, detail } => {
+                    self.store.metrics().table_source_error(kind);
+                    tracing::warn!(what = %self.what, kind, %detail, "table source unavailable; the table in force stays");
+                }
+                Effect::Reject { detail } => {
+                    self.store.metrics().table_rejected("configmap");
+                    tracing::error!(what = %self.what, %detail, "index revision refused; the table in force stays");
+                }
+                Effect::OutOfOrder { verdict, candidate, applied } => {
+                    self.store.metrics().tables_out_of_order.inc();
+                    let why = match verdict {
+                        Verdict::Conflict => "same sequence, other content (two writers)",
+                        _ => "older than the revision applied, or of a deleted index",
+                    };
+                    tracing::error!(what = %self.what, why, ?candidate, ?applied,
+                        "index revision refused: a proxy never goes back; the table in force stays");
+                }
+            }
+        }
+    }
+
+    /// Fetches the shards `object`'s index names (by name, with `get`), assembles and applies the table.
+    async fn load(&self, object: &IndexObject) -> LoadOutcome {
+        let Ok(index) = &object.index else { return LoadOutcome::Invalid("unparsed index".into()) };
+        let mut backoff = SHARD_BACKOFF;
+        for attempt in 1..=SHARD_ATTEMPTS {
+            let mut shards: Vec<Option<String>> = Vec::with_capacity(index.shards.len());
+            for r in &index.shards {
+                match timed(self.api.get_opt(&r.name)).await {
+                    Ok(cm) => shards.push(cm.and_then(|c| c.data).and_then(|mut d| d.remove(SHARD_DATA_KEY))),
+                    Err(f) => return LoadOutcome::Failed(f),
+                }
+            }
+            let refs: Vec<Option<&str>> = shards.iter().map(|s| s.as_deref()).collect();
+            match assemble(index, &refs) {
+                Ok(table) => {
+                    let store = self.store.clone();
+                    let what = self.what.to_string();
+                    let sequence = index.sequence;
+                    let applied = tokio::task::spawn_blocking(move || {
+                        let applied = store.apply(&table, &what, Some(sequence));
+                        drop((table, shards));
+                        crate::heap::release_free_memory();
+                        applied
+                    })
+                    .await
+                    .expect("table loading does not panic");
+                    return match applied {
+                        Ok(_) => LoadOutcome::Applied,
+                        Err(e) => LoadOutcome::Invalid(e.to_string()),
+                    };
+                }
+                // A shard missing or not matching its digest is usually one being written right now: retry.
+                Err(e @ TableError::Shard { .. }) if attempt < SHARD_ATTEMPTS => {
+                    tracing::debug!(what = %self.what, attempt, error = %e, "revision incomplete; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                Err(e @ TableError::Shard { .. }) => return LoadOutcome::Incomplete(e.to_string()),
+                Err(e) => return LoadOutcome::Invalid(LoadError::from(e).to_string()),
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::core::Status;
+
+    #[test]
+    fn api_errors_are_classified_by_what_they_say_about_access() {
+        let api = |code| kube::Error::Api(Status::failure("m", "r").with_code(code).boxed());
+        assert!(matches!(classify(&api(403)), Failure::Forbidden(_)));
+        assert!(matches!(classify(&api(401)), Failure::Unauthorized(_)));
+        assert!(matches!(classify(&api(404)), Failure::NotFound(_)));
+        assert_eq!(classify(&api(410)), Failure::Gone);
+        for code in [500, 503, 504, 429, 400, 0] {
+            assert!(matches!(classify(&api(code)), Failure::Transient(_)), "{code}");
+        }
+        let io = kube::Error::ReadEvents(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"));
+        assert!(matches!(classify(&io), Failure::Transient(_)));
+    }
+
+    #[test]
+    fn jitter_stays_within_half_to_full() {
+        for _ in 0..100 {
+            let d = jitter(Duration::from_millis(1000));
+            assert!(d >= Duration::from_millis(500) && d <= Duration::from_millis(1000), "{d:?}");
+        }
+    }
+}
