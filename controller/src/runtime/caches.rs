@@ -12,6 +12,7 @@ use crate::crd::{ApiClient, UsagePlan};
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::Resource;
 use kube::api::Api;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -36,6 +37,10 @@ pub struct Caches {
     pub services: Store<Service>,
     /// Pods opted in to injection (trimmed), for the sidecar RoleBinding's subjects.
     pub pods: Store<Pod>,
+    /// The sidecar Roles and RoleBindings this controller wrote, watched so that a deleted or edited one is
+    /// restored at once.
+    pub roles: Store<Role>,
+    pub bindings: Store<RoleBinding>,
 }
 
 pub type WatchStream<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
@@ -48,9 +53,12 @@ pub struct Watches {
     pub configmaps: WatchStream<ConfigMap>,
     pub services: WatchStream<Service>,
     pub pods: WatchStream<Pod>,
+    pub roles: WatchStream<Role>,
+    pub bindings: WatchStream<RoleBinding>,
 }
 
-/// Label selector of the table ConfigMaps this controller writes.
+/// Label selector of the per-Service objects this controller writes (table ConfigMaps, sidecar Roles and
+/// RoleBindings).
 pub fn table_selector() -> String {
     format!("{LABEL_SERVICE},app.kubernetes.io/managed-by={MANAGED_BY}")
 }
@@ -66,8 +74,11 @@ pub fn start(client: &kube::Client, namespace: &Option<String>) -> (Caches, Watc
     let (services, service_stream) = reflect(api::<Service>(client, namespace), all(), trim_service);
     let pod_wc = all().labels(&format!("{}=true", crate::webhook::inject::INJECT_KEY));
     let (pods, pod_stream) = reflect(api::<Pod>(client, namespace), pod_wc, super::access::trim_pod);
+    let (roles, role_stream) = reflect(api::<Role>(client, namespace), all().labels(&table_selector()), trim_meta);
+    let (bindings, binding_stream) =
+        reflect(api::<RoleBinding>(client, namespace), all().labels(&table_selector()), trim_meta);
     (
-        Caches { plans, clients, secrets, configmaps, services, pods },
+        Caches { plans, clients, secrets, configmaps, services, pods, roles, bindings },
         Watches {
             plans: plan_stream,
             clients: client_stream,
@@ -75,6 +86,8 @@ pub fn start(client: &kube::Client, namespace: &Option<String>) -> (Caches, Watc
             configmaps: cm_stream,
             services: service_stream,
             pods: pod_stream,
+            roles: role_stream,
+            bindings: binding_stream,
         },
     )
 }
@@ -88,6 +101,8 @@ impl Caches {
         let _ = self.configmaps.wait_until_ready().await;
         let _ = self.services.wait_until_ready().await;
         let _ = self.pods.wait_until_ready().await;
+        let _ = self.roles.wait_until_ready().await;
+        let _ = self.bindings.wait_until_ready().await;
     }
 }
 

@@ -370,6 +370,22 @@ async fn run_leader(
     });
     let c = ctx.clone();
     tasks.spawn(async move {
+        caches::drive("roles", c.caches.roles.clone(), watches.roles, |o, _: Change| {
+            c.dispatch(triggers::labelled_changed(o));
+        })
+        .await;
+        Ok("roles watch")
+    });
+    let c = ctx.clone();
+    tasks.spawn(async move {
+        caches::drive("rolebindings", c.caches.bindings.clone(), watches.bindings, |o, _: Change| {
+            c.dispatch(triggers::labelled_changed(o));
+        })
+        .await;
+        Ok("rolebindings watch")
+    });
+    let c = ctx.clone();
+    tasks.spawn(async move {
         caches::drive("services", c.services.clone(), watches.services, |o: &Service, _: Change| {
             c.dispatch(c.triggers(|v| triggers::service_changed(v, o)));
         })

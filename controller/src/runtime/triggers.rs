@@ -144,8 +144,14 @@ pub fn pod_changed(v: &View, pod: &Pod) -> Triggers {
 
 /// A table ConfigMap changed (by us, or by someone else: a deleted or edited shard is repaired).
 pub fn configmap_changed(cm: &ConfigMap) -> Triggers {
+    labelled_changed(cm)
+}
+
+/// An object labelled with a Service changed (a table ConfigMap, sidecar Role or RoleBinding): by us, or by
+/// someone else, whose deletion or edit is then repaired.
+pub fn labelled_changed<K: ResourceExt>(obj: &K) -> Triggers {
     let mut t = Triggers::default();
-    if let (Some(ns), Some(svc)) = (cm.namespace(), cm.labels().get(LABEL_SERVICE)) {
+    if let (Some(ns), Some(svc)) = (obj.namespace(), obj.labels().get(LABEL_SERVICE)) {
         t.services.insert(ServiceKey::new(ns, svc.clone()));
     }
     t
