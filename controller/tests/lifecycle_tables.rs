@@ -249,7 +249,7 @@ async fn deleted_and_edited_shards_are_repaired() {
     let ctl = start_controller(&env, "lc-drift").await;
     let _sidecar = granted(&env).await;
     let cms: Api<ConfigMap> = Api::namespaced(env.admin.clone(), &env.ns);
-    for damage in ["delete", "edit"] {
+    for (damage, done) in [("delete", "deleted"), ("edit", "edited")] {
         let (_, doc) = index(&env).await.expect("index");
         let shard = doc.shards[0].name.clone();
         let t = Instant::now();
@@ -260,11 +260,11 @@ async fn deleted_and_edited_shards_are_repaired() {
                 cms.patch(&shard, &PatchParams::default(), &Patch::Merge(patch)).await.map(|_| ()).unwrap()
             }
         }
-        wait_table(&env, SERVICE, &format!("consistent after the {damage}d shard"), |t| t.clients.len() == 1).await;
-        eprintln!("shard {damage}d → consistent table after {:?}", t.elapsed());
+        wait_table(&env, SERVICE, &format!("consistent after the {done} shard"), |t| t.clients.len() == 1).await;
+        eprintln!("shard {done} → consistent table after {:?}", t.elapsed());
         // A sidecar starting now (a new pod) loads the repaired table and admits acme.
         let mut fresh = Sidecar::start(&env, SERVICE, SA_SIDECAR, start_echo().await).await;
-        fresh.until(KEY, &format!("new sidecar after the {damage}d shard"), |s| s == 200).await;
+        fresh.until(KEY, &format!("new sidecar after the {done} shard"), |s| s == 200).await;
     }
     ctl.stop().await.unwrap();
 }
