@@ -1,11 +1,12 @@
 //! The running controller. Read top to bottom:
 //!
-//! 1. [`caches`]: one reflector per watched kind (UsagePlans, ApiClients, Secrets, table ConfigMaps, Services,
-//!    opted-in Pods), objects trimmed before they are stored; relists handed over as diffs.
+//! 1. [`caches`]: one reflector per watched kind (UsagePlans, ApiClients, Secrets, Services, opted-in Pods, and the
+//!    table ConfigMaps, Roles and RoleBindings this controller writes), objects trimmed before they are stored;
+//!    relists handed over as diffs.
 //! 2. [`triggers`]: which Services (tables) and ApiClients (status) one watch event touches; pure functions over
 //!    the caches and [`rendered`] (what this controller last wrote).
-//! 3. [`tables`]: the table writer: a debounced queue of Services, each rendered into an index ConfigMap and shard
-//!    ConfigMaps, plus the sidecar's RBAC ([`access`]).
+//! 3. [`tables`]: the table writer: a debounced queue of Services, each decided from the caches (pure) and
+//!    published ([`publish`], fenced against a second writer), plus the sidecar's RBAC ([`access`]).
 //! 4. [`status`]: UsagePlan status and the Events of condition transitions; [`clients`] is the ApiClient reconciler.
 //! 5. [`leader`]: the Lease that makes one replica the writer; [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
 //!
@@ -330,75 +331,42 @@ async fn run_leader(
     let ctx = Arc::new(ctx);
 
     let mut tasks: JoinSet<Result<&'static str, Error>> = JoinSet::new();
-    let c = ctx.clone();
-    let mut seen = SpecSeen::default();
-    tasks.spawn(async move {
-        caches::drive("usageplans", c.plans.clone(), watches.plans, |p: &UsagePlan, change| {
-            if seen.spec_changed(p, change) {
-                c.dispatch(c.triggers(|v| triggers::plan_changed(v, p)));
-            }
-        })
-        .await;
-        Ok("usageplans watch")
+    // Each watch feeds its trigger function; UsagePlans and ApiClients only on spec changes.
+    let (c, mut seen) = (ctx.clone(), SpecSeen::default());
+    spawn_watch(&mut tasks, "usageplans", ctx.plans.clone(), watches.plans, move |p: &UsagePlan, change| {
+        if seen.spec_changed(p, change) {
+            c.dispatch(c.triggers(|v| triggers::plan_changed(v, p)));
+        }
+    });
+    let (c, mut seen) = (ctx.clone(), SpecSeen::default());
+    spawn_watch(&mut tasks, "apiclients", ctx.clients.clone(), watches.clients, move |o: &ApiClient, change| {
+        if seen.spec_changed(o, change) {
+            c.dispatch(c.triggers(|v| triggers::client_changed(v, o)));
+        }
     });
     let c = ctx.clone();
-    let mut seen = SpecSeen::default();
-    tasks.spawn(async move {
-        caches::drive("apiclients", c.clients.clone(), watches.clients, |o: &ApiClient, change| {
-            if seen.spec_changed(o, change) {
-                c.dispatch(c.triggers(|v| triggers::client_changed(v, o)));
-            }
-        })
-        .await;
-        Ok("apiclients watch")
+    spawn_watch(&mut tasks, "secrets", ctx.secrets.clone(), watches.secrets, move |o: &Secret, _| {
+        c.dispatch(c.triggers(|v| triggers::secret_changed(v, o)));
     });
     let c = ctx.clone();
-    tasks.spawn(async move {
-        caches::drive("secrets", c.secrets.clone(), watches.secrets, |o: &Secret, _: Change| {
-            c.dispatch(c.triggers(|v| triggers::secret_changed(v, o)));
-        })
-        .await;
-        Ok("secrets watch")
+    spawn_watch(&mut tasks, "services", ctx.services.clone(), watches.services, move |o: &Service, _| {
+        c.dispatch(c.triggers(|v| triggers::service_changed(v, o)));
     });
     let c = ctx.clone();
-    tasks.spawn(async move {
-        caches::drive("configmaps", c.caches.configmaps.clone(), watches.configmaps, |o, _: Change| {
-            c.dispatch(triggers::configmap_changed(o));
-        })
-        .await;
-        Ok("configmaps watch")
+    spawn_watch(&mut tasks, "pods", ctx.pods.clone(), watches.pods, move |o: &Pod, _| {
+        c.dispatch(c.triggers(|v| triggers::pod_changed(v, o)));
     });
     let c = ctx.clone();
-    tasks.spawn(async move {
-        caches::drive("roles", c.caches.roles.clone(), watches.roles, |o, _: Change| {
-            c.dispatch(triggers::labelled_changed(o));
-        })
-        .await;
-        Ok("roles watch")
+    spawn_watch(&mut tasks, "configmaps", caches.configmaps.clone(), watches.configmaps, move |o, _| {
+        c.dispatch(triggers::labelled_changed(o));
     });
     let c = ctx.clone();
-    tasks.spawn(async move {
-        caches::drive("rolebindings", c.caches.bindings.clone(), watches.bindings, |o, _: Change| {
-            c.dispatch(triggers::labelled_changed(o));
-        })
-        .await;
-        Ok("rolebindings watch")
+    spawn_watch(&mut tasks, "roles", caches.roles.clone(), watches.roles, move |o, _| {
+        c.dispatch(triggers::labelled_changed(o));
     });
     let c = ctx.clone();
-    tasks.spawn(async move {
-        caches::drive("services", c.services.clone(), watches.services, |o: &Service, _: Change| {
-            c.dispatch(c.triggers(|v| triggers::service_changed(v, o)));
-        })
-        .await;
-        Ok("services watch")
-    });
-    let c = ctx.clone();
-    tasks.spawn(async move {
-        caches::drive("pods", c.pods.clone(), watches.pods, |o: &Pod, _: Change| {
-            c.dispatch(c.triggers(|v| triggers::pod_changed(v, o)));
-        })
-        .await;
-        Ok("pods watch")
+    spawn_watch(&mut tasks, "rolebindings", caches.bindings.clone(), watches.bindings, move |o, _| {
+        c.dispatch(triggers::labelled_changed(o));
     });
 
     // Nothing is written before every cache is complete: an empty cache must never render an empty table.
@@ -474,6 +442,22 @@ async fn run_leader(
     while tasks.join_next().await.is_some() {}
     tracing::info!("controller stopped");
     result
+}
+
+/// Drives one watch (see [`caches::drive`]) as a task of `tasks`.
+fn spawn_watch<K>(
+    tasks: &mut JoinSet<Result<&'static str, Error>>,
+    what: &'static str,
+    store: Store<K>,
+    stream: caches::WatchStream<K>,
+    handler: impl FnMut(&K, Change) + Send + 'static,
+) where
+    K: kube::Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    tasks.spawn(async move {
+        caches::drive(what, store, stream, handler).await;
+        Ok(what)
+    });
 }
 
 fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl Stream<Item = T> + Send {
