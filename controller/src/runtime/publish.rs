@@ -12,6 +12,11 @@
 //!   index at, numbered beyond its own count, are deleted; only after re-reading the index and finding our own
 //!   write still there; and each with the resourceVersion it was listed with. The previous slot stays whole for
 //!   proxies mid-read.
+//! - **Residual window.** Shards are not fenced by a precondition (their names are fixed, for RBAC). A writer
+//!   paused between its Lease check and a shard write, and resumed after another leader published into the same
+//!   slot, overwrites that leader's shards; its index write then fails, and the new leader sees the shard events and
+//!   republishes. Proxies verify every shard against the index digest, so they never load a mixed table: at worst
+//!   they keep their current table for those milliseconds.
 //! - **Drift.** A live index whose revision is the desired one is checked against the cached shards' content
 //!   hashes; a missing or edited shard (confirmed with a GET) makes a fresh revision in the other slot.
 
@@ -93,9 +98,9 @@ impl<'a> Writer<'a> {
                 max: MAX_INDEX_BYTES,
             });
         }
-        self.ctx.ensure_leader()?;
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         for (name, json) in &rendered.shards {
+            self.ctx.ensure_leader()?;
             let cm = table_configmap(name, self.service, "shard", SHARD_DATA_KEY, json, owners, None);
             self.cms.patch(name, &pp, &Patch::Apply(&cm)).await?;
         }
