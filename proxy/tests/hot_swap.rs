@@ -1,5 +1,6 @@
 //! Tables swapped under load (file mode): no failed or reset request, and a revoked key is refused on the very
-//! next request on the same keep-alive connection.
+//! next request on the same keep-alive connection. A deleted or unreadable file revokes the table; a bad one does
+//! not.
 
 mod common;
 
@@ -117,6 +118,72 @@ async fn limiter_state_survives_swaps() {
     write_table(&path, &t);
     wait_until("swap", || proxy.tables.revision().as_deref() == Some(t.revision.as_str())).await;
     assert_eq!(c.send("GET", "/", &[("x-api-key", "k-throttled")]).await.status, 200);
+    proxy.shutdown();
+    within("shutdown", proxy.wait()).await;
+}
+
+/// Sends requests on `c` until one gets `status`; returns that reply.
+async fn until_status(c: &mut Conn, key: &str, status: u16) -> Reply {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let r = c.send("GET", "/v1/x", &[("x-api-key", key)]).await;
+        if r.status.as_u16() == status {
+            return r;
+        }
+        assert!(std::time::Instant::now() < deadline, "never got {status}; last {} {}", r.status, r.body);
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_deleted_or_unreadable_table_file_revokes_and_a_bad_one_does_not() {
+    let (up, _seen) = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tables.json");
+    let t = standard_table();
+    write_table(&path, &t);
+    let proxy = start(config(up, &path)).await;
+    wait_until("table loaded", || proxy.tables.is_ready()).await;
+    let admin = proxy.admin_addr.unwrap();
+    let mut c = Conn::open(ip(1), proxy.addr).await;
+    assert_eq!(c.send("GET", "/v1/x", &[("x-api-key", "k-reader")]).await.status, 200);
+
+    // A bad file is a bad table: rejected, the table in force stays.
+    write_atomic(&path, b"{not json");
+    wait_until("bad file rejected", || {
+        proxy.metrics.encode().contains(r#"portcullis_proxy_tables_rejected_total{source="file"} 1"#)
+    })
+    .await;
+    assert_eq!(c.send("GET", "/v1/x", &[("x-api-key", "k-reader")]).await.status, 200);
+
+    // Deleted: every request is refused, /readyz says why.
+    std::fs::remove_file(&path).unwrap();
+    let r = until_status(&mut c, "k-reader", 503).await;
+    assert_eq!(r.reason(), "table_revoked");
+    let ready = get(ip(1), admin, "/readyz", &[]).await;
+    assert_eq!(ready.status, 503);
+    assert!(ready.body.contains("table revoked (file_missing)"), "{}", ready.body);
+    assert_eq!(c.send("GET", "/x", &[("x-api-key", "k-other")]).await.reason(), "table_revoked");
+
+    // The same content back: applied again.
+    write_table(&path, &t);
+    until_status(&mut c, "k-reader", 200).await;
+    assert_eq!(get(ip(1), admin, "/readyz", &[]).await.status, 200);
+
+    // No longer readable (a directory where the file was): refused as well.
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    assert_eq!(until_status(&mut c, "k-reader", 503).await.reason(), "table_revoked");
+    let ready = get(ip(1), admin, "/readyz", &[]).await;
+    assert!(ready.body.contains("table revoked (file_unreadable)"), "{}", ready.body);
+    std::fs::remove_dir(&path).unwrap();
+    write_table(&path, &t);
+    until_status(&mut c, "k-reader", 200).await;
+
+    let m = proxy.metrics.encode();
+    assert!(m.contains(r#"portcullis_proxy_table_revocations_total{cause="file_missing"} 1"#), "{m}");
+    assert!(m.contains(r#"portcullis_proxy_table_revocations_total{cause="file_unreadable"} 1"#), "{m}");
+    assert!(m.contains(r#"portcullis_proxy_table_state{state="serving"} 1"#), "{m}");
     proxy.shutdown();
     within("shutdown", proxy.wait()).await;
 }

@@ -114,7 +114,8 @@ async fn fail_closed_until_a_table_loads_and_bad_files_are_rejected() {
     assert_eq!(get(ip(1), admin, "/readyz", &[]).await.status, 503);
     assert_eq!(get(ip(1), admin, "/healthz", &[]).await.status, 200);
 
-    // A missing file is not a rejected table.
+    // A missing file is not a rejected table; /readyz says what is missing.
+    assert!(get(ip(1), admin, "/readyz", &[]).await.body.contains("file_missing"));
     assert!(!proxy.metrics.encode().contains("tables_rejected_total{"), "{}", proxy.metrics.encode());
     // A bad file is rejected and counted; still no table.
     write_atomic(&path, b"{ not json");
@@ -142,9 +143,11 @@ async fn fail_closed_until_a_table_loads_and_bad_files_are_rejected() {
     assert_eq!(proxy.tables.revision().unwrap(), good_rev);
     assert_eq!(get(ip(1), proxy.addr, "/v1/x", &[("x-api-key", "k-reader")]).await.status, 200);
 
-    // Deleting the file keeps the last good table too.
+    // Deleting the file does not: the table is revoked (tests/hot_swap.rs has the details).
     std::fs::remove_file(&path).unwrap();
-    assert_eq!(get(ip(1), proxy.addr, "/v1/x", &[("x-api-key", "k-reader")]).await.status, 200);
+    wait_until("table revoked", || !proxy.tables.is_ready()).await;
+    let r = get(ip(1), proxy.addr, "/v1/x", &[("x-api-key", "k-reader")]).await;
+    assert_eq!((r.status.as_u16(), r.reason().as_str()), (503, "table_revoked"));
     proxy.shutdown();
     within("shutdown", proxy.wait()).await;
 }

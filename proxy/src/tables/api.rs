@@ -4,8 +4,8 @@
 //! One visible loop: [`IndexWatch`] decides, this module only performs the requests it asks for and feeds the
 //! answers back. No `kube::runtime`: every event type, error and relist is handled here.
 
+use super::TableStore;
 use super::index_watch::{Effect, Failure, IndexObject, IndexWatch, Input, LoadOutcome, Request};
-use super::{LoadError, TableStore};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use portcullis_table::TableError;
@@ -192,6 +192,9 @@ impl Driver<'_> {
     async fn drive(&self, machine: &mut IndexWatch, input: Input) {
         let mut next = Some(input);
         while let Some(input) = next.take() {
+            if let Input::Failed(f) | Input::Loaded { outcome: LoadOutcome::Failed(f), .. } = &input {
+                self.store.metrics().table_source_error(f.kind());
+            }
             match machine.step(input) {
                 Effect::Nothing => {}
                 Effect::Load(object) => {
@@ -202,7 +205,6 @@ impl Driver<'_> {
                     self.store.revoke(cause, &format!("{}: {detail}", self.what));
                 }
                 Effect::Keep { kind, detail } => {
-                    self.store.metrics().table_source_error(kind);
                     tracing::warn!(what = %self.what, kind, %detail, "table source unavailable; the table in force stays");
                 }
                 Effect::Reject { detail } => {
@@ -260,7 +262,7 @@ impl Driver<'_> {
                     backoff *= 2;
                 }
                 Err(e @ TableError::Shard { .. }) => return LoadOutcome::Incomplete(e.to_string()),
-                Err(e) => return LoadOutcome::Invalid(LoadError::from(e).to_string()),
+                Err(e) => return LoadOutcome::Invalid(e.to_string()),
             }
         }
         unreachable!("the last attempt returns")

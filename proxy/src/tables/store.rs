@@ -106,10 +106,6 @@ pub enum LoadError {
     Table(#[from] TableError),
     #[error("compiling table: {0}")]
     Compile(#[from] crate::decision::keys::CompileError),
-    #[error("ConfigMap {0} has no {1:?} data key")]
-    MissingKey(String, &'static str),
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
 }
 
 impl TableStore {
@@ -151,6 +147,11 @@ impl TableStore {
     pub fn apply(&self, table: &Table, source: &str, sequence: Option<u64>) -> Result<bool, LoadError> {
         let previous = self.current.load_full();
         if previous.as_ref().is_some_and(|p| p.revision == table.revision && p.service == table.service) {
+            // The same content (e.g. from a recreated index): only the sequence shown may differ.
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let TableState::Serving { sequence: s, .. } | TableState::DenyAll { sequence: s, .. } = &mut *state {
+                *s = sequence;
+            }
             return Ok(false);
         }
         let clock = governor::clock::DefaultClock::default();
@@ -272,6 +273,9 @@ mod tests {
         assert!(s.apply(&t, "test", Some(3)).unwrap());
         assert_eq!(s.missing_reason(), Reason::NoTable);
         assert!(s.is_ready());
+        // The same content from a recreated index (a new sequence order): nothing swapped, the sequence shown.
+        assert!(!s.apply(&t, "test", Some(1)).unwrap());
+        assert_eq!(s.state().describe(), format!("ok revision {} sequence 1", t.revision));
     }
 
     #[test]
