@@ -73,6 +73,8 @@ pub struct ClientFacts {
     pub services: Vec<String>,
     /// Of those, the ones whose current table does not contain this client's current generation.
     pub unprogrammed: Vec<String>,
+    /// Tables this client was left out of because it cannot be rendered: "service: reason".
+    pub render_failed: Vec<String>,
 }
 
 pub fn client_conditions(f: &ClientFacts) -> Vec<Cond> {
@@ -121,6 +123,13 @@ pub fn client_conditions(f: &ClientFacts) -> Vec<Cond> {
     };
     let programmed = if f.services.is_empty() {
         Cond::new(PROGRAMMED, false, reason::NO_SERVICES, "no UsagePlan of this client grants a Service")
+    } else if !f.render_failed.is_empty() {
+        Cond::new(
+            PROGRAMMED,
+            false,
+            reason::RENDER_FAILED,
+            format!("left out of the table of Service(s) {}", f.render_failed.join("; ")),
+        )
     } else if !f.unprogrammed.is_empty() {
         Cond::new(
             PROGRAMMED,

@@ -25,9 +25,18 @@ struct Args {
     lease_namespace: String,
     #[arg(long, default_value = "portcullis-controller")]
     lease_name: String,
-    /// Lease duration in seconds (renewed every third of it).
+    /// Lease duration in seconds: how long a standby waits, after it last saw the Lease renewed, before taking it.
     #[arg(long, default_value_t = 15)]
     lease_duration_seconds: u64,
+    /// The leader stops writing this long after the start of its last successful renewal (below the duration).
+    #[arg(long, default_value_t = 10)]
+    lease_renew_deadline_seconds: u64,
+    /// Interval between Lease renewals, also the timeout of each Lease API call (below the renew deadline).
+    #[arg(long, default_value_t = 2)]
+    lease_retry_period_seconds: u64,
+    /// Every Service's table is re-rendered and its shards checked this often (repairs unreported drift).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    resync_seconds: u64,
     /// Identity in the Lease and Events (default: POD_NAME or hostname + pid).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -73,7 +82,11 @@ async fn real_main(args: Args) -> anyhow::Result<()> {
         leader_elect: args.leader_elect,
         lease_namespace: args.lease_namespace,
         lease_name: args.lease_name,
-        lease_duration: Duration::from_secs(args.lease_duration_seconds.max(3)),
+        lease_duration: Duration::from_secs(args.lease_duration_seconds),
+        lease_renew_deadline: Duration::from_secs(args.lease_renew_deadline_seconds),
+        lease_retry_period: Duration::from_secs(args.lease_retry_period_seconds),
+        resync_interval: Duration::from_secs(args.resync_seconds),
+        max_shard_bytes: portcullis_table::shard::MAX_SHARD_BYTES,
         identity,
         metrics_listen: Some(args.metrics_listen),
         debounce: Debounce { quiet: Duration::from_millis(args.debounce_millis), max_wait: Duration::from_secs(2) },

@@ -108,6 +108,9 @@ async fn reconcile_inner(obj: &ApiClient, ctx: &Ctx) -> Result<Action, Error> {
             if st.and_then(|st| st.clients.get(&name)) != Some(&generation) {
                 facts.unprogrammed.push(s.clone());
             }
+            if let Some(r) = st.and_then(|st| st.excluded.get(&name)) {
+                facts.render_failed.push(format!("{s}: {r}"));
+            }
             if let Some(d) = st.and_then(|st| st.duplicates.get(&name)) {
                 facts.duplicate_keys.extend(d.iter().cloned());
             }

@@ -1,38 +1,52 @@
-//! The running controller: caches (reflectors), trigger mapping, the table writer, the ApiClient `Controller`,
-//! leader election and the admin server. [`run`] is what the binary (and the cluster tests) call.
+//! The running controller. Read top to bottom:
+//!
+//! 1. [`caches`]: one reflector per watched kind (UsagePlans, ApiClients, Secrets, Services, opted-in Pods, and the
+//!    table ConfigMaps, Roles and RoleBindings this controller writes), objects trimmed before they are stored;
+//!    relists handed over as diffs.
+//! 2. [`triggers`]: which Services (tables) and ApiClients (status) one watch event touches; pure functions over
+//!    the caches and [`rendered`] (what this controller last wrote).
+//! 3. [`tables`]: the table writer: a debounced queue of Services, each decided from the caches (pure) and
+//!    published ([`publish`], fenced against a second writer), plus the sidecar's RBAC ([`access`]).
+//! 4. [`status`]: UsagePlan status and the Events of condition transitions; [`clients`] is the ApiClient reconciler.
+//! 5. [`leader`]: the Lease that makes one replica the writer; [`metrics`]: `/metrics`, `/healthz`, `/readyz`.
+//!
+//! [`run`] wires them together; it is what the binary (and the cluster tests) call.
 
 pub mod access;
+pub mod caches;
 pub mod clients;
 pub mod leader;
 pub mod metrics;
+pub mod publish;
+pub mod rendered;
+pub mod status;
 pub mod tables;
+pub mod triggers;
 
-use crate::conditions::transitions;
 use crate::crd::{ApiClient, UsagePlan};
+use caches::{Caches, Change};
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::Api;
 use kube::runtime::controller::{Config as ControllerConfig, applier};
-use kube::runtime::events::{Event as KEvent, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Resource, ResourceExt};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
 use leader::{LeaderLease, LeaseConfig};
 use metrics::{Health, Metrics};
-use portcullis_table::naming::LABEL_SERVICE;
-use serde::de::DeserializeOwned;
-use std::collections::{BTreeSet, HashMap};
-use std::fmt::Debug;
+use rendered::{Rendered, ServiceKey};
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tables::{Debounce, ServiceKey, ServiceState};
+use tables::Debounce;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use triggers::{SpecSeen, Triggers, View};
+
+pub(crate) use status::publish_transitions;
 
 /// The one field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "portcullis-controller";
@@ -57,6 +71,14 @@ pub enum Error {
     Admin { addr: SocketAddr, source: std::io::Error },
     #[error("a controller task stopped unexpectedly: {0}")]
     TaskEnded(String),
+    #[error("table index {0} changed or vanished since it was read (another writer?)")]
+    Conflict(String),
+    #[error(
+        "the table index of {service} would be {bytes} bytes, more than a ConfigMap may safely hold ({max}); the last table stays in force: reduce the plans' routes"
+    )]
+    IndexTooLarge { service: String, bytes: usize, max: usize },
+    #[error("leader election: {0}")]
+    LeaseConfig(#[from] leader::LeaseConfigError),
 }
 
 #[derive(Clone, Debug)]
@@ -67,6 +89,14 @@ pub struct Config {
     pub lease_namespace: String,
     pub lease_name: String,
     pub lease_duration: Duration,
+    /// How long the holder keeps writing after the start of its last successful renewal (below `lease_duration`).
+    pub lease_renew_deadline: Duration,
+    /// Interval between Lease renewals (and the timeout of each Lease API call); below `lease_renew_deadline`.
+    pub lease_retry_period: Duration,
+    /// Every Service is re-rendered and its shards checked this often (repairs drift no event reported).
+    pub resync_interval: Duration,
+    /// Budget of one shard's data string (tests lower it to exercise per-client render errors).
+    pub max_shard_bytes: usize,
     /// This replica's identity in the Lease and in Events.
     pub identity: String,
     /// Admin HTTP (`/metrics`, `/healthz`, `/readyz`); `None` disables it.
@@ -82,6 +112,10 @@ impl Default for Config {
             lease_namespace: "default".into(),
             lease_name: "portcullis-controller".into(),
             lease_duration: Duration::from_secs(15),
+            lease_renew_deadline: Duration::from_secs(10),
+            lease_retry_period: Duration::from_secs(2),
+            resync_interval: Duration::from_secs(300),
+            max_shard_bytes: portcullis_table::shard::MAX_SHARD_BYTES,
             identity: format!("portcullis-controller-{}", std::process::id()),
             metrics_listen: None,
             debounce: Debounce { quiet: Duration::from_millis(100), max_wait: Duration::from_secs(2) },
@@ -99,42 +133,97 @@ pub struct Ctx {
     pub services: Store<Service>,
     /// Pods opted in to injection (trimmed), for the sidecar RoleBinding's subjects.
     pub pods: Store<Pod>,
-    pub state: RwLock<HashMap<ServiceKey, ServiceState>>,
+    pub caches: Caches,
+    /// What this controller last wrote, per Service.
+    pub state: RwLock<Rendered>,
     /// The last error of each Service whose table could not be written (cleared on success).
     pub render_errors: RwLock<HashMap<ServiceKey, String>>,
     pub table_tx: mpsc::UnboundedSender<ServiceKey>,
     pub client_tx: mpsc::UnboundedSender<ObjectRef<ApiClient>>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    /// The Lease this replica writes under (`None` without leader election).
+    pub lease: Option<Arc<LeaderLease>>,
+    pub lease_name: String,
+    pub max_shard_bytes: usize,
 }
 
-/// Publishes an Event per condition transition: Warning when a condition turns False, Normal when Ready turns True.
-/// Messages come from conditions, which never contain key material.
-pub(crate) async fn publish_transitions(ctx: &Ctx, obj: &ObjectReference, old: &[Condition], new: &[Condition]) {
-    for c in transitions(old, new) {
-        let (type_, note) = match (c.status.as_str(), c.type_.as_str()) {
-            ("False", _) if c.reason != crate::conditions::reason::PENDING => {
-                (EventType::Warning, format!("{}: {}", c.type_, c.message))
-            }
-            ("True", "Ready") => (EventType::Normal, c.message.clone()),
-            _ => continue,
+impl Ctx {
+    fn new(
+        client: kube::Client,
+        config: &Config,
+        caches: Caches,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        lease: Option<Arc<LeaderLease>>,
+    ) -> (Self, Queues) {
+        let (table_tx, table_rx) = mpsc::unbounded_channel();
+        let (client_tx, client_rx) = mpsc::unbounded_channel();
+        let ctx = Ctx {
+            client,
+            plans: caches.plans.clone(),
+            clients: caches.clients.clone(),
+            secrets: caches.secrets.clone(),
+            services: caches.services.clone(),
+            pods: caches.pods.clone(),
+            caches,
+            state: RwLock::new(HashMap::new()),
+            render_errors: RwLock::new(HashMap::new()),
+            table_tx,
+            client_tx,
+            recorder,
+            metrics,
+            lease,
+            lease_name: config.lease_name.clone(),
+            max_shard_bytes: config.max_shard_bytes,
         };
-        let note = Some(crate::events::truncate_note(note));
-        let ev = KEvent { type_, reason: c.reason.clone(), note, action: "Reconcile".into(), secondary: None };
-        if let Err(e) = ctx.recorder.publish(&ev, obj).await {
-            tracing::debug!(error = %e, "publishing an Event failed");
+        (ctx, Queues { tables: table_rx, clients: client_rx })
+    }
+
+    /// Computes the triggers of an event over the caches and the rendered state.
+    pub(crate) fn triggers(&self, f: impl FnOnce(&View) -> Triggers) -> Triggers {
+        let rendered = self.state.read().expect("state lock");
+        f(&View { plans: &self.plans, clients: &self.clients, rendered: &rendered })
+    }
+
+    /// `Err(LostLease)` unless this replica may write now (it leads, judged on its own clock).
+    pub(crate) fn ensure_leader(&self) -> Result<(), Error> {
+        match &self.lease {
+            Some(l) if !l.is_leader() => Err(Error::LostLease(self.lease_name.clone())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every Service this controller should look at: those it has rendered, those plans name, and those with table
+    /// ConfigMaps in the cache.
+    fn all_services(&self) -> Vec<ServiceKey> {
+        let mut all: std::collections::BTreeSet<ServiceKey> =
+            self.state.read().expect("state lock").keys().cloned().collect();
+        for p in self.plans.state() {
+            let ns = kube::ResourceExt::namespace(&*p).unwrap_or_default();
+            all.extend(p.spec.services.iter().map(|s| ServiceKey::new(&ns, &s.name)));
+        }
+        for cm in self.caches.configmaps.state() {
+            all.extend(triggers::configmap_changed(&cm).services);
+        }
+        all.into_iter().collect()
+    }
+
+    /// Queues what `t` asks for.
+    pub(crate) fn dispatch(&self, t: Triggers) {
+        for k in &t.services {
+            let _ = self.table_tx.send(k.clone());
+        }
+        for r in t.client_refs() {
+            let _ = self.client_tx.send(r);
         }
     }
 }
 
-fn api<K>(client: &kube::Client, ns: &Option<String>) -> Api<K>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-{
-    match ns {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
+/// The receiving ends of the table queue and the ApiClient queue.
+struct Queues {
+    tables: mpsc::UnboundedReceiver<ServiceKey>,
+    clients: mpsc::UnboundedReceiver<ObjectRef<ApiClient>>,
 }
 
 /// Fails with a clear message unless both CRDs are installed and Established.
@@ -155,152 +244,6 @@ pub async fn check_crds(client: &kube::Client) -> Result<(), Error> {
     Ok(())
 }
 
-/// A reflected watch; `trim` shrinks each object before it is cached (and handed to the trigger mapping).
-fn reflect<K>(
-    api: Api<K>,
-    wc: watcher::Config,
-    trim: fn(&mut K),
-) -> (Store<K>, impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static)
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, wc).default_backoff().modify(trim));
-    (reader, stream)
-}
-
-fn trim_meta<K: Resource>(o: &mut K) {
-    o.meta_mut().managed_fields = None;
-}
-
-/// Secret types that never hold API keys: their data is dropped from the cache (Helm releases can be large), as is
-/// the data of every Secret not opted in as a key (`portcullis.dev/api-key: "true"`), and so are annotations
-/// (`kubectl apply` copies the whole Secret into `last-applied-configuration`).
-const NON_KEY_SECRET_TYPES: &[&str] = &[
-    "helm.sh/release.v1",
-    "kubernetes.io/service-account-token",
-    "kubernetes.io/dockerconfigjson",
-    "kubernetes.io/dockercfg",
-    "kubernetes.io/tls",
-    "bootstrap.kubernetes.io/token",
-];
-
-fn trim_secret(s: &mut Secret) {
-    s.metadata.managed_fields = None;
-    s.metadata.annotations = None;
-    s.string_data = None;
-    if s.type_.as_deref().is_some_and(|t| NON_KEY_SECRET_TYPES.contains(&t)) || !crate::keys::opted_in(s) {
-        s.data = None;
-    }
-}
-
-/// The table ConfigMaps are cached for their events only; the current index is always read fresh.
-fn trim_configmap(cm: &mut ConfigMap) {
-    cm.metadata.managed_fields = None;
-    cm.data = None;
-    cm.binary_data = None;
-}
-
-/// Services are cached for the exposure check: spec, and only the internal-load-balancer annotations.
-fn trim_service(s: &mut Service) {
-    s.metadata.managed_fields = None;
-    if let Some(a) = s.metadata.annotations.as_mut() {
-        a.retain(|k, _| crate::exposure::INTERNAL_LB_ANNOTATIONS.iter().any(|(key, _)| key == k));
-    }
-    s.status = None;
-}
-
-fn objects<K>(ev: &watcher::Event<K>) -> Option<&K> {
-    match ev {
-        watcher::Event::Apply(o) | watcher::Event::InitApply(o) | watcher::Event::Delete(o) => Some(o),
-        _ => None,
-    }
-}
-
-fn enqueue(ctx: &Ctx, keys: impl IntoIterator<Item = ServiceKey>) {
-    for k in keys {
-        let _ = ctx.table_tx.send(k);
-    }
-}
-
-fn on_plan(ctx: &Ctx, plan: &UsagePlan) {
-    let ns = plan.namespace().unwrap_or_default();
-    let mut keys: BTreeSet<ServiceKey> =
-        plan.spec.services.iter().map(|s| ServiceKey { namespace: ns.clone(), name: s.name.clone() }).collect();
-    // Services it no longer names: every table in the namespace is re-checked (unchanged ones cost one GET).
-    keys.extend(ctx.state.read().expect("state lock").keys().filter(|k| k.namespace == ns).cloned());
-    enqueue(ctx, keys);
-    let name = plan.name_any();
-    for c in ctx.clients.state() {
-        if c.namespace().as_deref() == Some(ns.as_str()) && c.spec.usage_plans.contains(&name) {
-            let _ = ctx.client_tx.send(ObjectRef::from_obj(&*c));
-        }
-    }
-}
-
-fn on_client(ctx: &Ctx, client: &ApiClient) {
-    enqueue(ctx, tables::services_of_client(ctx, client));
-    let _ = ctx.client_tx.send(ObjectRef::from_obj(client));
-}
-
-fn on_secret(ctx: &Ctx, secret: &Secret) {
-    let ns = secret.namespace().unwrap_or_default();
-    let name = secret.name_any();
-    for c in ctx.clients.state() {
-        if c.namespace().as_deref() == Some(ns.as_str()) && tables::uses_secret(&c, &name) {
-            enqueue(ctx, tables::services_of_client(ctx, &c));
-            let _ = ctx.client_tx.send(ObjectRef::from_obj(&*c));
-        }
-    }
-}
-
-/// Whether some UsagePlan in `ns` grants Service `name`.
-fn granted(ctx: &Ctx, ns: &str, name: &str) -> bool {
-    ctx.plans.state().iter().any(|p| p.namespace().as_deref() == Some(ns) && crate::model::grants(p, name))
-        || ctx.state.read().expect("state lock").contains_key(&ServiceKey { namespace: ns.into(), name: name.into() })
-}
-
-fn on_service(ctx: &Ctx, svc: &Service) {
-    let (ns, name) = (svc.namespace().unwrap_or_default(), svc.name_any());
-    if granted(ctx, &ns, &name) {
-        enqueue(ctx, [ServiceKey { namespace: ns, name }]);
-    }
-}
-
-fn on_pod(ctx: &Ctx, pod: &Pod) {
-    let ns = pod.namespace().unwrap_or_default();
-    if let Some(name) = pod.annotations().get(crate::webhook::inject::ANNOTATION_SERVICE)
-        && granted(ctx, &ns, name)
-    {
-        enqueue(ctx, [ServiceKey { namespace: ns, name: name.clone() }]);
-    }
-}
-
-fn on_configmap(ctx: &Ctx, cm: &ConfigMap) {
-    if let (Some(ns), Some(svc)) = (cm.namespace(), cm.labels().get(LABEL_SERVICE)) {
-        enqueue(ctx, [ServiceKey { namespace: ns, name: svc.clone() }]);
-    }
-}
-
-async fn drive<K>(
-    what: &'static str,
-    ctx: Arc<Ctx>,
-    stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
-    handler: fn(&Ctx, &K),
-) {
-    futures::pin_mut!(stream);
-    while let Some(ev) = stream.next().await {
-        match ev {
-            Ok(ev) => {
-                if let Some(o) = objects(&ev) {
-                    handler(&ctx, o);
-                }
-            }
-            Err(e) => tracing::warn!(watch = what, error = %e, "watch error (retrying with backoff)"),
-        }
-    }
-}
-
 /// Runs the controller until `shutdown` resolves (then `Ok`) or a fatal error (missing CRDs, lost Lease).
 pub async fn run(client: kube::Client, config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
     let metrics = Arc::new(Metrics::new());
@@ -319,17 +262,18 @@ pub async fn run(client: kube::Client, config: Config, shutdown: impl Future<Out
     let _admin_guard = AbortOnDrop(admin);
     tokio::pin!(shutdown);
 
-    let lease = config.leader_elect.then(|| {
-        LeaderLease::new(
-            client.clone(),
-            LeaseConfig {
-                namespace: config.lease_namespace.clone(),
-                name: config.lease_name.clone(),
-                identity: config.identity.clone(),
-                duration: config.lease_duration,
-            },
-        )
-    });
+    let lease_config = LeaseConfig {
+        namespace: config.lease_namespace.clone(),
+        name: config.lease_name.clone(),
+        identity: config.identity.clone(),
+        duration: config.lease_duration,
+        renew_deadline: config.lease_renew_deadline,
+        retry_period: config.lease_retry_period,
+    };
+    if config.leader_elect {
+        lease_config.check()?;
+    }
+    let lease = config.leader_elect.then(|| Arc::new(LeaderLease::new(client.clone(), lease_config)));
     if let Some(lease) = &lease {
         health.set_ready(true); // a standby replica is healthy and ready; it simply does not write
         tokio::select! {
@@ -340,7 +284,17 @@ pub async fn run(client: kube::Client, config: Config, shutdown: impl Future<Out
     }
     health.set_ready(false);
 
-    let result = run_leader(&client, &config, metrics.clone(), health.clone(), lease.as_ref(), &mut shutdown).await;
+    // Renewal runs from the moment we lead, not only once the caches are synced.
+    let lost = async {
+        match &lease {
+            Some(l) => l.hold().await,
+            None => futures::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        r = run_leader(&client, &config, metrics.clone(), health.clone(), lease.clone(), &mut shutdown) => r,
+        _ = lost => Err(Error::LostLease(config.lease_name.clone())),
+    };
     metrics.leader.set(0);
     if let Some(lease) = &lease
         && !matches!(result, Err(Error::LostLease(_)))
@@ -365,95 +319,59 @@ async fn run_leader(
     config: &Config,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    lease: Option<&LeaderLease>,
+    lease: Option<Arc<LeaderLease>>,
     shutdown: &mut (impl Future<Output = ()> + Unpin),
 ) -> Result<(), Error> {
-    let ns = &config.namespace;
-    let (plans, plan_stream) = reflect(api::<UsagePlan>(client, ns), watcher::Config::default(), trim_meta);
-    let (clients, client_stream) = reflect(api::<ApiClient>(client, ns), watcher::Config::default(), trim_meta);
-    let (secrets, secret_stream) = reflect(api::<Secret>(client, ns), watcher::Config::default(), trim_secret);
-    let cm_wc =
-        watcher::Config::default().labels(&format!("{LABEL_SERVICE},app.kubernetes.io/managed-by={MANAGED_BY}"));
-    let (cms, cm_stream) = reflect(api::<ConfigMap>(client, ns), cm_wc, trim_configmap);
-    let (services, service_stream) = reflect(api::<Service>(client, ns), watcher::Config::default(), trim_service);
-    let pod_wc = watcher::Config::default().labels(&format!("{}=true", crate::webhook::inject::INJECT_KEY));
-    let (pods, pod_stream) = reflect(api::<Pod>(client, ns), pod_wc, access::trim_pod);
-    let (table_tx, table_rx) = mpsc::unbounded_channel();
-    let (client_tx, client_rx) = mpsc::unbounded_channel();
+    let (caches, watches) = caches::start(client, &config.namespace);
     let recorder = Recorder::new(
         client.clone(),
         Reporter { controller: FIELD_MANAGER.into(), instance: Some(config.identity.clone()) },
     );
-    let ctx = Arc::new(Ctx {
-        client: client.clone(),
-        plans: plans.clone(),
-        clients: clients.clone(),
-        secrets: secrets.clone(),
-        services: services.clone(),
-        pods: pods.clone(),
-        state: RwLock::new(HashMap::new()),
-        render_errors: RwLock::new(HashMap::new()),
-        table_tx,
-        client_tx,
-        recorder,
-        metrics,
-    });
+    let (ctx, queues) = Ctx::new(client.clone(), config, caches.clone(), recorder, metrics, lease);
+    let ctx = Arc::new(ctx);
 
-    let mut tasks: JoinSet<&'static str> = JoinSet::new();
-    tasks.spawn({
-        let ctx = ctx.clone();
-        async move {
-            drive("usageplans", ctx, plan_stream, on_plan).await;
-            "usageplans watch"
+    let mut tasks: JoinSet<Result<&'static str, Error>> = JoinSet::new();
+    // Each watch feeds its trigger function; UsagePlans and ApiClients only on spec changes.
+    let (c, mut seen) = (ctx.clone(), SpecSeen::default());
+    spawn_watch(&mut tasks, "usageplans", ctx.plans.clone(), watches.plans, move |p: &UsagePlan, change| {
+        if seen.spec_changed(p, change) {
+            c.dispatch(c.triggers(|v| triggers::plan_changed(v, p)));
         }
     });
-    tasks.spawn({
-        let ctx = ctx.clone();
-        async move {
-            drive("apiclients", ctx, client_stream, on_client).await;
-            "apiclients watch"
+    let (c, mut seen) = (ctx.clone(), SpecSeen::default());
+    spawn_watch(&mut tasks, "apiclients", ctx.clients.clone(), watches.clients, move |o: &ApiClient, change| {
+        if seen.spec_changed(o, change) {
+            c.dispatch(c.triggers(|v| triggers::client_changed(v, o)));
         }
     });
-    tasks.spawn({
-        let ctx = ctx.clone();
-        async move {
-            drive("secrets", ctx, secret_stream, on_secret).await;
-            "secrets watch"
-        }
+    let c = ctx.clone();
+    spawn_watch(&mut tasks, "secrets", ctx.secrets.clone(), watches.secrets, move |o: &Secret, _| {
+        c.dispatch(c.triggers(|v| triggers::secret_changed(v, o)));
     });
-    tasks.spawn({
-        let ctx = ctx.clone();
-        async move {
-            drive("configmaps", ctx, cm_stream, on_configmap).await;
-            "configmaps watch"
-        }
+    let c = ctx.clone();
+    spawn_watch(&mut tasks, "services", ctx.services.clone(), watches.services, move |o: &Service, _| {
+        c.dispatch(c.triggers(|v| triggers::service_changed(v, o)));
     });
-    tasks.spawn({
-        let ctx = ctx.clone();
-        async move {
-            drive("services", ctx, service_stream, on_service).await;
-            "services watch"
-        }
+    let c = ctx.clone();
+    spawn_watch(&mut tasks, "pods", ctx.pods.clone(), watches.pods, move |o: &Pod, _| {
+        c.dispatch(c.triggers(|v| triggers::pod_changed(v, o)));
     });
-    tasks.spawn({
-        let ctx = ctx.clone();
-        async move {
-            drive("pods", ctx, pod_stream, on_pod).await;
-            "pods watch"
-        }
+    let c = ctx.clone();
+    spawn_watch(&mut tasks, "configmaps", caches.configmaps.clone(), watches.configmaps, move |o, _| {
+        c.dispatch(triggers::labelled_changed(o));
+    });
+    let c = ctx.clone();
+    spawn_watch(&mut tasks, "roles", caches.roles.clone(), watches.roles, move |o, _| {
+        c.dispatch(triggers::labelled_changed(o));
+    });
+    let c = ctx.clone();
+    spawn_watch(&mut tasks, "rolebindings", caches.bindings.clone(), watches.bindings, move |o, _| {
+        c.dispatch(triggers::labelled_changed(o));
     });
 
     // Nothing is written before every cache is complete: an empty cache must never render an empty table.
-    let synced = async {
-        let _ = plans.wait_until_ready().await;
-        let _ = clients.wait_until_ready().await;
-        let _ = secrets.wait_until_ready().await;
-        let _ = cms.wait_until_ready().await;
-        let _ = services.wait_until_ready().await;
-        let _ = pods.wait_until_ready().await;
-    };
     tokio::select! {
-        _ = synced => {}
+        _ = caches.wait_until_ready() => {}
         _ = &mut *shutdown => { tasks.abort_all(); return Ok(()); }
     }
     tracing::info!("caches synced; reconciling");
@@ -463,13 +381,13 @@ async fn run_leader(
         let ctx = ctx.clone();
         let debounce = config.debounce;
         async move {
-            tables::run_table_worker(ctx, table_rx, debounce).await;
-            "table worker"
+            tables::run_table_worker(ctx, queues.tables, debounce).await?;
+            Ok("table worker")
         }
     });
     // The ApiClient reconciler runs on kube-runtime's applier (the engine of `Controller`: dedup, debounce,
     // concurrency, requeue), fed from the shared ApiClient cache and our trigger channel, so nothing is watched twice.
-    let queue = tokio_stream_from(client_rx).map(Ok::<_, std::convert::Infallible>);
+    let queue = tokio_stream_from(queues.clients).map(Ok::<_, std::convert::Infallible>);
     let controller = applier(
         |obj, ctx| {
             Box::pin(async move {
@@ -480,7 +398,7 @@ async fn run_leader(
         },
         clients::error_policy,
         ctx.clone(),
-        clients.clone(),
+        caches.clients.clone(),
         queue,
         ControllerConfig::default().debounce(Duration::from_millis(500)).concurrency(16),
     )
@@ -491,23 +409,34 @@ async fn run_leader(
     });
     tasks.spawn(async move {
         controller.await;
-        "apiclient controller"
+        Ok("apiclient controller")
     });
 
-    let lost = async {
-        match lease {
-            Some(l) => l.hold().await,
-            None => futures::future::pending().await,
+    // Periodic full resync: every Service is re-rendered (an unchanged one costs a GET of its index and a look at
+    // the cached shard hashes), so drift no event reported is repaired within one interval.
+    tasks.spawn({
+        let ctx = ctx.clone();
+        let every = config.resync_interval;
+        async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let all = ctx.all_services();
+                tracing::debug!(services = all.len(), "periodic resync");
+                ctx.dispatch(Triggers { services: all.into_iter().collect(), ..Default::default() });
+            }
         }
-    };
+    });
+
     let result = tokio::select! {
         _ = &mut *shutdown => Ok(()),
-        _ = lost => Err(Error::LostLease(config.lease_name.clone())),
-        ended = tasks.join_next() => Err(Error::TaskEnded(match ended {
-            Some(Ok(name)) => name.to_string(),
-            Some(Err(e)) => e.to_string(),
-            None => "none".into(),
-        })),
+        ended = tasks.join_next() => match ended {
+            Some(Ok(Err(e))) => Err(e),
+            Some(Ok(Ok(name))) => Err(Error::TaskEnded(name.to_string())),
+            Some(Err(e)) => Err(Error::TaskEnded(e.to_string())),
+            None => Err(Error::TaskEnded("none".into())),
+        },
     };
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
@@ -515,49 +444,22 @@ async fn run_leader(
     result
 }
 
-fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl Stream<Item = T> + Send {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+/// Drives one watch (see [`caches::drive`]) as a task of `tasks`.
+fn spawn_watch<K>(
+    tasks: &mut JoinSet<Result<&'static str, Error>>,
+    what: &'static str,
+    store: Store<K>,
+    stream: caches::WatchStream<K>,
+    handler: impl FnMut(&K, Change) + Send + 'static,
+) where
+    K: kube::Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    tasks.spawn(async move {
+        caches::drive(what, store, stream, handler).await;
+        Ok(what)
+    });
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use k8s_openapi::ByteString;
-    use std::collections::BTreeMap;
-
-    fn secret(type_: &str) -> Secret {
-        let mut s = Secret {
-            type_: Some(type_.into()),
-            data: Some(BTreeMap::from([("k".to_string(), ByteString(b"v".to_vec()))])),
-            ..Default::default()
-        };
-        s.metadata.labels = Some(BTreeMap::from([(crate::keys::LABEL_API_KEY.to_string(), "true".to_string())]));
-        s.metadata.annotations = Some(BTreeMap::from([("last-applied".to_string(), "{...}".to_string())]));
-        s
-    }
-
-    #[test]
-    fn cached_secrets_keep_data_only_where_keys_can_live() {
-        let mut opaque = secret("Opaque");
-        trim_secret(&mut opaque);
-        assert!(opaque.data.is_some());
-        assert!(opaque.metadata.annotations.is_none());
-        let mut helm = secret("helm.sh/release.v1");
-        trim_secret(&mut helm);
-        assert!(helm.data.is_none());
-        let mut not_opted_in = secret("Opaque");
-        not_opted_in.metadata.labels = None;
-        trim_secret(&mut not_opted_in);
-        assert!(not_opted_in.data.is_none());
-    }
-
-    #[test]
-    fn cached_configmaps_drop_table_data() {
-        let mut cm = ConfigMap {
-            data: Some(BTreeMap::from([("shard.json".to_string(), "{}".to_string())])),
-            ..Default::default()
-        };
-        trim_configmap(&mut cm);
-        assert!(cm.data.is_none());
-    }
+fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl Stream<Item = T> + Send {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }

@@ -1,47 +1,32 @@
-//! The table writer: one logical table per (namespace, Service), rendered into an index ConfigMap and shard
-//! ConfigMaps (A/B slots, index written last), plus UsagePlan status.
+//! The table writer: one logical table per (namespace, Service), decided from the caches ([`decide`], pure) and
+//! published as an index ConfigMap and shard ConfigMaps ([`super::publish`], fenced), then the sidecar's RBAC
+//! ([`super::access`]) and UsagePlan status ([`super::status`]).
 //!
 //! Triggers come from the watchers as [`ServiceKey`]s; bursts are coalesced (trailing debounce with a maximum
-//! wait), so thousands of ApiClient changes cost a handful of renders. One batch is processed at a time, so two
-//! writers never race on the same Service.
+//! wait), so thousands of ApiClient changes cost a handful of renders. One batch is processed at a time, so this
+//! replica never races itself on a Service; other writers are fenced by the index's resourceVersion.
+//!
+//! A Service that no valid UsagePlan grants gets a **deny-all table** (proxies refuse every request) while its
+//! Service object exists or sidecar Pods name it; its sidecar Role and RoleBinding are kept, so running sidecars
+//! keep reading and see the deny-all table now and a new grant later. Only when nothing names the Service any more
+//! are its tables (index first) and RBAC removed.
 
-use super::{Ctx, Error, FIELD_MANAGER, MANAGED_BY, publish_transitions};
-use crate::conditions::{PlanFacts, merge, plan_conditions};
-use crate::crd::{API_VERSION, ApiClient, TableStatus, UsagePlan, UsagePlanStatus};
+use super::publish::Writer;
+pub use super::rendered::{ServiceKey, ServiceState};
+use super::status::update_plan_status;
+use super::{Ctx, Error};
+use crate::crd::{API_VERSION, ApiClient, UsagePlan};
 use crate::keys::{self, resolve_keys};
 use crate::model::{self, build_table};
-use k8s_openapi::api::core::v1::ConfigMap;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use portcullis_table::naming::{INDEX_DATA_KEY, LABEL_ROLE, LABEL_SERVICE, SHARD_DATA_KEY, Slot, index_name};
-use portcullis_table::sequence::{PreviousIndex, next_sequence};
-use portcullis_table::shard::{IndexDoc, MAX_SHARD_BYTES, render};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use portcullis_table::Table;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-
-/// A protected Service.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceKey {
-    pub namespace: String,
-    pub name: String,
-}
-
-/// What the current table of a Service holds (as last written or confirmed by this controller).
-#[derive(Clone, Debug, Default)]
-pub struct ServiceState {
-    pub revision: String,
-    pub shards: usize,
-    /// ApiClient name → generation in the table.
-    pub clients: HashMap<String, i64>,
-    /// Granting UsagePlan name → (uid, generation).
-    pub plans: BTreeMap<String, (String, i64)>,
-    /// ApiClient name → fingerprints of its keys left out as duplicates.
-    pub duplicates: HashMap<String, Vec<String>>,
-}
 
 /// Trailing debounce: a batch closes after `quiet` without new triggers, or `max_wait` after it opened.
 #[derive(Clone, Copy, Debug)]
@@ -50,7 +35,16 @@ pub struct Debounce {
     pub max_wait: Duration,
 }
 
-pub async fn run_table_worker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<ServiceKey>, debounce: Debounce) {
+/// How often a reconcile that lost the index precondition re-reads and re-decides before giving up for now.
+const CONFLICT_RETRIES: usize = 3;
+
+/// Processes queued Services until the queue closes, or returns [`Error::LostLease`] once this replica no longer
+/// leads (it must not write again).
+pub async fn run_table_worker(
+    ctx: Arc<Ctx>,
+    mut rx: mpsc::UnboundedReceiver<ServiceKey>,
+    debounce: Debounce,
+) -> Result<(), Error> {
     while let Some(first) = rx.recv().await {
         let mut batch = BTreeSet::from([first]);
         let deadline = tokio::time::Instant::now() + debounce.max_wait;
@@ -59,7 +53,7 @@ pub async fn run_table_worker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ser
             tokio::select! {
                 k = rx.recv() => match k {
                     Some(k) => { batch.insert(k); }
-                    None => return,
+                    None => return Ok(()),
                 },
                 _ = quiet => break,
                 _ = tokio::time::sleep_until(deadline) => break,
@@ -68,18 +62,28 @@ pub async fn run_table_worker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ser
         let mut plans_to_update: BTreeSet<(String, String)> = BTreeSet::new();
         for key in &batch {
             let started = Instant::now();
-            let res = reconcile_service(&ctx, key).await;
+            let mut attempt = 0;
+            let res = loop {
+                match reconcile_service(&ctx, key).await {
+                    Err(Error::Conflict(index)) if attempt < CONFLICT_RETRIES => {
+                        attempt += 1;
+                        tracing::info!(namespace = %key.namespace, index, "index changed since it was read; re-reading");
+                    }
+                    res => break res,
+                }
+            };
             ctx.metrics.observe("table", started.elapsed(), res.is_ok());
             match res {
                 Ok(()) => {
                     ctx.render_errors.write().expect("errors lock").remove(key);
                 }
+                Err(e @ Error::LostLease(_)) => return Err(e),
                 Err(e) => {
                     ctx.render_errors.write().expect("errors lock").insert(key.clone(), e.to_string());
                     tracing::warn!(namespace = %key.namespace, service = %key.name, error = %e, "table reconcile failed; retrying");
                     // API errors are usually transient; a table that cannot be rendered (too large) only changes
                     // with the objects, whose events trigger a new attempt anyway.
-                    let delay = if matches!(e, Error::Table { .. }) { 60 } else { 2 };
+                    let delay = if matches!(e, Error::Table { .. } | Error::IndexTooLarge { .. }) { 60 } else { 2 };
                     let (tx, key) = (ctx.table_tx.clone(), key.clone());
                     tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_secs(delay)).await;
@@ -104,6 +108,7 @@ pub async fn run_table_worker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ser
             }
         }
     }
+    Ok(())
 }
 
 /// Resolved keys of `client` from the Secret cache (digests only).
@@ -112,31 +117,74 @@ pub(crate) fn cached_keys(ctx: &Ctx, client: &ApiClient) -> keys::ResolvedKeys {
     resolve_keys(client, |secret| ctx.secrets.get(&ObjectRef::new(secret).within(&ns)))
 }
 
-async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
-    let ns = key.namespace.as_str();
-    let plans: Vec<Arc<UsagePlan>> = ctx.plans.state_filter(|p| p.namespace().as_deref() == Some(ns));
-    let clients: Vec<Arc<ApiClient>> = ctx.clients.state_filter(|c| c.namespace().as_deref() == Some(ns));
-    let built = build_table(ns, &key.name, plans.iter().map(|p| &**p), clients.iter().map(|c| &**c), |c| {
-        cached_keys(ctx, c).entries
-    });
-    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
-    let old = ctx.state.read().expect("state lock").get(key).cloned();
+/// What the table of one Service should be.
+#[derive(Debug)]
+pub struct Desired {
+    /// A table of the granted clients, or the deny-all table of a Service no valid UsagePlan grants.
+    pub table: Table,
+    /// Owners of the table ConfigMaps and the sidecar RBAC: the granting UsagePlans; for a deny-all table the Service
+    /// (so that deleting the Service removes them), or none when only sidecar Pods still name it.
+    pub owners: Vec<OwnerReference>,
+    pub plans: BTreeMap<String, (String, i64)>,
+    pub clients: HashMap<String, i64>,
+    pub duplicates: HashMap<String, Vec<String>>,
+    /// ApiClients left out because they cannot be rendered: name → reason.
+    pub excluded: BTreeMap<String, String>,
+}
 
+/// Room left in a shard for its envelope (schemaVersion, service, revision, shard number): a client larger than
+/// `max_shard_bytes - SHARD_ENVELOPE` is left out rather than failing the whole table.
+const SHARD_ENVELOPE: usize = 1024;
+
+/// Decides the table of Service `service` in `ns` from the namespace's plans and clients. `None`: no plan grants it,
+/// no Service object and no sidecar Pod names it: nothing to keep, remove its tables and RBAC.
+#[allow(clippy::too_many_arguments)]
+pub fn decide(
+    ns: &str,
+    service: &str,
+    plans: &[Arc<UsagePlan>],
+    clients: &[Arc<ApiClient>],
+    keys: impl Fn(&ApiClient) -> Vec<portcullis_table::KeyEntry>,
+    svc: Option<&Service>,
+    sidecars: bool,
+    max_shard_bytes: usize,
+) -> Option<Desired> {
+    let plans = plans.iter().map(|p| &**p);
+    let mut built = build_table(ns, service, plans.clone(), clients.iter().map(|c| &**c), &keys);
     if built.plans.is_empty() {
-        delete_tables(&cms, &key.name, &HashSet::new()).await?;
-        super::access::delete_access(ctx, ns, &key.name).await?;
-        ctx.state.write().expect("state lock").remove(key);
-        ctx.metrics.remove_table(ns, &key.name);
-        if let Some(old) = old {
-            tracing::info!(namespace = ns, service = %key.name, "no UsagePlan grants the Service any more; table deleted");
-            notify_clients(ctx, ns, old.clients.keys());
+        if svc.is_none() && !sidecars {
+            return None;
         }
-        return Ok(());
+        let reason = format!("no valid UsagePlan grants Service {ns}/{service}");
+        let owners = svc.and_then(|s| s.controller_owner_ref(&())).map(|mut o| {
+            o.controller = None;
+            o.block_owner_deletion = None;
+            vec![o]
+        });
+        return Some(Desired {
+            table: Table::deny_all(format!("{ns}/{service}"), reason),
+            owners: owners.unwrap_or_default(),
+            plans: BTreeMap::new(),
+            clients: HashMap::new(),
+            duplicates: HashMap::new(),
+            excluded: BTreeMap::new(),
+        });
     }
-
-    let table = &built.table;
-    let index = index_name(&key.name);
-    let owners: Vec<OwnerReference> = built
+    // One client that cannot be rendered must not hold back every other client's changes (or revocation).
+    let budget = max_shard_bytes.saturating_sub(SHARD_ENVELOPE);
+    let mut excluded = BTreeMap::new();
+    for c in &built.table.clients {
+        let bytes = serde_json::to_string(c).expect("serialisable").len() + 1;
+        if bytes > budget {
+            let name = c.id.rsplit_once('/').map_or(c.id.as_str(), |(_, n)| n).to_string();
+            excluded.insert(name, format!("its table entry is {bytes} bytes, more than a shard holds ({budget})"));
+        }
+    }
+    if !excluded.is_empty() {
+        let kept = clients.iter().map(|c| &**c).filter(|c| !excluded.contains_key(&c.name_any()));
+        built = build_table(ns, service, plans, kept, &keys);
+    }
+    let owners = built
         .plans
         .iter()
         .map(|(name, (uid, _))| OwnerReference {
@@ -147,87 +195,107 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
             ..Default::default()
         })
         .collect();
-    let current = cms.get_opt(&index).await?;
-    let current_doc = current
-        .as_ref()
-        .and_then(|cm| cm.data.as_ref()?.get(INDEX_DATA_KEY).cloned())
-        .and_then(|json| IndexDoc::parse(&json, &index).ok());
-    let current_owners: BTreeSet<String> =
-        current.as_ref().map(|cm| cm.owner_references().iter().map(|o| o.uid.clone()).collect()).unwrap_or_default();
-    let desired_owners: BTreeSet<String> = owners.iter().map(|o| o.uid.clone()).collect();
-
-    let shards = match &current_doc {
-        Some(doc) if doc.revision == table.revision && current_owners == desired_owners => {
-            tracing::debug!(namespace = ns, service = %key.name, revision = %table.revision, "table unchanged");
-            doc.shards.len()
-        }
-        _ => {
-            let slot = current_doc.as_ref().map(|d| d.slot.other()).unwrap_or(Slot::A);
-            let previous = match (&current, &current_doc) {
-                (None, _) => PreviousIndex::Absent,
-                (Some(_), Some(doc)) => PreviousIndex::Readable(doc),
-                (Some(_), None) => PreviousIndex::Unreadable,
-            };
-            let sequence = next_sequence(previous, jiff::Timestamp::now());
-            let rendered = render(table, &index, slot, sequence, MAX_SHARD_BYTES)
-                .map_err(|source| Error::Table { service: table.service.clone(), source })?;
-            let pp = PatchParams::apply(FIELD_MANAGER).force();
-            for (name, json) in &rendered.shards {
-                let cm = table_configmap(name, &key.name, "shard", SHARD_DATA_KEY, json, &owners, None);
-                cms.patch(name, &pp, &Patch::Apply(&cm)).await?;
-            }
-            let cm = table_configmap(
-                &index,
-                &key.name,
-                "index",
-                INDEX_DATA_KEY,
-                &rendered.index_json,
-                &owners,
-                Some(&table.revision),
-            );
-            cms.patch(&index, &pp, &Patch::Apply(&cm)).await?;
-            // Keep the new revision and the previous one (a proxy may be mid-read of it); delete the rest.
-            let mut keep: HashSet<String> = rendered.shards.iter().map(|(n, _)| n.clone()).collect();
-            keep.insert(index.clone());
-            if let Some(doc) = &current_doc {
-                keep.extend(doc.shards.iter().map(|s| s.name.clone()));
-            }
-            delete_tables(&cms, &key.name, &keep).await?;
-            ctx.metrics
-                .table_writes
-                .get_or_create(&super::metrics::ServiceLabels { namespace: ns.into(), service: key.name.clone() })
-                .inc();
-            tracing::info!(
-                namespace = ns,
-                service = %key.name,
-                revision = %table.revision,
-                slot = slot.as_str(),
-                clients = table.clients.len(),
-                shards = rendered.shards.len(),
-                "table revision written"
-            );
-            rendered.shards.len()
-        }
-    };
-    ctx.metrics.set_table(ns, &key.name, table.clients.len(), shards);
-    let granting: Vec<&UsagePlan> =
-        plans.iter().map(|p| &**p).filter(|p| built.plans.contains_key(&p.name_any())).collect();
-    super::access::reconcile_access(ctx, ns, &key.name, &granting, &owners).await?;
-
     let mut duplicates: HashMap<String, Vec<String>> = HashMap::new();
     for (client, fp) in &built.duplicate_keys {
         duplicates.entry(client.clone()).or_default().push(fp.clone());
     }
+    Some(Desired { table: built.table, owners, plans: built.plans, clients: built.clients, duplicates, excluded })
+}
+
+async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
+    let ns = key.namespace.as_str();
+    let plans: Vec<Arc<UsagePlan>> = ctx.plans.state_filter(|p| p.namespace().as_deref() == Some(ns));
+    let clients: Vec<Arc<ApiClient>> = ctx.clients.state_filter(|c| c.namespace().as_deref() == Some(ns));
+    let svc = ctx.services.get(&ObjectRef::new(&key.name).within(ns));
+    let sidecars = ctx.pods.state().iter().any(|p| {
+        p.namespace().as_deref() == Some(ns)
+            && p.annotations().get(crate::webhook::inject::ANNOTATION_SERVICE) == Some(&key.name)
+    });
+    let desired = decide(
+        ns,
+        &key.name,
+        &plans,
+        &clients,
+        |c| cached_keys(ctx, c).entries,
+        svc.as_deref(),
+        sidecars,
+        ctx.max_shard_bytes,
+    );
+    let writer = Writer::new(ctx, ns, &key.name);
+    let live = writer.read().await?;
+    let old = ctx.state.read().expect("state lock").get(key).cloned();
+
+    let Some(desired) = desired else {
+        // Nothing protects or reads this Service any more: the index goes first (fenced), then shards, then RBAC.
+        writer.remove(&live).await?;
+        super::access::delete_access(ctx, ns, &key.name).await?;
+        ctx.state.write().expect("state lock").remove(key);
+        ctx.metrics.remove_table(ns, &key.name);
+        if let Some(old) = old {
+            tracing::info!(namespace = ns, service = %key.name, "no UsagePlan, Service or sidecar left; tables removed");
+            notify_clients(ctx, ns, old.clients.keys().chain(old.excluded.keys()));
+        }
+        return Ok(());
+    };
+
+    let table = &desired.table;
+    let want_owners: Vec<String> = {
+        let mut v: Vec<String> = desired.owners.iter().map(|o| o.uid.clone()).collect();
+        v.sort();
+        v
+    };
+    let unchanged = match &live.doc {
+        Some(doc) if doc.revision == table.revision && live.owners() == want_owners => {
+            let damaged = writer.damaged(doc).await?;
+            if !damaged.is_empty() {
+                tracing::warn!(namespace = ns, service = %key.name, shards = ?damaged, "shards of the current revision are missing or edited; rewriting");
+            }
+            damaged.is_empty()
+        }
+        _ => false,
+    };
+    let shards = if unchanged {
+        tracing::debug!(namespace = ns, service = %key.name, revision = %table.revision, "table unchanged");
+        live.doc.as_ref().map_or(0, |d| d.shards.len())
+    } else {
+        let rendered = writer.publish(&live, table, &desired.owners, ctx.max_shard_bytes).await?;
+        ctx.metrics
+            .table_writes
+            .get_or_create(&super::metrics::ServiceLabels { namespace: ns.into(), service: key.name.clone() })
+            .inc();
+        tracing::info!(
+            namespace = ns,
+            service = %key.name,
+            revision = %table.revision,
+            sequence = rendered.index.sequence,
+            slot = rendered.index.slot.as_str(),
+            clients = table.clients.len(),
+            shards = rendered.shards.len(),
+            deny_all = table.is_deny_all(),
+            "table revision written"
+        );
+        rendered.shards.len()
+    };
+    ctx.metrics.set_table(ns, &key.name, table.clients.len(), shards);
+    // RBAC after the table: a deny-all table stays readable, so sidecars keep their watch and see a later grant.
+    let granting: Vec<&UsagePlan> =
+        plans.iter().map(|p| &**p).filter(|p| desired.plans.contains_key(&p.name_any())).collect();
+    super::access::reconcile_access(ctx, ns, &key.name, &granting, &desired.owners).await?;
+
     let new = ServiceState {
         revision: table.revision.clone(),
         shards,
-        clients: built.clients,
-        plans: built.plans,
-        duplicates,
+        clients: desired.clients,
+        plans: desired.plans,
+        duplicates: desired.duplicates,
+        excluded: desired.excluded,
     };
-    // Tell the ApiClient reconciler about clients whose presence, generation or duplicate keys changed.
+    for (client, reason) in &new.excluded {
+        tracing::warn!(namespace = ns, service = %key.name, client, reason, "ApiClient left out of the table");
+    }
+    // Tell the ApiClient reconciler about clients whose presence, generation, duplicates or exclusion changed.
     let changed: Vec<String> = match &old {
-        None => new.clients.keys().cloned().collect(),
+        None => new.clients.keys().chain(new.excluded.keys()).cloned().collect(),
         Some(old) => {
             let mut v: Vec<String> = new
                 .clients
@@ -237,6 +305,8 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
                 .collect();
             v.extend(old.clients.keys().filter(|n| !new.clients.contains_key(*n)).cloned());
             v.extend(old.duplicates.keys().filter(|n| !new.duplicates.contains_key(*n)).cloned());
+            v.extend(new.excluded.keys().filter(|n| old.excluded.get(*n) != new.excluded.get(*n)).cloned());
+            v.extend(old.excluded.keys().filter(|n| !new.excluded.contains_key(*n)).cloned());
             v
         }
     };
@@ -251,119 +321,82 @@ fn notify_clients<'a>(ctx: &Ctx, ns: &str, names: impl Iterator<Item = &'a Strin
     }
 }
 
-fn table_configmap(
-    name: &str,
-    service: &str,
-    role: &str,
-    data_key: &str,
-    json: &str,
-    owners: &[OwnerReference],
-    revision: Option<&str>,
-) -> ConfigMap {
-    let labels = BTreeMap::from([
-        (LABEL_SERVICE.to_string(), service.to_string()),
-        (LABEL_ROLE.to_string(), role.to_string()),
-        ("app.kubernetes.io/managed-by".to_string(), MANAGED_BY.to_string()),
-    ]);
-    let annotations = revision.map(|r| BTreeMap::from([("portcullis.dev/revision".to_string(), r.to_string())]));
-    ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(name.to_string()),
-            labels: Some(labels),
-            annotations,
-            owner_references: Some(owners.to_vec()),
-            ..Default::default()
-        },
-        data: Some(BTreeMap::from([(data_key.to_string(), json.to_string())])),
-        ..Default::default()
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::fixture;
+    use portcullis_table::KeyEntry;
 
-/// Deletes every table ConfigMap of `service` not named in `keep`.
-async fn delete_tables(cms: &Api<ConfigMap>, service: &str, keep: &HashSet<String>) -> Result<(), Error> {
-    let lp =
-        ListParams::default().labels(&format!("{LABEL_SERVICE}={service},app.kubernetes.io/managed-by={MANAGED_BY}"));
-    for cm in cms.list_metadata(&lp).await? {
-        let name = cm.name_any();
-        if !keep.contains(&name) {
-            match cms.delete(&name, &DeleteParams::default()).await {
-                Ok(_) => tracing::debug!(configmap = %name, "deleted stale table ConfigMap"),
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+    fn decide_with(
+        plans: &[UsagePlan],
+        clients: &[ApiClient],
+        svc: Option<&Service>,
+        sidecars: bool,
+        max: usize,
+    ) -> Option<Desired> {
+        let (_, _, secret) = fixture(clients.len());
+        let plans: Vec<Arc<UsagePlan>> = plans.iter().cloned().map(Arc::new).collect();
+        let clients: Vec<Arc<ApiClient>> = clients.iter().cloned().map(Arc::new).collect();
+        let lookup = |c: &ApiClient| -> Vec<KeyEntry> {
+            resolve_keys(c, |name| (name == "keys").then_some(&secret)).entries
+        };
+        decide("shop", "orders", &plans, &clients, lookup, svc, sidecars, max)
     }
-    Ok(())
-}
 
-async fn update_plan_status(ctx: &Ctx, plan: &UsagePlan) -> Result<(), Error> {
-    let ns = plan.namespace().unwrap_or_default();
-    let name = plan.name_any();
-    let uid = plan.uid().unwrap_or_default();
-    let generation = plan.metadata.generation.unwrap_or(0);
-    let mut facts = PlanFacts::default();
-    let mut tables = Vec::new();
-    {
-        let state = ctx.state.read().expect("state lock");
-        for s in &plan.spec.services {
-            facts.services.push(s.name.clone());
-            let st = state.get(&ServiceKey { namespace: ns.clone(), name: s.name.clone() });
-            let key = ServiceKey { namespace: ns.clone(), name: s.name.clone() };
-            if let Some(e) = ctx.render_errors.read().expect("errors lock").get(&key) {
-                facts.render_errors.push((s.name.clone(), e.clone()));
-            }
-            let svc = ctx.services.get(&ObjectRef::new(&s.name).within(&ns));
-            facts.exposure.push((s.name.clone(), crate::exposure::check_service(&s.name, svc.as_deref())));
-            match st {
-                Some(st) if st.plans.get(&name) == Some(&(uid.clone(), generation)) => tables.push(TableStatus {
-                    service: s.name.clone(),
-                    revision: st.revision.clone(),
-                    shards: st.shards as u32,
-                }),
-                _ => facts.unprogrammed.push(s.name.clone()),
-            }
-        }
+    fn service() -> Service {
+        let mut s = Service::default();
+        s.metadata.name = Some("orders".into());
+        s.metadata.namespace = Some("shop".into());
+        s.metadata.uid = Some("svc-uid".into());
+        s
     }
-    if let Err(e) = model::plan_entry(&name, &plan.spec, "") {
-        facts.spec_error = Some(e.to_string());
-    }
-    let clients = ctx
-        .clients
-        .state()
-        .iter()
-        .filter(|c| c.namespace().as_deref() == Some(ns.as_str()) && c.spec.usage_plans.contains(&name))
-        .count() as u32;
-    let old = plan.status.clone().unwrap_or_default();
-    let conditions = merge(&old.conditions, &plan_conditions(&facts), Some(generation), jiff::Timestamp::now());
-    let status = UsagePlanStatus { observed_generation: Some(generation), conditions, clients, tables };
-    if status == old {
-        return Ok(());
-    }
-    let api: Api<UsagePlan> = Api::namespaced(ctx.client.clone(), &ns);
-    let patch = serde_json::json!({ "status": status });
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
-    publish_transitions(ctx, &plan.object_ref(&()), &old.conditions, &status.conditions).await;
-    Ok(())
-}
 
-/// Services whose tables a change of `client` may affect: those its plans grant now, and those it is in now.
-pub(crate) fn services_of_client(ctx: &Ctx, client: &ApiClient) -> BTreeSet<ServiceKey> {
-    let ns = client.namespace().unwrap_or_default();
-    let name = client.name_any();
-    let mut out = BTreeSet::new();
-    for p in &client.spec.usage_plans {
-        if let Some(plan) = ctx.plans.get(&ObjectRef::new(p).within(&ns)) {
-            out.extend(plan.spec.services.iter().map(|s| ServiceKey { namespace: ns.clone(), name: s.name.clone() }));
-        }
+    #[test]
+    fn granted_service_gets_its_clients_owned_by_the_plans() {
+        let (plans, clients, _) = fixture(3);
+        let d = decide_with(&plans, &clients, None, false, portcullis_table::shard::MAX_SHARD_BYTES).unwrap();
+        assert!(!d.table.is_deny_all());
+        assert_eq!(d.table.clients.len(), 3);
+        assert_eq!(d.owners.len(), 1);
+        assert_eq!(d.owners[0].kind, "UsagePlan");
+        assert!(d.excluded.is_empty());
     }
-    let state = ctx.state.read().expect("state lock");
-    out.extend(
-        state.iter().filter(|(k, st)| k.namespace == ns && st.clients.contains_key(&name)).map(|(k, _)| k.clone()),
-    );
-    out
-}
 
-/// Whether `client` reads key material from Secret `secret` (same namespace assumed).
-pub(crate) fn uses_secret(client: &ApiClient, secret: &str) -> bool {
-    keys::uses_secret(client, secret)
+    #[test]
+    fn ungranted_service_that_exists_gets_a_deny_all_table_owned_by_the_service() {
+        let (mut plans, clients, _) = fixture(2);
+        plans[0].spec.services.clear();
+        let svc = service();
+        let d = decide_with(&plans, &clients, Some(&svc), false, 1 << 20).unwrap();
+        assert!(d.table.is_deny_all());
+        assert!(d.table.clients.is_empty() && d.plans.is_empty());
+        assert_eq!(d.owners.len(), 1);
+        assert_eq!((d.owners[0].kind.as_str(), d.owners[0].uid.as_str()), ("Service", "svc-uid"));
+        // No Service, but a sidecar still reads the table: deny-all, no owner.
+        let d = decide_with(&plans, &clients, None, true, 1 << 20).unwrap();
+        assert!(d.table.is_deny_all() && d.owners.is_empty());
+        // Nothing names it any more: remove.
+        assert!(decide_with(&plans, &clients, None, false, 1 << 20).is_none());
+    }
+
+    #[test]
+    fn an_invalid_plan_grants_nothing() {
+        let (mut plans, clients, _) = fixture(2);
+        plans[0].spec.throttle.as_mut().unwrap().per = "soon".into();
+        let d = decide_with(&plans, &clients, Some(&service()), false, 1 << 20).unwrap();
+        assert!(d.table.is_deny_all());
+    }
+
+    #[test]
+    fn a_client_too_large_to_render_is_left_out_and_the_others_stay() {
+        let (plans, mut clients, _) = fixture(3);
+        clients[1].spec.source_ranges = (0..200).map(|i| format!("2001:db8:{i:x}::/48")).collect();
+        let d = decide_with(&plans, &clients, None, false, 4096).unwrap();
+        assert_eq!(d.table.clients.len(), 2);
+        assert!(d.table.clients.iter().all(|c| !c.id.ends_with("client-000001")));
+        assert!(d.excluded["client-000001"].contains("more than a shard holds"), "{:?}", d.excluded);
+        assert!(!d.clients.contains_key("client-000001"));
+        // The table still renders (the check is conservative).
+        portcullis_table::shard::render(&d.table, "i", portcullis_table::naming::Slot::A, 1, 4096).unwrap();
+    }
 }

@@ -2,6 +2,8 @@
 //! a ServiceAccount token bound only to `config/rbac`, its tracing output captured for key scans.
 #![allow(dead_code)]
 
+pub mod sidecar;
+
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
@@ -75,41 +77,51 @@ pub struct Env {
 pub async fn env(prefix: &str) -> Env {
     install_logging();
     let cp = ControlPlane::shared();
-    SETUP
-        .get_or_init(|| async {
-            let admin = cp.admin_client().await;
-            for f in ["crds/portcullis.dev_apiclients.yaml", "crds/portcullis.dev_usageplans.yaml"] {
-                cp.apply_yaml_file(root().join(f), None).await.expect("installing CRDs");
-            }
-            let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
-            for name in ["apiclients.portcullis.dev", "usageplans.portcullis.dev"] {
-                wait_for(T, &format!("CRD {name} Established"), || async {
-                    let crd = crds.get_opt(name).await.ok()??;
-                    crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
-                })
-                .await;
-            }
-            cp.apply_yaml(&format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {SYSTEM_NS}\n"), None)
-                .await
-                .expect("system namespace");
-            cp.apply_yaml_file(root().join("config/rbac/controller-clusterrole.yaml"), None).await.expect("ClusterRole");
-            cp.apply_yaml_file(root().join("config/rbac/controller-role-leader-election.yaml"), Some(SYSTEM_NS))
-                .await
-                .expect("leader Role");
-            let bindings = format!(
-                "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: portcullis-controller\n\
-                 roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: portcullis-controller\n\
-                 subjects:\n- kind: ServiceAccount\n  name: {SA}\n  namespace: {SYSTEM_NS}\n---\n\
-                 apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: portcullis-controller-leader-election\n  namespace: {SYSTEM_NS}\n\
-                 roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: Role\n  name: portcullis-controller-leader-election\n\
-                 subjects:\n- kind: ServiceAccount\n  name: {SA}\n  namespace: {SYSTEM_NS}\n"
-            );
-            cp.apply_yaml(&bindings, None).await.expect("RBAC bindings");
-        })
-        .await;
+    SETUP.get_or_init(|| install(cp)).await;
     let admin = cp.admin_client().await;
     let ns = cp.namespace(prefix).await;
     Env { cp, admin, ns }
+}
+
+/// Like [`env`], on a control plane of the caller's (e.g. one whose API server the test restarts).
+pub async fn env_on(cp: &'static ControlPlane, prefix: &str) -> Env {
+    install_logging();
+    install(cp).await;
+    let admin = cp.admin_client().await;
+    let ns = cp.namespace(prefix).await;
+    Env { cp, admin, ns }
+}
+
+/// CRDs (Established) and the controller's RBAC on `cp`.
+pub async fn install(cp: &'static ControlPlane) {
+    let admin = cp.admin_client().await;
+    for f in ["crds/portcullis.dev_apiclients.yaml", "crds/portcullis.dev_usageplans.yaml"] {
+        cp.apply_yaml_file(root().join(f), None).await.expect("installing CRDs");
+    }
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    for name in ["apiclients.portcullis.dev", "usageplans.portcullis.dev"] {
+        wait_for(T, &format!("CRD {name} Established"), || async {
+            let crd = crds.get_opt(name).await.ok()??;
+            crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
+        })
+        .await;
+    }
+    cp.apply_yaml(&format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {SYSTEM_NS}\n"), None)
+        .await
+        .expect("system namespace");
+    cp.apply_yaml_file(root().join("config/rbac/controller-clusterrole.yaml"), None).await.expect("ClusterRole");
+    cp.apply_yaml_file(root().join("config/rbac/controller-role-leader-election.yaml"), Some(SYSTEM_NS))
+        .await
+        .expect("leader Role");
+    let bindings = format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: portcullis-controller\n\
+         roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: portcullis-controller\n\
+         subjects:\n- kind: ServiceAccount\n  name: {SA}\n  namespace: {SYSTEM_NS}\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: portcullis-controller-leader-election\n  namespace: {SYSTEM_NS}\n\
+         roleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: Role\n  name: portcullis-controller-leader-election\n\
+         subjects:\n- kind: ServiceAccount\n  name: {SA}\n  namespace: {SYSTEM_NS}\n"
+    );
+    cp.apply_yaml(&bindings, None).await.expect("RBAC bindings");
 }
 
 pub struct Running {
@@ -140,8 +152,29 @@ pub async fn start_controller(env: &Env, identity: &str) -> Running {
 }
 
 pub async fn start_controller_with_lease(env: &Env, identity: &str, lease: &str) -> Running {
+    start_controller_with(env, identity, lease, None, |_| {}).await
+}
+
+/// The controller's own kube config (its ServiceAccount token), e.g. to point it at a relay.
+pub async fn controller_kube_config(env: &Env) -> kube::Config {
     let token = env.cp.service_account_token(SYSTEM_NS, SA).await;
-    let client = env.cp.client_for_token(&token).await;
+    let kc = kube::config::Kubeconfig::read_from(env.cp.kubeconfig_for_token(&token)).unwrap();
+    kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await.unwrap()
+}
+
+/// Runs the controller with `kube` (default: its own token, direct) and `tune` applied to its configuration.
+pub async fn start_controller_with(
+    env: &Env,
+    identity: &str,
+    lease: &str,
+    kube: Option<kube::Config>,
+    tune: impl FnOnce(&mut Config),
+) -> Running {
+    let kube = match kube {
+        Some(k) => k,
+        None => controller_kube_config(env).await,
+    };
+    let client = Client::try_from(kube).unwrap();
     let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let config = Config {
         namespace: Some(env.ns.clone()),
@@ -152,7 +185,12 @@ pub async fn start_controller_with_lease(env: &Env, identity: &str, lease: &str)
         identity: identity.into(),
         metrics_listen: Some(admin_addr),
         debounce: Debounce { quiet: Duration::from_millis(100), max_wait: Duration::from_secs(2) },
+        lease_renew_deadline: Duration::from_secs(4),
+        lease_retry_period: Duration::from_secs(1),
+        ..Config::default()
     };
+    let mut config = config;
+    tune(&mut config);
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(portcullis_controller::run(client, config, async move {
         let _ = rx.await;

@@ -42,6 +42,9 @@ pub struct ControlPlane {
     ca_path: PathBuf,
     pki: Pki,
     procs: Mutex<Vec<Proc>>,
+    etcd_url: String,
+    apiserver_args: Vec<String>,
+    watchdog: bool,
 }
 
 static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
@@ -107,33 +110,29 @@ impl ControlPlane {
             &dir,
         )?;
         procs.push(etcd);
-        let apiserver = Proc::spawn(
-            "kube-apiserver",
-            &bin_dir.join("kube-apiserver"),
-            &[
-                format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--secure-port={api_port}"),
-                format!("--cert-dir={}", p(&dir.join("certs"))),
-                format!("--tls-cert-file={}", p(&apiserver_crt)),
-                format!("--tls-private-key-file={}", p(&apiserver_key)),
-                format!("--client-ca-file={}", p(&ca_path)),
-                format!("--token-auth-file={}", p(&tokens)),
-                "--authorization-mode=RBAC".into(),
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-                format!("--service-account-key-file={}", p(&sa_pub)),
-                format!("--service-account-signing-key-file={}", p(&sa_key)),
-                format!("--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"),
-                "--allow-privileged=true".into(),
-                "--disable-admission-plugins=ServiceAccount".into(),
-                "--endpoint-reconciler-type=none".into(),
-                "--enable-priority-and-fairness=false".into(),
-                "--profiling=false".into(),
-                "--v=1".into(),
-            ],
-            &dir,
-        )?;
+        let apiserver_args: Vec<String> = vec![
+            format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--secure-port={api_port}"),
+            format!("--cert-dir={}", p(&dir.join("certs"))),
+            format!("--tls-cert-file={}", p(&apiserver_crt)),
+            format!("--tls-private-key-file={}", p(&apiserver_key)),
+            format!("--client-ca-file={}", p(&ca_path)),
+            format!("--token-auth-file={}", p(&tokens)),
+            "--authorization-mode=RBAC".into(),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            format!("--service-account-key-file={}", p(&sa_pub)),
+            format!("--service-account-signing-key-file={}", p(&sa_key)),
+            format!("--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"),
+            "--allow-privileged=true".into(),
+            "--disable-admission-plugins=ServiceAccount".into(),
+            "--endpoint-reconciler-type=none".into(),
+            "--enable-priority-and-fairness=false".into(),
+            "--profiling=false".into(),
+            "--v=1".into(),
+        ];
+        let apiserver = Proc::spawn("kube-apiserver", &bin_dir.join("kube-apiserver"), &apiserver_args, &dir)?;
         procs.push(apiserver);
         let server_url = format!("https://127.0.0.1:{api_port}");
         let admin_kubeconfig = dir.join("admin.kubeconfig");
@@ -148,6 +147,9 @@ impl ControlPlane {
             ca_path: ca_path.clone(),
             pki,
             procs: Mutex::new(procs),
+            etcd_url: format!("http://127.0.0.1:{etcd_port}"),
+            apiserver_args,
+            watchdog,
         };
         if watchdog {
             let pids: Vec<u32> = cp.procs.lock().unwrap().iter().map(|p| p.child.id()).collect();
@@ -350,6 +352,36 @@ impl ControlPlane {
         Ok(Discovery::new(self.admin_client_result().await?).run().await?)
     }
 
+    /// Stops kube-apiserver (etcd and the controller manager keep running): clients see connections refused.
+    pub fn stop_apiserver(&self) {
+        let mut procs = self.procs.lock().unwrap();
+        if let Some(i) = procs.iter().position(|p| p.name == "kube-apiserver") {
+            procs.remove(i).stop();
+        }
+    }
+
+    /// Starts kube-apiserver again on the same address with the same flags, and waits until it is ready. Its watch
+    /// cache starts afresh: watches resuming from a resourceVersion older than etcd's compaction get 410 Gone.
+    pub async fn start_apiserver(&self) -> Result<()> {
+        let p = Proc::spawn("kube-apiserver", &self.bin_dir.join("kube-apiserver"), &self.apiserver_args, &self.dir)?;
+        if self.watchdog {
+            spawn_watchdog(&[p.child.id()], &self.dir, true)?;
+        }
+        self.procs.lock().unwrap().push(p);
+        self.wait_apiserver_ready(Duration::from_secs(120)).await
+    }
+
+    /// Compacts etcd's history up to its current revision (through etcd's JSON gateway), as the API server does
+    /// every few minutes: older resourceVersions can no longer be watched from.
+    pub async fn compact_etcd(&self) -> Result<()> {
+        let range = etcd_post(&self.etcd_url, "/v3/kv/range", r#"{"key":"AA=="}"#).await?;
+        let v: serde_json::Value = serde_json::from_str(&range).context("etcd range response")?;
+        let revision = v["header"]["revision"].as_str().context("etcd range response without header.revision")?;
+        etcd_post(&self.etcd_url, "/v3/kv/compaction", &format!(r#"{{"revision":"{revision}","physical":true}}"#))
+            .await?;
+        Ok(())
+    }
+
     /// Stops every process and removes the data directory (unless `PORTCULLIS_KEEP_CONTROL_PLANE` is set).
     pub fn stop(&self) {
         let mut procs = self.procs.lock().unwrap();
@@ -375,6 +407,27 @@ impl DeserializeAny for serde_yaml::Value {
     fn deserialize_any<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         <serde_yaml::Value as serde::Deserialize>::deserialize(d)
     }
+}
+
+/// POST `body` to etcd's JSON gateway at `base` + `path`; returns the response body.
+async fn etcd_post(base: &str, path: &str, body: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(host).await.with_context(|| format!("connecting to etcd at {host}"))?;
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    let (head, rest) = out.split_once("\r\n\r\n").context("etcd answered without a header")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("etcd {path}: {head}\n{rest}");
+    }
+    // The gateway may answer chunked: the JSON object is between the first '{' and the last '}'.
+    let json = rest.find('{').and_then(|a| rest.rfind('}').map(|b| &rest[a..=b])).unwrap_or(rest);
+    Ok(json.to_string())
 }
 
 pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {

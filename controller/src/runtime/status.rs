@@ -1,0 +1,83 @@
+//! Status written by the table writer: UsagePlan status (conditions, clients, tables written), and the Events that
+//! accompany condition transitions (for UsagePlans and ApiClients alike).
+
+use super::Ctx;
+use super::rendered::ServiceKey;
+use crate::conditions::{PlanFacts, merge, plan_conditions, transitions};
+use crate::crd::{TableStatus, UsagePlan, UsagePlanStatus};
+use crate::model;
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event as KEvent, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+
+/// Publishes an Event per condition transition: Warning when a condition turns False, Normal when Ready turns True.
+/// Messages come from conditions, which never contain key material.
+pub(crate) async fn publish_transitions(ctx: &Ctx, obj: &ObjectReference, old: &[Condition], new: &[Condition]) {
+    for c in transitions(old, new) {
+        let (type_, note) = match (c.status.as_str(), c.type_.as_str()) {
+            ("False", _) if c.reason != crate::conditions::reason::PENDING => {
+                (EventType::Warning, format!("{}: {}", c.type_, c.message))
+            }
+            ("True", "Ready") => (EventType::Normal, c.message.clone()),
+            _ => continue,
+        };
+        let note = Some(crate::events::truncate_note(note));
+        let ev = KEvent { type_, reason: c.reason.clone(), note, action: "Reconcile".into(), secondary: None };
+        if let Err(e) = ctx.recorder.publish(&ev, obj).await {
+            tracing::debug!(error = %e, "publishing an Event failed");
+        }
+    }
+}
+
+pub(crate) async fn update_plan_status(ctx: &Ctx, plan: &UsagePlan) -> Result<(), super::Error> {
+    let ns = plan.namespace().unwrap_or_default();
+    let name = plan.name_any();
+    let uid = plan.uid().unwrap_or_default();
+    let generation = plan.metadata.generation.unwrap_or(0);
+    let mut facts = PlanFacts::default();
+    let mut tables = Vec::new();
+    {
+        let state = ctx.state.read().expect("state lock");
+        for s in &plan.spec.services {
+            facts.services.push(s.name.clone());
+            let st = state.get(&ServiceKey { namespace: ns.clone(), name: s.name.clone() });
+            let key = ServiceKey { namespace: ns.clone(), name: s.name.clone() };
+            if let Some(e) = ctx.render_errors.read().expect("errors lock").get(&key) {
+                facts.render_errors.push((s.name.clone(), e.clone()));
+            }
+            let svc = ctx.services.get(&ObjectRef::new(&s.name).within(&ns));
+            facts.exposure.push((s.name.clone(), crate::exposure::check_service(&s.name, svc.as_deref())));
+            match st {
+                Some(st) if st.plans.get(&name) == Some(&(uid.clone(), generation)) => tables.push(TableStatus {
+                    service: s.name.clone(),
+                    revision: st.revision.clone(),
+                    shards: st.shards as u32,
+                }),
+                _ => facts.unprogrammed.push(s.name.clone()),
+            }
+        }
+    }
+    if let Err(e) = model::plan_entry(&name, &plan.spec, "") {
+        facts.spec_error = Some(e.to_string());
+    }
+    let clients = ctx
+        .clients
+        .state()
+        .iter()
+        .filter(|c| c.namespace().as_deref() == Some(ns.as_str()) && c.spec.usage_plans.contains(&name))
+        .count() as u32;
+    let old = plan.status.clone().unwrap_or_default();
+    let conditions = merge(&old.conditions, &plan_conditions(&facts), Some(generation), jiff::Timestamp::now());
+    let status = UsagePlanStatus { observed_generation: Some(generation), conditions, clients, tables };
+    if status == old {
+        return Ok(());
+    }
+    let api: Api<UsagePlan> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = serde_json::json!({ "status": status });
+    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    publish_transitions(ctx, &plan.object_ref(&()), &old.conditions, &status.conditions).await;
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! A real sidecar for lifecycle tests: the `portcullis-proxy` binary reading its table from the API server with its
+//! own ServiceAccount token (bound only by the controller's RoleBinding), in front of a loopback echo upstream;
+//! plus a TCP relay that takes the API server away from one client and gives it back.
+
+use super::{Env, T, root};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{Api, PostParams};
+use portcullis_table::naming::index_name;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OnceCell;
+use tokio::task::{JoinHandle, JoinSet};
+
+static PROXY_BIN: OnceCell<PathBuf> = OnceCell::const_new();
+
+/// The proxy binary of this workspace, built once per test run (`cargo build -p portcullis-proxy`).
+pub async fn proxy_binary() -> PathBuf {
+    PROXY_BIN
+        .get_or_init(|| async {
+            let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = tokio::process::Command::new(cargo)
+                .args(["build", "--quiet", "-p", "portcullis-proxy"])
+                .current_dir(root())
+                .status()
+                .await
+                .expect("running cargo build -p portcullis-proxy");
+            assert!(status.success(), "cargo build -p portcullis-proxy failed");
+            target.join("debug/portcullis-proxy")
+        })
+        .await
+        .clone()
+}
+
+/// An upstream that answers every request with 200 and closes the connection.
+pub async fn start_echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok").await;
+            });
+        }
+    });
+    addr
+}
+
+/// A Service `name` (selector `app: name`, port 80 → 8443) and an opted-in Pod of it running as ServiceAccount
+/// `sa`: the controller binds the sidecar Role to that ServiceAccount.
+pub async fn service_and_pod(env: &Env, name: &str, sa: &str) {
+    let svc: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "spec": {"selector": {"app": name}, "ports": [{"port": 80, "targetPort": 8443}]}
+    }))
+    .unwrap();
+    Api::<Service>::namespaced(env.admin.clone(), &env.ns).create(&PostParams::default(), &svc).await.unwrap();
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": format!("{name}-0"),
+            "labels": {"app": name, "portcullis.dev/inject": "true"},
+            "annotations": {"portcullis.dev/service": name}
+        },
+        "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "example.invalid/app"}]}
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(env.admin.clone(), &env.ns).create(&PostParams::default(), &pod).await.unwrap();
+}
+
+/// A running `portcullis-proxy` (killed on drop).
+pub struct Sidecar {
+    child: tokio::process::Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Sidecar {
+    /// Starts a proxy for `service` with ServiceAccount `sa`'s own token (re-watching every second).
+    pub async fn start(env: &Env, service: &str, sa: &str, upstream: SocketAddr) -> Sidecar {
+        let token = env.cp.service_account_token(&env.ns, sa).await;
+        let kubeconfig = env.cp.kubeconfig_for_token(&token);
+        let (port, admin) = (super::free_port(), super::free_port());
+        let log = env.cp.dir().join(format!("proxy-{}-{service}-{port}.log", env.ns));
+        let child = tokio::process::Command::new(proxy_binary().await)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "info")
+            .arg(format!("--listen=127.0.0.1:{port}"))
+            .arg(format!("--admin-listen=127.0.0.1:{admin}"))
+            .arg(format!("--upstream={upstream}"))
+            .arg(format!("--tables-from=configmap/{}/{}", env.ns, index_name(service)))
+            .args(["--table-rewatch", "1s", "--log-format", "json"])
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawning portcullis-proxy");
+        Sidecar {
+            child,
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            admin: format!("127.0.0.1:{admin}").parse().unwrap(),
+            log,
+        }
+    }
+
+    /// HTTP status of `GET /v1/orders` with `key`, from 127.0.0.1; `None` if the proxy does not answer.
+    pub async fn status(&self, key: &str) -> Option<u16> {
+        let fut = async {
+            let mut s = TcpStream::connect(self.addr).await.ok()?;
+            let req =
+                format!("GET /v1/orders HTTP/1.1\r\nHost: orders\r\nx-api-key: {key}\r\nConnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.ok()?;
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).await.ok()?;
+            let head = String::from_utf8_lossy(&out[..out.len().min(64)]).to_string();
+            head.split_whitespace().nth(1)?.parse().ok()
+        };
+        tokio::time::timeout(Duration::from_secs(5), fut).await.ok().flatten()
+    }
+
+    /// Waits (up to 60 s) until `key` gets a status `want` accepts; returns the time it took and the status.
+    pub async fn until(&mut self, key: &str, what: &str, want: impl Fn(u16) -> bool) -> (Duration, u16) {
+        self.until_within(key, what, T, want).await
+    }
+
+    pub async fn until_within(
+        &mut self,
+        key: &str,
+        what: &str,
+        timeout: Duration,
+        want: impl Fn(u16) -> bool,
+    ) -> (Duration, u16) {
+        let started = Instant::now();
+        let mut last = None;
+        loop {
+            if let Ok(Some(exit)) = self.child.try_wait() {
+                panic!("portcullis-proxy exited ({exit}); log {}:\n{}", self.log.display(), self.log_tail());
+            }
+            last = self.status(key).await.or(last);
+            if let Some(s) = last.filter(|s| want(*s)) {
+                return (started.elapsed(), s);
+            }
+            if started.elapsed() > timeout {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what} (last status {last:?}); proxy log:\n{}",
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let t = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = t.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+/// Latency figures of repeated trials, printed and returned as (p50, p99, max).
+pub fn report(what: &str, samples: &[Duration]) -> (Duration, Duration, Duration) {
+    let mut v = samples.to_vec();
+    v.sort();
+    let pick = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
+    let (p50, p99, max) = (pick(0.5), pick(0.99), *v.last().unwrap());
+    eprintln!("{what}: n={} p50={p50:?} p99={p99:?} max={max:?}", v.len());
+    (p50, p99, max)
+}
+
+/// A TCP relay on loopback: `stop` takes the target away from whoever connects through it (connections reset,
+/// then refused); `resume` listens again on the same address.
+pub struct Relay {
+    pub addr: SocketAddr,
+    target: SocketAddr,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Relay {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let r = Relay { addr: listener.local_addr().unwrap(), target, task: Mutex::new(None) };
+        r.serve(listener);
+        r
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let target = self.target;
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                conns.spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        *self.task.lock().unwrap() = Some(task);
+    }
+
+    pub async fn stop(&self) {
+        let task = self.task.lock().unwrap().take();
+        if let Some(t) = task {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
+    pub async fn resume(&self) {
+        let listener = TcpListener::bind(self.addr).await.expect("rebinding the relay's address");
+        self.serve(listener);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.lock().unwrap().take() {
+            t.abort();
+        }
+    }
+}
