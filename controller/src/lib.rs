@@ -2,10 +2,12 @@
 
 pub mod conditions;
 pub mod crd;
+pub mod enforcement;
 pub mod exposure;
 pub mod fixtures;
 pub mod keygen;
 pub mod model;
+pub mod network_policy;
 pub mod runtime;
 
 pub use runtime::{Config, Error, run};

@@ -68,6 +68,10 @@ pub struct Config {
     pub file_poll_interval: Duration,
     /// Serving threads; 0 = one per CPU.
     pub workers: usize,
+    /// This sidecar's pod, reported by the admin `/revision`.
+    pub pod_name: Option<String>,
+    /// The application's original probes, served on the admin port under `/app-health/`.
+    pub app_probes: portcullis_table::sidecar::AppProbes,
 }
 
 impl Config {
@@ -91,6 +95,8 @@ impl Config {
             shutdown_grace: Duration::from_secs(20),
             file_poll_interval: Duration::from_millis(250),
             workers: 0,
+            pod_name: None,
+            app_probes: Default::default(),
         }
     }
 }
@@ -169,6 +175,13 @@ pub struct Cli {
     /// On SIGTERM/SIGINT, time given to in-flight requests before exiting.
     #[arg(long, env = "PORTCULLIS_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// This sidecar's pod name, reported by the admin `/revision` (the webhook sets `POD_NAME`).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// The application's original probes as JSON (set by the webhook for `portcullis.dev/app-loopback` pods):
+    /// served on the admin port at `/app-health/<container>/<livez|readyz|startupz>`, run against 127.0.0.1.
+    #[arg(long, env = portcullis_table::sidecar::APP_PROBES_ENV)]
+    pub app_probes: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -181,6 +194,8 @@ pub enum ConfigError {
     TablesFrom(String),
     #[error("one of --tables or --tables-from is required")]
     NoTables,
+    #[error(transparent)]
+    AppProbes(#[from] portcullis_table::sidecar::AppProbesError),
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -216,6 +231,11 @@ impl Cli {
         c.max_connections = self.max_connections.max(1);
         c.shutdown_grace = self.shutdown_grace;
         c.workers = self.workers;
+        c.pod_name = self.pod_name.filter(|p| !p.is_empty());
+        c.app_probes = match self.app_probes.as_deref().map(str::trim) {
+            None | Some("") => Default::default(),
+            Some(json) => portcullis_table::sidecar::parse_app_probes(json)?,
+        };
         Ok(c)
     }
 }

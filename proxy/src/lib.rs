@@ -5,6 +5,7 @@
 //! bound addresses tests can read; [`run`] is what the binary calls.
 
 pub mod admin;
+pub mod app_probe;
 pub mod config;
 pub mod decision;
 pub mod heap;
@@ -121,7 +122,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Some(a) => {
             let l = bind(a).await?;
             let bound = l.local_addr().map_err(|source| StartError::Bind { addr: a, source })?;
-            background.push(tokio::spawn(admin::serve(l, tables.clone(), metrics.clone(), stop_rx.clone())));
+            let pod = Arc::new(admin::PodInfo { pod: config.pod_name.clone(), app_probes: config.app_probes.clone() });
+            background.push(tokio::spawn(admin::serve(l, tables.clone(), metrics.clone(), pod, stop_rx.clone())));
             Some(bound)
         }
         None => None,

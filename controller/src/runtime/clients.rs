@@ -87,7 +87,9 @@ async fn reconcile_inner(obj: &ApiClient, ctx: &Ctx) -> Result<Action, Error> {
     facts.services = services.into_iter().collect();
 
     let old = obj.status.clone().unwrap_or_default();
-    let conditions = merge(&old.conditions, &client_conditions(&facts), Some(generation), now);
+    let mut decided = client_conditions(&facts);
+    decided.push(ctx.enforcement.condition(ctx, &ns, &facts.services, &facts.unprogrammed));
+    let conditions = merge(&old.conditions, &decided, Some(generation), now);
     let status = ApiClientStatus {
         observed_generation: Some(generation),
         conditions,

@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod clients;
+pub mod enforcement;
 pub mod leader;
 pub mod metrics;
 pub mod tables;
@@ -11,6 +12,7 @@ use crate::conditions::transitions;
 use crate::crd::{ApiClient, UsagePlan};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::Api;
@@ -72,6 +74,13 @@ pub struct Config {
     /// Admin HTTP (`/metrics`, `/healthz`, `/readyz`); `None` disables it.
     pub metrics_listen: Option<SocketAddr>,
     pub debounce: Debounce,
+    /// The per-Service NetworkPolicy: default on, who may reach the sidecars' admin port.
+    pub network_policy: crate::network_policy::Settings,
+    /// The sidecar ports the webhook injects (`--sidecar-proxy-port`, `--sidecar-admin-port`), for pods that do
+    /// not declare theirs.
+    pub sidecar_ports: crate::network_policy::SidecarPorts,
+    /// How the sidecars are asked for the `Enforced` condition.
+    pub enforcement: crate::enforcement::Settings,
 }
 
 impl Default for Config {
@@ -85,6 +94,9 @@ impl Default for Config {
             identity: format!("portcullis-controller-{}", std::process::id()),
             metrics_listen: None,
             debounce: Debounce { quiet: Duration::from_millis(100), max_wait: Duration::from_secs(2) },
+            network_policy: crate::network_policy::Settings::default(),
+            sidecar_ports: crate::network_policy::SidecarPorts::default(),
+            enforcement: crate::enforcement::Settings::default(),
         }
     }
 }
@@ -99,6 +111,12 @@ pub struct Ctx {
     pub services: Store<Service>,
     /// Pods opted in to injection (trimmed), for the sidecar RoleBinding's subjects.
     pub pods: Store<Pod>,
+    /// NetworkPolicies (ours and others'), for the isolation check of `Exposure`.
+    pub network_policies: Store<NetworkPolicy>,
+    pub network_policy: crate::network_policy::Settings,
+    pub sidecar_ports: crate::network_policy::SidecarPorts,
+    /// What the sidecars say they serve (`Enforced`).
+    pub enforcement: enforcement::Enforcement,
     pub state: RwLock<HashMap<ServiceKey, ServiceState>>,
     /// The last error of each Service whose table could not be written (cleared on success).
     pub render_errors: RwLock<HashMap<ServiceKey, String>>,
@@ -275,6 +293,15 @@ fn on_pod(ctx: &Ctx, pod: &Pod) {
     }
 }
 
+/// Our own policy changed (re-apply it) or someone else's (re-check isolation): every protected Service of the
+/// namespace is looked at again (unchanged ones cost a few GETs).
+fn on_network_policy(ctx: &Ctx, np: &NetworkPolicy) {
+    let ns = np.namespace().unwrap_or_default();
+    let keys: Vec<ServiceKey> =
+        ctx.state.read().expect("state lock").keys().filter(|k| k.namespace == ns).cloned().collect();
+    enqueue(ctx, keys);
+}
+
 fn on_configmap(ctx: &Ctx, cm: &ConfigMap) {
     if let (Some(ns), Some(svc)) = (cm.namespace(), cm.labels().get(LABEL_SERVICE)) {
         enqueue(ctx, [ServiceKey { namespace: ns, name: svc.clone() }]);
@@ -377,6 +404,8 @@ async fn run_leader(
     let (services, service_stream) = reflect(api::<Service>(client, ns), watcher::Config::default(), trim_service);
     let pod_wc = watcher::Config::default().labels(&format!("{}=true", crate::webhook::inject::INJECT_KEY));
     let (pods, pod_stream) = reflect(api::<Pod>(client, ns), pod_wc, access::trim_pod);
+    let (network_policies, np_stream) =
+        reflect(api::<NetworkPolicy>(client, ns), watcher::Config::default(), trim_meta);
     let (table_tx, table_rx) = mpsc::unbounded_channel();
     let (client_tx, client_rx) = mpsc::unbounded_channel();
     let recorder = Recorder::new(
@@ -390,6 +419,10 @@ async fn run_leader(
         secrets: secrets.clone(),
         services: services.clone(),
         pods: pods.clone(),
+        network_policies: network_policies.clone(),
+        network_policy: config.network_policy.clone(),
+        sidecar_ports: config.sidecar_ports.clone(),
+        enforcement: enforcement::Enforcement::new(config.enforcement.clone()),
         state: RwLock::new(HashMap::new()),
         render_errors: RwLock::new(HashMap::new()),
         table_tx,
@@ -441,6 +474,13 @@ async fn run_leader(
             "pods watch"
         }
     });
+    tasks.spawn({
+        let ctx = ctx.clone();
+        async move {
+            drive("networkpolicies", ctx, np_stream, on_network_policy).await;
+            "networkpolicies watch"
+        }
+    });
 
     // Nothing is written before every cache is complete: an empty cache must never render an empty table.
     let synced = async {
@@ -450,6 +490,7 @@ async fn run_leader(
         let _ = cms.wait_until_ready().await;
         let _ = services.wait_until_ready().await;
         let _ = pods.wait_until_ready().await;
+        let _ = network_policies.wait_until_ready().await;
     };
     tokio::select! {
         _ = synced => {}
@@ -464,6 +505,13 @@ async fn run_leader(
         async move {
             tables::run_table_worker(ctx, table_rx, debounce).await;
             "table worker"
+        }
+    });
+    tasks.spawn({
+        let ctx = ctx.clone();
+        async move {
+            enforcement::run(ctx).await;
+            "sidecar prober"
         }
     });
     // The ApiClient reconciler runs on kube-runtime's applier (the engine of `Controller`: dedup, debounce,

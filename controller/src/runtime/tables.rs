@@ -71,6 +71,7 @@ pub async fn run_table_worker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ser
             match res {
                 Ok(()) => {
                     ctx.render_errors.write().expect("errors lock").remove(key);
+                    ctx.enforcement.request(key);
                 }
                 Err(e) => {
                     ctx.render_errors.write().expect("errors lock").insert(key.clone(), e.to_string());
@@ -315,7 +316,7 @@ async fn update_plan_status(ctx: &Ctx, plan: &UsagePlan) -> Result<(), Error> {
                 facts.render_errors.push((s.name.clone(), e.clone()));
             }
             let svc = ctx.services.get(&ObjectRef::new(&s.name).within(&ns));
-            facts.exposure.push((s.name.clone(), crate::exposure::check_service(&s.name, svc.as_deref())));
+            facts.exposure.push((s.name.clone(), super::access::exposure_findings(ctx, &ns, &s.name, svc.as_deref())));
             match st {
                 Some(st) if st.plans.get(&name) == Some(&(uid.clone(), generation)) => tables.push(TableStatus {
                     service: s.name.clone(),
@@ -336,7 +337,9 @@ async fn update_plan_status(ctx: &Ctx, plan: &UsagePlan) -> Result<(), Error> {
         .filter(|c| c.namespace().as_deref() == Some(ns.as_str()) && c.spec.usage_plans.contains(&name))
         .count() as u32;
     let old = plan.status.clone().unwrap_or_default();
-    let conditions = merge(&old.conditions, &plan_conditions(&facts), Some(generation), jiff::Timestamp::now());
+    let mut decided = plan_conditions(&facts);
+    decided.push(ctx.enforcement.condition(ctx, &ns, &facts.services, &facts.unprogrammed));
+    let conditions = merge(&old.conditions, &decided, Some(generation), jiff::Timestamp::now());
     let status = UsagePlanStatus { observed_generation: Some(generation), conditions, clients, tables };
     if status == old {
         return Ok(());

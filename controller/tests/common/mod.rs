@@ -139,6 +139,11 @@ pub async fn start_controller(env: &Env, identity: &str) -> Running {
 }
 
 pub async fn start_controller_with_lease(env: &Env, identity: &str, lease: &str) -> Running {
+    start_controller_with(env, identity, lease, |_| {}).await
+}
+
+/// Like [`start_controller_with_lease`], with the configuration adjusted by `tweak` first.
+pub async fn start_controller_with(env: &Env, identity: &str, lease: &str, tweak: impl FnOnce(&mut Config)) -> Running {
     let token = env.cp.service_account_token(SYSTEM_NS, SA).await;
     let client = env.cp.client_for_token(&token).await;
     let admin_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -151,7 +156,10 @@ pub async fn start_controller_with_lease(env: &Env, identity: &str, lease: &str)
         identity: identity.into(),
         metrics_listen: Some(admin_addr),
         debounce: Debounce { quiet: Duration::from_millis(100), max_wait: Duration::from_secs(2) },
+        ..Config::default()
     };
+    let mut config = config;
+    tweak(&mut config);
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(portcullis_controller::run(client, config, async move {
         let _ = rx.await;
