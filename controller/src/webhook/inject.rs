@@ -1,6 +1,7 @@
 //! Sidecar injection as a pure function (no I/O): a Pod and the injection settings in, a decision out — leave the
 //! Pod alone, refuse it (naming the bad annotation and value), or an RFC 6902 JSON Patch that adds the
-//! `portcullis-proxy` container.
+//! `portcullis-proxy` container (and, for `portcullis.dev/app-loopback: "true"` pods, moves the app's probes onto
+//! the sidecar's admin port: [`super::probes`]).
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
@@ -542,6 +543,29 @@ mod tests {
             !out.spec.as_ref().unwrap().containers[1].args.as_ref().unwrap().iter().any(|a| a.starts_with("--tls"))
         );
         assert!(out.spec.unwrap().volumes.is_none());
+    }
+
+    #[test]
+    fn loopback_pods_get_their_probes_moved_and_the_originals_passed_to_the_sidecar() {
+        use k8s_openapi::api::core::v1::TCPSocketAction;
+        let mut p = opted_in("orders", "8080");
+        p.metadata.annotations.as_mut().unwrap().insert(ANNOTATION_APP_LOOPBACK.into(), "true".into());
+        p.spec.as_mut().unwrap().containers[0].readiness_probe = Some(Probe {
+            tcp_socket: Some(TCPSocketAction { port: IntOrString::Int(8080), host: None }),
+            ..Default::default()
+        });
+        let out = patched(&p, &decide(&p, "ns", &settings()));
+        let cs = &out.spec.as_ref().unwrap().containers;
+        let h = cs[0].readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(h.port, IntOrString::Int(9901));
+        assert_eq!(h.path.as_deref(), Some("/app-health/app/readyz"));
+        let env = cs[1].env.as_ref().unwrap();
+        let probes = env.iter().find(|e| e.name == portcullis_table::sidecar::APP_PROBES_ENV).unwrap();
+        assert!(probes.value.as_ref().unwrap().contains(r#""tcpSocket":{"port":8080}"#));
+        assert_eq!(decide(&out, "ns", &settings()), Decision::AlreadyInjected, "idempotent");
+        p.metadata.annotations.as_mut().unwrap().insert(ANNOTATION_APP_LOOPBACK.into(), "on".into());
+        let Decision::Deny(e) = decide(&p, "ns", &settings()) else { panic!("expected a denial") };
+        assert!(e.to_string().contains(ANNOTATION_APP_LOOPBACK) && e.to_string().contains("\"on\""), "{e}");
     }
 
     fn out_pod(p: &Pod) -> Pod {
