@@ -70,11 +70,13 @@ impl Settings {
     }
 }
 
-/// A sidecar to ask: pod name, and where (`None`: the pod runs no sidecar, or has no IP yet).
+/// A sidecar to ask: pod name, and where (`None`: the pod runs no sidecar, or has no IP yet). `version` is the
+/// Pod's resourceVersion: a confirmation holds for one version of the Pod (a restarted container changes it).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Target {
     pub pod: String,
     pub addr: Option<SocketAddr>,
+    pub version: String,
 }
 
 /// The running, not terminating, injected pods of Service `service` among `pods` (one namespace), with the address
@@ -99,7 +101,11 @@ pub fn targets<'a>(
                 (true, Some(ip), Some(port)) => Some(SocketAddr::new(ip, port)),
                 _ => None,
             };
-            Target { pod: p.metadata.name.clone().unwrap_or_default(), addr }
+            Target {
+                pod: p.metadata.name.clone().unwrap_or_default(),
+                addr,
+                version: p.metadata.resource_version.clone().unwrap_or_default(),
+            }
         })
         .collect();
     out.sort();
