@@ -160,11 +160,17 @@ impl PodState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceReport {
     pub revision: String,
+    /// Revisions of the Service in the order this controller saw them, oldest first, ending with `revision`
+    /// (at most [`HISTORY`]): "newer" means later in this list.
+    pub history: Vec<String>,
     /// Pod name → state, sorted by pod name.
     pub pods: Vec<(String, PodState)>,
     /// The grace period of this revision is over: laggards are problems, not `Pending`.
     pub settled: bool,
 }
+
+/// Revisions remembered per Service for "this revision or newer".
+pub const HISTORY: usize = 64;
 
 impl ServiceReport {
     pub fn serving(&self) -> usize {
@@ -174,6 +180,19 @@ impl ServiceReport {
     pub fn all_serving(&self) -> bool {
         !self.pods.is_empty() && self.serving() == self.pods.len()
     }
+
+    fn rank(&self, revision: &str) -> Option<usize> {
+        self.history.iter().rposition(|r| r == revision)
+    }
+
+    /// Whether a pod in `state` serves revision rank `needed` or a later one.
+    fn satisfies(&self, state: &PodState, needed: usize) -> bool {
+        match state {
+            PodState::Serving => true,
+            PodState::Behind(r) => self.rank(r).is_some_and(|have| have >= needed),
+            _ => false,
+        }
+    }
 }
 
 /// Shown revisions are cut to 12 hex digits, like the key fingerprints.
@@ -181,25 +200,25 @@ fn short(revision: &str) -> &str {
     revision.get(..12).unwrap_or(revision)
 }
 
-/// The state of one Service for `Enforced`. `current`: the revision of its current table that contains the
-/// object (`None`: the object is not in a written table yet).
-fn service_cond(service: &str, current: Option<&str>, report: Option<&ServiceReport>) -> (bool, &'static str, String) {
-    let Some(revision) = current else {
+/// The state of one Service for `Enforced`. `needed`: the revision that first held the object as it is now
+/// (`None`: not in a written table yet); a sidecar serving it or a later one enforces the object.
+fn service_cond(
+    service: &str,
+    needed: Option<&str>,
+    report: Option<&ServiceReport>,
+    or_newer: bool,
+) -> (bool, &'static str, String) {
+    let Some(needed) = needed else {
         return (false, reason::PENDING, format!("{service}: waiting for its table to be written"));
     };
-    let report = match report.filter(|r| r.revision == revision) {
-        Some(r) => r,
-        None => {
-            return (
-                false,
-                reason::PENDING,
-                format!("{service}: asking its sidecars about revision {}", short(revision)),
-            );
-        }
-    };
+    let asking =
+        || (false, reason::PENDING, format!("{service}: asking its sidecars about revision {}", short(needed)));
+    let Some(report) = report else { return asking() };
+    let Some(rank) = report.rank(needed) else { return asking() };
     let total = report.pods.len();
-    let serving = report.serving();
-    let head = format!("{service}: {serving}/{total} sidecars serve revision {}", short(revision));
+    let ok = report.pods.iter().filter(|(_, s)| report.satisfies(s, rank)).count();
+    let newer = if or_newer { " or newer" } else { "" };
+    let head = format!("{service}: {ok}/{total} sidecars serve revision {}{newer}", short(needed));
     if total == 0 {
         let why = if report.settled { reason::NO_SIDECARS } else { reason::PENDING };
         return (
@@ -208,15 +227,15 @@ fn service_cond(service: &str, current: Option<&str>, report: Option<&ServiceRep
             format!(
                 "{service}: no running pod carries the portcullis-proxy sidecar, so nothing enforces revision {} (pods \
                  need the label portcullis.dev/inject=true and the annotation {ANNOTATION_SERVICE}: {service})",
-                short(revision)
+                short(needed)
             ),
         );
     }
-    if serving == total {
+    if ok == total {
         return (true, reason::ENFORCED, head);
     }
     const LISTED: usize = 5;
-    let laggards: Vec<&(String, PodState)> = report.pods.iter().filter(|(_, s)| *s != PodState::Serving).collect();
+    let laggards: Vec<&(String, PodState)> = report.pods.iter().filter(|(_, s)| !report.satisfies(s, rank)).collect();
     let mut listed: Vec<String> =
         laggards.iter().take(LISTED).map(|(p, s)| format!("pod {p} {}", s.describe())).collect();
     if laggards.len() > LISTED {
@@ -232,14 +251,27 @@ fn service_cond(service: &str, current: Option<&str>, report: Option<&ServiceRep
     (false, why, format!("{head}; {}", listed.join(", ")))
 }
 
-/// `Enforced` of a plan or client concerned with `services`: `(service, current revision containing the object,
-/// last report)`. The Service prefix is left out of the message when there is one Service.
-pub fn condition(services: &[(String, Option<String>, Option<ServiceReport>)]) -> Cond {
+/// The `Enforced` verdict of one Service for objects needing `needed` (see [`condition`]): used to tell which
+/// ApiClients a new report changes anything for.
+pub fn service_verdict(
+    service: &str,
+    needed: Option<&str>,
+    report: Option<&ServiceReport>,
+) -> (bool, &'static str, String) {
+    service_cond(service, needed, report, true)
+}
+
+/// `Enforced` of a plan or client concerned with `services`: `(service, revision that first held the object as it
+/// is now, last report)`. A UsagePlan needs the current revision; an ApiClient the revision its current
+/// generation entered the table in, so other clients' changes do not touch its status (`or_newer`: the message
+/// says "revision X or newer", which stays true while later revisions come). The Service prefix is left out of
+/// the message when there is one Service.
+pub fn condition(services: &[(String, Option<String>, Option<ServiceReport>)], or_newer: bool) -> Cond {
     if services.is_empty() {
         return Cond::new(types::ENFORCED, false, reason::NO_SERVICES, "no UsagePlan grants a Service");
     }
     let parts: Vec<(bool, &'static str, String)> =
-        services.iter().map(|(s, cur, rep)| service_cond(s, cur.as_deref(), rep.as_ref())).collect();
+        services.iter().map(|(s, cur, rep)| service_cond(s, cur.as_deref(), rep.as_ref(), or_newer)).collect();
     let strip = |m: &str| -> String {
         if services.len() == 1 {
             m.split_once(": ").map(|(_, r)| r.to_string()).unwrap_or_else(|| m.into())
@@ -338,13 +370,14 @@ mod tests {
     fn report(states: &[PodState], settled: bool) -> ServiceReport {
         ServiceReport {
             revision: "0123456789abcdef".into(),
+            history: vec!["fedcba9876543210".into(), "0123456789abcdef".into()],
             pods: states.iter().enumerate().map(|(i, s)| (format!("orders-{i}"), s.clone())).collect(),
             settled,
         }
     }
 
     fn cond(rep: Option<ServiceReport>) -> Cond {
-        condition(&[("orders".into(), Some("0123456789abcdef".into()), rep)])
+        condition(&[("orders".into(), Some("0123456789abcdef".into()), rep)], false)
     }
 
     #[test]
@@ -379,30 +412,50 @@ mod tests {
         assert_eq!(cond(Some(report(&[], false))).reason, "Pending");
         assert_eq!(cond(None).reason, "Pending");
         let mut old = report(&[PodState::Serving], true);
-        old.revision = "another".into();
-        assert_eq!(cond(Some(old)).reason, "Pending", "a report about another revision says nothing");
-        let c = condition(&[("orders".into(), None, None)]);
+        (old.revision, old.history) = ("another".into(), vec!["another".into()]);
+        assert_eq!(cond(Some(old)).reason, "Pending", "a report that does not know the revision says nothing");
+        let c = condition(&[("orders".into(), None, None)], false);
         assert_eq!((c.ok, c.reason), (false, "Pending"));
         assert!(c.message.contains("table"));
-        assert_eq!(condition(&[]).reason, "NoServices");
+        assert_eq!(condition(&[], false).reason, "NoServices");
+    }
+
+    #[test]
+    fn an_object_from_an_older_revision_is_enforced_by_sidecars_serving_it_or_newer() {
+        // The client entered the table in the older revision; one sidecar still serves that one, one the current.
+        let rep = report(&[PodState::Behind("fedcba9876543210".into()), PodState::Serving], true);
+        let c = condition(&[("orders".into(), Some("fedcba9876543210".into()), Some(rep.clone()))], true);
+        assert_eq!((c.ok, c.message.as_str()), (true, "2/2 sidecars serve revision fedcba987654 or newer"));
+        // For the current revision the laggard counts.
+        assert_eq!(cond(Some(rep.clone())).reason, "SidecarsBehind");
+        // A revision not in the history is older than anything known.
+        let stale = report(&[PodState::Behind("0000000000000000".into()), PodState::Serving], true);
+        let c = condition(&[("orders".into(), Some("fedcba9876543210".into()), Some(stale))], true);
+        assert_eq!((c.ok, c.reason), (false, "SidecarsBehind"));
     }
 
     #[test]
     fn several_services_are_each_named_and_problems_outrank_waiting() {
-        let c = condition(&[
-            ("orders".into(), Some("0123456789abcdef".into()), Some(report(&vec![PodState::Serving; 2], true))),
-            ("billing".into(), None, None),
-        ]);
+        let c = condition(
+            &[
+                ("orders".into(), Some("0123456789abcdef".into()), Some(report(&vec![PodState::Serving; 2], true))),
+                ("billing".into(), None, None),
+            ],
+            false,
+        );
         assert_eq!(c.reason, "Pending");
         assert!(
             c.message.starts_with("orders: 2/2 sidecars") && c.message.contains("billing: waiting"),
             "{}",
             c.message
         );
-        let c = condition(&[
-            ("orders".into(), Some("0123456789abcdef".into()), Some(report(&[], true))),
-            ("billing".into(), None, None),
-        ]);
+        let c = condition(
+            &[
+                ("orders".into(), Some("0123456789abcdef".into()), Some(report(&[], true))),
+                ("billing".into(), None, None),
+            ],
+            false,
+        );
         assert_eq!(c.reason, "NoSidecars");
     }
 

@@ -216,7 +216,8 @@ async fn enforced_follows_what_the_sidecars_serve() {
     let kubeconfig = env.cp.kubeconfig_for_token(&token);
     let index = format!("configmap/{}/portcullis-table-orders", env.ns);
 
-    create_secret(&env, "keys", &[("k", "enforced-key-0123456789abcdef")]).await;
+    create_secret(&env, "keys", &[("k", "enforced-key-0123456789abcdef"), ("k2", "enforced-key-2-0123456789abcdef")])
+        .await;
     create_plan(
         &env,
         UsagePlan::new(
@@ -260,7 +261,7 @@ async fn enforced_follows_what_the_sidecars_serve() {
     // 1. Both sidecars serve the revision: True, counted, on the client and its plan.
     let r1 = current_revision(&env, "orders").await;
     let msg = wait_enforced(&env, "ApiClient", "acme", "True", "Enforced").await;
-    assert_eq!(msg, format!("2/2 sidecars serve revision {}", &r1[..12]));
+    assert_eq!(msg, format!("2/2 sidecars serve revision {} or newer", &r1[..12]));
     let msg = wait_enforced(&env, "UsagePlan", "partners", "True", "Enforced").await;
     assert_eq!(msg, format!("2/2 sidecars serve revision {}", &r1[..12]));
     // Enforced is not part of Ready.
@@ -272,11 +273,11 @@ async fn enforced_follows_what_the_sidecars_serve() {
     let msg = wait_enforced(&env, "ApiClient", "acme", "False", "SidecarsUnreachable").await;
     let r2 = current_revision(&env, "orders").await;
     assert_ne!(r1, r2);
-    assert!(msg.starts_with(&format!("1/2 sidecars serve revision {}", &r2[..12])), "{msg}");
+    assert!(msg.starts_with(&format!("1/2 sidecars serve revision {} or newer", &r2[..12])), "{msg}");
     assert!(msg.contains("pod orders-1 unreachable") && !msg.contains("orders-0"), "{msg}");
     let _b = api_sidecar("orders-1", ip(3));
     let msg = wait_enforced(&env, "ApiClient", "acme", "True", "Enforced").await;
-    assert_eq!(msg, format!("2/2 sidecars serve revision {}", &r2[..12]));
+    assert_eq!(msg, format!("2/2 sidecars serve revision {} or newer", &r2[..12]));
 
     // 3. A third pod whose sidecar is stuck on a table file: a new revision stays False until it serves it too.
     let file = env.cp.dir().join(format!("stuck-{}.json", env.ns));
@@ -295,17 +296,17 @@ async fn enforced_follows_what_the_sidecars_serve() {
         &[("POD_NAME", "orders-2".to_string())],
     );
     let msg = wait_enforced_with(&env, "ApiClient", "acme", "True", "Enforced", "3/3").await;
-    assert_eq!(msg, format!("3/3 sidecars serve revision {}", &r2[..12]));
+    assert_eq!(msg, format!("3/3 sidecars serve revision {} or newer", &r2[..12]));
     set_source_ranges(&env, "acme", &["10.2.0.0/16"]).await;
     let msg = wait_enforced(&env, "ApiClient", "acme", "False", "SidecarsBehind").await;
     let r3 = current_revision(&env, "orders").await;
-    assert!(msg.starts_with(&format!("2/3 sidecars serve revision {}", &r3[..12])), "{msg}");
+    assert!(msg.starts_with(&format!("2/3 sidecars serve revision {} or newer", &r3[..12])), "{msg}");
     assert!(msg.contains(&format!("pod orders-2 serves revision {}", &r2[..12])), "{msg}");
     let msg = wait_enforced(&env, "UsagePlan", "partners", "False", "SidecarsBehind").await;
     assert!(msg.contains("orders-2"), "{msg}");
     write_table_file(&read_table(&env, "orders").await.unwrap().1);
     let msg = wait_enforced(&env, "ApiClient", "acme", "True", "Enforced").await;
-    assert_eq!(msg, format!("3/3 sidecars serve revision {}", &r3[..12]));
+    assert_eq!(msg, format!("3/3 sidecars serve revision {} or newer", &r3[..12]));
 
     // A pod that goes away stops counting.
     Api::<Pod>::namespaced(env.admin.clone(), &env.ns)
@@ -319,7 +320,25 @@ async fn enforced_follows_what_the_sidecars_serve() {
     })
     .await;
     let msg = wait_enforced_with(&env, "ApiClient", "acme", "True", "Enforced", "2/2").await;
-    assert_eq!(msg, format!("2/2 sidecars serve revision {}", &r4[..12]));
+    assert_eq!(msg, format!("2/2 sidecars serve revision {} or newer", &r4[..12]));
+
+    // Another client's change makes a new revision; acme's own condition (and status) stays as it was.
+    let acme_before = Api::<ApiClient>::namespaced(env.admin.clone(), &env.ns).get("acme").await.unwrap();
+    create_client(&env, "beta", client_spec(&["partners"], &["10.9.0.0/16"], "keys", "k2")).await;
+    let r5 = wait_for(T, "revision r5", || async {
+        let r = current_revision(&env, "orders").await;
+        (r != r4).then_some(r)
+    })
+    .await;
+    let msg = wait_enforced_with(&env, "UsagePlan", "partners", "True", "Enforced", "2/2").await;
+    assert_eq!(msg, format!("2/2 sidecars serve revision {}", &r5[..12]), "the plan follows the current revision");
+    wait_enforced_with(&env, "ApiClient", "beta", "True", "Enforced", "2/2").await;
+    let acme_after = Api::<ApiClient>::namespaced(env.admin.clone(), &env.ns).get("acme").await.unwrap();
+    assert_eq!(
+        condition(&acme_after.status.unwrap().conditions, "Enforced"),
+        condition(&acme_before.status.unwrap().conditions, "Enforced"),
+        "another client's revision must not rewrite acme's Enforced"
+    );
 
     // `kubectl get` shows it: the printer columns of both CRDs.
     let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =

@@ -88,7 +88,7 @@ async fn reconcile_inner(obj: &ApiClient, ctx: &Ctx) -> Result<Action, Error> {
 
     let old = obj.status.clone().unwrap_or_default();
     let mut decided = client_conditions(&facts);
-    decided.push(ctx.enforcement.condition(ctx, &ns, &facts.services, &facts.unprogrammed));
+    decided.push(ctx.enforcement.client_condition(ctx, &ns, &name, generation, &facts.services, &facts.unprogrammed));
     let conditions = merge(&old.conditions, &decided, Some(generation), now);
     let status = ApiClientStatus {
         observed_generation: Some(generation),

@@ -15,7 +15,7 @@
 use super::tables::ServiceKey;
 use super::{Ctx, FIELD_MANAGER};
 use crate::conditions::Cond;
-use crate::enforcement::{PodState, ServiceReport, Settings, Target, condition, targets};
+use crate::enforcement::{HISTORY, PodState, ServiceReport, Settings, Target, condition, service_verdict, targets};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
@@ -33,10 +33,15 @@ const MAX_ANSWER_BYTES: usize = 4096;
 /// Quiet time after a wake-up before asking (pod events come in bursts during a rollout).
 const SETTLE: Duration = Duration::from_millis(50);
 
-/// The last report of each Service, and the wake-up channel of the prober.
+/// Client name → (generation, revision that first held that generation).
+type Introduced = HashMap<String, (i64, String)>;
+
+/// The last report of each Service, when each client's current generation entered its table, and the wake-up
+/// channel of the prober.
 pub struct Enforcement {
     settings: Settings,
     reports: RwLock<HashMap<ServiceKey, ServiceReport>>,
+    introduced: RwLock<HashMap<ServiceKey, Introduced>>,
     tx: mpsc::UnboundedSender<ServiceKey>,
     rx: Mutex<Option<mpsc::UnboundedReceiver<ServiceKey>>>,
 }
@@ -44,7 +49,13 @@ pub struct Enforcement {
 impl Enforcement {
     pub fn new(settings: Settings) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        Self { settings, reports: RwLock::new(HashMap::new()), tx, rx: Mutex::new(Some(rx)) }
+        Self {
+            settings,
+            reports: RwLock::new(HashMap::new()),
+            introduced: RwLock::new(HashMap::new()),
+            tx,
+            rx: Mutex::new(Some(rx)),
+        }
     }
 
     /// Asks the sidecars of `key` again (its table was written or confirmed, or its pods changed).
@@ -52,9 +63,42 @@ impl Enforcement {
         let _ = self.tx.send(key.clone());
     }
 
-    /// `Enforced` for an object concerned with `services` of namespace `ns`, of which `unprogrammed` are not yet in
-    /// a written table containing it.
+    /// `Enforced` of a UsagePlan concerned with `services` of namespace `ns`, of which `unprogrammed` are not yet
+    /// in a written table: every sidecar serves the current revision.
     pub fn condition(&self, ctx: &Ctx, ns: &str, services: &[String], unprogrammed: &[String]) -> Cond {
+        self.condition_with(ctx, ns, services, unprogrammed, false, |_, current| Some(current.to_string()))
+    }
+
+    /// `Enforced` of ApiClient `name` at `generation`: every sidecar serves the revision its generation entered
+    /// the table in, or a later one.
+    pub fn client_condition(
+        &self,
+        ctx: &Ctx,
+        ns: &str,
+        name: &str,
+        generation: i64,
+        services: &[String],
+        unprogrammed: &[String],
+    ) -> Cond {
+        let introduced = self.introduced.read().expect("introduced lock");
+        self.condition_with(ctx, ns, services, unprogrammed, true, |key, current| {
+            match introduced.get(key).and_then(|m| m.get(name)) {
+                Some((g, rev)) if *g == generation => Some(rev.clone()),
+                // Not yet recorded by the prober: the current revision, until it is.
+                _ => Some(current.to_string()),
+            }
+        })
+    }
+
+    fn condition_with(
+        &self,
+        ctx: &Ctx,
+        ns: &str,
+        services: &[String],
+        unprogrammed: &[String],
+        or_newer: bool,
+        needed: impl Fn(&ServiceKey, &str) -> Option<String>,
+    ) -> Cond {
         let state = ctx.state.read().expect("state lock");
         let reports = self.reports.read().expect("reports lock");
         let rows: Vec<(String, Option<String>, Option<ServiceReport>)> = services
@@ -62,34 +106,59 @@ impl Enforcement {
             .map(|s| {
                 let key = ServiceKey { namespace: ns.to_string(), name: s.clone() };
                 let current = state.get(&key).filter(|_| !unprogrammed.contains(s)).map(|st| st.revision.clone());
-                (s.clone(), current, reports.get(&key).cloned())
+                let need = current.and_then(|c| needed(&key, &c));
+                (s.clone(), need, reports.get(&key).cloned())
             })
             .collect();
-        condition(&rows)
+        condition(&rows, or_newer)
     }
 
-    fn publish(&self, ctx: &Ctx, key: &ServiceKey, report: Option<ServiceReport>) {
-        let changed = {
+    /// Records which clients' current generation entered the table in `revision`; returns those that changed.
+    fn record_revision(&self, ctx: &Ctx, key: &ServiceKey, revision: &str) -> Vec<String> {
+        let clients: HashMap<String, i64> =
+            ctx.state.read().expect("state lock").get(key).map(|st| st.clients.clone()).unwrap_or_default();
+        let mut all = self.introduced.write().expect("introduced lock");
+        let map = all.entry(key.clone()).or_default();
+        map.retain(|c, _| clients.contains_key(c));
+        let mut changed = Vec::new();
+        for (c, g) in clients {
+            if map.get(&c).is_none_or(|(have, _)| *have != g) {
+                map.insert(c.clone(), (g, revision.to_string()));
+                changed.push(c);
+            }
+        }
+        changed
+    }
+
+    /// Stores `report`; when it changes, rewrites the status of the plans granting the Service and of the clients
+    /// whose verdict it changes (clients are grouped by the revision they need, so a new revision rewrites the
+    /// clients it changed, not all of them), plus `changed_clients`.
+    fn publish(&self, ctx: &Ctx, key: &ServiceKey, report: Option<ServiceReport>, changed_clients: Vec<String>) {
+        let old = {
             let mut reports = self.reports.write().expect("reports lock");
-            let old = match &report {
+            match &report {
                 Some(r) => reports.insert(key.clone(), r.clone()),
                 None => reports.remove(key),
-            };
-            old != report
+            }
         };
-        if !changed {
-            return;
+        let mut notify: HashSet<String> = changed_clients.into_iter().collect();
+        if old != report {
+            // UsagePlans: through the table writer (it writes their status after the Service).
+            let _ = ctx.table_tx.send(key.clone());
+            let introduced = self.introduced.read().expect("introduced lock");
+            let mut groups: HashMap<&str, Vec<&String>> = HashMap::new();
+            for (client, (_, rev)) in introduced.get(key).into_iter().flatten() {
+                groups.entry(rev.as_str()).or_default().push(client);
+            }
+            for (rev, clients) in groups {
+                let before = service_verdict(&key.name, Some(rev), old.as_ref());
+                let after = service_verdict(&key.name, Some(rev), report.as_ref());
+                if before != after {
+                    notify.extend(clients.into_iter().cloned());
+                }
+            }
         }
-        // UsagePlans: through the table writer (it writes their status after the Service); ApiClients: their queue.
-        let _ = ctx.table_tx.send(key.clone());
-        let clients: Vec<String> = ctx
-            .state
-            .read()
-            .expect("state lock")
-            .get(key)
-            .map(|st| st.clients.keys().cloned().collect())
-            .unwrap_or_default();
-        for c in clients {
+        for c in notify {
             let _ = ctx.client_tx.send(ObjectRef::new(&c).within(&key.namespace));
         }
     }
@@ -119,7 +188,8 @@ pub async fn run(ctx: Arc<Ctx>) {
 async fn watch_service(ctx: Arc<Ctx>, key: ServiceKey, wake: Arc<Notify>, budget: Arc<Semaphore>) {
     let settings = ctx.enforcement.settings.clone();
     let qualified = format!("{}/{}", key.namespace, key.name);
-    // Revision being confirmed, since when, and which (pod, address) already serve it.
+    // Revision being confirmed, since when, and which (pod, address) already serve it; the revisions seen.
+    let mut history: Vec<String> = Vec::new();
     let mut revision = String::new();
     let mut since = Instant::now();
     let mut confirmed: HashSet<Target> = HashSet::new();
@@ -129,12 +199,20 @@ async fn watch_service(ctx: Arc<Ctx>, key: ServiceKey, wake: Arc<Notify>, budget
         tokio::time::sleep(SETTLE).await;
         let Some(current) = ctx.state.read().expect("state lock").get(&key).map(|s| s.revision.clone()) else {
             // No plan grants the Service any more.
-            ctx.enforcement.publish(&ctx, &key, None);
+            ctx.enforcement.introduced.write().expect("introduced lock").remove(&key);
+            ctx.enforcement.publish(&ctx, &key, None, Vec::new());
             return;
         };
+        let mut changed_clients = Vec::new();
         if current != revision {
             (revision, since, attempt) = (current, Instant::now(), 0);
             confirmed.clear();
+            history.retain(|r| *r != revision);
+            history.push(revision.clone());
+            if history.len() > HISTORY {
+                history.remove(0);
+            }
+            changed_clients = ctx.enforcement.record_revision(&ctx, &key, &revision);
         }
         if last_full.elapsed() >= settings.resync {
             confirmed.clear();
@@ -152,9 +230,9 @@ async fn watch_service(ctx: Arc<Ctx>, key: ServiceKey, wake: Arc<Notify>, budget
             states.push((t.pod.clone(), state));
         }
         let settled = since.elapsed() >= settings.grace;
-        let report = ServiceReport { revision: revision.clone(), pods: states, settled };
+        let report = ServiceReport { revision: revision.clone(), history: history.clone(), pods: states, settled };
         let done = report.all_serving();
-        ctx.enforcement.publish(&ctx, &key, Some(report));
+        ctx.enforcement.publish(&ctx, &key, Some(report), changed_clients);
         let wait = if done {
             settings.resync
         } else {
