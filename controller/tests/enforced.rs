@@ -522,3 +522,106 @@ async fn a_loopback_only_app_is_reachable_only_through_the_sidecar_and_probed_th
     drop(_proxy);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The cost of `Enforced` at 1 000 pods: 1 000 Pod objects Running at 127.0.{1..4}.x, each answered by a minimal
+/// `/revision` responder (the real admin handler is measured in the proxy's tests; this measures the controller
+/// side: pod cache, 1 000 requests, bounded concurrency, status). Run with
+/// `cargo test -p portcullis-controller --test enforced -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: 1 000 Pods and 1 000 loopback listeners"]
+async fn enforced_at_1000_pods() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PODS: usize = 1000;
+    let env = env("enforced-1k").await;
+    let addrs: Vec<IpAddr> =
+        (0..PODS).map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 1 + (i / 250) as u8, 1 + (i % 250) as u8))).collect();
+    let port = common_free_port(&addrs[..4]);
+    let revision = Arc::new(std::sync::RwLock::new(String::new()));
+    let requests = Arc::new(AtomicU64::new(0));
+    let service = format!("{}/orders", env.ns);
+    for (i, addr) in addrs.iter().enumerate() {
+        let l = tokio::net::TcpListener::bind(SocketAddr::new(*addr, port)).await.expect("loopback listener");
+        let (revision, requests, service) = (revision.clone(), requests.clone(), service.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 2048];
+                let _ = s.read(&mut buf).await;
+                requests.fetch_add(1, Ordering::Relaxed);
+                let body =
+                    json!({"service": service, "revision": *revision.read().unwrap(), "pod": format!("orders-{i}")})
+                        .to_string();
+                let resp =
+                    format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let _ = s.write_all(resp.as_bytes()).await;
+            }
+        });
+    }
+    let ctl = start_controller(&env, "enforced-1k").await;
+    create_secret(&env, "keys", &[("k", "enforced-1k-key-0123456789abcdef")]).await;
+    create_plan(
+        &env,
+        UsagePlan::new(
+            "partners",
+            UsagePlanSpec {
+                services: vec![ServiceGrant { name: "orders".into(), routes: None }],
+                throttle: None,
+                quota: None,
+                global_limits: None,
+                network_policy: Some(false),
+            },
+        ),
+    )
+    .await;
+    create_client(&env, "acme", client_spec(&["partners"], &["10.0.0.0/8"], "keys", "k")).await;
+    let mut settings = InjectSettings::new("ghcr.io/portcullis/portcullis-proxy:test");
+    settings.admin_port = port;
+    let started = std::time::Instant::now();
+    for chunk in addrs.chunks(50).enumerate() {
+        let (c, chunk) = chunk;
+        futures::future::join_all(chunk.iter().enumerate().map(|(j, addr)| {
+            let pod = injected_pod(
+                &format!("orders-{}", c * 50 + j),
+                "orders",
+                "default",
+                app_container(),
+                8080,
+                &[],
+                &settings,
+            );
+            let env = &env;
+            async move { run_pod(env, &pod, *addr).await }
+        }))
+        .await;
+    }
+    eprintln!("created {PODS} running Pods in {:?}", started.elapsed());
+    for round in 1..=2 {
+        if round == 2 {
+            set_source_ranges(&env, "acme", &["10.1.0.0/16"]).await;
+        }
+        let (old, before) = (revision.read().unwrap().clone(), requests.load(Ordering::Relaxed));
+        let rev = wait_for(T, "a new revision", || async {
+            let r = read_table(&env, "orders").await?.1.revision;
+            (r != old).then_some(r)
+        })
+        .await;
+        let t0 = std::time::Instant::now();
+        *revision.write().unwrap() = rev.clone();
+        let msg = wait_enforced_with(
+            &env,
+            "UsagePlan",
+            "partners",
+            "True",
+            "Enforced",
+            &format!("{PODS}/{PODS} sidecars serve revision {}", &rev[..12]),
+        )
+        .await;
+        eprintln!(
+            "revision {round}: {msg} — {:?} after the sidecars serve it, {} requests",
+            t0.elapsed(),
+            requests.load(Ordering::Relaxed) - before
+        );
+    }
+    ctl.stop().await.unwrap();
+}
