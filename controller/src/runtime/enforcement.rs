@@ -5,12 +5,14 @@
 //! the table writer), asks every sidecar not yet confirmed on the current revision: at most
 //! [`Settings::concurrency`] requests in flight over all Services, each bounded by [`Settings::timeout`], and
 //! retried with exponential backoff ([`Settings::retry_delay`]) until every sidecar serves the revision. A pod
-//! confirmed on a revision is not asked again for it (until [`Settings::resync`]). When what the sidecars say
+//! confirmed on a revision is not asked again for it until its Pod object changes (a restarted container changes
+//! its status) or [`Settings::resync`]. When what the sidecars say
 //! changes, the UsagePlans and ApiClients concerned get their status rewritten. Sidecars need no permission for
 //! this and the controller no more than reading Pods; the NetworkPolicy admits the controller to the admin port.
 //!
 //! Cost at 1 000 pods of one Service: one small HTTP/1.1 request per pod per revision (plus a re-ask of the
-//! laggards at 0.1, 0.2, 0.4 … s), 32 in flight; see `docs/controller.md` for the measured figures.
+//! laggards at 0.1, 0.2, 0.4 … s), 32 in flight; measured: 1 000 requests and `Enforced=True` 0.4–0.5 s after the
+//! sidecars serve a revision (`docs/ingress.md`, the ignored test `enforced_at_1000_pods`).
 
 use super::tables::ServiceKey;
 use super::{Ctx, FIELD_MANAGER};
