@@ -217,10 +217,13 @@ fn service_cond(
     let Some(rank) = report.rank(needed) else { return asking() };
     let total = report.pods.len();
     let ok = report.pods.iter().filter(|(_, s)| report.satisfies(s, rank)).count();
+    // The grace period is the newest revision's; one already superseded has had its chance (and its verdict
+    // must not flip to Pending and back whenever another object's change brings a revision).
+    let settled = report.settled || needed != report.revision;
     let newer = if or_newer { " or newer" } else { "" };
     let head = format!("{service}: {ok}/{total} sidecars serve revision {}{newer}", short(needed));
     if total == 0 {
-        let why = if report.settled { reason::NO_SIDECARS } else { reason::PENDING };
+        let why = if settled { reason::NO_SIDECARS } else { reason::PENDING };
         return (
             false,
             why,
@@ -241,7 +244,7 @@ fn service_cond(
     if laggards.len() > LISTED {
         listed.push(format!("and {} more", laggards.len() - LISTED));
     }
-    let why = if !report.settled {
+    let why = if !settled {
         reason::PENDING
     } else if laggards.iter().any(|(_, s)| matches!(s, PodState::Unreachable(_) | PodState::NoSidecar)) {
         reason::SIDECARS_UNREACHABLE
@@ -428,6 +431,11 @@ mod tests {
         assert_eq!((c.ok, c.message.as_str()), (true, "2/2 sidecars serve revision fedcba987654 or newer"));
         // For the current revision the laggard counts.
         assert_eq!(cond(Some(rep.clone())).reason, "SidecarsBehind");
+        // A new revision in its grace period does not turn an older object's verdict into Pending.
+        let mut fresh = report(&[], false);
+        fresh.pods.clear();
+        let older = condition(&[("orders".into(), Some("fedcba9876543210".into()), Some(fresh))], true);
+        assert_eq!(older.reason, "NoSidecars");
         // A revision not in the history is older than anything known.
         let stale = report(&[PodState::Behind("0000000000000000".into()), PodState::Serving], true);
         let c = condition(&[("orders".into(), Some("fedcba9876543210".into()), Some(stale))], true);
