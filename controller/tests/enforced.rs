@@ -330,8 +330,10 @@ async fn enforced_follows_what_the_sidecars_serve() {
         (r != r4).then_some(r)
     })
     .await;
-    let msg = wait_enforced_with(&env, "UsagePlan", "partners", "True", "Enforced", "2/2").await;
-    assert_eq!(msg, format!("2/2 sidecars serve revision {}", &r5[..12]), "the plan follows the current revision");
+    // The plan follows the current revision.
+    let want = format!("2/2 sidecars serve revision {}", &r5[..12]);
+    let msg = wait_enforced_with(&env, "UsagePlan", "partners", "True", "Enforced", &want).await;
+    assert_eq!(msg, want);
     wait_enforced_with(&env, "ApiClient", "beta", "True", "Enforced", "2/2").await;
     let acme_after = Api::<ApiClient>::namespaced(env.admin.clone(), &env.ns).get("acme").await.unwrap();
     assert_eq!(
