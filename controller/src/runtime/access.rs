@@ -227,20 +227,18 @@ async fn reconcile_network_policy(
 
 /// Every way Service `service` can be reached past the proxy: the Service itself ([`crate::exposure`]) and the
 /// isolation of its pods ([`crate::network_policy`]). Our own policy counts as written when the Service's last
-/// reconcile succeeded (so a status written right after it does not race the NetworkPolicy watch).
+/// reconcile succeeded (`reconciled`; so a status written right after it does not race the NetworkPolicy watch).
 pub(crate) fn exposure_findings(
     ctx: &Ctx,
     ns: &str,
     service: &str,
     svc: Option<&Service>,
+    reconciled: bool,
 ) -> Vec<crate::exposure::Finding> {
     let mut findings = crate::exposure::check_service(service, svc);
     if svc.is_none() {
         return findings;
     }
-    let key = super::tables::ServiceKey { namespace: ns.into(), name: service.into() };
-    let reconciled = ctx.state.read().expect("state lock").contains_key(&key)
-        && !ctx.render_errors.read().expect("errors lock").contains_key(&key);
     let ours = network_policy::name(service);
     let cached = ctx.network_policies.state_filter(|np| np.namespace().as_deref() == Some(ns));
     let mut policies: Vec<NetworkPolicy> = cached

@@ -316,7 +316,9 @@ async fn update_plan_status(ctx: &Ctx, plan: &UsagePlan) -> Result<(), Error> {
                 facts.render_errors.push((s.name.clone(), e.clone()));
             }
             let svc = ctx.services.get(&ObjectRef::new(&s.name).within(&ns));
-            facts.exposure.push((s.name.clone(), super::access::exposure_findings(ctx, &ns, &s.name, svc.as_deref())));
+            let reconciled = st.is_some() && !facts.render_errors.iter().any(|(n, _)| *n == s.name);
+            let findings = super::access::exposure_findings(ctx, &ns, &s.name, svc.as_deref(), reconciled);
+            facts.exposure.push((s.name.clone(), findings));
             match st {
                 Some(st) if st.plans.get(&name) == Some(&(uid.clone(), generation)) => tables.push(TableStatus {
                     service: s.name.clone(),
