@@ -337,6 +337,42 @@ mod tests {
     }
 
     #[test]
+    fn trimmed_pods_keep_what_isolation_and_enforced_read() {
+        use k8s_openapi::api::core::v1::{ContainerPort, PodStatus};
+        let mut p = pod("orders", Some("sc"), true);
+        p.metadata.annotations.as_mut().unwrap().extend([
+            (ANNOTATION_APP_LOOPBACK.to_string(), "true".to_string()),
+            ("kubectl.kubernetes.io/last-applied-configuration".to_string(), "{...}".to_string()),
+        ]);
+        let port = ContainerPort { name: Some("portcullis-adm".into()), container_port: 9901, ..Default::default() };
+        p.spec.as_mut().unwrap().containers = vec![
+            Container { name: "app".into(), image: Some("app:1".into()), ..Default::default() },
+            Container {
+                name: CONTAINER_NAME.into(),
+                image: Some("proxy:1".into()),
+                ports: Some(vec![port.clone()]),
+                ..Default::default()
+            },
+        ];
+        p.status = Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some("10.1.2.3".into()),
+            message: Some("long".into()),
+            ..Default::default()
+        });
+        trim_pod(&mut p);
+        let a = p.metadata.annotations.as_ref().unwrap();
+        assert_eq!(a.len(), 2, "{a:?}");
+        let spec = p.spec.as_ref().unwrap();
+        assert_eq!(spec.service_account_name.as_deref(), Some("sc"));
+        assert_eq!(spec.containers.len(), 1);
+        assert_eq!((spec.containers[0].name.as_str(), spec.containers[0].image.as_deref()), (CONTAINER_NAME, None));
+        assert_eq!(spec.containers[0].ports.as_deref(), Some(&[port][..]));
+        let st = p.status.unwrap();
+        assert_eq!((st.phase.as_deref(), st.pod_ip.as_deref(), st.message), (Some("Running"), Some("10.1.2.3"), None));
+    }
+
+    #[test]
     fn role_names_exactly_the_tables() {
         let r = sidecar_role("orders", &[]);
         assert_eq!(r.metadata.name.as_deref(), Some("portcullis-sidecar-orders"));
