@@ -11,6 +11,9 @@ pub mod types {
     pub const PROGRAMMED: &str = "Programmed";
     /// UsagePlan only: can its Services be reached without the proxy? Informational: not part of `Ready`.
     pub const EXPOSURE: &str = "Exposure";
+    /// Every running sidecar of every Service concerned serves the current revision ([`crate::enforcement`]).
+    /// Informational: not part of `Ready`.
+    pub const ENFORCED: &str = "Enforced";
 }
 
 pub mod reason {

@@ -29,6 +29,7 @@ pub const API_VERSION: &str = "portcullis.dev/v1alpha1";
     printcolumn = r#"{"name":"Period","type":"string","jsonPath":".spec.quota.period","priority":1}"#,
     printcolumn = r#"{"name":"Clients","type":"integer","jsonPath":".status.clients"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Enforced","type":"string","jsonPath":".status.conditions[?(@.type==\"Enforced\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -46,8 +47,10 @@ pub struct UsagePlanSpec {
     /// Count throttle and quota across proxy replicas (Redis) instead of per replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub global_limits: Option<bool>,
-    /// Also write a NetworkPolicy `portcullis-<service>` admitting ingress to the Service's pods only on the proxy
-    /// port (8443/TCP). Default false.
+    /// Write the NetworkPolicy `portcullis-<service>` admitting ingress to the Service's pods only on the sidecar's
+    /// ports (the proxy port from anywhere, the admin port from the controller and scrapers). Unset: the
+    /// controller's default, on (`--network-policy-default`, chart value `networkPolicy.enabled`). `false` opts
+    /// this plan out; the policy is still written while another plan granting the Service wants it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_policy: Option<bool>,
 }
@@ -150,6 +153,7 @@ pub struct TableStatus {
     status = "ApiClientStatus",
     printcolumn = r#"{"name":"Plans","type":"string","jsonPath":".spec.usagePlans"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Enforced","type":"string","jsonPath":".status.conditions[?(@.type==\"Enforced\")].status"}"#,
     printcolumn = r#"{"name":"Keys","type":"integer","jsonPath":".status.keys"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]

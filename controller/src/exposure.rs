@@ -2,7 +2,9 @@
 //!
 //! A protected Service must stay inside the cluster (ClusterIP, or a load balancer marked internal by one of
 //! [`INTERNAL_LB_ANNOTATIONS`], no `externalIPs`, not `NodePort`) and every port must target the proxy (port
-//! [`PROXY_PORT`] or the port name [`PROXY_PORT_NAME`]); otherwise clients can skip the keys, CIDRs and limits.
+//! [`PROXY_PORT`] or the port name [`PROXY_PORT_NAME`]) — [`check_service`]; and its pods must admit ingress on the
+//! sidecar's ports only (a NetworkPolicy, ours or an equivalent one) — [`crate::network_policy::isolation_findings`].
+//! Otherwise clients can skip the keys, CIDRs and limits.
 
 use crate::conditions::{Cond, types};
 use k8s_openapi::api::core::v1::Service;
@@ -10,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 /// The proxy sidecar's port (the webhook's default) and its container port name.
 pub const PROXY_PORT: i32 = 8443;
-pub const PROXY_PORT_NAME: &str = "portcullis";
+pub use crate::webhook::inject::PROXY_PORT_NAME;
 
 /// Annotations (and values, compared case-insensitively) that make a `LoadBalancer` Service internal.
 pub const INTERNAL_LB_ANNOTATIONS: &[(&str, &str)] = &[
@@ -113,11 +115,18 @@ pub fn exposure_condition(services: &[(String, Vec<Finding>)]) -> Cond {
     match findings.first() {
         None => {
             let names: Vec<&str> = services.iter().map(|(s, _)| s.as_str()).collect();
+            // True only after both checks: the Service and the pods' NetworkPolicy isolation. What a policy cannot
+            // promise (a network plugin that ignores NetworkPolicy) is said, not implied.
             Cond::new(
                 types::EXPOSURE,
                 true,
                 reason::INTERNAL,
-                format!("Service(s) {} are reachable only through the proxy", names.join(", ")),
+                format!(
+                    "Service(s) {} are internal and target only the proxy, and a NetworkPolicy admits ingress to their \
+                     pods only on the sidecar's ports: reachable only through the proxy where the network plugin \
+                     enforces NetworkPolicy",
+                    names.join(", ")
+                ),
             )
         }
         Some(first) => Cond::new(

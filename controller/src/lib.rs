@@ -2,12 +2,14 @@
 
 pub mod conditions;
 pub mod crd;
+pub mod enforcement;
 pub mod events;
 pub mod exposure;
 pub mod fixtures;
 pub mod keygen;
 pub mod keys;
 pub mod model;
+pub mod network_policy;
 pub mod runtime;
 
 pub use runtime::{Config, Error, run};

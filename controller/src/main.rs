@@ -1,6 +1,7 @@
 //! `portcullis-controller`: renders Portcullis tables and ApiClient/UsagePlan status.
 
 use clap::{Parser, ValueEnum};
+use portcullis_controller::network_policy::SidecarPorts;
 use portcullis_controller::runtime::{Config, tables::Debounce};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -53,6 +54,8 @@ struct Args {
     webhook: bool,
     #[command(flatten)]
     webhook_args: portcullis_controller::webhook::WebhookArgs,
+    #[command(flatten)]
+    network_policy: portcullis_controller::network_policy::NetworkPolicyArgs,
 }
 
 #[tokio::main]
@@ -90,6 +93,13 @@ async fn real_main(args: Args) -> anyhow::Result<()> {
         identity,
         metrics_listen: Some(args.metrics_listen),
         debounce: Debounce { quiet: Duration::from_millis(args.debounce_millis), max_wait: Duration::from_secs(2) },
+        // The NetworkPolicy's default admin peer is the controller's own namespace (it reads `/revision`).
+        network_policy: args.network_policy.settings(&args.webhook_args.webhook_namespace)?,
+        sidecar_ports: SidecarPorts {
+            proxy: i32::from(args.webhook_args.sidecar_proxy_port),
+            admin: i32::from(args.webhook_args.sidecar_admin_port),
+        },
+        enforcement: Default::default(),
     };
     let controller = async { portcullis_controller::run(client.clone(), config, shutdown_signal()).await };
     if args.webhook {

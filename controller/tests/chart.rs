@@ -133,6 +133,8 @@ fn chart_lints_and_its_schema_rejects_wrong_types() {
         "replicaCount=many",
         "sidecar.proxyPort=70000",
         "serviceMonitor.enabled=maybe",
+        "networkPolicy.enabled=maybe",
+        "networkPolicy.adminFrom[0].everyone=true",
         "webhook.url=http://insecure/mutate",
         "unknownValue=1",
     ] {
@@ -375,5 +377,52 @@ fn chart_webhook_flags_parse_as_webhook_args() {
         let r = s.resources.expect("the chart's sidecar resources are passed on");
         assert_eq!(r.requests.unwrap()["memory"].0, "32Mi");
         assert_eq!(r.limits.unwrap()["memory"].0, "128Mi");
+    }
+}
+
+/// The NetworkPolicy flags the chart passes parse as `NetworkPolicyArgs`: on by default, the controller's own pods
+/// always admitted to the sidecars' admin port (it reads `/revision`), plus `networkPolicy.adminFrom`.
+#[test]
+fn chart_network_policy_flags_parse_and_admit_the_controller() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        np: portcullis_controller::network_policy::NetworkPolicyArgs,
+    }
+    let cp = ControlPlane::shared();
+    let monitoring =
+        "networkPolicy.adminFrom[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=monitoring";
+    for set in [&[][..], &["networkPolicy.enabled=false", monitoring][..]] {
+        let docs = documents(&template(cp, "portcullis", "portcullis-system", set).unwrap());
+        let c = &find(&docs, "Deployment", "portcullis-controller")["spec"]["template"]["spec"]["containers"][0];
+        let args: Vec<&str> = c["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .filter(|a| a.starts_with("--network-policy-"))
+            .collect();
+        let cli = Cli::try_parse_from(std::iter::once("portcullis-controller").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("the chart passes flags NetworkPolicyArgs rejects: {e}\n{args:?}"));
+        let s = cli.np.settings("unused").expect("valid peers");
+        assert_eq!(s.default_on, set.is_empty(), "{args:?}");
+        let controller = &s.admin_from[0];
+        let ns = controller.namespace_selector.as_ref().unwrap().match_labels.as_ref().unwrap();
+        assert_eq!(ns["kubernetes.io/metadata.name"], "portcullis-system");
+        let pods = controller.pod_selector.as_ref().unwrap().match_labels.as_ref().unwrap();
+        assert_eq!(pods["app.kubernetes.io/component"], "controller");
+        assert_eq!(pods["app.kubernetes.io/instance"], "portcullis");
+        // The pod selector matches the controller Deployment's pod labels.
+        let deploy = find(&docs, "Deployment", "portcullis-controller");
+        let labels = &deploy["spec"]["template"]["metadata"]["labels"];
+        for (k, v) in pods {
+            assert_eq!(labels[k.as_str()].as_str(), Some(v.as_str()), "controller pods lack {k}={v}");
+        }
+        assert_eq!(s.admin_from.len(), if set.is_empty() { 1 } else { 2 });
+        if !set.is_empty() {
+            let m = s.admin_from[1].namespace_selector.as_ref().unwrap().match_labels.as_ref().unwrap();
+            assert_eq!(m["kubernetes.io/metadata.name"], "monitoring");
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! Cluster tests of the per-Service objects beside the tables: the `Exposure` condition (bypass guard), the
-//! sidecar's least-privilege read access (Role + RoleBinding by `resourceNames`), and the optional NetworkPolicy.
+//! sidecar's least-privilege read access (Role + RoleBinding by `resourceNames`), and the NetworkPolicy (on by
+//! default) with the isolation findings of `Exposure`.
 //! Same setup as `cluster.rs`: real kube-apiserver (RBAC on), controller in-process with the least-privilege token.
 
 mod common;
@@ -8,6 +9,7 @@ use common::*;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use portcullis_controller::crd::*;
 use portcullis_table::naming::{all_names, index_name};
@@ -15,6 +17,10 @@ use portcullis_testkit::wait_for;
 use serde_json::json;
 
 fn plan(name: &str, services: &[&str], network_policy: bool) -> UsagePlan {
+    plan_np(name, services, network_policy.then_some(true))
+}
+
+fn plan_np(name: &str, services: &[&str], network_policy: Option<bool>) -> UsagePlan {
     UsagePlan::new(
         name,
         UsagePlanSpec {
@@ -22,7 +28,7 @@ fn plan(name: &str, services: &[&str], network_policy: bool) -> UsagePlan {
             throttle: Some(ThrottleSpec { rate: 10, per: "1s".into(), burst: None }),
             quota: None,
             global_limits: None,
-            network_policy: network_policy.then_some(true),
+            network_policy,
         },
     )
 }
@@ -182,40 +188,120 @@ async fn sidecar_service_account_reads_only_its_tables() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn network_policy_admits_only_the_proxy_port() {
+async fn network_policy_is_on_by_default_and_follows_the_service() {
     let env = env("netpol").await;
-    let ctl = start_controller(&env, "netpol-1").await;
+    let admin_peer = portcullis_controller::network_policy::namespace_peer("monitoring");
+    let ctl = start_controller_with(&env, "netpol-1", &format!("pc-{}", env.ns), None, |c| {
+        c.network_policy.admin_from = vec![admin_peer.clone()];
+    })
+    .await;
     let _: Service = create(
         &env,
         json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "api"},
                "spec": {"selector": {"app": "api"}, "ports": [{"port": 443, "targetPort": "portcullis"}]}}),
     )
     .await;
-    create_plan(&env, plan("plain", &["api"], false)).await;
-    wait_plan_condition(&env, "plain", "Exposure", "True", "Internal").await;
     let nps: Api<NetworkPolicy> = Api::namespaced(env.admin.clone(), &env.ns);
-    assert!(nps.get_opt("portcullis-api").await.unwrap().is_none(), "networkPolicy defaults to false");
 
-    create_plan(&env, plan("fenced", &["api"], true)).await;
+    // Opted out, and nobody else isolates the pods: the Service is internal, but its pods are not closed.
+    create_plan(&env, plan_np("optout", &["api"], Some(false))).await;
+    let msg = wait_plan_condition(&env, "optout", "Exposure", "False", "NotIsolated").await;
+    assert!(msg.contains("\"portcullis-api\"") && msg.contains("spec.networkPolicy"), "the fix is named: {msg}");
+    wait_plan_condition(&env, "optout", "Ready", "True", "Ready").await;
+    assert!(nps.get_opt("portcullis-api").await.unwrap().is_none(), "an opted-out plan gets no NetworkPolicy");
+
+    // A plan leaving spec.networkPolicy unset gets it: the controller's default is on.
+    create_plan(&env, plan_np("default", &["api"], None)).await;
     let np = wait_for(T, "NetworkPolicy portcullis-api", || async { nps.get_opt("portcullis-api").await.ok()? }).await;
     let spec = np.spec.unwrap();
     assert_eq!(spec.pod_selector.unwrap().match_labels.unwrap()["app"], "api");
     assert_eq!(spec.policy_types.unwrap(), ["Ingress"]);
     let rules = spec.ingress.unwrap();
-    assert_eq!(rules.len(), 1);
-    assert!(rules[0].from.as_ref().is_none_or(|f| f.is_empty()));
-    let ports = rules[0].ports.as_ref().unwrap();
-    assert_eq!(ports.len(), 1);
-    assert_eq!(ports[0].port, Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(8443)));
-    assert_eq!(ports[0].protocol.as_deref(), Some("TCP"));
+    assert_eq!(rules.len(), 2, "{rules:?}");
+    assert!(rules[0].from.as_ref().is_none_or(|f| f.is_empty()), "the proxy port is open to the Service's clients");
+    let port = |r: &k8s_openapi::api::networking::v1::NetworkPolicyIngressRule| {
+        let p = &r.ports.as_ref().unwrap()[0];
+        (p.port.clone(), p.protocol.clone())
+    };
+    assert_eq!(port(&rules[0]), (Some(IntOrString::String("portcullis".into())), Some("TCP".into())));
+    assert_eq!(port(&rules[1]), (Some(IntOrString::String("portcullis-adm".into())), Some("TCP".into())));
+    assert_eq!(rules[1].from.as_deref(), Some(&[admin_peer][..]), "the admin port only from the configured peers");
     let owners: Vec<String> = np.metadata.owner_references.unwrap().iter().map(|o| o.name.clone()).collect();
-    assert_eq!(owners, ["fenced"]);
+    assert_eq!(owners, ["default"], "owned by the plans that want it");
+    let msg = wait_plan_condition(&env, "optout", "Exposure", "True", "Internal").await;
+    assert!(msg.contains("NetworkPolicy") && msg.contains("where the network plugin enforces"), "{msg}");
 
-    // The plan asking for it goes away → the NetworkPolicy goes too (the other plan still grants the Service).
-    Api::<UsagePlan>::namespaced(env.admin.clone(), &env.ns).delete("fenced", &DeleteParams::default()).await.unwrap();
+    // The policy follows the Service's selector.
+    let svcs: Api<Service> = Api::namespaced(env.admin.clone(), &env.ns);
+    let patch = json!({"spec": {"selector": {"app": "api-v2"}}});
+    svcs.patch("api", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+    wait_for(T, "NetworkPolicy selecting app=api-v2", || async {
+        let np = nps.get_opt("portcullis-api").await.ok()??;
+        let sel = np.spec?.pod_selector?.match_labels?;
+        (sel.get("app").map(String::as_str) == Some("api-v2") && sel.len() == 1).then_some(())
+    })
+    .await;
+
+    // Someone else's policy opening every port to the same pods is a hole, named; removing it closes it.
+    let _: NetworkPolicy = create(
+        &env,
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "allow-all"},
+               "spec": {"podSelector": {"matchLabels": {"app": "api-v2"}}, "ingress": [{}]}}),
+    )
+    .await;
+    let msg = wait_plan_condition(&env, "default", "Exposure", "False", "PolicyAdmitsOtherPorts").await;
+    assert!(msg.contains("\"allow-all\"") && msg.contains("every port"), "{msg}");
+    nps.delete("allow-all", &DeleteParams::default()).await.unwrap();
+    wait_plan_condition(&env, "default", "Exposure", "True", "Internal").await;
+
+    // Deleted by hand: written again.
+    let uid = nps.get("portcullis-api").await.unwrap().metadata.uid;
+    nps.delete("portcullis-api", &DeleteParams::default()).await.unwrap();
+    wait_for(T, "NetworkPolicy re-created", || async {
+        let np = nps.get_opt("portcullis-api").await.ok()??;
+        (np.metadata.uid != uid).then_some(())
+    })
+    .await;
+
+    // The plan wanting it goes → the policy goes (the other plan opted out) and Exposure says so.
+    Api::<UsagePlan>::namespaced(env.admin.clone(), &env.ns).delete("default", &DeleteParams::default()).await.unwrap();
     wait_for(T, "NetworkPolicy removed", || async {
         nps.get_opt("portcullis-api").await.ok()?.is_none().then_some(())
     })
     .await;
+    wait_plan_condition(&env, "optout", "Exposure", "False", "NotIsolated").await;
+
+    // An equivalent policy of the user's own (numbered sidecar ports) counts.
+    let _: NetworkPolicy = create(
+        &env,
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": "theirs"},
+               "spec": {"podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["api-v2"]}]},
+                        "policyTypes": ["Ingress"], "ingress": [{"ports": [{"port": 8443}, {"port": 9901}]}]}}),
+    )
+    .await;
+    wait_plan_condition(&env, "optout", "Exposure", "True", "Internal").await;
+    ctl.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_default_off_plans_opt_in() {
+    let env = env("netpol-off").await;
+    let ctl = start_controller_with(&env, "netpol-off-1", &format!("pc-{}", env.ns), None, |c| {
+        c.network_policy.default_on = false;
+    })
+    .await;
+    let _: Service = create(
+        &env,
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "api"},
+               "spec": {"selector": {"app": "api"}, "ports": [{"port": 443, "targetPort": 8443}]}}),
+    )
+    .await;
+    create_plan(&env, plan_np("unset", &["api"], None)).await;
+    wait_plan_condition(&env, "unset", "Exposure", "False", "NotIsolated").await;
+    let nps: Api<NetworkPolicy> = Api::namespaced(env.admin.clone(), &env.ns);
+    assert!(nps.get_opt("portcullis-api").await.unwrap().is_none());
+    create_plan(&env, plan_np("fenced", &["api"], Some(true))).await;
+    wait_for(T, "NetworkPolicy portcullis-api", || async { nps.get_opt("portcullis-api").await.ok()? }).await;
+    wait_plan_condition(&env, "unset", "Exposure", "True", "Internal").await;
     ctl.stop().await.unwrap();
 }

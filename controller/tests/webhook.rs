@@ -255,3 +255,113 @@ async fn a_tls_secret_annotation_mounts_the_secret_into_the_sidecar_only() {
     let plain = pods.create(&PostParams::default(), &opted_in("plain-0", "orders", "8080")).await.unwrap();
     assert!(!sidecar(&plain).args.as_ref().unwrap().iter().any(|a| a.starts_with("--tls")));
 }
+
+/// `portcullis.dev/app-loopback: "true"`: the API server stores the app's httpGet/tcpSocket probes (named and
+/// numbered ports) rewritten onto the sidecar's admin port, and the sidecar carries the originals in an
+/// environment variable its own parser (`portcullis_table::sidecar`) accepts. Without the annotation they stay.
+#[tokio::test]
+async fn loopback_app_probes_are_rewritten_onto_the_sidecar_admin_port() {
+    use k8s_openapi::api::core::v1::{ContainerPort, HTTPGetAction, HTTPHeader, Probe, TCPSocketAction};
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    use portcullis_controller::webhook::inject::{ANNOTATION_APP_LOOPBACK, DEFAULT_ADMIN_PORT};
+    use portcullis_table::sidecar::{APP_PROBES_ENV, ProbeKind, app_health_path, parse_app_probes};
+
+    let cp = setup().await;
+    let ns = cp.namespace("wh-probes").await;
+    let pods: Api<Pod> = Api::namespaced(cp.admin_client().await, &ns);
+    let http = |port: IntOrString, path: &str| Probe {
+        http_get: Some(HTTPGetAction {
+            port,
+            path: Some(path.into()),
+            http_headers: Some(vec![HTTPHeader { name: "X-Probe".into(), value: "kubelet".into() }]),
+            ..Default::default()
+        }),
+        period_seconds: Some(3),
+        ..Default::default()
+    };
+    let tcp =
+        |port: IntOrString| Probe { tcp_socket: Some(TCPSocketAction { port, host: None }), ..Default::default() };
+    let with_probes = |name: &str, loopback: Option<&str>| {
+        let mut p = opted_in(name, "orders", "8080");
+        if let Some(v) = loopback {
+            p.metadata.annotations.as_mut().unwrap().insert(ANNOTATION_APP_LOOPBACK.into(), v.into());
+        }
+        let app = &mut p.spec.as_mut().unwrap().containers[0];
+        app.ports = Some(vec![
+            ContainerPort { name: Some("http".into()), container_port: 8080, ..Default::default() },
+            ContainerPort { name: Some("admin".into()), container_port: 8081, ..Default::default() },
+        ]);
+        app.liveness_probe = Some(http(IntOrString::String("http".into()), "/livez"));
+        app.readiness_probe = Some(http(IntOrString::Int(8081), "/readyz"));
+        app.startup_probe = Some(tcp(IntOrString::String("admin".into())));
+        p.spec.as_mut().unwrap().containers.push(Container {
+            name: "cache".into(),
+            image: Some("registry.invalid/cache:1".into()),
+            readiness_probe: Some(tcp(IntOrString::Int(6379))),
+            ..Default::default()
+        });
+        p
+    };
+
+    pods.create(&PostParams::default(), &with_probes("loop-0", Some("true"))).await.expect("create");
+    let stored = pods.get("loop-0").await.unwrap();
+    let spec = stored.spec.as_ref().unwrap();
+    let admin = IntOrString::Int(i32::from(DEFAULT_ADMIN_PORT));
+    for (container, kind) in [
+        ("app", ProbeKind::Liveness),
+        ("app", ProbeKind::Readiness),
+        ("app", ProbeKind::Startup),
+        ("cache", ProbeKind::Readiness),
+    ] {
+        let c = spec.containers.iter().find(|c| c.name == container).unwrap();
+        let probe = match kind {
+            ProbeKind::Liveness => &c.liveness_probe,
+            ProbeKind::Readiness => &c.readiness_probe,
+            ProbeKind::Startup => &c.startup_probe,
+        };
+        let probe = probe.as_ref().unwrap_or_else(|| panic!("{container} {kind:?} probe kept"));
+        let h = probe.http_get.as_ref().unwrap_or_else(|| panic!("{container} {kind:?} is an httpGet now"));
+        assert_eq!(h.port, admin, "{container} {kind:?}");
+        assert_eq!(h.path.as_deref(), Some(app_health_path(container, kind).as_str()));
+        assert!(probe.tcp_socket.is_none());
+    }
+    assert_eq!(spec.containers[0].liveness_probe.as_ref().unwrap().period_seconds, Some(3), "timings kept");
+    let env = sidecar(&stored).env.clone().unwrap_or_default();
+    let json = env.iter().find(|e| e.name == APP_PROBES_ENV).and_then(|e| e.value.clone()).expect("probes env");
+    let probes = parse_app_probes(&json).expect("the sidecar's parser accepts what the webhook wrote");
+    let live = probes[&app_health_path("app", ProbeKind::Liveness)].http_get.clone().unwrap();
+    assert_eq!((live.port, live.path.as_str(), live.http_headers[0].value.as_str()), (8080, "/livez", "kubelet"));
+    let ready = probes[&app_health_path("app", ProbeKind::Readiness)].http_get.clone().unwrap();
+    assert_eq!((ready.port, ready.path.as_str()), (8081, "/readyz"));
+    assert_eq!(probes[&app_health_path("app", ProbeKind::Startup)].tcp_socket.as_ref().unwrap().port, 8081);
+    assert_eq!(probes[&app_health_path("cache", ProbeKind::Readiness)].tcp_socket.as_ref().unwrap().port, 6379);
+
+    // Without the annotation (or with "false") the probes are stored as written and the sidecar gets no probes.
+    for (name, v) in [("plain-0", None), ("plain-1", Some("false"))] {
+        let want = with_probes(name, v);
+        let got = pods.create(&PostParams::default(), &want).await.expect("create");
+        // (The API server defaults `scheme: HTTP`; compare what was written.)
+        let http_of =
+            |p: &Option<Probe>| p.as_ref().and_then(|p| p.http_get.as_ref()).map(|h| (h.port.clone(), h.path.clone()));
+        for (g, w) in got.spec.as_ref().unwrap().containers.iter().zip(&want.spec.as_ref().unwrap().containers) {
+            assert_eq!(http_of(&g.liveness_probe), http_of(&w.liveness_probe), "{name}");
+            assert_eq!(http_of(&g.readiness_probe), http_of(&w.readiness_probe), "{name}");
+            assert_eq!(
+                g.startup_probe.as_ref().map(|p| &p.tcp_socket),
+                w.startup_probe.as_ref().map(|p| &p.tcp_socket)
+            );
+        }
+        assert!(sidecar(&got).env.iter().flatten().all(|e| e.name != APP_PROBES_ENV), "{name}");
+    }
+
+    // What cannot be carried through the sidecar is refused, naming container and probe.
+    let mut bad = with_probes("bad-0", Some("true"));
+    bad.spec.as_mut().unwrap().containers[0].readiness_probe = Some(http(IntOrString::String("nope".into()), "/"));
+    match pods.create(&PostParams::default(), &bad).await {
+        Err(kube::Error::Api(e)) => {
+            assert!(e.message.contains("\"app\"") && e.message.contains("readinessProbe"), "{}", e.message);
+            assert!(e.message.contains("\"nope\""), "{}", e.message);
+        }
+        other => panic!("a probe on an undeclared port name must be refused, got {other:?}"),
+    }
+}

@@ -1,5 +1,7 @@
 //! Admin listener: `/metrics`, `/healthz`, `/readyz` (200 only while an ordinary table is enforced; 503 with the
-//! reason before the first table, for a deny-all table and while the table is revoked).
+//! reason before the first table, for a deny-all table and while the table is revoked), `/revision` (which table
+//! this sidecar serves, as JSON: the controller's `Enforced` condition reads it) and `/app-health/<container>/<kind>`
+//! (the application's own probes run on loopback: [`crate::app_probe`]).
 //!
 //! HTTP/1.1 only, at most `--admin-max-connections` connections at once (further ones wait in the accept backlog,
 //! as on the main listener), each closed when a request head takes more than 10 s, including the wait for the next
@@ -13,6 +15,7 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use portcullis_table::sidecar::{APP_HEALTH_PREFIX, AppProbes, REVISION_PATH, RevisionReport};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,10 +25,20 @@ use tokio::sync::{Semaphore, watch};
 /// How long a request head (or the wait for the next one) may take.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What the admin port knows about the sidecar's pod.
+#[derive(Debug, Clone, Default)]
+pub struct PodInfo {
+    /// `POD_NAME`, reported by `/revision`.
+    pub pod: Option<String>,
+    /// The application's original probes, served under `/app-health/`.
+    pub app_probes: AppProbes,
+}
+
 pub async fn serve(
     listener: TcpListener,
     tables: Arc<TableStore>,
     metrics: Arc<Metrics>,
+    pod: Arc<PodInfo>,
     max_connections: usize,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -48,11 +61,12 @@ pub async fn serve(
         };
         let tables = tables.clone();
         let metrics = metrics.clone();
+        let pod = pod.clone();
         let mut stop = stop.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let r = route(&req, &tables, &metrics);
-                async move { Ok::<_, Infallible>(r) }
+                let (tables, metrics, pod) = (tables.clone(), metrics.clone(), pod.clone());
+                async move { Ok::<_, Infallible>(route(&req, &tables, &metrics, &pod).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -71,7 +85,12 @@ pub async fn serve(
     }
 }
 
-fn route(req: &Request<Incoming>, tables: &TableStore, metrics: &Metrics) -> Response<Full<Bytes>> {
+async fn route(
+    req: &Request<Incoming>,
+    tables: &TableStore,
+    metrics: &Metrics,
+    pod: &PodInfo,
+) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String, ctype: &'static str| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
@@ -88,6 +107,28 @@ fn route(req: &Request<Incoming>, tables: &TableStore, metrics: &Metrics) -> Res
             let status = if state.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
             text(status, format!("{}\n", state.describe()), "text/plain")
         }
+        REVISION_PATH => {
+            let current = tables.current.load();
+            let report = RevisionReport {
+                service: current.as_ref().map(|t| t.service.clone()),
+                revision: current.as_ref().map(|t| t.revision.clone()),
+                pod: pod.pod.clone(),
+            };
+            let status = if report.revision.is_some() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            let body = serde_json::to_string(&report).expect("a report always serializes");
+            text(status, body, "application/json")
+        }
+        path if path.starts_with(APP_HEALTH_PREFIX) => match pod.app_probes.get(path) {
+            None => text(StatusCode::NOT_FOUND, "no such application probe\n".into(), "text/plain"),
+            Some(_) if req.method() != http::Method::GET => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into(), "text/plain")
+            }
+            Some(probe) => {
+                let outcome = crate::app_probe::run(probe, req.headers().get(header::USER_AGENT)).await;
+                let status = if outcome.is_healthy() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                text(status, outcome.describe(), "text/plain")
+            }
+        },
         _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
     }
 }

@@ -92,6 +92,10 @@ pub struct Config {
     pub table_rewatch: Duration,
     /// Serving threads; 0 = one per CPU.
     pub workers: usize,
+    /// This sidecar's pod, reported by the admin `/revision`.
+    pub pod_name: Option<String>,
+    /// The application's original probes, served on the admin port under `/app-health/`.
+    pub app_probes: portcullis_table::sidecar::AppProbes,
 }
 
 impl Config {
@@ -124,6 +128,8 @@ impl Config {
             file_poll_interval: Duration::from_millis(250),
             table_rewatch: Duration::from_secs(30),
             workers: 0,
+            pod_name: None,
+            app_probes: Default::default(),
         }
     }
 }
@@ -242,6 +248,13 @@ pub struct Cli {
     /// On SIGTERM/SIGINT, time given to in-flight requests before exiting.
     #[arg(long, env = "PORTCULLIS_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// This sidecar's pod name, reported by the admin `/revision` (the webhook sets `POD_NAME`).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// The application's original probes as JSON (set by the webhook for `portcullis.dev/app-loopback` pods):
+    /// served on the admin port at `/app-health/<container>/<livez|readyz|startupz>`, run against 127.0.0.1.
+    #[arg(long, env = portcullis_table::sidecar::APP_PROBES_ENV)]
+    pub app_probes: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -258,6 +271,8 @@ pub enum ConfigError {
     UpgradeProtocols(String),
     #[error("{0} must be greater than zero")]
     Zero(&'static str),
+    #[error(transparent)]
+    AppProbes(#[from] portcullis_table::sidecar::AppProbesError),
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -335,6 +350,11 @@ impl Cli {
         c.shutdown_grace = self.shutdown_grace;
         c.table_rewatch = self.table_rewatch;
         c.workers = self.workers;
+        c.pod_name = self.pod_name.filter(|p| !p.is_empty());
+        c.app_probes = match self.app_probes.as_deref().map(str::trim) {
+            None | Some("") => Default::default(),
+            Some(json) => portcullis_table::sidecar::parse_app_probes(json)?,
+        };
         Ok(c)
     }
 }

@@ -6,6 +6,7 @@
 //! bound addresses tests can read; [`run`] is what the binary calls.
 
 pub mod admin;
+pub mod app_probe;
 pub mod body;
 pub mod config;
 pub mod decision;
@@ -131,10 +132,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Some(a) => {
             let l = bind(a).await?;
             let bound = l.local_addr().map_err(|source| StartError::Bind { addr: a, source })?;
+            let pod = Arc::new(admin::PodInfo { pod: config.pod_name.clone(), app_probes: config.app_probes.clone() });
             background.push(tokio::spawn(admin::serve(
                 l,
                 tables.clone(),
                 metrics.clone(),
+                pod,
                 config.admin_max_connections,
                 stop_rx.clone(),
             )));

@@ -4,6 +4,9 @@
 //! and shard documents ([`shard`]), so no ConfigMap nears the 1 MiB object limit and a proxy only ever applies a
 //! complete revision. The same [`Table`] JSON is also the `--tables FILE` format of the proxy.
 //!
+//! [`sidecar`] holds the rest of the controller-sidecar contract: the admin `/revision` report and the rewritten
+//! application probes.
+//!
 //! This crate does no I/O and has no Kubernetes dependency. The format is documented in `docs/tables.md`.
 
 pub mod digest;
@@ -12,6 +15,7 @@ pub mod model;
 pub mod naming;
 pub mod sequence;
 pub mod shard;
+pub mod sidecar;
 
 pub use digest::{KeyDigest, fingerprint, key_digest};
 pub use error::TableError;

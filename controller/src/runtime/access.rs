@@ -1,16 +1,15 @@
 //! Per-Service objects beside the tables: the sidecar's read access (Role + RoleBinding `portcullis-sidecar-<svc>`)
-//! and the optional NetworkPolicy `portcullis-<svc>`. Written with server-side apply only when they differ from
+//! and the NetworkPolicy `portcullis-<svc>` (rendered by [`crate::network_policy`]). Written with server-side apply only when they differ from
 //! what is in the cluster; owned by the granting UsagePlans; deleted when no plan grants the Service.
 
 use super::{Ctx, Error, FIELD_MANAGER, MANAGED_BY};
 use crate::crd::UsagePlan;
-use crate::exposure::PROXY_PORT;
-use crate::webhook::inject::{ANNOTATION_SERVICE, INJECT_KEY};
-use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPort, NetworkPolicySpec};
+use crate::network_policy;
+use crate::webhook::inject::{ANNOTATION_APP_LOOPBACK, ANNOTATION_SERVICE, CONTAINER_NAME, INJECT_KEY};
+use k8s_openapi::api::core::v1::{Container, Pod, PodStatus, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
 use portcullis_table::naming::{LABEL_SERVICE, all_names};
@@ -23,11 +22,6 @@ use std::fmt::Debug;
 /// Name of the sidecar Role and RoleBinding of a Service.
 pub fn sidecar_rbac_name(service: &str) -> String {
     format!("portcullis-sidecar-{service}")
-}
-
-/// Name of the optional NetworkPolicy of a Service.
-pub fn network_policy_name(service: &str) -> String {
-    format!("portcullis-{service}")
 }
 
 fn meta(name: String, service: &str, owners: &[OwnerReference]) -> ObjectMeta {
@@ -76,26 +70,6 @@ pub fn sidecar_binding(ns: &str, service: &str, service_accounts: &[String], own
                 })
                 .collect(),
         ),
-    }
-}
-
-/// Ingress to the pods of `selector` only on the proxy port, from anywhere.
-pub fn network_policy(service: &str, selector: &BTreeMap<String, String>, owners: &[OwnerReference]) -> NetworkPolicy {
-    NetworkPolicy {
-        metadata: meta(network_policy_name(service), service, owners),
-        spec: Some(NetworkPolicySpec {
-            pod_selector: Some(LabelSelector { match_labels: Some(selector.clone()), ..Default::default() }),
-            policy_types: Some(vec!["Ingress".into()]),
-            egress: None,
-            ingress: Some(vec![NetworkPolicyIngressRule {
-                from: None,
-                ports: Some(vec![NetworkPolicyPort {
-                    port: Some(IntOrString::Int(PROXY_PORT)),
-                    protocol: Some("TCP".into()),
-                    end_port: None,
-                }]),
-            }]),
-        }),
     }
 }
 
@@ -196,52 +170,139 @@ pub async fn reconcile_access(
         tracing::info!(namespace = ns, service, service_accounts = ?sas, "sidecar RoleBinding written");
     }
 
-    let nps: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), ns);
+    reconcile_network_policy(ctx, ns, service, granting, owners).await
+}
+
+/// The desired NetworkPolicy of `service` (`None`: none is wanted, or the Service has no selector to take the pods
+/// from). Owned by the granting plans that want it.
+fn desired_network_policy(
+    ctx: &Ctx,
+    ns: &str,
+    service: &str,
+    granting: &[&UsagePlan],
+    owners: &[OwnerReference],
+) -> Option<NetworkPolicy> {
+    let settings = &ctx.network_policy;
     let np_owners: Vec<OwnerReference> = owners
         .iter()
         .filter(|o| {
-            granting.iter().any(|p| p.uid().as_deref() == Some(o.uid.as_str()) && p.spec.network_policy == Some(true))
+            granting
+                .iter()
+                .any(|p| p.uid().as_deref() == Some(o.uid.as_str()) && network_policy::wanted_by(p, settings))
         })
         .cloned()
         .collect();
-    let selector = ctx
-        .services
+    let selector = service_selector(ctx, ns, service)?;
+    (!np_owners.is_empty())
+        .then(|| network_policy::render(meta(network_policy::name(service), service, &np_owners), &selector, settings))
+}
+
+fn service_selector(ctx: &Ctx, ns: &str, service: &str) -> Option<BTreeMap<String, String>> {
+    ctx.services
         .get(&kube::runtime::reflector::ObjectRef::new(service).within(ns))
         .and_then(|s| s.spec.as_ref()?.selector.clone())
-        .filter(|s| !s.is_empty());
-    match (np_owners.is_empty(), selector) {
-        (false, Some(sel)) => {
-            if apply_if_changed(&nps, &network_policy(service, &sel, &np_owners)).await? {
+        .filter(|s| !s.is_empty())
+}
+
+async fn reconcile_network_policy(
+    ctx: &Ctx,
+    ns: &str,
+    service: &str,
+    granting: &[&UsagePlan],
+    owners: &[OwnerReference],
+) -> Result<(), Error> {
+    let nps: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), ns);
+    match desired_network_policy(ctx, ns, service, granting, owners) {
+        Some(np) => {
+            if apply_if_changed(&nps, &np).await? {
                 tracing::info!(namespace = ns, service, "NetworkPolicy written");
             }
         }
-        (false, None) => {
-            // No Service (or no selector) to take the pods from: nothing safe to select.
-            tracing::debug!(namespace = ns, service, "networkPolicy requested but the Service has no selector");
-            delete_if_ours(&nps, &network_policy_name(service)).await?;
-        }
-        (true, _) => delete_if_ours(&nps, &network_policy_name(service)).await?,
+        // Nobody wants it, or no Service selector to take the pods from (nothing safe to select): the Exposure
+        // condition says which.
+        None => delete_if_ours(&nps, &network_policy::name(service)).await?,
     }
     Ok(())
+}
+
+/// Every way Service `service` can be reached past the proxy: the Service itself ([`crate::exposure`]) and the
+/// isolation of its pods ([`crate::network_policy`]). Our own policy counts as written when the Service's last
+/// reconcile succeeded (`reconciled`; so a status written right after it does not race the NetworkPolicy watch).
+pub(crate) fn exposure_findings(
+    ctx: &Ctx,
+    ns: &str,
+    service: &str,
+    svc: Option<&Service>,
+    reconciled: bool,
+) -> Vec<crate::exposure::Finding> {
+    let mut findings = crate::exposure::check_service(service, svc);
+    if svc.is_none() {
+        return findings;
+    }
+    let ours = network_policy::name(service);
+    let cached = ctx.network_policies.state_filter(|np| np.namespace().as_deref() == Some(ns));
+    let mut policies: Vec<NetworkPolicy> = cached
+        .iter()
+        .filter(|np| !(reconciled && np.name_any() == ours && is_ours(&np.metadata)))
+        .map(|np| (**np).clone())
+        .collect();
+    if reconciled {
+        let plans =
+            ctx.plans.state_filter(|p| p.namespace().as_deref() == Some(ns) && crate::model::grants(p, service));
+        let granting: Vec<&UsagePlan> = plans.iter().map(|p| &**p).collect();
+        let owners: Vec<OwnerReference> =
+            plans.iter().map(|p| OwnerReference { uid: p.uid().unwrap_or_default(), ..Default::default() }).collect();
+        policies.extend(desired_network_policy(ctx, ns, service, &granting, &owners));
+    }
+    let pods: Vec<std::sync::Arc<Pod>> = ctx.pods.state_filter(|p| {
+        p.namespace().as_deref() == Some(ns)
+            && p.annotations().get(ANNOTATION_SERVICE).map(String::as_str) == Some(service)
+            && p.metadata.deletion_timestamp.is_none()
+    });
+    let pods: Vec<&Pod> = pods.iter().map(|p| &**p).collect();
+    let selector = svc.and_then(|s| s.spec.as_ref()?.selector.clone());
+    findings.extend(network_policy::isolation_findings(
+        service,
+        selector.as_ref(),
+        &pods,
+        policies.iter(),
+        &ctx.sidecar_ports,
+    ));
+    findings
+}
+
+fn is_ours(meta: &ObjectMeta) -> bool {
+    meta.labels.as_ref().and_then(|l| l.get("app.kubernetes.io/managed-by")).map(String::as_str) == Some(MANAGED_BY)
 }
 
 /// Removes the Role, RoleBinding and NetworkPolicy of a Service no plan grants any more.
 pub async fn delete_access(ctx: &Ctx, ns: &str, service: &str) -> Result<(), Error> {
     delete_if_ours(&Api::<RoleBinding>::namespaced(ctx.client.clone(), ns), &sidecar_rbac_name(service)).await?;
     delete_if_ours(&Api::<Role>::namespaced(ctx.client.clone(), ns), &sidecar_rbac_name(service)).await?;
-    delete_if_ours(&Api::<NetworkPolicy>::namespaced(ctx.client.clone(), ns), &network_policy_name(service)).await?;
+    delete_if_ours(&Api::<NetworkPolicy>::namespaced(ctx.client.clone(), ns), &network_policy::name(service)).await?;
     Ok(())
 }
 
-/// Trims a cached Pod to what the sidecar RBAC needs: labels, the service annotation, the ServiceAccount.
+/// Trims a cached Pod to what is read from it: labels, the service and app-loopback annotations and the
+/// ServiceAccount (sidecar RBAC, isolation check), the sidecar container's name and ports, phase and pod IP
+/// (`Enforced`: which sidecar to ask, where).
 pub fn trim_pod(p: &mut Pod) {
     p.metadata.managed_fields = None;
     if let Some(a) = p.metadata.annotations.as_mut() {
-        a.retain(|k, _| k == ANNOTATION_SERVICE);
+        a.retain(|k, _| k == ANNOTATION_SERVICE || k == ANNOTATION_APP_LOOPBACK);
     }
-    let sa = p.spec.as_ref().and_then(|s| s.service_account_name.clone());
-    p.spec = Some(k8s_openapi::api::core::v1::PodSpec { service_account_name: sa, ..Default::default() });
-    p.status = None;
+    let spec = p.spec.take().unwrap_or_default();
+    let sidecar = spec.containers.into_iter().find(|c| c.name == CONTAINER_NAME).map(|c| Container {
+        name: c.name,
+        ports: c.ports,
+        ..Default::default()
+    });
+    p.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+        service_account_name: spec.service_account_name,
+        containers: sidecar.into_iter().collect(),
+        ..Default::default()
+    });
+    p.status = p.status.take().map(|s| PodStatus { phase: s.phase, pod_ip: s.pod_ip, ..Default::default() });
 }
 
 #[cfg(test)]
@@ -276,6 +337,42 @@ mod tests {
     }
 
     #[test]
+    fn trimmed_pods_keep_what_isolation_and_enforced_read() {
+        use k8s_openapi::api::core::v1::{ContainerPort, PodStatus};
+        let mut p = pod("orders", Some("sc"), true);
+        p.metadata.annotations.as_mut().unwrap().extend([
+            (ANNOTATION_APP_LOOPBACK.to_string(), "true".to_string()),
+            ("kubectl.kubernetes.io/last-applied-configuration".to_string(), "{...}".to_string()),
+        ]);
+        let port = ContainerPort { name: Some("portcullis-adm".into()), container_port: 9901, ..Default::default() };
+        p.spec.as_mut().unwrap().containers = vec![
+            Container { name: "app".into(), image: Some("app:1".into()), ..Default::default() },
+            Container {
+                name: CONTAINER_NAME.into(),
+                image: Some("proxy:1".into()),
+                ports: Some(vec![port.clone()]),
+                ..Default::default()
+            },
+        ];
+        p.status = Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some("10.1.2.3".into()),
+            message: Some("long".into()),
+            ..Default::default()
+        });
+        trim_pod(&mut p);
+        let a = p.metadata.annotations.as_ref().unwrap();
+        assert_eq!(a.len(), 2, "{a:?}");
+        let spec = p.spec.as_ref().unwrap();
+        assert_eq!(spec.service_account_name.as_deref(), Some("sc"));
+        assert_eq!(spec.containers.len(), 1);
+        assert_eq!((spec.containers[0].name.as_str(), spec.containers[0].image.as_deref()), (CONTAINER_NAME, None));
+        assert_eq!(spec.containers[0].ports.as_deref(), Some(&[port][..]));
+        let st = p.status.unwrap();
+        assert_eq!((st.phase.as_deref(), st.pod_ip.as_deref(), st.message), (Some("Running"), Some("10.1.2.3"), None));
+    }
+
+    #[test]
     fn role_names_exactly_the_tables() {
         let r = sidecar_role("orders", &[]);
         assert_eq!(r.metadata.name.as_deref(), Some("portcullis-sidecar-orders"));
@@ -285,9 +382,6 @@ mod tests {
         let b = sidecar_binding("shop", "orders", &["sc".into()], &[]);
         assert_eq!(b.role_ref.name, "portcullis-sidecar-orders");
         assert_eq!(b.subjects.unwrap()[0].name, "sc");
-        let np = network_policy("orders", &BTreeMap::from([("app".into(), "orders".into())]), &[]);
-        let ingress = np.spec.unwrap().ingress.unwrap();
-        assert_eq!(ingress[0].ports.as_ref().unwrap()[0].port, Some(IntOrString::Int(8443)));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use crate::crd::{ApiClient, UsagePlan};
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::Resource;
 use kube::api::Api;
@@ -41,6 +42,8 @@ pub struct Caches {
     /// restored at once.
     pub roles: Store<Role>,
     pub bindings: Store<RoleBinding>,
+    /// NetworkPolicies (ours and others'), for the isolation check of `Exposure`.
+    pub network_policies: Store<NetworkPolicy>,
 }
 
 pub type WatchStream<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
@@ -55,6 +58,7 @@ pub struct Watches {
     pub pods: WatchStream<Pod>,
     pub roles: WatchStream<Role>,
     pub bindings: WatchStream<RoleBinding>,
+    pub network_policies: WatchStream<NetworkPolicy>,
 }
 
 /// Label selector of the per-Service objects this controller writes (table ConfigMaps, sidecar Roles and
@@ -77,8 +81,9 @@ pub fn start(client: &kube::Client, namespace: &Option<String>) -> (Caches, Watc
     let (roles, role_stream) = reflect(api::<Role>(client, namespace), all().labels(&table_selector()), trim_meta);
     let (bindings, binding_stream) =
         reflect(api::<RoleBinding>(client, namespace), all().labels(&table_selector()), trim_meta);
+    let (network_policies, np_stream) = reflect(api::<NetworkPolicy>(client, namespace), all(), trim_meta);
     (
-        Caches { plans, clients, secrets, configmaps, services, pods, roles, bindings },
+        Caches { plans, clients, secrets, configmaps, services, pods, roles, bindings, network_policies },
         Watches {
             plans: plan_stream,
             clients: client_stream,
@@ -88,6 +93,7 @@ pub fn start(client: &kube::Client, namespace: &Option<String>) -> (Caches, Watc
             pods: pod_stream,
             roles: role_stream,
             bindings: binding_stream,
+            network_policies: np_stream,
         },
     )
 }
@@ -103,6 +109,7 @@ impl Caches {
         let _ = self.pods.wait_until_ready().await;
         let _ = self.roles.wait_until_ready().await;
         let _ = self.bindings.wait_until_ready().await;
+        let _ = self.network_policies.wait_until_ready().await;
     }
 }
 

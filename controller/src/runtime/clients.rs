@@ -118,7 +118,9 @@ async fn reconcile_inner(obj: &ApiClient, ctx: &Ctx) -> Result<Action, Error> {
     }
     facts.services = services.into_iter().collect();
 
-    let conditions = merge(&old.conditions, &client_conditions(&facts), Some(generation), now);
+    let mut decided = client_conditions(&facts);
+    decided.push(ctx.enforcement.client_condition(ctx, &ns, &name, generation, &facts.services, &facts.unprogrammed));
+    let conditions = merge(&old.conditions, &decided, Some(generation), now);
     let status = ApiClientStatus {
         observed_generation: Some(generation),
         conditions,

@@ -15,6 +15,7 @@
 pub mod access;
 pub mod caches;
 pub mod clients;
+pub mod enforcement;
 pub mod leader;
 pub mod metrics;
 pub mod publish;
@@ -27,6 +28,7 @@ use crate::crd::{ApiClient, UsagePlan};
 use caches::{Caches, Change};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::Api;
 use kube::runtime::controller::{Config as ControllerConfig, applier};
@@ -102,6 +104,13 @@ pub struct Config {
     /// Admin HTTP (`/metrics`, `/healthz`, `/readyz`); `None` disables it.
     pub metrics_listen: Option<SocketAddr>,
     pub debounce: Debounce,
+    /// The per-Service NetworkPolicy: default on, who may reach the sidecars' admin port.
+    pub network_policy: crate::network_policy::Settings,
+    /// The sidecar ports the webhook injects (`--sidecar-proxy-port`, `--sidecar-admin-port`), for pods that do
+    /// not declare theirs.
+    pub sidecar_ports: crate::network_policy::SidecarPorts,
+    /// How the sidecars are asked for the `Enforced` condition.
+    pub enforcement: crate::enforcement::Settings,
 }
 
 impl Default for Config {
@@ -119,6 +128,9 @@ impl Default for Config {
             identity: format!("portcullis-controller-{}", std::process::id()),
             metrics_listen: None,
             debounce: Debounce { quiet: Duration::from_millis(100), max_wait: Duration::from_secs(2) },
+            network_policy: crate::network_policy::Settings::default(),
+            sidecar_ports: crate::network_policy::SidecarPorts::default(),
+            enforcement: crate::enforcement::Settings::default(),
         }
     }
 }
@@ -133,6 +145,12 @@ pub struct Ctx {
     pub services: Store<Service>,
     /// Pods opted in to injection (trimmed), for the sidecar RoleBinding's subjects.
     pub pods: Store<Pod>,
+    /// NetworkPolicies (ours and others'), for the isolation check of `Exposure`.
+    pub network_policies: Store<NetworkPolicy>,
+    pub network_policy: crate::network_policy::Settings,
+    pub sidecar_ports: crate::network_policy::SidecarPorts,
+    /// What the sidecars say they serve (`Enforced`).
+    pub enforcement: enforcement::Enforcement,
     pub caches: Caches,
     /// What this controller last wrote, per Service.
     pub state: RwLock<Rendered>,
@@ -166,6 +184,10 @@ impl Ctx {
             secrets: caches.secrets.clone(),
             services: caches.services.clone(),
             pods: caches.pods.clone(),
+            network_policies: caches.network_policies.clone(),
+            network_policy: config.network_policy.clone(),
+            sidecar_ports: config.sidecar_ports.clone(),
+            enforcement: enforcement::Enforcement::new(config.enforcement.clone()),
             caches,
             state: RwLock::new(HashMap::new()),
             render_errors: RwLock::new(HashMap::new()),
@@ -368,6 +390,16 @@ async fn run_leader(
     spawn_watch(&mut tasks, "rolebindings", caches.bindings.clone(), watches.bindings, move |o, _| {
         c.dispatch(triggers::labelled_changed(o));
     });
+    let c = ctx.clone();
+    spawn_watch(
+        &mut tasks,
+        "networkpolicies",
+        caches.network_policies.clone(),
+        watches.network_policies,
+        move |o, _| {
+            c.dispatch(c.triggers(|v| triggers::network_policy_changed(v, o)));
+        },
+    );
 
     // Nothing is written before every cache is complete: an empty cache must never render an empty table.
     tokio::select! {
@@ -383,6 +415,13 @@ async fn run_leader(
         async move {
             tables::run_table_worker(ctx, queues.tables, debounce).await?;
             Ok("table worker")
+        }
+    });
+    tasks.spawn({
+        let ctx = ctx.clone();
+        async move {
+            enforcement::run(ctx).await;
+            Ok("sidecar prober")
         }
     });
     // The ApiClient reconciler runs on kube-runtime's applier (the engine of `Controller`: dedup, debounce,

@@ -49,7 +49,9 @@ pub(crate) async fn update_plan_status(ctx: &Ctx, plan: &UsagePlan) -> Result<()
                 facts.render_errors.push((s.name.clone(), e.clone()));
             }
             let svc = ctx.services.get(&ObjectRef::new(&s.name).within(&ns));
-            facts.exposure.push((s.name.clone(), crate::exposure::check_service(&s.name, svc.as_deref())));
+            let reconciled = st.is_some() && !facts.render_errors.iter().any(|(n, _)| *n == s.name);
+            let findings = super::access::exposure_findings(ctx, &ns, &s.name, svc.as_deref(), reconciled);
+            facts.exposure.push((s.name.clone(), findings));
             match st {
                 Some(st) if st.plans.get(&name) == Some(&(uid.clone(), generation)) => tables.push(TableStatus {
                     service: s.name.clone(),
@@ -70,7 +72,9 @@ pub(crate) async fn update_plan_status(ctx: &Ctx, plan: &UsagePlan) -> Result<()
         .filter(|c| c.namespace().as_deref() == Some(ns.as_str()) && c.spec.usage_plans.contains(&name))
         .count() as u32;
     let old = plan.status.clone().unwrap_or_default();
-    let conditions = merge(&old.conditions, &plan_conditions(&facts), Some(generation), jiff::Timestamp::now());
+    let mut decided = plan_conditions(&facts);
+    decided.push(ctx.enforcement.condition(ctx, &ns, &facts.services, &facts.unprogrammed));
+    let conditions = merge(&old.conditions, &decided, Some(generation), jiff::Timestamp::now());
     let status = UsagePlanStatus { observed_generation: Some(generation), conditions, clients, tables };
     if status == old {
         return Ok(());

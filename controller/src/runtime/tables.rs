@@ -76,6 +76,7 @@ pub async fn run_table_worker(
             match res {
                 Ok(()) => {
                     ctx.render_errors.write().expect("errors lock").remove(key);
+                    ctx.enforcement.request(key);
                 }
                 Err(e @ Error::LostLease(_)) => return Err(e),
                 Err(e) => {
@@ -337,9 +338,8 @@ mod tests {
         let (_, _, secret) = fixture(clients.len());
         let plans: Vec<Arc<UsagePlan>> = plans.iter().cloned().map(Arc::new).collect();
         let clients: Vec<Arc<ApiClient>> = clients.iter().cloned().map(Arc::new).collect();
-        let lookup = |c: &ApiClient| -> Vec<KeyEntry> {
-            resolve_keys(c, |name| (name == "keys").then_some(&secret)).entries
-        };
+        let lookup =
+            |c: &ApiClient| -> Vec<KeyEntry> { resolve_keys(c, |name| (name == "keys").then_some(&secret)).entries };
         decide("shop", "orders", &plans, &clients, lookup, svc, sidecars, max)
     }
 

@@ -12,6 +12,7 @@ use super::rendered::{Rendered, ServiceKey};
 use crate::crd::{ApiClient, UsagePlan};
 use crate::model::grants;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
 use portcullis_table::naming::LABEL_SERVICE;
@@ -139,6 +140,14 @@ pub fn pod_changed(v: &View, pod: &Pod) -> Triggers {
         t.services.insert(ServiceKey::new(ns, name.clone()));
     }
     t
+}
+
+/// A NetworkPolicy changed: ours (re-applied if edited or deleted) or someone else's (isolation re-checked for
+/// `Exposure`). Every Service of the namespace with a table is looked at again (unchanged ones cost a few GETs).
+pub fn network_policy_changed(v: &View, np: &NetworkPolicy) -> Triggers {
+    let ns = np.namespace().unwrap_or_default();
+    let services = v.rendered.keys().filter(|k| k.namespace == ns).cloned().collect();
+    Triggers { services, ..Default::default() }
 }
 
 /// A table ConfigMap changed (by us, or by someone else: a deleted or edited shard is repaired).

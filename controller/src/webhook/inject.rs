@@ -1,6 +1,7 @@
 //! Sidecar injection as a pure function (no I/O): a Pod and the injection settings in, a decision out — leave the
 //! Pod alone, refuse it (naming the bad annotation and value), or an RFC 6902 JSON Patch that adds the
-//! `portcullis-proxy` container.
+//! `portcullis-proxy` container (and, for `portcullis.dev/app-loopback: "true"` pods, moves the app's probes onto
+//! the sidecar's admin port: [`super::probes`]).
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
@@ -20,6 +21,10 @@ pub const ANNOTATION_UPSTREAM_PORT: &str = "portcullis.dev/upstream-port";
 /// Annotation: a `kubernetes.io/tls` Secret (in the pod's namespace) whose `tls.crt`/`tls.key` the sidecar serves
 /// HTTPS with (optional; without it the sidecar speaks plain HTTP).
 pub const ANNOTATION_TLS_SECRET: &str = "portcullis.dev/tls-secret";
+/// Annotation: `"true"` when the application listens on loopback only (`127.0.0.1`), so nothing reaches it
+/// except through the sidecar. The webhook then rewrites the app's HTTP and TCP probes to go through the sidecar's
+/// admin port (the kubelet probes from the node, which cannot reach a loopback-only app).
+pub const ANNOTATION_APP_LOOPBACK: &str = "portcullis.dev/app-loopback";
 /// Where the TLS Secret is mounted in the sidecar.
 pub const TLS_MOUNT_PATH: &str = "/etc/portcullis/tls";
 /// Name of the volume holding the TLS Secret.
@@ -31,8 +36,10 @@ pub const DEFAULT_PROXY_PORT: u16 = 8443;
 /// Default admin port of the proxy (`/metrics`, `/healthz`, `/readyz`).
 pub const DEFAULT_ADMIN_PORT: u16 = 9901;
 
-const PROXY_PORT_NAME: &str = "portcullis";
-const ADMIN_PORT_NAME: &str = "portcullis-adm";
+/// Names of the sidecar's container ports: the proxy (the Service's `targetPort` may name it) and the admin port
+/// (`/metrics`, `/healthz`, `/readyz`, `/revision`, `/app-health/...`). The NetworkPolicy admits these names.
+pub const PROXY_PORT_NAME: &str = "portcullis";
+pub const ADMIN_PORT_NAME: &str = "portcullis-adm";
 /// UID/GID of the distroless `nonroot` user.
 const NONROOT_ID: i64 = 65532;
 
@@ -106,6 +113,15 @@ pub enum InjectError {
          {CONTAINER_NAME} sidecar needs for the TLS Secret"
     )]
     TlsVolumeTaken,
+    #[error("annotation {ANNOTATION_APP_LOOPBACK}: {0:?} is neither \"true\" nor \"false\"")]
+    BadAppLoopback(String),
+    #[error("container {container:?} {probe} (with {ANNOTATION_APP_LOOPBACK}: \"true\"): {why}")]
+    ProbeUnsupported { container: String, probe: &'static str, why: String },
+    #[error(
+        "container {container:?} {probe} (with {ANNOTATION_APP_LOOPBACK}: \"true\"): port {port} is neither a \
+         port number (1-65535) nor the name of one of the container's ports"
+    )]
+    ProbePort { container: String, probe: &'static str, port: String },
 }
 
 /// Whether the pod opted in, by label or annotation `portcullis.dev/inject: "true"`.
@@ -125,13 +141,19 @@ pub fn decide(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Decision
     if containers.iter().chain(init).any(|c| c.name == CONTAINER_NAME) {
         return Decision::AlreadyInjected;
     }
-    let (container, tls_secret) = match sidecar(pod, namespace, settings).and_then(|c| Ok((c, tls_secret(pod)?))) {
+    let parts = sidecar(pod, namespace, settings)
+        .and_then(|c| Ok((c, tls_secret(pod)?, super::probes::rewrite(pod, settings.admin_port)?)));
+    let (mut container, tls_secret, probes) = match parts {
         Ok(v) => v,
         Err(e) => return Decision::Deny(e),
     };
+    let mut ops = Vec::new();
+    if let Some(rewrite) = probes {
+        container.env.get_or_insert_default().push(rewrite.env);
+        ops.extend(rewrite.ops);
+    }
     let value = serde_json::to_value(container).expect("a Container always serializes");
-    let mut ops =
-        vec![PatchOperation::Add(AddOperation { path: PointerBuf::from_tokens(["spec", "containers", "-"]), value })];
+    ops.push(PatchOperation::Add(AddOperation { path: PointerBuf::from_tokens(["spec", "containers", "-"]), value }));
     if let Some(secret) = tls_secret {
         let volume = serde_json::to_value(tls_volume(&secret)).expect("a Volume always serializes");
         let has_volumes = pod.spec.as_ref().is_some_and(|s| s.volumes.is_some());
@@ -521,6 +543,29 @@ mod tests {
             !out.spec.as_ref().unwrap().containers[1].args.as_ref().unwrap().iter().any(|a| a.starts_with("--tls"))
         );
         assert!(out.spec.unwrap().volumes.is_none());
+    }
+
+    #[test]
+    fn loopback_pods_get_their_probes_moved_and_the_originals_passed_to_the_sidecar() {
+        use k8s_openapi::api::core::v1::TCPSocketAction;
+        let mut p = opted_in("orders", "8080");
+        p.metadata.annotations.as_mut().unwrap().insert(ANNOTATION_APP_LOOPBACK.into(), "true".into());
+        p.spec.as_mut().unwrap().containers[0].readiness_probe = Some(Probe {
+            tcp_socket: Some(TCPSocketAction { port: IntOrString::Int(8080), host: None }),
+            ..Default::default()
+        });
+        let out = patched(&p, &decide(&p, "ns", &settings()));
+        let cs = &out.spec.as_ref().unwrap().containers;
+        let h = cs[0].readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(h.port, IntOrString::Int(9901));
+        assert_eq!(h.path.as_deref(), Some("/app-health/app/readyz"));
+        let env = cs[1].env.as_ref().unwrap();
+        let probes = env.iter().find(|e| e.name == portcullis_table::sidecar::APP_PROBES_ENV).unwrap();
+        assert!(probes.value.as_ref().unwrap().contains(r#""tcpSocket":{"port":8080}"#));
+        assert_eq!(decide(&out, "ns", &settings()), Decision::AlreadyInjected, "idempotent");
+        p.metadata.annotations.as_mut().unwrap().insert(ANNOTATION_APP_LOOPBACK.into(), "on".into());
+        let Decision::Deny(e) = decide(&p, "ns", &settings()) else { panic!("expected a denial") };
+        assert!(e.to_string().contains(ANNOTATION_APP_LOOPBACK) && e.to_string().contains("\"on\""), "{e}");
     }
 
     fn out_pod(p: &Pod) -> Pod {

@@ -16,6 +16,7 @@
 
 pub mod certs;
 pub mod inject;
+pub mod probes;
 pub mod server;
 
 use inject::InjectSettings;
