@@ -403,10 +403,23 @@ async fn a_relist_after_a_gap_applies_deletions() {
     assert_eq!(sidecar.status(KEY).await, Some(200), "nothing was rendered during the gap");
     let t = Instant::now();
     relay.resume().await;
+    wait_for(T, "index without acme", || async { index(&env).await.filter(|(_, d)| d.clients == 1) }).await;
+    let published = t.elapsed();
     let (_, status) = sidecar.until(KEY, "acme revoked after the relist", |s| s != 200).await;
     assert_eq!(status, 401);
-    eprintln!("deletion during the gap enforced {:?} after the controller reconnected", t.elapsed());
+    eprintln!(
+        "deletion during the gap: published {published:?}, enforced by the sidecar {:?} after the controller could reconnect",
+        t.elapsed()
+    );
     sidecar.until("lifecycle-key-beta-0123456789abcdef", "beta still admitted", |s| s == 200).await;
+    // LC_DEBUG=1 prints the controller's watch, relist and Lease log lines (where the time after reconnection goes).
+    if std::env::var_os("LC_DEBUG").is_some() {
+        for l in logs().lines().filter(|l| {
+            l.contains("watch") || l.contains("relist") || l.contains("table revision") || l.contains("Lease")
+        }) {
+            eprintln!("{l}");
+        }
+    }
     assert!(
         logs().contains("relisted; re-checking what changed in the gap"),
         "the controller's watches did not relist (no 410 Gone?)"
