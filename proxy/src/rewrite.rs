@@ -11,8 +11,9 @@ pub const CLIENT_HEADER: HeaderName = HeaderName::from_static("x-portcullis-clie
 /// Headers only the proxy writes: whatever the client sent under these names is dropped (then the proxy adds its
 /// own `x-portcullis-client`, `x-forwarded-for`, `forwarded`, `x-forwarded-proto`). The path-override headers some
 /// frameworks honour (`X-Original-URL`, `X-Rewrite-URL`) would route the application to a path that was never
-/// decided, so they are dropped too.
-pub const PROXY_OWNED: [&str; 9] = [
+/// decided, and the method-override headers (`X-HTTP-Method-Override`, ...) to a method that was never decided, so
+/// they are dropped too.
+pub const PROXY_OWNED: [&str; 12] = [
     "x-portcullis-client",
     "x-forwarded-for",
     "forwarded",
@@ -22,6 +23,9 @@ pub const PROXY_OWNED: [&str; 9] = [
     "x-original-url",
     "x-rewrite-url",
     "x-original-uri",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
 ];
 
 /// `name` with `_` read as `-` (header names are lower case already), the way CGI/WSGI-style servers merge them.
@@ -256,6 +260,10 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("x-original-url", "/admin"),
             ("x-rewrite-url", "/admin"),
+            ("x-http-method-override", "DELETE"),
+            ("X-HTTP-Method", "DELETE"),
+            ("x-method-override", "DELETE"),
+            ("x_http_method_override", "DELETE"),
             ("x-kept", "1"),
             ("x_other", "1"),
         ];
