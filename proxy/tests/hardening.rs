@@ -385,11 +385,32 @@ async fn absolute_form_authority_wins_over_host() {
     for head in [
         format!("GET /v1/x HTTP/1.1\nHost: a.example\nHost: b.example\n{KEY}\n"),
         format!("GET http://user@a.example/v1/x HTTP/1.1\nHost: a.example\n{KEY}\n"),
+        // A Host that is not `host[:port]` (RFC 9112 §3.2: 400): an application that builds its URL as
+        // `http://${host}${target}` would route `evil/admin#` + `/v1/x` to `/admin`.
+        format!("GET /v1/x HTTP/1.1\nHost: evil/admin#\n{KEY}\n"),
+        format!("GET /v1/x HTTP/1.1\nHost: evil?\n{KEY}\n"),
+        format!("GET /v1/x HTTP/1.1\nHost: evil#\n{KEY}\n"),
+        format!("GET /v1/x HTTP/1.1\nHost: evil\\admin\n{KEY}\n"),
+        format!("GET /v1/x HTTP/1.1\nHost: user@a.example\n{KEY}\n"),
+        format!("GET /v1/x HTTP/1.1\nHost: a b\n{KEY}\n"),
+        format!("GET http://a.example/v1/x HTTP/1.1\nHost: evil/admin#\n{KEY}\n"),
     ] {
         let (s, body) = raw_request(1, p.addr, &head, b"").await;
         assert_eq!((s, reason_of(&body).as_str()), (400, "bad_request"), "{head}");
     }
     assert_eq!(rec.all().len(), seen);
+    // h2: a `host` header next to `:authority` is replaced by it, but is judged all the same.
+    let mut send = h2c(p.addr).await;
+    let (s, body) =
+        h2_get(&mut send, "http://svc.test/v1/x", &[("x-api-key", "k-reader"), ("host", "evil/admin#")]).await;
+    assert_eq!((s, reason_of(&body).as_str()), (400, "bad_request"));
+    assert_eq!(rec.all().len(), seen);
+    // Valid forms pass: a name, a port, an IPv6 literal, an empty Host.
+    for host in ["a.example", "a.example:8080", "[::1]:80", "127.0.0.1", ""] {
+        let (s, body) = raw_request(1, p.addr, &format!("GET /v1/x HTTP/1.1\nHost: {host}\n{KEY}\n"), b"").await;
+        assert_eq!(s, 200, "{host}: {body}");
+        assert_eq!(rec.last().1.get_all("host").iter().collect::<Vec<_>>(), [host]);
+    }
     p.shutdown();
     within("shutdown", p.wait()).await;
 }
