@@ -258,6 +258,17 @@ x-original-url: /admin
 x-http-method-override: DELETE
 x-http-method: DELETE
 x-method-override: DELETE
+x-client-ip: 6.6.6.6
+true-client-ip: 6.6.6.6
+cf-connecting-ip: 6.6.6.6
+fastly-client-ip: 6.6.6.6
+x-cluster-client-ip: 6.6.6.6
+client-ip: 6.6.6.6
+x-forwarded: for=6.6.6.6
+forwarded-for: 6.6.6.6
+x-forwarded-ssl: on
+x-forwarded-scheme: https
+front-end-https: on
 x_custom: 1
 x-kept: yes
 ";
@@ -275,6 +286,17 @@ fn assert_clean(h: &HeaderMap, addr: &str, proto: &str, underscores_kept: bool) 
         "x-http-method-override",
         "x-http-method",
         "x-method-override",
+        "x-client-ip",
+        "true-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "x-cluster-client-ip",
+        "client-ip",
+        "x-forwarded",
+        "forwarded-for",
+        "x-forwarded-ssl",
+        "x-forwarded-scheme",
+        "front-end-https",
     ] {
         assert!(!h.contains_key(gone), "{gone} reached the app: {h:?}");
     }
