@@ -224,7 +224,13 @@ impl Handler {
 /// A `Host` value is `uri-host [ ":" port ]` or empty (RFC 9112 §3.2, RFC 3986 §3.2): no userinfo, and nothing
 /// an application building `http://{host}{target}` could read as a path, query or fragment (`evil/admin#`).
 fn valid_host(v: &[u8]) -> bool {
-    v.is_empty() || (!v.contains(&b'@') && http::uri::Authority::try_from(v).is_ok())
+    if v.is_empty() {
+        return true;
+    }
+    let Ok(a) = http::uri::Authority::try_from(v) else { return false };
+    // `http` accepts userinfo and does not look at the port's characters.
+    let port = a.as_str().rsplit_once(':').filter(|(h, _)| !h.starts_with('[') || h.ends_with(']'));
+    !v.contains(&b'@') && port.is_none_or(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The key header's value when sent exactly once.
@@ -274,7 +280,22 @@ mod tests {
         for h in ["a.example", "a.example:8080", "127.0.0.1:1", "[::1]", "[2001:db8::1]:443", "", "a-b.c_d"] {
             assert!(valid_host(h.as_bytes()), "{h}");
         }
-        for h in ["evil/admin#", "evil?", "evil#x", "evil\\admin", "u@evil", "a b", "a\tb", "[::1", "a:b:c", "/", "?"] {
+        for h in [
+            "evil/admin#",
+            "evil?",
+            "evil#x",
+            "evil\\admin",
+            "u@evil",
+            "a b",
+            "a\tb",
+            "[::1",
+            "a:b:c",
+            "/",
+            "?",
+            "evil:x",
+            "evil:80x",
+            "[::1]:x",
+        ] {
             assert!(!valid_host(h.as_bytes()), "{h}");
         }
     }
