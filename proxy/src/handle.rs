@@ -89,10 +89,12 @@ impl Handler {
             self.metrics.count(Some(reason), start.elapsed().as_secs_f64());
             denial_response(&reason.into())
         };
-        // RFC 9112 §3.2: one Host; RFC 9110 §4.2.4: no userinfo in the target.
+        // RFC 9112 §3.2: one Host, and a valid one; RFC 9110 §4.2.4: no userinfo in the target.
         let mut hosts = req.headers().get_all(header::HOST).iter();
-        if hosts.next().is_some() && hosts.next().is_some() {
-            return refuse(Reason::BadRequest, "several Host lines");
+        match (hosts.next(), hosts.next()) {
+            (Some(_), Some(_)) => return refuse(Reason::BadRequest, "several Host lines"),
+            (Some(h), None) if !valid_host(h.as_bytes()) => return refuse(Reason::BadRequest, "invalid Host"),
+            _ => {}
         }
         let authority = req.uri().authority().map(|a| a.as_str());
         if authority.is_some_and(|a| a.contains('@')) {
@@ -219,6 +221,18 @@ impl Handler {
     }
 }
 
+/// A `Host` value is `uri-host [ ":" port ]` or empty (RFC 9112 §3.2, RFC 3986 §3.2): no userinfo, and nothing
+/// an application building `http://{host}{target}` could read as a path, query or fragment (`evil/admin#`).
+fn valid_host(v: &[u8]) -> bool {
+    if v.is_empty() {
+        return true;
+    }
+    let Ok(a) = http::uri::Authority::try_from(v) else { return false };
+    // `http` accepts userinfo and does not look at the port's characters.
+    let port = a.as_str().rsplit_once(':').filter(|(h, _)| !h.starts_with('[') || h.ends_with(']'));
+    !v.contains(&b'@') && port.is_none_or(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// The key header's value when sent exactly once.
 fn single_header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a [u8]> {
     let mut it = headers.get_all(name).iter();
@@ -259,6 +273,31 @@ mod tests {
 
     fn target(u: &str) -> Result<String, PathError> {
         origin_target(&u.parse().unwrap(), EscapedSlashes::Reject, "x-api-key").map(|u| u.to_string())
+    }
+
+    #[test]
+    fn host_values() {
+        for h in ["a.example", "a.example:8080", "127.0.0.1:1", "[::1]", "[2001:db8::1]:443", "", "a-b.c_d"] {
+            assert!(valid_host(h.as_bytes()), "{h}");
+        }
+        for h in [
+            "evil/admin#",
+            "evil?",
+            "evil#x",
+            "evil\\admin",
+            "u@evil",
+            "a b",
+            "a\tb",
+            "[::1",
+            "a:b:c",
+            "/",
+            "?",
+            "evil:x",
+            "evil:80x",
+            "[::1]:x",
+        ] {
+            assert!(!valid_host(h.as_bytes()), "{h}");
+        }
     }
 
     #[test]

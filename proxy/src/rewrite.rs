@@ -11,8 +11,11 @@ pub const CLIENT_HEADER: HeaderName = HeaderName::from_static("x-portcullis-clie
 /// Headers only the proxy writes: whatever the client sent under these names is dropped (then the proxy adds its
 /// own `x-portcullis-client`, `x-forwarded-for`, `forwarded`, `x-forwarded-proto`). The path-override headers some
 /// frameworks honour (`X-Original-URL`, `X-Rewrite-URL`) would route the application to a path that was never
-/// decided, so they are dropped too.
-pub const PROXY_OWNED: [&str; 9] = [
+/// decided, and the method-override headers (`X-HTTP-Method-Override`, ...) to a method that was never decided, so
+/// they are dropped too; and so are the other client-address headers libraries read before `X-Forwarded-For`
+/// (`X-Client-IP`, `True-Client-IP`, `CF-Connecting-IP`, Rails' `Client-IP`, ...) and the scheme claims Rack and
+/// others honour (`X-Forwarded-Ssl`, `X-Forwarded-Scheme`, `Front-End-Https`).
+pub const PROXY_OWNED: [&str; 23] = [
     "x-portcullis-client",
     "x-forwarded-for",
     "forwarded",
@@ -22,6 +25,20 @@ pub const PROXY_OWNED: [&str; 9] = [
     "x-original-url",
     "x-rewrite-url",
     "x-original-uri",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-client-ip",
+    "true-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
+    "client-ip",
+    "x-forwarded",
+    "forwarded-for",
+    "x-forwarded-ssl",
+    "x-forwarded-scheme",
+    "front-end-https",
 ];
 
 /// `name` with `_` read as `-` (header names are lower case already), the way CGI/WSGI-style servers merge them.
@@ -256,6 +273,22 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("x-original-url", "/admin"),
             ("x-rewrite-url", "/admin"),
+            ("x-http-method-override", "DELETE"),
+            ("X-HTTP-Method", "DELETE"),
+            ("x-method-override", "DELETE"),
+            ("x_http_method_override", "DELETE"),
+            ("x-client-ip", "1.2.3.4"),
+            ("True-Client-IP", "1.2.3.4"),
+            ("cf-connecting-ip", "1.2.3.4"),
+            ("fastly-client-ip", "1.2.3.4"),
+            ("x-cluster-client-ip", "1.2.3.4"),
+            ("client-ip", "1.2.3.4"),
+            ("client_ip", "1.2.3.4"),
+            ("x-forwarded", "for=1.2.3.4"),
+            ("forwarded-for", "1.2.3.4"),
+            ("x-forwarded-ssl", "on"),
+            ("x-forwarded-scheme", "https"),
+            ("front-end-https", "on"),
             ("x-kept", "1"),
             ("x_other", "1"),
         ];

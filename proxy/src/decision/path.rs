@@ -10,7 +10,8 @@
 //!    digits is refused.
 //! 3. An escaped `/` or `\` (`%2F`, `%5C`, any case) is refused, unless [`EscapedSlashes::Keep`] (then it is kept,
 //!    as `%2F` / `%5C`, and is not a separator for the decision). A raw `\` and an escaped NUL (`%00`) are always
-//!    refused.
+//!    refused. An escaped overlong UTF-8 sequence (`%C0%AE`, `%C0%AF`, `%E0%80%AE`: `.`, `/` to a lenient decoder)
+//!    is always refused.
 //! 4. Repeated slashes are merged (`/a//b` → `/a/b`, as Envoy's `merge_slashes`).
 //! 5. Dot segments are removed (RFC 3986 §5.2.4), after the decoding above, so `%2e%2e` is `..`. A `..` that would
 //!    climb above the root is refused (not clamped).
@@ -50,6 +51,8 @@ pub enum PathError {
     AboveRoot,
     /// `..;x`, `.;x`: a dot segment to servers that strip `;` parameters.
     DotSegmentWithParams,
+    /// An overlong UTF-8 sequence in escapes (`%C0%AE`): `.`, `/`, `\` to a lenient decoder.
+    Overlong,
 }
 
 impl PathError {
@@ -63,6 +66,7 @@ impl PathError {
             PathError::Nul => "escaped NUL",
             PathError::AboveRoot => "dot segment above the root",
             PathError::DotSegmentWithParams => "dot segment with parameters",
+            PathError::Overlong => "overlong UTF-8 escape",
         }
     }
 }
@@ -81,6 +85,22 @@ fn hex_val(b: u8) -> Option<u8> {
 }
 
 const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
+
+/// Whether the escaped byte `v`, followed by `rest` of its segment, starts an overlong UTF-8 sequence (RFC 3629
+/// §3): `C0`/`C1` (always overlong), `E0` then `80`–`9F`, `F0` then `80`–`8F`. Only escapes can form one (raw
+/// bytes come from a `str`), and only escapes can continue one.
+fn overlong(v: u8, rest: &[u8]) -> bool {
+    let next = || match rest {
+        [b'%', h, l, ..] => Some(hex_val(*h)? << 4 | hex_val(*l)?),
+        _ => None,
+    };
+    match v {
+        0xC0 | 0xC1 => true,
+        0xE0 => next().is_some_and(|b| (0x80..=0x9F).contains(&b)),
+        0xF0 => next().is_some_and(|b| (0x80..=0x8F).contains(&b)),
+        _ => false,
+    }
+}
 
 /// True when `path` needs no change: no `%`, no `\`, and no segment (other than the last) that is empty, and no
 /// segment starting with `.`. One pass, no allocation; anything it is unsure of goes to the full normaliser.
@@ -134,6 +154,7 @@ pub fn normalize(path: &str, slashes: EscapedSlashes) -> Result<Cow<'_, str>, Pa
                     } else {
                         match v {
                             0 => return Err(PathError::Nul),
+                            _ if overlong(v, &raw[i + 3..]) => return Err(PathError::Overlong),
                             b'/' | b'\\' if slashes == EscapedSlashes::Reject => return Err(PathError::EscapedSlash),
                             b';' if before_param.is_none() => before_param = Some(seg.len()),
                             _ => {}
@@ -269,6 +290,29 @@ mod tests {
     }
 
     #[test]
+    fn overlong_utf8_escapes_are_refused() {
+        // `.`, `/` and `\` in overlong forms: a lenient UTF-8 decoder (old Tomcat, IIS) reads them as such.
+        for p in [
+            "/v1/%c0%ae%c0%ae/admin",
+            "/v1/%C0%AF..",
+            "/v1/..%c1%9cadmin",
+            "/%c0",
+            "/%C1%BF",
+            "/v1/%e0%80%ae",
+            "/v1/%E0%9F%BF",
+            "/v1/%f0%80%80%ae",
+            "/v1/%F0%8F%BF%BF",
+        ] {
+            assert_eq!(n(p), Err(PathError::Overlong), "{p}");
+            assert_eq!(keep(p), Err(PathError::Overlong), "{p}");
+        }
+        // The shortest forms of the same lead bytes are ordinary characters.
+        for p in ["/%C2%A0", "/%E0%A0%80", "/%F0%90%80%80", "/%E0", "/%E0x", "/%F0%A0", "/%DF%BF", "/%E1%80%80"] {
+            assert_eq!(n(p).as_deref(), Ok(p), "{p}");
+        }
+    }
+
+    #[test]
     fn parameters() {
         assert_eq!(n("/a;x=1/b;y").as_deref(), Ok("/a;x=1/b;y"));
         assert_eq!(n("/a;x/../b").as_deref(), Ok("/b"));
@@ -308,6 +352,17 @@ mod tests {
                 let v = u8::from_str_radix(hex, 16).unwrap();
                 if v == 0 {
                     return Err(PathError::Nul);
+                }
+                let next = path
+                    .get(i + 3..i + 6)
+                    .and_then(|e| e.strip_prefix('%'))
+                    .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
+                    .map(|h| u8::from_str_radix(h, 16).unwrap());
+                if matches!(v, 0xC0 | 0xC1)
+                    || (v == 0xE0 && next.is_some_and(|b| (0x80..=0x9F).contains(&b)))
+                    || (v == 0xF0 && next.is_some_and(|b| (0x80..=0x8F).contains(&b)))
+                {
+                    return Err(PathError::Overlong);
                 }
                 if (v == b'/' || v == b'\\') && slashes == EscapedSlashes::Reject {
                     return Err(PathError::EscapedSlash);
