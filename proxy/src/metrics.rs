@@ -71,6 +71,7 @@ pub struct Metrics {
     pub table_revocations: Family<CauseLabels, Counter>,
     pub tables_out_of_order: Counter,
     pub table_source_errors: Family<KindLabels, Counter>,
+    pub table_watch_open: Gauge,
     pub proxy_protocol_refused: Counter,
     pub open_connections: Gauge,
     pub open_tunnels: Gauge,
@@ -106,6 +107,7 @@ impl Metrics {
         let table_revocations = Family::<CauseLabels, Counter>::default();
         let tables_out_of_order = Counter::default();
         let table_source_errors = Family::<KindLabels, Counter>::default();
+        let table_watch_open = Gauge::default();
         let open_connections = Gauge::default();
         let open_tunnels = Gauge::default();
         let connections_closed = Family::<CloseLabels, Counter>::default();
@@ -149,6 +151,12 @@ impl Metrics {
             table_source_errors.clone(),
         );
         registry.register(
+            "table_watch_open",
+            "1 while the watch on the table's index ConfigMap is open (0 while listing, retrying or reconnecting; \
+             API mode only)",
+            table_watch_open.clone(),
+        );
+        registry.register(
             "proxy_protocol_refused",
             "Connections refused: PROXY header from an untrusted peer, or malformed",
             proxy_protocol_refused.clone(),
@@ -176,6 +184,7 @@ impl Metrics {
             table_revocations,
             tables_out_of_order,
             table_source_errors,
+            table_watch_open,
             proxy_protocol_refused,
             open_connections,
             open_tunnels,

@@ -208,12 +208,9 @@ impl Ctx {
         f(&View { plans: &self.plans, clients: &self.clients, rendered: &rendered })
     }
 
-    /// `Err(LostLease)` unless this replica may write now (it leads, judged on its own clock).
-    pub(crate) fn ensure_leader(&self) -> Result<(), Error> {
-        match &self.lease {
-            Some(l) if !l.is_leader() => Err(Error::LostLease(self.lease_name.clone())),
-            _ => Ok(()),
-        }
+    /// The fence of this replica's writes: its Lease.
+    pub(crate) fn fence(&self) -> publish::Fence<'_> {
+        publish::Fence { lease: self.lease.as_deref(), lease_name: &self.lease_name }
     }
 
     /// Every Service this controller should look at: those it has rendered, those plans name, and those with table

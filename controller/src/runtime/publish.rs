@@ -4,7 +4,7 @@
 //! index, then leftovers of the slot just written. Invariants:
 //! - **Fencing.** The index is created with `create` (fails if it exists) or `replace`d with the resourceVersion
 //!   read at the start of the reconcile (fails if anyone wrote it since), and only while this replica's Lease is
-//!   valid ([`super::Ctx::ensure_leader`]). A writer that loses the precondition gets [`Error::Conflict`]: it
+//!   valid ([`Fence::check`]). A writer that loses the precondition gets [`Error::Conflict`]: it
 //!   re-reads and re-decides, or stops if it no longer leads. Deletion of the index carries the same precondition.
 //! - **Sequence.** Every index write carries `sequence` = the replaced index's + 1 (see
 //!   `portcullis_table::sequence`); proxies never go back to a lower one.
@@ -12,21 +12,25 @@
 //!   index at, numbered beyond its own count, are deleted; only after re-reading the index and finding our own
 //!   write still there; and each with the resourceVersion it was listed with. The previous slot stays whole for
 //!   proxies mid-read.
-//! - **Residual window.** Shards are not fenced by a precondition (their names are fixed, for RBAC). A writer
-//!   paused between its Lease check and a shard write, and resumed after another leader published into the same
-//!   slot, overwrites that leader's shards; its index write then fails, and the new leader sees the shard events and
-//!   republishes. Proxies verify every shard against the index digest, so they never load a mixed table: at worst
-//!   they keep their current table for those milliseconds.
+//! - **Shards are fenced too.** [`Writer::read`] lists the shards' resourceVersions before it reads the index; each
+//!   shard is replaced with the resourceVersion listed, or created if it was absent. A writer that read before
+//!   another published fails on the first shard the other wrote, before its own index write. What is left: a
+//!   writer that read *between* another's shard writes and that other's index write may overwrite those shards;
+//!   then that index's digests do not match, proxies keep their table (they verify every shard against the index)
+//!   and the shard events make the writer of the index republish. With leader election this takes a deposed leader
+//!   that read after the new one started publishing, which the Lease check before every write rules out except for
+//!   a process paused between that check and the write.
 //! - **Drift.** A live index whose revision is the desired one is checked against the cached shards' content
 //!   hashes; a missing or edited shard (confirmed with a GET) makes a fresh revision in the other slot.
 
 use super::caches::CACHED_DATA_SHA256;
+use super::leader::LeaderLease;
 use super::{Ctx, Error, FIELD_MANAGER, MANAGED_BY};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
-use kube::runtime::reflector::ObjectRef;
+use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
+use kube::runtime::reflector::{ObjectRef, Store};
 use portcullis_table::Table;
 use portcullis_table::naming::{INDEX_DATA_KEY, LABEL_ROLE, LABEL_SERVICE, SHARD_DATA_KEY, Slot, index_name};
 use portcullis_table::sequence::{PreviousIndex, next_sequence};
@@ -37,10 +41,12 @@ use std::collections::BTreeMap;
 /// Budget of the index's data string: the same as a shard's (a ConfigMap holds at most 1 MiB in total).
 pub const MAX_INDEX_BYTES: usize = portcullis_table::shard::MAX_SHARD_BYTES;
 
-/// The live index of a Service, as read at the start of a reconcile.
+/// The live index of a Service, as read at the start of a reconcile, and the resourceVersion of each of its shard
+/// ConfigMaps (listed just before the index: see [`Writer::read`]).
 pub struct Live {
     pub cm: Option<ConfigMap>,
     pub doc: Option<IndexDoc>,
+    pub shards: BTreeMap<String, Option<String>>,
 }
 
 impl Live {
@@ -52,26 +58,72 @@ impl Live {
     }
 }
 
+/// Who may write: the Lease this replica must hold at every write (`None`: no leader election, one writer).
+#[derive(Clone, Copy)]
+pub struct Fence<'a> {
+    pub lease: Option<&'a LeaderLease>,
+    pub lease_name: &'a str,
+}
+
+impl Fence<'_> {
+    /// `Err(LostLease)` unless this replica may write now (it leads, judged on its own clock).
+    pub fn check(&self) -> Result<(), Error> {
+        match self.lease {
+            Some(l) if !l.is_leader() => Err(Error::LostLease(self.lease_name.to_string())),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Writes the tables of one Service.
 pub struct Writer<'a> {
-    pub ctx: &'a Ctx,
     pub cms: Api<ConfigMap>,
     pub service: &'a str,
     pub index: String,
+    fence: Fence<'a>,
+    /// The controller's ConfigMap cache, consulted before a GET when checking shards (`None`: always GET).
+    cache: Option<&'a Store<ConfigMap>>,
 }
 
 impl<'a> Writer<'a> {
+    /// The controller's writer: fenced by its Lease, shard checks served from its cache first.
     pub fn new(ctx: &'a Ctx, namespace: &str, service: &'a str) -> Self {
-        Self { ctx, cms: Api::namespaced(ctx.client.clone(), namespace), service, index: index_name(service) }
+        let mut w = Self::unfenced(ctx.client.clone(), namespace, service);
+        w.fence = ctx.fence();
+        w.cache = Some(&ctx.caches.configmaps);
+        w
     }
 
+    /// A writer that holds no Lease (a single writer, or a test playing a second one). The index's resourceVersion
+    /// precondition still applies: it never overwrites an index it has not read.
+    pub fn unfenced(client: kube::Client, namespace: &str, service: &'a str) -> Self {
+        Self {
+            cms: Api::namespaced(client, namespace),
+            service,
+            index: index_name(service),
+            fence: Fence { lease: None, lease_name: "" },
+            cache: None,
+        }
+    }
+
+    /// Reads what a publish is fenced against. The shards are listed *before* the index is read: a writer that
+    /// publishes in between has either not written its index yet (its shard writes changed resourceVersions we
+    /// hold, so ours fail) or has (we read its index and write the other slot, which it did not touch).
     pub async fn read(&self) -> Result<Live, Error> {
+        let lp = ListParams::default().labels(&format!("{LABEL_SERVICE}={},{LABEL_ROLE}=shard", self.service));
+        let shards = self
+            .cms
+            .list_metadata(&lp)
+            .await?
+            .into_iter()
+            .map(|m| (m.name_any(), m.metadata.resource_version))
+            .collect();
         let cm = self.cms.get_opt(&self.index).await?;
         let doc = cm
             .as_ref()
             .and_then(|cm| cm.data.as_ref()?.get(INDEX_DATA_KEY).cloned())
             .and_then(|json| IndexDoc::parse(&json, &self.index).ok());
-        Ok(Live { cm, doc })
+        Ok(Live { cm, doc, shards })
     }
 
     /// Publishes `table` as a new revision replacing `live`; returns the number of shards written.
@@ -98,11 +150,11 @@ impl<'a> Writer<'a> {
                 max: MAX_INDEX_BYTES,
             });
         }
-        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        let pp = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
         for (name, json) in &rendered.shards {
-            self.ctx.ensure_leader()?;
+            self.fence.check()?;
             let cm = table_configmap(name, self.service, "shard", SHARD_DATA_KEY, json, owners, None);
-            self.cms.patch(name, &pp, &Patch::Apply(&cm)).await?;
+            self.write_shard(live, cm, &pp).await?;
         }
         let mut cm = table_configmap(
             &self.index,
@@ -113,8 +165,7 @@ impl<'a> Writer<'a> {
             owners,
             Some(&table.revision),
         );
-        self.ctx.ensure_leader()?;
-        let pp = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+        self.fence.check()?;
         let written = match &live.cm {
             None => self.cms.create(&pp, &cm).await,
             Some(current) => {
@@ -127,13 +178,45 @@ impl<'a> Writer<'a> {
         Ok(rendered)
     }
 
+    /// Writes one shard, fenced like the index: replaced only if unchanged since [`Writer::read`] listed it, created
+    /// only if it did not exist then. A ConfigMap of that name that is not ours (no `managed-by` label) is taken
+    /// over (it is no writer's table); any other change since the read is another writer's: [`Error::Conflict`].
+    async fn write_shard(&self, live: &Live, mut cm: ConfigMap, pp: &PostParams) -> Result<(), Error> {
+        let name = cm.name_any();
+        let written = match live.shards.get(&name) {
+            Some(rv) => {
+                cm.metadata.resource_version = rv.clone();
+                self.cms.replace(&name, pp, &cm).await
+            }
+            None => match self.cms.create(pp, &cm).await {
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    let existing = self.cms.get_opt(&name).await?;
+                    let foreign = existing.as_ref().is_some_and(|e| {
+                        e.labels().get("app.kubernetes.io/managed-by").map(String::as_str) != Some(MANAGED_BY)
+                    });
+                    if !foreign {
+                        return Err(Error::Conflict(name));
+                    }
+                    tracing::warn!(configmap = %name, "taking over a ConfigMap at a table name that is not ours");
+                    cm.metadata.resource_version = existing.and_then(|e| e.metadata.resource_version);
+                    self.cms.replace(&name, pp, &cm).await
+                }
+                other => other,
+            },
+        };
+        written.map(|_| ()).map_err(|e| match e {
+            kube::Error::Api(s) if s.code == 409 || s.code == 404 => Error::Conflict(name),
+            e => e.into(),
+        })
+    }
+
     /// Whether a shard the live index names is missing or differs from the digest in the index (cache first, then
     /// a GET to confirm: the cache may lag behind our own writes).
     pub async fn damaged(&self, doc: &IndexDoc) -> Result<Vec<String>, Error> {
         let ns = self.cms_namespace();
         let mut out = Vec::new();
         for s in &doc.shards {
-            let cached = self.ctx.caches.configmaps.get(&ObjectRef::new(&s.name).within(&ns));
+            let cached = self.cache.and_then(|c| c.get(&ObjectRef::new(&s.name).within(&ns)));
             let cached_sha = cached.as_ref().and_then(|cm| cm.annotations().get(CACHED_DATA_SHA256).cloned());
             if cached_sha.as_deref() == Some(s.sha256.as_str()) {
                 continue;
@@ -154,7 +237,7 @@ impl<'a> Writer<'a> {
     /// Deletes the index (with the read resourceVersion as precondition), then every table ConfigMap of the Service.
     pub async fn remove(&self, live: &Live) -> Result<(), Error> {
         if let Some(cm) = &live.cm {
-            self.ctx.ensure_leader()?;
+            self.fence.check()?;
             let dp = DeleteParams {
                 preconditions: Some(Preconditions {
                     resource_version: cm.metadata.resource_version.clone(),

@@ -6,6 +6,7 @@ use super::{Env, T, root};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, PostParams};
 use portcullis_table::naming::index_name;
+use portcullis_testkit::wait_for;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -161,6 +162,22 @@ impl Sidecar {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// The value of the unlabelled metric `name` on the admin port (`None` if not exported or no answer).
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = super::http_get(self.admin, "/metrics").await?;
+        body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    /// Waits until the sidecar's watch on its index is open (`portcullis_proxy_table_watch_open` 1).
+    pub async fn until_watching(&self) -> Duration {
+        let t = Instant::now();
+        wait_for(T, "the sidecar's table watch open", || async {
+            (self.metric("portcullis_proxy_table_watch_open").await == Some(1.0)).then_some(())
+        })
+        .await;
+        t.elapsed()
     }
 
     pub fn log_tail(&self) -> String {

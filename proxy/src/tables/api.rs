@@ -195,7 +195,9 @@ impl Driver<'_> {
             if let Input::Failed(f) | Input::Loaded { outcome: LoadOutcome::Failed(f), .. } = &input {
                 self.store.metrics().table_source_error(f.kind());
             }
-            match machine.step(input) {
+            let effect = machine.step(input);
+            self.store.metrics().table_watch_open.set(i64::from(machine.is_streaming()));
+            match effect {
                 Effect::Nothing => {}
                 Effect::Load(object) => {
                     let outcome = self.load(&object).await;
