@@ -129,15 +129,14 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, wc).backoff(WatchBackoff::default()).modify(trim)).boxed();
+    let stream = reflector::reflector(writer, retrying(watcher(api, wc)).modify(trim)).boxed();
     (reader, stream)
 }
 
 /// Retry delays of a failing watch: 100 ms, then 200 ms, then every 250 ms, back to 100 ms after an event. kube's
 /// default grows to 30 s, which would hold back the first re-render after an API server outage (and the revocations
-/// made during it) by up to half a minute. The 410 Gone that starts a relist is itself an error and waits one delay,
-/// so from reconnection a relist waits at most two delays (≤ 0.5 s) before it lists; nine watches retrying four
-/// times a second against an API server that is down cost nothing worth saving.
+/// made during it) by up to half a minute; nine watches retrying four times a second against an API server that is
+/// down cost nothing worth saving. See [`retrying`] for the 410 Gone.
 #[derive(Debug)]
 struct WatchBackoff {
     next: std::time::Duration,
@@ -166,6 +165,34 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
     fn reset(&mut self) {
         self.next = WATCH_RETRY_MIN;
     }
+}
+
+/// kube's `.backoff()`, except after a 410 Gone: that error is the API server asking for a relist, and the watcher
+/// has already moved to listing, so the relist starts at once instead of after one more retry delay (after an
+/// outage, the delay that would otherwise stand between reconnection and the relist that finds what changed).
+fn retrying<S, T>(stream: S) -> impl Stream<Item = Result<T, watcher::Error>> + Send
+where
+    S: Stream<Item = Result<T, watcher::Error>> + Send + 'static,
+    T: Send + 'static,
+{
+    use kube::runtime::utils::Backoff;
+    let state: (BoxStream<'static, Result<T, watcher::Error>>, WatchBackoff, Option<std::time::Duration>) =
+        (stream.boxed(), WatchBackoff::default(), None);
+    futures::stream::unfold(state, |(mut stream, mut backoff, delay)| async move {
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
+        let item = stream.next().await?;
+        let delay = match &item {
+            Ok(_) => {
+                backoff.reset();
+                None
+            }
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => None,
+            Err(_) => backoff.next(),
+        };
+        Some((item, (stream, backoff, delay)))
+    })
 }
 
 fn trim_meta<K: Resource>(o: &mut K) {
@@ -320,6 +347,25 @@ mod tests {
         assert_eq!(delays, [100, 200, 250, 250, 250, 250]);
         b.reset();
         assert_eq!(b.next().unwrap().as_millis(), 100);
+    }
+
+    /// Errors wait their retry delay, a 410 Gone does not, an event resets the delays.
+    #[tokio::test(start_paused = true)]
+    async fn a_gone_relists_at_once_and_other_errors_wait() {
+        let status = |code| {
+            let mut s = kube::core::Status::failure("x", "y");
+            s.code = code;
+            watcher::Error::WatchError(Box::new(s))
+        };
+        let items = vec![Err(status(500)), Err(status(500)), Err(status(410)), Ok(1), Err(status(500)), Ok(2)];
+        let mut s = std::pin::pin!(retrying(futures::stream::iter(items)));
+        let t = tokio::time::Instant::now();
+        let mut at = Vec::new();
+        while let Some(item) = s.next().await {
+            at.push((item.is_ok(), t.elapsed().as_millis()));
+        }
+        // 500 at 0, waits 100; 500 at 100, waits 200; 410 at 300, no wait; event at 300, reset; 500, waits 100.
+        assert_eq!(at, [(false, 0), (false, 100), (false, 300), (true, 300), (false, 300), (true, 400)]);
     }
 
     #[test]

@@ -181,12 +181,15 @@ pub async fn start_controller_with(
         leader_elect: true,
         lease_namespace: SYSTEM_NS.into(),
         lease_name: lease.into(),
-        lease_duration: Duration::from_secs(6),
+        // The production timings: shorter ones lose the Lease on a loaded 2-core machine (renewals time out while a
+        // test floods the API server), and a deposed in-process controller stops writing for good. Failover tests
+        // stop the holder gracefully (it releases the Lease) or set their own.
+        lease_duration: Duration::from_secs(15),
         identity: identity.into(),
         metrics_listen: Some(admin_addr),
         debounce: Debounce { quiet: Duration::from_millis(100), max_wait: Duration::from_secs(2) },
-        lease_renew_deadline: Duration::from_secs(4),
-        lease_retry_period: Duration::from_secs(1),
+        lease_renew_deadline: Duration::from_secs(10),
+        lease_retry_period: Duration::from_secs(2),
         ..Config::default()
     };
     let mut config = config;
