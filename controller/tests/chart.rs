@@ -91,7 +91,7 @@ fn normalize(rules: &[PolicyRule]) -> BTreeSet<String> {
 
 #[test]
 fn chart_crds_are_exact_copies_of_generated_crds() {
-    let fix = "run `cp crds/*.yaml charts/portcullis/crds/` (or `cargo xtask crdgen`) from the repository root";
+    let fix = "regenerate every copy with `cargo xtask crdgen`";
     let names = |dir: &Path| -> BTreeSet<String> {
         std::fs::read_dir(dir)
             .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
