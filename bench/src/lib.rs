@@ -1,4 +1,4 @@
-//! `cargo xtask bench <suite> [--smoke]`: side-by-side benchmarks on this machine, written to `docs/benchmarks/`
+//! `portcullis-bench` (run as `cargo xtask bench <suite> [--smoke]`): side-by-side benchmarks on this machine, written to `docs/benchmarks/`
 //! (`<suite>.json`, `<suite>.md`, `<suite>.png` + `.svg` plots, and the merged `latest.json`). See `docs/benchmarks/README.md`.
 //!
 //! Suites: `throughput` (D / N0 / N1 / P0 / P1 arms, closed-loop wrk + open-loop added latency), `tls` (HTTPS
@@ -9,11 +9,16 @@
 //! small tables, written to `target/bench-smoke/` instead (proves the code still works; no figures to publish).
 //!
 //! The load generator is pinned to CPU 0 and every server process (upstream, proxy, nginx) to CPU 1 (`taskset`).
+//!
+//! Binaries (release builds, next to each other in `target/release/`): `portcullis-bench` (this driver),
+//! `bench-upstream` (the 1 KiB upstream), `bench-openloop` (the open-loop generator) and `bench-render` (the
+//! controller's build + render timed for the scale suite). A suite is a module here with one `pub fn` returning
+//! `(json, markdown, svg)`, registered in [`ALL`] and the `match` of [`main`].
 
-mod load;
+pub mod load;
 mod propagation;
-mod servers;
-mod suites;
+pub mod servers;
+pub mod suites;
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -34,15 +39,12 @@ impl Drop for Ctx {
     }
 }
 
+/// Every suite, in the order `all` runs them.
+pub const ALL: [&str; 6] = ["throughput", "tls", "memory", "scale", "limiter", "propagation"];
+
 const USAGE: &str = "usage: cargo xtask bench <throughput|tls|memory|scale|limiter|propagation|all> [--smoke]";
 
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
-    match args.first().map(String::as_str) {
-        Some("__openloop") => return load::openloop_main(&args[1..]),
-        Some("__upstream") => return servers::upstream_main(),
-        Some("__render") => return suites::render_main(&args[1..]),
-        _ => {}
-    }
     let smoke = args.iter().any(|a| a == "--smoke");
     let suites: Vec<&str> = args.iter().map(String::as_str).filter(|a| !a.starts_with("--")).collect();
     let [suite] = suites.as_slice() else { bail!(USAGE) };
@@ -58,7 +60,6 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     std::fs::create_dir_all(&tmp)?;
     let ctx =
         Ctx { root: root.to_path_buf(), smoke, out, tmp, command: format!("cargo xtask bench {}", args.join(" ")) };
-    const ALL: [&str; 6] = ["throughput", "tls", "memory", "scale", "limiter", "propagation"];
     let list: Vec<&str> = match *suite {
         "all" => ALL.to_vec(),
         s if ALL.contains(&s) => vec![s],
@@ -66,7 +67,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     };
     let bin = servers::build_proxy(root)?;
     for s in &list {
-        eprintln!("xtask bench: suite {s}{}", if smoke { " (smoke)" } else { "" });
+        eprintln!("bench: suite {s}{}", if smoke { " (smoke)" } else { "" });
         let t = std::time::Instant::now();
         let (data, md, svg) = match *s {
             "throughput" => suites::throughput(&ctx, &bin)?,
@@ -163,7 +164,7 @@ fn write_report(ctx: &Ctx, suite: &str, data: Value, md: &str, svg: Option<&str>
     }
     latest["runs"][suite] = json!({"date": now, "command": ctx.command});
     std::fs::write(&latest_path, serde_json::to_string_pretty(&latest)? + "\n")?;
-    eprintln!("xtask bench: wrote {}/{suite}.{{json,md}} and latest.json", ctx.out.display());
+    eprintln!("bench: wrote {}/{suite}.{{json,md}} and latest.json", ctx.out.display());
     Ok(())
 }
 

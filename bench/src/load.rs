@@ -128,8 +128,8 @@ impl OpenLoop {
 }
 
 pub fn openloop_cmd(addr: SocketAddr, rate: u64, secs: f64, conns: u32, key: &str) -> Result<Vec<String>> {
-    let exe = super::servers::helper_exe()?.display().to_string();
-    Ok(["taskset", "-c", LOADGEN_CPU, &exe, "bench", "__openloop"]
+    let exe = super::servers::helper_exe("bench-openloop")?.display().to_string();
+    Ok(["taskset", "-c", LOADGEN_CPU, &exe]
         .iter()
         .map(|s| s.to_string())
         .chain([addr.to_string(), rate.to_string(), secs.to_string(), conns.to_string(), key.to_string()])
@@ -158,9 +158,9 @@ pub fn openloop(addr: SocketAddr, rate: u64, secs: f64, conns: u32, key: &str) -
     })
 }
 
-/// `xtask bench __openloop ADDR RATE SECS CONNS KEY`: prints a JSON result on stdout.
+/// `bench-openloop ADDR RATE SECS CONNS KEY`: prints a JSON result on stdout.
 pub fn openloop_main(args: &[String]) -> Result<()> {
-    let [addr, rate, secs, conns, key] = args else { bail!("__openloop ADDR RATE SECS CONNS KEY") };
+    let [addr, rate, secs, conns, key] = args else { bail!("usage: bench-openloop ADDR RATE SECS CONNS KEY") };
     let addr: SocketAddr = addr.parse()?;
     let rate: u64 = rate.parse()?;
     let secs: f64 = secs.parse()?;

@@ -4,11 +4,12 @@
 
 use super::Ctx;
 use super::load::round;
-use crate::http::{get, start_echo};
 use anyhow::{Context, Result, bail};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use portcullis_testkit::ControlPlane;
+use portcullis_testkit::chart::{controller_token, helm_install};
+use portcullis_testkit::http::{get, start_echo};
 use serde_json::{Value, json};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, Command};
@@ -30,7 +31,7 @@ impl Drop for Kids {
 
 pub fn propagation(ctx: &Ctx) -> Result<(Value, String, Option<String>)> {
     let trials = if ctx.smoke { 2 } else { 100 };
-    let bins = crate::k8s_bins(&ctx.root)?;
+    let bins = portcullis_testkit::bins::bin_dir()?;
     let st = Command::new("cargo")
         .current_dir(&ctx.root)
         .args(["build", "--quiet", "-p", "portcullis-controller", "-p", "portcullis-proxy"])
@@ -172,8 +173,8 @@ async fn run(ctx: &Ctx, cp: &ControlPlane, trials: usize) -> Result<Series> {
     let logs = cp.dir().to_path_buf();
     let admin = cp.admin_client().await;
     let webhook_port = super::servers::free_port()?;
-    crate::demo::helm_install(cp, &ctx.root, webhook_port)?;
-    let (_, token) = crate::demo::controller_token(cp, &admin).await?;
+    helm_install(cp, &ctx.root, webhook_port)?;
+    let (_, token) = controller_token(cp, &admin).await?;
     let target = ctx.root.join("target/debug");
     let metrics_port = super::servers::free_port()?;
     kids.0.push(

@@ -3,7 +3,7 @@
 
 use super::load::SERVER_CPU;
 use anyhow::{Context, Result, bail};
-use portcullis_table::{Client, KeyEntry, Period, Plan, Quota, RouteScope, Table, Throttle, key_digest};
+use portcullis_table::{Client, Period, Plan, Quota, RouteScope, Table, Throttle};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -35,11 +35,11 @@ pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// `xtask bench __upstream`: serves 200 with a 1 KiB body; prints its address on the first stdout line.
+/// `bench-upstream`: serves 200 with a 1 KiB body; prints its address on the first stdout line.
 pub fn upstream_main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
-        let addr = crate::http::start_sized_upstream(1024).await?;
+        let addr = portcullis_testkit::http::start_sized_upstream(1024).await?;
         println!("{addr}");
         std::future::pending::<()>().await;
         anyhow::Ok(())
@@ -47,11 +47,10 @@ pub fn upstream_main() -> Result<()> {
 }
 
 pub fn start_upstream() -> Result<Proc> {
-    let exe = helper_exe()?;
+    let exe = helper_exe("bench-upstream")?;
     let mut child = Command::new("taskset")
         .args(["-c", SERVER_CPU])
         .arg(exe)
-        .args(["bench", "__upstream"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -108,13 +107,13 @@ pub fn curl_ok(url: &str) -> bool {
 }
 
 pub fn build_proxy(root: &Path) -> Result<PathBuf> {
-    eprintln!("xtask bench: cargo build --release -p portcullis-proxy -p xtask");
+    eprintln!("bench: cargo build --release -p portcullis-proxy -p portcullis-bench");
     let st = Command::new("cargo")
         .current_dir(root)
-        .args(["build", "--release", "-q", "-p", "portcullis-proxy", "-p", "xtask"])
+        .args(["build", "--release", "-q", "-p", "portcullis-proxy", "-p", "portcullis-bench"])
         .status()?;
     if !st.success() {
-        bail!("cargo build --release -p portcullis-proxy -p xtask failed");
+        bail!("cargo build --release -p portcullis-proxy -p portcullis-bench failed");
     }
     Ok(root.join("target/release/portcullis-proxy"))
 }
@@ -135,14 +134,8 @@ pub fn table(n: usize, throttle: Option<Throttle>, quota: bool) -> Table {
         },
     );
     let clients = (0..n.max(1))
-        .map(|i| Client {
-            id: format!("bench/client-{i:06}"),
-            keys: vec![KeyEntry { sha256: key_digest(key(i).as_bytes()), expires_at: None }],
-            source_ranges: vec![client_cidr(i).parse().expect("cidr")],
-            disabled: false,
-            plans: vec!["bench".into()],
-            certificates: vec![],
-            require_certificate: false,
+        .map(|i| {
+            Client::builder(format!("bench/client-{i:06}")).key(key(i)).source(&client_cidr(i)).plan("bench").build()
         })
         .collect();
     Table::new("bench/upstream", plans, clients)
@@ -300,9 +293,12 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((u + st) as f64 / 100.0)
 }
 
-/// The release build of xtask itself, which serves the upstream and the open-loop generator (a debug build would
-/// be the bottleneck); falls back to the running binary.
-pub fn helper_exe() -> Result<PathBuf> {
-    let release = super::super::repo_root().join("target/release/xtask");
-    if release.exists() { Ok(release) } else { Ok(std::env::current_exe()?) }
+/// A helper binary of this crate (`bench-upstream`, `bench-openloop`, `bench-render`): the one next to the running
+/// driver, built by the same `cargo build --release -p portcullis-bench` (a debug build would be the bottleneck).
+pub fn helper_exe(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?.with_file_name(name);
+    if !exe.exists() {
+        bail!("{} not found: build it with `cargo build --release -p portcullis-bench`", exe.display());
+    }
+    Ok(exe)
 }

@@ -171,7 +171,7 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
     ));
     md.push_str(&format!(
         "**Open loop** at a fixed {rate} req/s (half of N1's median peak), 16 connections, {} s, {ol_reps} run(s) per \
-         arm interleaved, median per percentile. Generator: `xtask bench __openloop` (tokio + hyper client pinned to \
+         arm interleaved, median per percentile. Generator: `bench-openloop` (tokio + hyper client pinned to \
          CPU 0); each request has an intended send time on a fixed schedule and its latency is measured from that \
          time, so waiting behind a slow answer counts (no coordinated omission). Added latency = arm − D at the \
          same percentile.\n\n| arm | p50 ms | p90 ms | p99 ms | p99.9 ms | added p50 | added p90 | added p99 | added p99.9 |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -380,8 +380,8 @@ pub fn scale(ctx: &Ctx, bin: &Path) -> Result<Out> {
          file poll interval (docs/proxy.md), so it is bounded below by detection, not by parsing. Goal: throughput \
          within 3 % of the 10-client run at every size. Controller render = what the controller does per reconcile \
          of a Service with that many clients (resolve each key from the Secret cache and hash it, build the table, \
-         render the sharded ConfigMap data; `portcullis_controller::fixtures::build_and_render`, release build, \
-         median of 3, in the release build of xtask between the load runs); `cargo bench -p portcullis-controller --bench \
+         render the sharded ConfigMap data; `portcullis_controller::fixtures::build_and_render`, median of 3, \
+         timed by the release build of `bench-render` between the load runs); `cargo bench -p portcullis-controller --bench \
          render` measures the same with criterion.\n",
     );
     let groups: Vec<(String, Vec<f64>)> =
@@ -393,23 +393,23 @@ pub fn scale(ctx: &Ctx, bin: &Path) -> Result<Out> {
     ))
 }
 
-/// Median of 3 controller build + render runs for `n` clients, in seconds, measured in the release build of xtask
-/// (`bench __render N`; `cargo xtask` itself is a debug build).
+/// Median of 3 controller build + render runs for `n` clients, in seconds, measured by the release build of
+/// `bench-render`.
 fn render_seconds(n: usize) -> Result<f64> {
-    let out = std::process::Command::new(servers::helper_exe()?)
-        .args(["bench", "__render", &n.to_string()])
+    let out = std::process::Command::new(servers::helper_exe("bench-render")?)
+        .arg(n.to_string())
         .output()
-        .context("running xtask bench __render")?;
+        .context("running bench-render")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let m: f64 = text.trim().parse().with_context(|| format!("__render printed {text:?}"))?;
+    let m: f64 = text.trim().parse().with_context(|| format!("bench-render printed {text:?}"))?;
     eprintln!("  controller render, {n} clients: {m:.4} s");
     Ok(m)
 }
 
-/// `xtask bench __render N`: prints the median of 3 build + render runs for N synthetic clients, in seconds.
+/// `bench-render N`: prints the median of 3 build + render runs for N synthetic clients, in seconds.
 pub fn render_main(args: &[String]) -> Result<()> {
     use portcullis_controller::fixtures::{build_and_render, fixture};
-    let n: usize = args.first().context("__render N")?.parse()?;
+    let n: usize = args.first().context("usage: bench-render N")?.parse()?;
     let (plans, clients, keys) = fixture(n);
     let times = (0..3)
         .map(|_| {

@@ -434,18 +434,7 @@ async fn a_loopback_only_app_is_reachable_only_through_the_sidecar_and_probed_th
     let table = portcullis_table::Table::new(
         "shop/api",
         [("open".to_string(), portcullis_table::Plan::default())].into(),
-        vec![portcullis_table::Client {
-            id: "shop/acme".into(),
-            keys: vec![portcullis_table::KeyEntry {
-                sha256: portcullis_table::key_digest(key.as_bytes()),
-                expires_at: None,
-            }],
-            source_ranges: vec!["127.0.0.0/8".parse().unwrap()],
-            disabled: false,
-            plans: vec!["open".into()],
-            certificates: vec![],
-            require_certificate: false,
-        }],
+        vec![portcullis_table::Client::builder("shop/acme").key(key).source("127.0.0.0/8").plan("open").build()],
     );
     std::fs::write(&tables, table.to_json_pretty()).unwrap();
     let args: Vec<String> = sidecar

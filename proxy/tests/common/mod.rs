@@ -7,7 +7,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use portcullis_proxy::{Config, Running, TableSource};
-use portcullis_table::{Client, KeyEntry, Period, Plan, Quota, RouteScope, Table, Throttle, key_digest};
+use portcullis_table::{Client, Period, Plan, Quota, RouteScope, Table, Throttle};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -108,15 +108,11 @@ pub async fn upstream() -> (SocketAddr, Seen) {
 }
 
 pub fn client(id: &str, key: &str, cidrs: &[&str], plans: &[&str]) -> Client {
-    Client {
-        id: id.into(),
-        keys: vec![KeyEntry { sha256: key_digest(key.as_bytes()), expires_at: None }],
-        source_ranges: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
-        disabled: false,
-        plans: plans.iter().map(|p| p.to_string()).collect(),
-        certificates: vec![],
-        require_certificate: false,
+    let mut c = Client::builder(id).key(key).plans(plans);
+    for cidr in cidrs {
+        c = c.source(cidr);
     }
+    c.build()
 }
 
 pub fn plans() -> BTreeMap<String, Plan> {

@@ -1,4 +1,5 @@
-//! Tiny HTTP pieces for the demo: an echo upstream and a client that binds a chosen source address.
+//! Tiny HTTP pieces for the demo and the benchmarks: an echo upstream, a fixed-size upstream, and a client that
+//! binds a chosen source address.
 
 use anyhow::{Context, Result};
 use bytes::Bytes;

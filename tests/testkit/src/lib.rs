@@ -12,6 +12,8 @@
 //! ```
 
 pub mod bins;
+pub mod chart;
+pub mod http;
 pub mod pki;
 mod process;
 
@@ -195,7 +197,7 @@ impl ControlPlane {
                     p.check_alive()?;
                 }
             }
-            let req = http::Request::get("/readyz").body(Vec::new())?;
+            let req = ::http::Request::get("/readyz").body(Vec::new())?;
             match client.request_text(req).await {
                 Ok(body) if body.trim() == "ok" => return Ok(()),
                 _ if Instant::now() > deadline => {
