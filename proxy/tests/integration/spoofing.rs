@@ -1,8 +1,6 @@
 //! Address spoofing: forwarding headers and PROXY headers are believed only from trusted proxies.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use portcullis_proxy::decision::CidrSet;
 use portcullis_proxy::proxy_protocol::{encode_v1, encode_v2};
 use std::net::SocketAddr;

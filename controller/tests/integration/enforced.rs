@@ -6,9 +6,7 @@
 //! ServiceAccount token (or, to play a stuck sidecar, from a file). The controller asks each one
 //! `GET /revision` on `podIP:adminPort`, exactly as in a cluster.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use k8s_openapi::api::core::v1::{Container, ContainerPort, HTTPGetAction, Pod, PodSpec, Probe, TCPSocketAction};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};

@@ -1,9 +1,7 @@
 //! Graceful shutdown: stop accepting, finish in-flight requests within the grace period, exit (also on SIGTERM).
 
-mod common;
-
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;

@@ -1,8 +1,6 @@
 //! End-to-end decisions through real sockets: each outcome's status, headers and body, and what the upstream sees.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

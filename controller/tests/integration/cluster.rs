@@ -2,9 +2,7 @@
 //! controller runs in-process with a ServiceAccount token bound only to `config/rbac`. Each test has its own
 //! namespace (and Lease); the control plane is shared by all tests of this binary.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::ApiResource;

@@ -7,9 +7,7 @@
 //! `target/<profile>/portcullis-proxy`: `cargo xtask test` (any `cargo test --workspace`) builds it; for this file
 //! alone run `cargo build -p portcullis-proxy` first.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};

@@ -1,9 +1,7 @@
 //! The upstream leg: one upstream connection per client connection, reused across its requests, parked for the
 //! next client connection when it closes, replaced when the application closes it; concurrent h2 streams still all get through.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::net::SocketAddr;

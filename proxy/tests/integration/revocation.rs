@@ -3,10 +3,8 @@
 //! table or restored permission serves again; an older sequence is refused; the API server being unreachable
 //! revokes nothing. Delete-to-deny latencies are measured over repeated trials and printed.
 
-mod common;
-
-use common::cluster::*;
-use common::*;
+use crate::common::cluster::*;
+use crate::common::*;
 use portcullis_proxy::Running;
 use portcullis_table::Table;
 use portcullis_table::naming::Slot;

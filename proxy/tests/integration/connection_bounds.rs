@@ -2,10 +2,8 @@
 //! PINGs, the per-source cap, upgraded tunnels (counted, idle-closed, allow-listed), the side-pool cap, slow request
 //! bodies and the admin listener cap. Real sockets on 127.0.0.x; timeouts are short, waits are on conditions.
 
-mod common;
-
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};

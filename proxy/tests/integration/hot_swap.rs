@@ -2,9 +2,7 @@
 //! next request on the same keep-alive connection. A deleted or unreadable file revokes the table; a bad one does
 //! not.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 

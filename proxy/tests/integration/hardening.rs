@@ -2,10 +2,8 @@
 //! proxy's, not the client's (issue 12). Each reproduction over real sockets, HTTP/1.1 (raw bytes, so nothing is
 //! tidied up by a client library) and h2c, against an application that records exactly what reaches it.
 
-mod common;
-
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use http::{HeaderMap, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;

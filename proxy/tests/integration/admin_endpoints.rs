@@ -1,9 +1,7 @@
 //! The admin endpoints the controller and the kubelet rely on, over real sockets: `/revision` (what the
 //! `Enforced` condition reads) and `/app-health/...` (the application's own probes, run on loopback).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use portcullis_table::sidecar::{AppProbe, HttpGetProbe, ProbeKind, RevisionReport, TcpSocketProbe, app_health_path};
 
 fn report(r: &Reply) -> RevisionReport {

@@ -1,10 +1,8 @@
 //! 20 000 ApiClients on one Service: several shards, each under the size limit, index consistent, and the burst
-//! coalesced into a handful of renders (not one per client). A separate test binary, so its load does not slow
-//! the other cluster tests.
+//! coalesced into a handful of renders (not one per client). Runs alone (`env_exclusive`), so its load does not
+//! slow the other cluster tests.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use futures::StreamExt;
 use kube::api::{Api, PostParams};
 use portcullis_controller::crd::*;
@@ -18,7 +16,7 @@ const PER_SECRET: usize = 5_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_thousand_clients_are_sharded_consistently() {
-    let env = env("scale").await;
+    let env = env_exclusive("scale").await;
     let ctl = start_controller(&env, "scale-1").await;
     let salt = portcullis_testkit::random_hex(8);
     let key_of = |i: usize| format!("scale-{salt}-{i:05}");

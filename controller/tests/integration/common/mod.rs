@@ -71,25 +71,47 @@ pub struct Env {
     pub cp: &'static ControlPlane,
     pub admin: Client,
     pub ns: String,
+    /// Held for the test: shared with the other tests, or exclusive ([`env_exclusive`]).
+    _turn: Turn,
+}
+
+/// Tests that load the machine heavily (`scale`) run alone; every other [`env`] test shares its turn.
+static TURNS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+enum Turn {
+    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'static, ()>),
+    Exclusive(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'static, ()>),
 }
 
 /// Control plane, CRDs (Established), RBAC for the controller's ServiceAccount, and a fresh namespace.
 pub async fn env(prefix: &str) -> Env {
+    let turn = Turn::Shared(TURNS.read().await);
+    env_with(prefix, turn).await
+}
+
+/// Like [`env`], with no other `env` test running meanwhile (for a test whose load would slow the others).
+pub async fn env_exclusive(prefix: &str) -> Env {
+    let turn = Turn::Exclusive(TURNS.write().await);
+    env_with(prefix, turn).await
+}
+
+async fn env_with(prefix: &str, turn: Turn) -> Env {
     install_logging();
     let cp = ControlPlane::shared();
     SETUP.get_or_init(|| install(cp)).await;
     let admin = cp.admin_client().await;
     let ns = cp.namespace(prefix).await;
-    Env { cp, admin, ns }
+    Env { cp, admin, ns, _turn: turn }
 }
 
 /// Like [`env`], on a control plane of the caller's (e.g. one whose API server the test restarts).
 pub async fn env_on(cp: &'static ControlPlane, prefix: &str) -> Env {
+    let turn = Turn::Shared(TURNS.read().await);
     install_logging();
     install(cp).await;
     let admin = cp.admin_client().await;
     let ns = cp.namespace(prefix).await;
-    Env { cp, admin, ns }
+    Env { cp, admin, ns, _turn: turn }
 }
 
 /// CRDs (Established) and the controller's RBAC on `cp`.

@@ -110,7 +110,7 @@ fn chart_crds_are_exact_copies_of_generated_crds() {
 
 #[test]
 fn chart_lints_and_its_schema_rejects_wrong_types() {
-    let cp = ControlPlane::shared();
+    let cp = own_cp();
     let chart = chart();
     helm(cp, &["lint", "--strict", "--kube-version", "1.37.2", chart.to_str().unwrap()]).expect("helm lint");
     template(cp, "portcullis", "portcullis-system", &[]).expect("default values render");
@@ -145,7 +145,7 @@ fn chart_lints_and_its_schema_rejects_wrong_types() {
 
 #[test]
 fn chart_rendering_is_hardened_and_scoped() {
-    let cp = ControlPlane::shared();
+    let cp = own_cp();
     let docs = documents(&template(cp, "portcullis", "portcullis-system", &[]).unwrap());
     let deploy = find(&docs, "Deployment", "portcullis-controller");
     let c = &deploy["spec"]["template"]["spec"]["containers"][0];
@@ -193,7 +193,7 @@ fn chart_rendering_is_hardened_and_scoped() {
 
 #[test]
 fn chart_rbac_is_identical_to_config_rbac() {
-    let cp = ControlPlane::shared();
+    let cp = own_cp();
     let docs = documents(&template(cp, "portcullis", "portcullis-system", &[]).unwrap());
     for (file, kind, chart_name) in [
         ("config/rbac/controller-clusterrole.yaml", "ClusterRole", "portcullis-controller"),
@@ -229,7 +229,7 @@ fn chart_rbac_is_identical_to_config_rbac() {
 /// run exactly as for a real install, without persisting anything.
 #[tokio::test]
 async fn rendered_chart_passes_server_side_dry_run() {
-    let cp = ControlPlane::shared();
+    let cp = own_cp();
     let ns = cp.namespace("chart-dry").await;
     let release = format!("dry-{}", random_hex(3));
     let mut yaml = template(cp, &release, &ns, &["webhook.url=https://127.0.0.1:1/mutate"]).unwrap();
@@ -278,7 +278,7 @@ async fn rendered_chart_passes_server_side_dry_run() {
 /// caBundle of its own webhook entry — proving the chart's RBAC is enough and nothing else is touched.
 #[tokio::test]
 async fn helm_install_creates_everything_and_its_rbac_suffices_for_webhook_certs() {
-    let cp = ControlPlane::shared();
+    let cp = own_cp();
     let ns = cp.namespace("chart-install").await;
     let release = format!("inst-{}", random_hex(3));
     let fullname = format!("{release}-portcullis");
@@ -351,7 +351,7 @@ fn chart_webhook_flags_parse_as_webhook_args() {
         #[command(flatten)]
         webhook: portcullis_controller::webhook::WebhookArgs,
     }
-    let cp = ControlPlane::shared();
+    let cp = own_cp();
     for set in [&[][..], &["webhook.existingCertSecret=my-cert", "sidecar.proxyPort=7000"][..]] {
         let docs = documents(&template(cp, "portcullis", "portcullis-system", set).unwrap());
         let c = &find(&docs, "Deployment", "portcullis-controller")["spec"]["template"]["spec"]["containers"][0];
@@ -390,7 +390,7 @@ fn chart_network_policy_flags_parse_and_admit_the_controller() {
         #[command(flatten)]
         np: portcullis_controller::network_policy::NetworkPolicyArgs,
     }
-    let cp = ControlPlane::shared();
+    let cp = own_cp();
     let monitoring =
         "networkPolicy.adminFrom[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=monitoring";
     for set in [&[][..], &["networkPolicy.enabled=false", monitoring][..]] {
@@ -425,4 +425,10 @@ fn chart_network_policy_flags_parse_and_admit_the_controller() {
             assert_eq!(m["kubernetes.io/metadata.name"], "monitoring");
         }
     }
+}
+
+/// This module's own control plane (see the binary's docs for why it does not share the common one).
+fn own_cp() -> &'static ControlPlane {
+    static CP: portcullis_testkit::OnceCell = portcullis_testkit::OnceCell::new();
+    ControlPlane::once(&CP)
 }

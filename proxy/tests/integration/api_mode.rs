@@ -1,10 +1,8 @@
 //! API mode against a real kube-apiserver (portcullis-testkit): the sidecar reads its index + shard ConfigMaps
 //! with its own ServiceAccount token, limited by RBAC `resourceNames`.
 
-mod common;
-
-use common::cluster::*;
-use common::*;
+use crate::common::cluster::*;
+use crate::common::*;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
 use portcullis_table::key_digest;

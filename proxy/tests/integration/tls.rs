@@ -2,10 +2,8 @@
 //! certificate rotation through a Kubernetes-style `..data` symlink swap with a connection open across it, bad
 //! certificates refused (the old one stays), PROXY v2 in front of TLS.
 
-mod common;
-
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use portcullis_proxy::decision::CidrSet;

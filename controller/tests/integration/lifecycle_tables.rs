@@ -4,10 +4,8 @@
 //! RoleBinding, a relist with deletions during the gap, deleted and edited shards, a paused leader, and a client
 //! that cannot be rendered. Revocations are timed over repeated trials; figures are printed (`--nocapture`).
 
-mod common;
-
-use common::sidecar::{Relay, Sidecar, report, service_and_pod, start_echo};
-use common::*;
+use crate::common::sidecar::{Relay, Sidecar, report, service_and_pod, start_echo};
+use crate::common::*;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};

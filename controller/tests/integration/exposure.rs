@@ -3,9 +3,7 @@
 //! default) with the isolation findings of `Exposure`.
 //! Same setup as `cluster.rs`: real kube-apiserver (RBAC on), controller in-process with the least-privilege token.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};

@@ -27,7 +27,7 @@ fn webhook_server() -> SocketAddr {
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
             rt.block_on(async move {
-                let cp = ControlPlane::shared();
+                let cp = own_cp();
                 let dir = cp.dir().join(format!("webhook-tls-{}", random_hex(3)));
                 std::fs::create_dir_all(&dir).unwrap();
                 let cert = cp.pki().serving_cert("portcullis-webhook", &[]).expect("serving certificate");
@@ -50,7 +50,7 @@ fn webhook_server() -> SocketAddr {
 /// webhook URL pointing at [`webhook_server`], and waits until the API server actually calls it.
 async fn setup() -> &'static ControlPlane {
     static DONE: OnceCell<()> = OnceCell::const_new();
-    let cp = ControlPlane::shared();
+    let cp = own_cp();
     DONE.get_or_init(|| async {
         let addr = webhook_server();
         let release_ns = cp.namespace("portcullis-system").await;
@@ -364,4 +364,10 @@ async fn loopback_app_probes_are_rewritten_onto_the_sidecar_admin_port() {
         }
         other => panic!("a probe on an undeclared port name must be refused, got {other:?}"),
     }
+}
+
+/// This module's own control plane (see the binary's docs for why it does not share the common one).
+fn own_cp() -> &'static ControlPlane {
+    static CP: portcullis_testkit::OnceCell = portcullis_testkit::OnceCell::new();
+    ControlPlane::once(&CP)
 }

@@ -2,9 +2,7 @@
 //! identify a client on its own (`certificates`), `requireCertificate` needs key + matching certificate,
 //! unknown certificates read as a missing key, and certificates from another CA or expired ones fail the handshake.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use hyper_util::rt::TokioIo;
 use portcullis_proxy::{Running, TlsFiles};
 use portcullis_table::{CertIdentity, Table};

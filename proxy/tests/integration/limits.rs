@@ -1,8 +1,6 @@
 //! Connection limits: header size, header read timeout, idle timeout, max connections.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
