@@ -65,7 +65,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         s if ALL.contains(&s) => vec![s],
         _ => bail!(USAGE),
     };
-    let bin = servers::build_proxy(root)?;
+    let bin = servers::build_proxy(root, smoke)?;
     for s in &list {
         eprintln!("bench: suite {s}{}", if smoke { " (smoke)" } else { "" });
         let t = std::time::Instant::now();

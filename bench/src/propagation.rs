@@ -32,12 +32,15 @@ impl Drop for Kids {
 pub fn propagation(ctx: &Ctx) -> Result<(Value, String, Option<String>)> {
     let trials = if ctx.smoke { 2 } else { 100 };
     let bins = portcullis_testkit::bins::bin_dir()?;
-    let st = Command::new("cargo")
-        .current_dir(&ctx.root)
-        .args(["build", "--quiet", "-p", "portcullis-controller", "-p", "portcullis-proxy"])
-        .status()?;
-    if !st.success() {
-        bail!("cargo build -p portcullis-controller -p portcullis-proxy failed");
+    // The smoke run is a debug build already: `cargo xtask bench --smoke` built these next to it.
+    if !ctx.smoke {
+        let st = Command::new("cargo")
+            .current_dir(&ctx.root)
+            .args(["build", "--quiet", "-p", "portcullis-controller", "-p", "portcullis-proxy"])
+            .status()?;
+        if !st.success() {
+            bail!("cargo build -p portcullis-controller -p portcullis-proxy failed");
+        }
     }
     let cp = ControlPlane::start_with_bins(&bins, true)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

@@ -106,7 +106,13 @@ pub fn curl_ok(url: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-pub fn build_proxy(root: &Path) -> Result<PathBuf> {
+/// The proxy binary the suites run: the release build (built here, with this crate's helpers), or for `--smoke`
+/// the debug build next to the running driver (`cargo xtask bench --smoke` builds the workspace's debug binaries,
+/// the same ones `cargo xtask test` builds, so CI compiles nothing for the smoke run).
+pub fn build_proxy(root: &Path, smoke: bool) -> Result<PathBuf> {
+    if smoke {
+        return helper_exe("portcullis-proxy");
+    }
     eprintln!("bench: cargo build --release -p portcullis-proxy -p portcullis-bench");
     let st = Command::new("cargo")
         .current_dir(root)
@@ -293,12 +299,13 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((u + st) as f64 / 100.0)
 }
 
-/// A helper binary of this crate (`bench-upstream`, `bench-openloop`, `bench-render`): the one next to the running
-/// driver, built by the same `cargo build --release -p portcullis-bench` (a debug build would be the bottleneck).
+/// A binary next to the running driver: this crate's helpers (`bench-upstream`, `bench-openloop`, `bench-render`)
+/// and, for `--smoke`, `portcullis-proxy`. The real runs are release builds (a debug generator would be the
+/// bottleneck); the smoke run is a debug build (no figures).
 pub fn helper_exe(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?.with_file_name(name);
     if !exe.exists() {
-        bail!("{} not found: build it with `cargo build --release -p portcullis-bench`", exe.display());
+        bail!("{} not found: run the benchmarks with `cargo xtask bench`, which builds it", exe.display());
     }
     Ok(exe)
 }

@@ -59,14 +59,8 @@ fn free_port() -> Result<u16> {
 }
 
 pub fn run(root: &Path, bins: &Path) -> Result<()> {
-    say("building portcullis-controller and portcullis-proxy");
-    let status = Command::new("cargo")
-        .current_dir(root)
-        .args(["build", "--quiet", "-p", "portcullis-controller", "-p", "portcullis-proxy"])
-        .status()?;
-    if !status.success() {
-        bail!("cargo build failed");
-    }
+    say("building the workspace's debug binaries (the build `cargo xtask test` makes)");
+    crate::build_debug(root)?;
     let target = root.join("target/debug");
 
     say("starting the local control plane (etcd, kube-apiserver 1.37 with RBAC, kube-controller-manager)");

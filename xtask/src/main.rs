@@ -75,24 +75,23 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
 }
 
 /// `cargo xtask bench …`: the benchmarks live in `bench/` (`portcullis-bench`); this only builds and runs them.
+/// Real runs use the release build; `--smoke` (no figures) the debug build of [`build_debug`].
 fn bench(root: &Path, args: &[String]) -> Result<()> {
-    run(
-        Command::new("cargo")
-            .current_dir(root)
-            .args([
-                "run",
-                "--release",
-                "--quiet",
-                "--locked",
-                "-p",
-                "portcullis-bench",
-                "--bin",
-                "portcullis-bench",
-                "--",
-            ])
-            .args(args),
-        "portcullis-bench",
-    )
+    if args.iter().any(|a| a == "--smoke") {
+        build_debug(root)?;
+        let driver = root.join("target/debug/portcullis-bench");
+        return run(Command::new(driver).current_dir(root).args(args), "portcullis-bench (debug, smoke)");
+    }
+    let cargo_run = ["run", "--release", "--quiet", "--locked", "-p", "portcullis-bench", "--bin", "portcullis-bench"];
+    run(Command::new("cargo").current_dir(root).args(cargo_run).arg("--").args(args), "portcullis-bench")
+}
+
+/// The workspace's debug binaries, built with the feature set of `cargo xtask test` (every package, test targets
+/// included, so dev-dependency features unify the same way): after the tests nothing recompiles, and the demo and
+/// the benchmark smoke run reuse the test run's build.
+pub fn build_debug(root: &Path) -> Result<()> {
+    let args = ["build", "--quiet", "--locked", "--workspace", "--bins", "--tests"];
+    run(Command::new("cargo").current_dir(root).args(args), "cargo build --workspace --bins --tests")
 }
 
 /// Regenerates every checked-in copy of the CRDs (`crds/` and `charts/portcullis/crds/`) from the Rust types.

@@ -515,7 +515,7 @@ async fn a_loopback_only_app_is_reachable_only_through_the_sidecar_and_probed_th
 /// The cost of `Enforced` at 1 000 pods: 1 000 Pod objects Running at 127.0.{1..4}.x, each answered by a minimal
 /// `/revision` responder (the real admin handler is measured in the proxy's tests; this measures the controller
 /// side: pod cache, 1 000 requests, bounded concurrency, status). Run with
-/// `cargo test -p portcullis-controller --test enforced -- --ignored --nocapture`.
+/// `cargo test -p portcullis-controller --test integration -- enforced:: --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement: 1 000 Pods and 1 000 loopback listeners"]
 async fn enforced_at_1000_pods() {

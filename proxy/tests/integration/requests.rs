@@ -141,7 +141,7 @@ async fn fail_closed_until_a_table_loads_and_bad_files_are_rejected() {
     assert_eq!(proxy.tables.revision().unwrap(), good_rev);
     assert_eq!(get(ip(1), proxy.addr, "/v1/x", &[("x-api-key", "k-reader")]).await.status, 200);
 
-    // Deleting the file does not: the table is revoked (tests/hot_swap.rs has the details).
+    // Deleting the file does not: the table is revoked (tests/integration/hot_swap.rs has the details).
     std::fs::remove_file(&path).unwrap();
     wait_until("table revoked", || !proxy.tables.is_ready()).await;
     let r = get(ip(1), proxy.addr, "/v1/x", &[("x-api-key", "k-reader")]).await;
