@@ -1,5 +1,10 @@
-//! Condition types, reasons and their computation from facts. No I/O.
+//! Condition types and reasons, and the mapping from facts to conditions. No I/O.
+//!
+//! The vocabulary of the status: the modules that compute facts ([`crate::keys`]: [`KeyProblem`];
+//! [`crate::exposure`] and [`crate::network_policy`]: [`Finding`]) do not import this module; it imports their
+//! fact types and turns them into [`Cond`]s.
 
+use crate::exposure::Finding;
 use crate::keys::KeyProblem;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
@@ -42,6 +47,21 @@ pub mod reason {
     pub const RENDER_FAILED: &str = "RenderFailed";
     pub const READY: &str = "Ready";
     pub const NOT_READY: &str = "NotReady";
+    /// `Exposure` True: the plan's Services are reachable only through the proxy.
+    pub const INTERNAL: &str = "Internal";
+}
+
+/// The `KeysResolved` reason a key problem reports.
+pub fn key_problem_reason(p: &KeyProblem) -> &'static str {
+    match p {
+        KeyProblem::NameMissing { .. } => reason::KEY_NAME_MISSING,
+        KeyProblem::SecretNotFound { .. } => reason::SECRET_NOT_FOUND,
+        KeyProblem::SecretKeyMissing { .. } | KeyProblem::EmptyKey { .. } => reason::SECRET_KEY_MISSING,
+        KeyProblem::NotOptedIn { .. } => reason::SECRET_NOT_OPTED_IN,
+        KeyProblem::OwnedByAnotherClient { .. } => reason::SECRET_OWNED_BY_ANOTHER_CLIENT,
+        KeyProblem::SecretConflict { .. } => reason::SECRET_CONFLICT,
+        KeyProblem::CreateFailed { .. } => reason::SECRET_CREATE_FAILED,
+    }
 }
 
 /// A condition before timestamps: what the reconciler decided.
@@ -84,7 +104,7 @@ pub fn client_conditions(f: &ClientFacts) -> Vec<Cond> {
     use types::*;
     let keys = if let Some(p) = f.key_problems.first() {
         let msg = f.key_problems.iter().map(KeyProblem::message).collect::<Vec<_>>().join("; ");
-        Cond::new(KEYS_RESOLVED, false, p.reason(), msg)
+        Cond::new(KEYS_RESOLVED, false, key_problem_reason(p), msg)
     } else if !f.duplicate_keys.is_empty() {
         Cond::new(
             KEYS_RESOLVED,
@@ -162,7 +182,7 @@ pub struct PlanFacts {
     /// Tables that could not be rendered or written: (service, error).
     pub render_errors: Vec<(String, String)>,
     /// Bypass-guard findings per Service (see [`crate::exposure`]).
-    pub exposure: Vec<(String, Vec<crate::exposure::Finding>)>,
+    pub exposure: Vec<(String, Vec<Finding>)>,
 }
 
 pub fn plan_conditions(f: &PlanFacts) -> Vec<Cond> {
@@ -189,8 +209,38 @@ pub fn plan_conditions(f: &PlanFacts) -> Vec<Cond> {
     let mut out = vec![programmed];
     out.push(ready(&out));
     // After `Ready`: exposure is a warning for the platform team, the plan works either way.
-    out.push(crate::exposure::exposure_condition(&f.exposure));
+    out.push(exposure_condition(&f.exposure));
     out
+}
+
+/// The `Exposure` condition of a plan from its Services' findings (`(service, findings)`): True without findings,
+/// else the first finding's reason and every finding's message.
+pub fn exposure_condition(services: &[(String, Vec<Finding>)]) -> Cond {
+    let findings: Vec<&Finding> = services.iter().flat_map(|(_, f)| f).collect();
+    match findings.first() {
+        None => {
+            let names: Vec<&str> = services.iter().map(|(s, _)| s.as_str()).collect();
+            // True only after both checks: the Service and the pods' NetworkPolicy isolation. What a policy cannot
+            // promise (a network plugin that ignores NetworkPolicy) is said, not implied.
+            Cond::new(
+                types::EXPOSURE,
+                true,
+                reason::INTERNAL,
+                format!(
+                    "Service(s) {} are internal and target only the proxy, and a NetworkPolicy admits ingress to their \
+                     pods only on the sidecar's ports: reachable only through the proxy where the network plugin \
+                     enforces NetworkPolicy",
+                    names.join(", ")
+                ),
+            )
+        }
+        Some(first) => Cond::new(
+            types::EXPOSURE,
+            false,
+            first.reason,
+            findings.iter().map(|f| f.message.as_str()).collect::<Vec<_>>().join("; "),
+        ),
+    }
 }
 
 /// `Ready`: True when every other condition is True; otherwise the first failing one's reason and message.
@@ -209,7 +259,7 @@ pub fn merge(existing: &[Condition], new: &[Cond], generation: Option<i64>, now:
             let prev = existing.iter().find(|e| e.type_ == c.type_);
             let last_transition_time = match prev {
                 Some(p) if p.status == status => p.last_transition_time.clone(),
-                _ => Time(crate::model::to_k8s_time(now)),
+                _ => Time(now),
             };
             Condition {
                 type_: c.type_.to_string(),
@@ -317,14 +367,14 @@ mod tests {
         let t1: jiff::Timestamp = "2026-01-02T00:00:00Z".parse().unwrap();
         let first = merge(&[], &client_conditions(&good()), Some(1), t0);
         let same = merge(&first, &client_conditions(&good()), Some(2), t1);
-        assert!(same.iter().all(|c| c.last_transition_time.0 == crate::model::to_k8s_time(t0)));
+        assert!(same.iter().all(|c| c.last_transition_time.0 == t0));
         assert!(same.iter().all(|c| c.observed_generation == Some(2)));
         assert!(transitions(&first, &same).is_empty());
         let mut f = good();
         f.missing_plans = vec!["x".into()];
         let changed = merge(&same, &client_conditions(&f), Some(3), t1);
         let pr = changed.iter().find(|c| c.type_ == "PlanResolved").unwrap();
-        assert_eq!(pr.last_transition_time.0, crate::model::to_k8s_time(t1));
+        assert_eq!(pr.last_transition_time.0, t1);
         let tr: Vec<&str> = transitions(&same, &changed).iter().map(|c| c.type_.as_str()).collect();
         assert_eq!(tr, ["PlanResolved", "Ready"]);
     }

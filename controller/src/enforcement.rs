@@ -333,9 +333,8 @@ mod tests {
     #[test]
     fn targets_are_the_running_injected_pods_at_their_admin_port() {
         let mut terminating = pod("d", "orders", "Running", Some("10.0.0.4"), Some(9901));
-        terminating.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            crate::model::to_k8s_time(jiff::Timestamp::UNIX_EPOCH),
-        ));
+        terminating.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH));
         let pods = [
             pod("b", "orders", "Running", Some("10.0.0.2"), Some(7001)),
             pod("a", "orders", "Running", Some("10.0.0.1"), Some(9901)),

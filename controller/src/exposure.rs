@@ -6,7 +6,6 @@
 //! sidecar's ports only (a NetworkPolicy, ours or an equivalent one) — [`crate::network_policy::isolation_findings`].
 //! Otherwise clients can skip the keys, CIDRs and limits.
 
-use crate::conditions::{Cond, types};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -25,7 +24,6 @@ pub const INTERNAL_LB_ANNOTATIONS: &[(&str, &str)] = &[
 ];
 
 pub mod reason {
-    pub const INTERNAL: &str = "Internal";
     pub const SERVICE_NOT_FOUND: &str = "ServiceNotFound";
     pub const NODE_PORT: &str = "NodePort";
     pub const PUBLIC_LOAD_BALANCER: &str = "PublicLoadBalancer";
@@ -109,38 +107,10 @@ pub fn check_service(name: &str, service: Option<&Service>) -> Vec<Finding> {
     out
 }
 
-/// The `Exposure` condition of a plan from its Services' findings (`(service, findings)`).
-pub fn exposure_condition(services: &[(String, Vec<Finding>)]) -> Cond {
-    let findings: Vec<&Finding> = services.iter().flat_map(|(_, f)| f).collect();
-    match findings.first() {
-        None => {
-            let names: Vec<&str> = services.iter().map(|(s, _)| s.as_str()).collect();
-            // True only after both checks: the Service and the pods' NetworkPolicy isolation. What a policy cannot
-            // promise (a network plugin that ignores NetworkPolicy) is said, not implied.
-            Cond::new(
-                types::EXPOSURE,
-                true,
-                reason::INTERNAL,
-                format!(
-                    "Service(s) {} are internal and target only the proxy, and a NetworkPolicy admits ingress to their \
-                     pods only on the sidecar's ports: reachable only through the proxy where the network plugin \
-                     enforces NetworkPolicy",
-                    names.join(", ")
-                ),
-            )
-        }
-        Some(first) => Cond::new(
-            types::EXPOSURE,
-            false,
-            first.reason,
-            findings.iter().map(|f| f.message.as_str()).collect::<Vec<_>>().join("; "),
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conditions::exposure_condition;
     use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
     use std::collections::BTreeMap;
 

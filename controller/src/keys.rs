@@ -14,9 +14,7 @@
 //! - Key bytes are trimmed of surrounding ASCII whitespace (a trailing newline from `--from-file`) and hashed; the
 //!   bytes go nowhere else.
 
-use crate::conditions::reason;
 use crate::crd::{ApiClient, KeySpec};
-use crate::model::from_k8s_time;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use portcullis_table::{KeyEntry, fingerprint, key_digest};
@@ -179,18 +177,6 @@ pub enum KeyProblem {
 }
 
 impl KeyProblem {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            KeyProblem::NameMissing { .. } => reason::KEY_NAME_MISSING,
-            KeyProblem::SecretNotFound { .. } => reason::SECRET_NOT_FOUND,
-            KeyProblem::SecretKeyMissing { .. } | KeyProblem::EmptyKey { .. } => reason::SECRET_KEY_MISSING,
-            KeyProblem::NotOptedIn { .. } => reason::SECRET_NOT_OPTED_IN,
-            KeyProblem::OwnedByAnotherClient { .. } => reason::SECRET_OWNED_BY_ANOTHER_CLIENT,
-            KeyProblem::SecretConflict { .. } => reason::SECRET_CONFLICT,
-            KeyProblem::CreateFailed { .. } => reason::SECRET_CREATE_FAILED,
-        }
-    }
-
     pub fn message(&self) -> String {
         match self {
             KeyProblem::NameMissing { at } => {
@@ -326,7 +312,7 @@ pub fn resolve_keys<S: Deref<Target = Secret>>(client: &ApiClient, lookup: impl 
             continue;
         }
         let sha256 = key_digest(bytes);
-        let expires_at = spec.expires_at.as_ref().map(|t| from_k8s_time(t.0));
+        let expires_at = spec.expires_at.as_ref().map(|t| t.0);
         out.resolved.push(ResolvedKey { at, secret, generated, fingerprint: fingerprint(&sha256) });
         out.entries.push(KeyEntry { sha256, expires_at });
     }
@@ -370,6 +356,7 @@ pub fn orphaned_generated_secrets<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conditions::key_problem_reason;
     use crate::crd::{GenerateSpec, SecretKeyRef};
     use crate::model::tests::client;
     use k8s_openapi::ByteString;
@@ -501,7 +488,7 @@ mod tests {
         let r = resolve(&c, &[foreign]);
         assert!(r.entries.is_empty());
         assert!(matches!(r.problems[..], [KeyProblem::SecretConflict { why: Conflict::NotOwned, .. }]), "{r:?}");
-        assert_eq!(r.problems[0].reason(), "SecretConflict");
+        assert_eq!(key_problem_reason(&r.problems[0]), "SecretConflict");
 
         let mut earlier_client = ours.clone();
         earlier_client.metadata.owner_references = Some(vec![owner("acme", "u0")]);
@@ -520,7 +507,7 @@ mod tests {
         let plain = secret("shared", false, vec![], &[("token", "t")]);
         let r = resolve(&c, &[plain]);
         assert!(r.entries.is_empty());
-        assert_eq!(r.problems[0].reason(), "SecretNotOptedIn");
+        assert_eq!(key_problem_reason(&r.problems[0]), "SecretNotOptedIn");
         assert!(r.problems[0].message().contains("kubectl label secret shared portcullis.dev/api-key=true"));
 
         let labelled = secret("shared", true, vec![], &[("token", "t")]);
@@ -530,7 +517,7 @@ mod tests {
         let c = with_keys("aaa", "u-aaa", vec![reference("acme-key-k1", GENERATED_KEY_DATA_KEY)]);
         let r = resolve(&c, &[generated("acme", "u-acme", "k1", "acme's key")]);
         assert!(r.entries.is_empty());
-        assert_eq!(r.problems[0].reason(), "SecretOwnedByAnotherClient");
+        assert_eq!(key_problem_reason(&r.problems[0]), "SecretOwnedByAnotherClient");
         assert!(r.problems[0].message().contains("\"acme\""));
         // ... while acme itself may reference its own Secret.
         let acme = with_keys("acme", "u-acme", vec![reference("acme-key-k1", GENERATED_KEY_DATA_KEY)]);
@@ -567,7 +554,7 @@ mod tests {
         );
         assert!(r.problems[0].message().starts_with("spec.keys[1] (gen): "));
         assert!(r.problems[1].message().contains("\"other\""));
-        assert_eq!(r.problems[2].reason(), "KeyNameMissing");
+        assert_eq!(key_problem_reason(&r.problems[2]), "KeyNameMissing");
         assert!(!format!("{r:?}").contains("s3cret"));
         assert_eq!(r.resolved[0].fingerprint, fingerprint(&key_digest(b"s3cret")));
     }
@@ -579,9 +566,9 @@ mod tests {
         assert_eq!(r.problems.len(), 2);
         let (at, _, secret) = generated_keys(&c).remove(0);
         r.record_create_failure(&at, &secret, "secrets \"a-key-k1\" is forbidden: exceeded quota".into());
-        assert_eq!(r.problems[0].reason(), "SecretCreateFailed");
+        assert_eq!(key_problem_reason(&r.problems[0]), "SecretCreateFailed");
         assert!(r.problems[0].message().contains("exceeded quota"), "{}", r.problems[0].message());
-        assert_eq!(r.problems[1].reason(), "SecretNotFound");
+        assert_eq!(key_problem_reason(&r.problems[1]), "SecretNotFound");
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod crd;
 pub mod enforcement;
 pub mod events;
 pub mod exposure;
+#[cfg(any(test, feature = "fixtures"))]
 pub mod fixtures;
 pub mod keygen;
 pub mod keys;

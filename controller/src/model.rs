@@ -14,15 +14,6 @@ pub enum SpecError {
     Per { plan: String, value: String },
 }
 
-/// k8s-openapi carries its own jiff (0.2); the table format uses jiff 1. Conversions at whole-nanosecond precision.
-pub fn to_k8s_time(t: jiff::Timestamp) -> k8s_openapi::jiff::Timestamp {
-    k8s_openapi::jiff::Timestamp::new(t.as_second(), t.subsec_nanosecond()).expect("same range")
-}
-
-pub fn from_k8s_time(t: k8s_openapi::jiff::Timestamp) -> jiff::Timestamp {
-    jiff::Timestamp::new(t.as_second(), t.subsec_nanosecond()).expect("same range")
-}
-
 /// `500ms`, `1s`, `2m`, `1h` → milliseconds.
 pub fn parse_per(s: &str) -> Option<u64> {
     let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
@@ -132,7 +123,7 @@ pub struct BuiltTable {
 
 /// Which of two clients claiming the same key keeps it: the older by creationTimestamp, then by name (a client
 /// without a timestamp, which the API server always sets, counts as newest).
-fn seniority(c: &ApiClient) -> (bool, Option<k8s_openapi::jiff::Timestamp>, &str) {
+fn seniority(c: &ApiClient) -> (bool, Option<jiff::Timestamp>, &str) {
     let created = c.metadata.creation_timestamp.as_ref().map(|t| t.0);
     (created.is_none(), created, c.metadata.name.as_deref().unwrap_or_default())
 }

@@ -7,7 +7,7 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use governor::clock::DefaultClock;
 use portcullis_proxy::decision::path::{EscapedSlashes, normalize};
 use portcullis_proxy::decision::{CompiledTable, RequestFacts, decide};
-use portcullis_table::{Client, KeyEntry, Period, Plan, Quota, RouteScope, Table, Throttle, key_digest};
+use portcullis_table::{Client, Period, Plan, Quota, RouteScope, Table, Throttle, key_digest};
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
@@ -52,14 +52,13 @@ fn key(i: usize) -> [u8; KEY_LEN] {
 fn table(n: usize) -> (CompiledTable<DefaultClock>, Vec<[u8; KEY_LEN]>) {
     let keys: Vec<[u8; KEY_LEN]> = (0..n).map(key).collect();
     let clients = (0..n)
-        .map(|i| Client {
-            id: format!("team-{}/client-{i:07}", i % 100),
-            keys: vec![KeyEntry { sha256: key_digest(&keys[i]), expires_at: None }],
-            source_ranges: vec![format!("{}/32", addr(i)).parse().unwrap(), "192.168.0.0/16".parse().unwrap()],
-            disabled: false,
-            plans: vec!["gold".into()],
-            certificates: vec![],
-            require_certificate: false,
+        .map(|i| {
+            Client::builder(format!("team-{}/client-{i:07}", i % 100))
+                .key(keys[i])
+                .source(&format!("{}/32", addr(i)))
+                .source("192.168.0.0/16")
+                .plan("gold")
+                .build()
         })
         .collect();
     let t = Table::new("bench/svc", plans(), clients);
@@ -98,15 +97,7 @@ fn bench_prefixes(c: &mut Criterion) {
     // One client with 100 000 disjoint /28s.
     let ranges = (0..n).map(|i| format!("{}/28", Ipv4Addr::from(0x0a00_0000u32 + (i as u32) * 32)).parse().unwrap());
     let key = "one-client-many-prefixes-key-0123456789";
-    let client = Client {
-        id: "bench/wide".into(),
-        keys: vec![KeyEntry { sha256: key_digest(key.as_bytes()), expires_at: None }],
-        source_ranges: ranges.collect(),
-        disabled: false,
-        plans: vec!["gold".into()],
-        certificates: vec![],
-        require_certificate: false,
-    };
+    let client = Client::builder("bench/wide").key(key).sources(ranges).plan("gold").build();
     let t = Table::new("bench/svc", plans(), vec![client]);
     let t = CompiledTable::compile(&t, None, DefaultClock::default()).unwrap();
     let now = jiff::Timestamp::now();
@@ -150,14 +141,12 @@ fn bench_path(c: &mut Criterion) {
 fn bench_compile(c: &mut Criterion) {
     let n = 100_000usize;
     let clients: Vec<Client> = (0..n)
-        .map(|i| Client {
-            id: format!("team-{}/client-{i:07}", i % 100),
-            keys: vec![KeyEntry { sha256: key_digest(&key(i)), expires_at: None }],
-            source_ranges: vec![format!("{}/32", addr(i)).parse().unwrap()],
-            disabled: false,
-            plans: vec!["gold".into()],
-            certificates: vec![],
-            require_certificate: false,
+        .map(|i| {
+            Client::builder(format!("team-{}/client-{i:07}", i % 100))
+                .key(key(i))
+                .source(&format!("{}/32", addr(i)))
+                .plan("gold")
+                .build()
         })
         .collect();
     let t = Table::new("bench/svc", plans(), clients);

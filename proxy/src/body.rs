@@ -46,7 +46,7 @@ impl BodyStalled {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RequestBodyError {
-    #[error("reading the request body: {0}")]
+    #[error("reading the request body")]
     Client(#[source] hyper::Error),
     #[error(transparent)]
     Stalled(#[from] BodyStalled),

@@ -38,16 +38,18 @@ use tokio::task::JoinHandle;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("binding {addr}: {source}")]
+    #[error("binding {addr}")]
     Bind { addr: SocketAddr, source: std::io::Error },
-    #[error("--upstream: {0}")]
+    #[error("--upstream")]
     Upstream(#[from] http::Error),
-    #[error("Kubernetes client configuration: {0}")]
-    KubeConfig(String),
-    #[error("TLS: {0}")]
+    #[error("Kubernetes client configuration (in-cluster service account or KUBECONFIG)")]
+    KubeConfig(#[source] kube::config::InferConfigError),
+    #[error("building the Kubernetes client")]
+    KubeClient(#[source] kube::Error),
+    #[error("TLS")]
     Tls(#[from] tls::TlsError),
-    #[error("starting the worker threads: {0}")]
-    Workers(std::io::Error),
+    #[error("starting the worker threads")]
+    Workers(#[source] std::io::Error),
     #[error("--require-tls and --plain-listen need --tls-cert and --tls-key")]
     NeedsCert,
     #[error("--table-rewatch: {0}")]
@@ -156,11 +158,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             config::check_rewatch(config.table_rewatch).map_err(StartError::TableRewatch)?;
             let mut kube_config = match kube {
                 Some(c) => *c,
-                None => kube::Config::infer().await.map_err(|e| StartError::KubeConfig(e.to_string()))?,
+                None => kube::Config::infer().await.map_err(StartError::KubeConfig)?,
             };
             // The table watch retries on its own, with backoff; the client's retry layer would only hide failures.
             kube_config.default_retry = false;
-            let client = kube::Client::try_from(kube_config).map_err(|e| StartError::KubeConfig(e.to_string()))?;
+            let client = kube::Client::try_from(kube_config).map_err(StartError::KubeClient)?;
             background.push(tokio::spawn(tables::watch_configmap(
                 tables.clone(),
                 client,

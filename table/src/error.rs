@@ -1,4 +1,24 @@
+use std::error::Error as StdError;
+use std::fmt;
 use thiserror::Error;
+
+/// Displays an error followed by its causes (`outer: cause: root cause`), what `anyhow` prints for `{e:#}`.
+///
+/// Error types print their own message only and leave their cause to the chain; libraries that put an error into
+/// a log field or a status message print it through this, so the cause is shown once.
+pub struct Chain<'a>(pub &'a (dyn StdError + 'static));
+
+impl fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
+    }
+}
 
 /// Why a table (file, index or shard) was refused. Every variant names what is wrong so it can be logged as is.
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -16,12 +16,16 @@ pub mod naming;
 pub mod sequence;
 pub mod shard;
 pub mod sidecar;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
 
 pub use digest::{KeyDigest, fingerprint, key_digest};
-pub use error::TableError;
+pub use error::{Chain, TableError};
 pub use model::{
     CertIdentity, Client, DenyAll, KeyEntry, MAX_DENY_REASON, Period, Plan, Quota, RouteScope, Table, Throttle,
 };
+#[cfg(any(test, feature = "test-util"))]
+pub use test_util::ClientBuilder;
 
 /// The schema version this crate renders and accepts.
 pub const SCHEMA_VERSION: u32 = 1;

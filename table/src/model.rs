@@ -407,7 +407,6 @@ impl std::io::Write for HashWriter<'_> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::key_digest;
 
     pub fn sample(n: usize) -> Table {
         let mut plans = BTreeMap::new();
@@ -421,14 +420,12 @@ pub(crate) mod tests {
             },
         );
         let clients = (0..n)
-            .map(|i| Client {
-                id: format!("team-a/client-{i:06}"),
-                keys: vec![KeyEntry { sha256: key_digest(format!("key-{i}").as_bytes()), expires_at: None }],
-                source_ranges: vec![format!("10.{}.{}.0/24", (i >> 8) & 255, i & 255).parse().unwrap()],
-                disabled: false,
-                plans: vec!["gold".into()],
-                certificates: vec![],
-                require_certificate: false,
+            .map(|i| {
+                Client::builder(format!("team-a/client-{i:06}"))
+                    .key(format!("key-{i}"))
+                    .source(&format!("10.{}.{}.0/24", (i >> 8) & 255, i & 255))
+                    .plan("gold")
+                    .build()
             })
             .collect();
         Table::new("team-a/orders", plans, clients)

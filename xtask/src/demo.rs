@@ -2,19 +2,19 @@
 //! the chart, runs the controller and a proxy (as local processes: there is no kubelet), applies `examples/demo`,
 //! and shows real requests being allowed and refused, then a change taking effect, with its measured delay.
 
-use crate::http::{Reply, get, start_echo};
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use portcullis_testkit::ControlPlane;
+use portcullis_testkit::chart::{RELEASE_NS, controller_token, helm_install};
+use portcullis_testkit::http::{Reply, get, start_echo};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const NS: &str = "demo";
-const RELEASE_NS: &str = "portcullis-system";
 
 struct Procs(Vec<(String, Child)>);
 
@@ -59,14 +59,8 @@ fn free_port() -> Result<u16> {
 }
 
 pub fn run(root: &Path, bins: &Path) -> Result<()> {
-    say("building portcullis-controller and portcullis-proxy");
-    let status = Command::new("cargo")
-        .current_dir(root)
-        .args(["build", "--quiet", "-p", "portcullis-controller", "-p", "portcullis-proxy"])
-        .status()?;
-    if !status.success() {
-        bail!("cargo build failed");
-    }
+    say("building the workspace's debug binaries (the build `cargo xtask test` makes)");
+    crate::build_debug(root)?;
     let target = root.join("target/debug");
 
     say("starting the local control plane (etcd, kube-apiserver 1.37 with RBAC, kube-controller-manager)");
@@ -344,37 +338,6 @@ async fn plan_condition(cp: &ControlPlane, plan: &str, kind: &str) -> Result<(St
         .find(|c| c["type"] == kind)
         .map(|c| (c["status"].as_str().unwrap_or("").to_string(), c["message"].as_str().unwrap_or("").to_string()))
         .unwrap_or_else(|| ("Unknown".into(), "(not reported yet)".into())))
-}
-
-/// `helm install portcullis charts/portcullis` into the release namespace, with the webhook called on loopback
-/// (the controller runs as a local process). Returns helm's output.
-pub(crate) fn helm_install(cp: &ControlPlane, root: &Path, webhook_port: u16) -> Result<String> {
-    let out = Command::new(cp.helm())
-        .current_dir(root)
-        .args(["install", "portcullis", "charts/portcullis", "-n", RELEASE_NS, "--create-namespace"])
-        .args(["--set", &format!("webhook.url=https://127.0.0.1:{webhook_port}/mutate")])
-        .arg("--kubeconfig")
-        .arg(cp.admin_kubeconfig())
-        .output()?;
-    if !out.status.success() {
-        bail!("helm install failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The chart's controller ServiceAccount and a token for it: the controller runs with its least-privilege RBAC.
-pub(crate) async fn controller_token(cp: &ControlPlane, admin: &kube::Client) -> Result<(String, String)> {
-    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), RELEASE_NS);
-    let sa = sas
-        .list(&Default::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|s| s.metadata.name)
-        .find(|n| n != "default")
-        .context("the chart created no ServiceAccount for the controller")?;
-    let token = cp.service_account_token(RELEASE_NS, &sa).await;
-    Ok((sa, token))
 }
 
 async fn apiclients(cp: &ControlPlane) -> Api<DynamicObject> {

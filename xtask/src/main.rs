@@ -3,11 +3,10 @@
 //! - `test`   — builds (or reuses) the local control plane, then runs every test of the workspace.
 //! - `k8s-bins` — only builds (or finds) the control-plane binaries and prints their directory.
 //! - `demo`   — the product end to end on this machine (control plane, chart, controller, proxy, requests).
-//! - `crdgen` — regenerates `crds/` from the Rust types.
+//! - `bench`  — builds the `portcullis-bench` crate (release) and runs its driver with the arguments given.
+//! - `crdgen` — regenerates `crds/` and the chart's copy from the Rust types, in one step.
 
-mod bench;
 mod demo;
-mod http;
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -24,7 +23,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("crdgen") => crdgen(&root),
-        Some("bench") => bench::main(&root, &args[1..]),
+        Some("bench") => bench(&root, &args[1..]),
         Some("demo") => demo::run(&root, &k8s_bins(&root)?),
         _ => {
             eprintln!("usage: cargo xtask <test [cargo test args]|demo|bench <suite> [--smoke]|k8s-bins|crdgen>");
@@ -75,7 +74,27 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     )
 }
 
-/// Regenerates `crds/` from the Rust types and copies them into the chart.
+/// `cargo xtask bench …`: the benchmarks live in `bench/` (`portcullis-bench`); this only builds and runs them.
+/// Real runs use the release build; `--smoke` (no figures) the debug build of [`build_debug`].
+fn bench(root: &Path, args: &[String]) -> Result<()> {
+    if args.iter().any(|a| a == "--smoke") {
+        build_debug(root)?;
+        let driver = root.join("target/debug/portcullis-bench");
+        return run(Command::new(driver).current_dir(root).args(args), "portcullis-bench (debug, smoke)");
+    }
+    let cargo_run = ["run", "--release", "--quiet", "--locked", "-p", "portcullis-bench", "--bin", "portcullis-bench"];
+    run(Command::new("cargo").current_dir(root).args(cargo_run).arg("--").args(args), "portcullis-bench")
+}
+
+/// The workspace's debug binaries, built with the feature set of `cargo xtask test` (every package, test targets
+/// included, so dev-dependency features unify the same way): after the tests nothing recompiles, and the demo and
+/// the benchmark smoke run reuse the test run's build.
+pub fn build_debug(root: &Path) -> Result<()> {
+    let args = ["build", "--quiet", "--locked", "--workspace", "--bins", "--tests"];
+    run(Command::new("cargo").current_dir(root).args(args), "cargo build --workspace --bins --tests")
+}
+
+/// Regenerates every checked-in copy of the CRDs (`crds/` and `charts/portcullis/crds/`) from the Rust types.
 fn crdgen(root: &Path) -> Result<()> {
     run(
         Command::new("cargo").current_dir(root).args([
@@ -89,16 +108,5 @@ fn crdgen(root: &Path) -> Result<()> {
             "--write",
         ]),
         "crdgen",
-    )?;
-    let chart_crds = root.join("charts/portcullis/crds");
-    std::fs::create_dir_all(&chart_crds)?;
-    for entry in std::fs::read_dir(root.join("crds"))? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "yaml") {
-            let dest = chart_crds.join(path.file_name().expect("file name"));
-            std::fs::copy(&path, &dest).with_context(|| format!("copying {} to the chart", path.display()))?;
-        }
-    }
-    eprintln!("xtask: crds/ and charts/portcullis/crds/ are up to date");
-    Ok(())
+    )
 }

@@ -1,17 +1,23 @@
-//! Prints both CRDs as YAML; with `--write`, writes them into `crds/` of the workspace.
+//! Prints both CRDs as YAML; with `--write`, writes them into every checked-in copy ([`CRD_DIRS`]: `crds/` and
+//! the chart's `crds/`) of the workspace. `cargo xtask crdgen` runs this with `--write`.
 
-use portcullis_controller::crd::{API_CLIENTS_CRD_FILE, GENERATED_HEADER, USAGE_PLANS_CRD_FILE, crds_yaml};
+use anyhow::Context;
+use portcullis_controller::crd::{CRD_DIRS, crd_files, crds_yaml};
 use std::path::Path;
 
 fn main() -> anyhow::Result<()> {
-    let (ac, up) = crds_yaml();
     if std::env::args().any(|a| a == "--write") {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
-        for (file, yaml) in [(API_CLIENTS_CRD_FILE, &ac), (USAGE_PLANS_CRD_FILE, &up)] {
-            std::fs::write(root.join(file), format!("{GENERATED_HEADER}{yaml}"))?;
-            eprintln!("wrote {file}");
+        for dir in CRD_DIRS {
+            std::fs::create_dir_all(root.join(dir))?;
+            for (file, yaml) in crd_files() {
+                let path = root.join(dir).join(file);
+                std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+                eprintln!("wrote {dir}/{file}");
+            }
         }
     } else {
+        let (ac, up) = crds_yaml();
         print!("{ac}---\n{up}");
     }
     Ok(())

@@ -18,6 +18,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KEvent, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
+use portcullis_table::Chain;
 use portcullis_table::{fingerprint, key_digest};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -31,7 +32,7 @@ pub async fn reconcile(client: Arc<ApiClient>, ctx: Arc<Ctx>) -> Result<Action, 
 }
 
 pub fn error_policy(client: Arc<ApiClient>, err: &Error, _ctx: Arc<Ctx>) -> Action {
-    tracing::warn!(namespace = ?client.namespace(), client = %client.name_any(), error = %err, "ApiClient reconcile failed");
+    tracing::warn!(namespace = ?client.namespace(), client = %client.name_any(), error = %Chain(err), "ApiClient reconcile failed");
     Action::requeue(Duration::from_secs(5))
 }
 

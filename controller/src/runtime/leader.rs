@@ -24,6 +24,7 @@
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
+use portcullis_table::Chain;
 use std::sync::Mutex;
 use std::time::Duration;
 use thiserror::Error;
@@ -92,14 +93,14 @@ pub struct LeaderLease {
 /// Why one attempt did not end with us holding the Lease.
 #[derive(Debug, Error)]
 pub enum AttemptError {
-    #[error("Lease API: {0}")]
+    #[error("Lease API")]
     Kube(#[from] kube::Error),
     #[error("Lease API call timed out after {0:?}")]
     Timeout(Duration),
 }
 
 fn now_micro() -> MicroTime {
-    MicroTime(k8s_openapi::jiff::Timestamp::now())
+    MicroTime(jiff::Timestamp::now())
 }
 
 /// Whether a Lease whose `record` this replica has seen unchanged since `observed_at` is free to take at `now`.
@@ -204,7 +205,7 @@ impl LeaderLease {
                     return;
                 }
                 Ok(false) => tracing::debug!(lease = %self.cfg.name, "Lease held by another replica; waiting"),
-                Err(e) => tracing::warn!(lease = %self.cfg.name, error = %e, "Lease acquisition failed"),
+                Err(e) => tracing::warn!(lease = %self.cfg.name, error = %Chain(&e), "Lease acquisition failed"),
             }
             tokio::time::sleep(self.cfg.retry_period).await;
         }
@@ -229,7 +230,7 @@ impl LeaderLease {
                     self.step_down();
                     return;
                 }
-                Err(e) => tracing::warn!(lease = %self.cfg.name, error = %e, "Lease renewal failed"),
+                Err(e) => tracing::warn!(lease = %self.cfg.name, error = %Chain(&e), "Lease renewal failed"),
             }
         }
     }

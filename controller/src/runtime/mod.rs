@@ -36,6 +36,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use leader::{LeaderLease, LeaseConfig};
 use metrics::{Health, Metrics};
+use portcullis_table::Chain;
 use rendered::{Rendered, ServiceKey};
 use std::collections::HashMap;
 use std::future::Future;
@@ -57,9 +58,9 @@ pub const MANAGED_BY: &str = "portcullis-controller";
 
 #[derive(Debug, Error)]
 pub enum Error {
-    #[error("Kubernetes API: {0}")]
+    #[error("Kubernetes API")]
     Kube(#[from] kube::Error),
-    #[error("rendering the table of {service}: {source}")]
+    #[error("rendering the table of {service}")]
     Table { service: String, source: portcullis_table::TableError },
     #[error(
         "CustomResourceDefinition {0} is not installed; install the CRDs first (kubectl apply -f crds/ or the Helm chart)"
@@ -69,7 +70,7 @@ pub enum Error {
     CrdNotEstablished(String),
     #[error("lost the leader Lease {0}; stopping so that only one replica writes")]
     LostLease(String),
-    #[error("admin listener on {addr}: {source}")]
+    #[error("admin listener on {addr}")]
     Admin { addr: SocketAddr, source: std::io::Error },
     #[error("a controller task stopped unexpectedly: {0}")]
     TaskEnded(String),
@@ -79,7 +80,7 @@ pub enum Error {
         "the table index of {service} would be {bytes} bytes, more than a ConfigMap may safely hold ({max}); the last table stays in force: reduce the plans' routes"
     )]
     IndexTooLarge { service: String, bytes: usize, max: usize },
-    #[error("leader election: {0}")]
+    #[error("leader election")]
     LeaseConfig(#[from] leader::LeaseConfigError),
 }
 
@@ -440,7 +441,7 @@ async fn run_leader(
     )
     .for_each(|r| async move {
         if let Err(e) = r {
-            tracing::debug!(error = %e, "ApiClient reconciler");
+            tracing::debug!(error = %Chain(&e), "ApiClient reconciler");
         }
     });
     tasks.spawn(async move {

@@ -22,6 +22,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
+use portcullis_table::Chain;
 use portcullis_table::Table;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -80,8 +81,8 @@ pub async fn run_table_worker(
                 }
                 Err(e @ Error::LostLease(_)) => return Err(e),
                 Err(e) => {
-                    ctx.render_errors.write().expect("errors lock").insert(key.clone(), e.to_string());
-                    tracing::warn!(namespace = %key.namespace, service = %key.name, error = %e, "table reconcile failed; retrying");
+                    ctx.render_errors.write().expect("errors lock").insert(key.clone(), Chain(&e).to_string());
+                    tracing::warn!(namespace = %key.namespace, service = %key.name, error = %Chain(&e), "table reconcile failed; retrying");
                     // API errors are usually transient; a table that cannot be rendered (too large) only changes
                     // with the objects, whose events trigger a new attempt anyway.
                     let delay = if matches!(e, Error::Table { .. } | Error::IndexTooLarge { .. }) { 60 } else { 2 };
@@ -104,7 +105,7 @@ pub async fn run_table_worker(
                 let res = update_plan_status(&ctx, &p).await;
                 ctx.metrics.observe("usageplan", started.elapsed(), res.is_ok());
                 if let Err(e) = res {
-                    tracing::warn!(namespace = %ns, plan = %name, error = %e, "UsagePlan status update failed");
+                    tracing::warn!(namespace = %ns, plan = %name, error = %Chain(&e), "UsagePlan status update failed");
                 }
             }
         }

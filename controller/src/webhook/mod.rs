@@ -22,6 +22,7 @@ pub mod server;
 use inject::InjectSettings;
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use portcullis_table::Chain;
 use server::CertResolver;
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -44,11 +45,11 @@ pub enum Error {
     Cert(String),
     #[error("webhook TLS: {0}")]
     Tls(String),
-    #[error("{0}: {1}")]
+    #[error("{0}")]
     Kube(String, #[source] kube::Error),
-    #[error("reading {}: {source}", path.display())]
+    #[error("reading {}", path.display())]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("webhook: cannot listen on {addr}: {source}")]
+    #[error("webhook: cannot listen on {addr}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("{flag}: {message}")]
     Setting { flag: &'static str, message: String },
@@ -260,7 +261,7 @@ async fn write_ca_bundle(client: &kube::Client, args: &WebhookArgs, ca_pem: &str
             true
         }
         Err(e) => {
-            tracing::warn!(error = %e, "could not write the webhook caBundle; retrying");
+            tracing::warn!(error = %Chain(&e), "could not write the webhook caBundle; retrying");
             false
         }
     }
@@ -284,12 +285,12 @@ async fn keep_certificate_fresh(
                         match resolver.set_pem(&files.0, &files.1) {
                             Ok(()) if last_files.is_some() => tracing::info!("webhook certificate reloaded"),
                             Ok(()) => {}
-                            Err(e) => tracing::warn!(error = %e, "keeping the previous webhook certificate"),
+                            Err(e) => tracing::warn!(error = %Chain(&e), "keeping the previous webhook certificate"),
                         }
                         last_files = Some(files);
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "keeping the previous webhook certificate"),
+                    Err(e) => tracing::warn!(error = %Chain(&e), "keeping the previous webhook certificate"),
                 }
             }
             Source::Secret => {
@@ -304,13 +305,13 @@ async fn keep_certificate_fresh(
                 {
                     Ok(b) => b,
                     Err(e) => {
-                        tracing::warn!(error = %e, "could not check the webhook certificate");
+                        tracing::warn!(error = %Chain(&e), "could not check the webhook certificate");
                         ca_written = false;
                         continue;
                     }
                 };
                 if let Err(e) = resolver.set_pem(&b.cert_pem, &b.key_pem) {
-                    tracing::warn!(error = %e, "keeping the previous webhook certificate");
+                    tracing::warn!(error = %Chain(&e), "keeping the previous webhook certificate");
                 }
                 if ca_pem.as_deref() != Some(b.ca_pem.as_str()) || !ca_written {
                     ca_written = write_ca_bundle(&client, &args, &b.ca_pem).await;

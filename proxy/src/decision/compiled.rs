@@ -235,7 +235,7 @@ impl<C: Clock + Clone> CompiledTable<C> {
 mod tests {
     use super::*;
     use governor::clock::FakeRelativeClock;
-    use portcullis_table::{Client, KeyEntry, Plan, Throttle, key_digest};
+    use portcullis_table::{Client, Plan, Throttle, key_digest};
     use std::collections::BTreeMap;
 
     #[test]
@@ -263,15 +263,7 @@ mod tests {
             "p".to_string(),
             Plan { throttle: Some(Throttle { rate: 1, per_millis: 60_000, burst: 1 }), ..Default::default() },
         );
-        let client = |id: &str, key: &[u8]| Client {
-            id: id.into(),
-            keys: vec![KeyEntry { sha256: key_digest(key), expires_at: None }],
-            source_ranges: vec!["127.0.0.1/32".parse().unwrap()],
-            disabled: false,
-            plans: vec!["p".into()],
-            certificates: vec![],
-            require_certificate: false,
-        };
+        let client = |id: &str, key: &[u8]| Client::builder(id).key(key).source("127.0.0.1/32").plan("p").build();
         let t1 = Table::new("ns/svc", plans.clone(), vec![client("ns/a", b"ka"), client("ns/b", b"kb")]);
         let clock = FakeRelativeClock::default();
         let c1 = CompiledTable::compile(&t1, None, clock.clone()).unwrap();

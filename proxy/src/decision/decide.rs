@@ -129,7 +129,7 @@ pub fn decide<'t, C: Clock + Clone>(table: Option<&'t CompiledTable<C>>, req: &R
 pub(crate) mod tests {
     use super::*;
     use governor::clock::FakeRelativeClock;
-    use portcullis_table::{CertIdentity, Client, KeyEntry, Period, Plan, Quota, RouteScope, Table, Throttle};
+    use portcullis_table::{CertIdentity, Client, Period, Plan, Quota, RouteScope, Table, Throttle};
     use std::collections::BTreeMap;
     use std::time::Duration;
 
@@ -148,14 +148,8 @@ pub(crate) mod tests {
             Plan { quota: Some(Quota { limit: 2, period: Period::Day }), ..Default::default() },
         );
         plans.insert("open".to_string(), Plan::default());
-        let client = |id: &str, key: &[u8], cidr: &str, plans: &[&str]| Client {
-            id: id.into(),
-            keys: vec![KeyEntry { sha256: key_digest(key), expires_at: None }],
-            source_ranges: vec![cidr.parse().unwrap()],
-            disabled: false,
-            plans: plans.iter().map(|s| s.to_string()).collect(),
-            certificates: vec![],
-            require_certificate: false,
+        let client = |id: &str, key: &[u8], cidr: &str, plans: &[&str]| {
+            Client::builder(id).key(key).source(cidr).plans(plans).build()
         };
         let mut expired = client("ns/expired", b"k-exp", "127.0.0.0/8", &["small"]);
         expired.keys[0].expires_at = Some("2020-01-01T00:00:00Z".parse().unwrap());

@@ -8,6 +8,7 @@ use super::TableStore;
 use super::index_watch::{Effect, Failure, IndexObject, IndexWatch, Input, LoadOutcome, Request};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, WatchEvent, WatchParams};
+use portcullis_table::Chain;
 use portcullis_table::TableError;
 use portcullis_table::naming::{INDEX_DATA_KEY, SHARD_DATA_KEY};
 use portcullis_table::sequence::Verdict;
@@ -254,7 +255,7 @@ impl Driver<'_> {
                     .expect("table loading does not panic");
                     return match applied {
                         Ok(_) => LoadOutcome::Applied,
-                        Err(e) => LoadOutcome::Invalid(e.to_string()),
+                        Err(e) => LoadOutcome::Invalid(Chain(&e).to_string()),
                     };
                 }
                 // A shard missing or not matching its digest is usually one being written right now: retry.

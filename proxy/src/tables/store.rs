@@ -4,6 +4,7 @@
 use crate::decision::{CompiledTable, Reason};
 use crate::metrics::Metrics;
 use arc_swap::ArcSwapOption;
+use portcullis_table::Chain;
 use portcullis_table::{Table, TableError};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -100,11 +101,11 @@ impl Revocation {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read { path: String, source: std::io::Error },
     #[error(transparent)]
     Table(#[from] TableError),
-    #[error("compiling table: {0}")]
+    #[error("compiling table")]
     Compile(#[from] crate::decision::compiled::CompileError),
 }
 
@@ -218,7 +219,7 @@ impl TableStore {
 
     pub fn reject(&self, source: &'static str, what: &str, err: &LoadError) {
         self.metrics.table_rejected(source);
-        tracing::error!(%what, error = %err, "table rejected; the table in force stays");
+        tracing::error!(%what, error = %Chain(err), "table rejected; the table in force stays");
     }
 
     fn set_state(&self, state: TableState) {

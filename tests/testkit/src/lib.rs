@@ -12,6 +12,8 @@
 //! ```
 
 pub mod bins;
+pub mod chart;
+pub mod http;
 pub mod pki;
 mod process;
 
@@ -47,13 +49,23 @@ pub struct ControlPlane {
     watchdog: bool,
 }
 
-static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
+/// Where [`ControlPlane::once`] keeps a control plane: `static CP: OnceCell = OnceCell::new();`.
+pub type OnceCell = OnceLock<Result<ControlPlane, String>>;
+
+static SHARED: OnceCell = OnceCell::new();
 
 impl ControlPlane {
     /// The control plane shared by every test of this test binary, started on first use. Panics (the test fails,
     /// it is not skipped) with the reason when it cannot start.
     pub fn shared() -> &'static ControlPlane {
-        let r = SHARED.get_or_init(|| {
+        Self::once(&SHARED)
+    }
+
+    /// A control plane started on first use and kept in `cell` (a `static` of the caller), for a group of tests
+    /// that must not share the binary's [`ControlPlane::shared`] one (they install conflicting cluster-wide
+    /// objects, or need the CRDs absent). Panics like [`ControlPlane::shared`].
+    pub fn once(cell: &'static OnceCell) -> &'static ControlPlane {
+        let r = cell.get_or_init(|| {
             // Start on a thread of its own: callers are usually inside a tokio runtime.
             std::thread::spawn(|| ControlPlane::start(true).map_err(|e| format!("{e:#}")))
                 .join()
@@ -195,7 +207,7 @@ impl ControlPlane {
                     p.check_alive()?;
                 }
             }
-            let req = http::Request::get("/readyz").body(Vec::new())?;
+            let req = ::http::Request::get("/readyz").body(Vec::new())?;
             match client.request_text(req).await {
                 Ok(body) if body.trim() == "ok" => return Ok(()),
                 _ if Instant::now() > deadline => {

@@ -1,0 +1,305 @@
+//! `propagation`: time from an API write to the first request through the proxy that reflects it, against the local
+//! control plane (etcd + kube-apiserver built from source), with the chart installed by helm, the controller as the
+//! chart's ServiceAccount and a proxy in API mode (`--tables-from configmap/...`), as in `cargo xtask demo`.
+
+use super::Ctx;
+use super::load::round;
+use anyhow::{Context, Result, bail};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use portcullis_testkit::ControlPlane;
+use portcullis_testkit::chart::{controller_token, helm_install};
+use portcullis_testkit::http::{get, start_echo};
+use serde_json::{Value, json};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+const NS: &str = "bench";
+const RELEASE_NS: &str = "portcullis-system";
+
+struct Kids(Vec<Child>);
+
+impl Drop for Kids {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn propagation(ctx: &Ctx) -> Result<(Value, String, Option<String>)> {
+    let trials = if ctx.smoke { 2 } else { 100 };
+    let bins = portcullis_testkit::bins::bin_dir()?;
+    // The smoke run is a debug build already: `cargo xtask bench --smoke` built these next to it.
+    if !ctx.smoke {
+        let st = Command::new("cargo")
+            .current_dir(&ctx.root)
+            .args(["build", "--quiet", "-p", "portcullis-controller", "-p", "portcullis-proxy"])
+            .status()?;
+        if !st.success() {
+            bail!("cargo build -p portcullis-controller -p portcullis-proxy failed");
+        }
+    }
+    let cp = ControlPlane::start_with_bins(&bins, true)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let r = rt.block_on(run(ctx, &cp, trials));
+    drop(cp);
+    let r = r?;
+    let pct = |v: &[f64], q: f64| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1]
+    };
+    let mut data = serde_json::Map::new();
+    let mut md = format!(
+        "{trials} trials per change, run one after \
+         another on a fresh local control plane (kube-apiserver v1.37.2, etcd) with the chart installed by helm, the \
+         controller (debug build, as the chart's ServiceAccount) and one portcullis-proxy (debug build, admin \
+         kubeconfig, `--tables-from configmap/{NS}/...`). Each trial: the API write, then a request every 5 ms (new \
+         connection each) until the answer reflects the change. A watch on the proxy's index ConfigMap, opened by this \
+         harness, splits each trial: *controller* = API write → the index ConfigMap write seen by that watch (the \
+         controller's watch event, its debounce, key resolution, render, shard + index writes, and the harness's own \
+         watch delivery); *proxy* = the rest (the proxy's watch delivery, its shard reads, parse, swap, and up to one \
+         5 ms poll).\n\n\
+         | change | what is polled | p50 s | p99 s | min s | max s | controller p50 s | proxy p50 s |\n|---|---|---:|---:|---:|---:|---:|---:|\n"
+    );
+    for (name, what, v, c) in &r {
+        let proxy: Vec<f64> = v.iter().zip(c).map(|(t, c)| t - c).filter(|x| x.is_finite()).collect();
+        let c: Vec<f64> = c.iter().copied().filter(|x| x.is_finite()).collect();
+        let p50 = |v: &[f64]| if v.is_empty() { f64::NAN } else { pct(v, 0.5) };
+        data.insert(
+            name.to_string(),
+            json!({"p50": round(pct(v, 0.5), 4), "p99": round(pct(v, 0.99), 4), "trials": v.len(),
+                   "controller_p50": round(p50(&c), 4), "proxy_p50": round(p50(&proxy), 4),
+                   "samples_s": v.iter().map(|x| round(*x, 4)).collect::<Vec<_>>()}),
+        );
+        md.push_str(&format!(
+            "| {name} | {what} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
+            pct(v, 0.5),
+            pct(v, 0.99),
+            pct(v, 0.0),
+            pct(v, 1.0),
+            p50(&c),
+            p50(&proxy)
+        ));
+    }
+    md.push_str(
+        "\nGoal: p50 ≤ 0.3 s, p99 ≤ 1 s. What bounds it: on the controller side its table debounce (quiet 100 ms, at \
+         most 2 s: `controller/src/runtime/mod.rs`) is the largest fixed part; on the proxy side the watch delivery \
+         and the fetch of the changed shards.\n",
+    );
+    let groups: Vec<(String, Vec<f64>)> =
+        r.iter().map(|(n, _, v, _)| (n.to_string(), vec![pct(v, 0.5), pct(v, 0.99)])).collect();
+    let svg = super::bar_svg("API write → enforced by the proxy", "seconds", &["p50", "p99"], &groups);
+    Ok((Value::Object(data), md, Some(svg)))
+}
+
+fn apiclients(client: kube::Client) -> Api<DynamicObject> {
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("portcullis.dev", "v1alpha1", "ApiClient"));
+    Api::namespaced_with(client, NS, &ar)
+}
+
+async fn until(proxy: SocketAddr, from: IpAddr, key: &str, want: impl Fn(u16) -> bool, kids: &mut Kids) -> Result<()> {
+    until_for(proxy, from, key, want, kids, Duration::from_secs(30)).await
+}
+
+async fn until_for(
+    proxy: SocketAddr,
+    from: IpAddr,
+    key: &str,
+    want: impl Fn(u16) -> bool,
+    kids: &mut Kids,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        // Connection errors (the proxy not listening yet) count as "not yet".
+        let last = match get(from, proxy, "/v1/items", Some(key)).await {
+            Ok(r) if want(r.status) => return Ok(()),
+            Ok(r) => format!("{} {}", r.status, r.body.trim()),
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() > deadline {
+            bail!("change not reflected within {timeout:?} (last answer {last})");
+        }
+        for c in &mut kids.0 {
+            if let Some(s) = c.try_wait()? {
+                bail!("a child process exited ({s})");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// (change, what is polled, API write → enforced, API write → index ConfigMap written) per trial, seconds.
+type Series = Vec<(&'static str, &'static str, Vec<f64>, Vec<f64>)>;
+
+/// Watches the proxy's index ConfigMap and records when each write of it is seen: the controller's share of a trial
+/// is the time from the API write to the first index write after it (the index is written last, after its shards).
+/// Aborts the task when dropped, on every way out of [`run`].
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn watch_index(client: kube::Client) -> (std::sync::Arc<std::sync::Mutex<Vec<Instant>>>, AbortOnDrop) {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client, NS);
+    let name = portcullis_table::naming::index_name("echo");
+    let task = tokio::spawn(async move {
+        let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        // Backoff: without it a watch on a stopped API server retries without ever yielding.
+        let mut events = watcher(cms, cfg).default_backoff().applied_objects().boxed();
+        while let Some(e) = events.next().await {
+            if e.is_ok() {
+                s.lock().expect("lock").push(Instant::now());
+            }
+        }
+    });
+    (seen, AbortOnDrop(task))
+}
+
+fn written_after(seen: &std::sync::Mutex<Vec<Instant>>, t: Instant) -> f64 {
+    seen.lock().expect("lock").iter().find(|e| **e >= t).map_or(f64::NAN, |e| (*e - t).as_secs_f64())
+}
+
+async fn run(ctx: &Ctx, cp: &ControlPlane, trials: usize) -> Result<Series> {
+    let mut kids = Kids(Vec::new());
+    let logs = cp.dir().to_path_buf();
+    let admin = cp.admin_client().await;
+    let webhook_port = super::servers::free_port()?;
+    helm_install(cp, &ctx.root, webhook_port)?;
+    let (_, token) = controller_token(cp, &admin).await?;
+    let target = ctx.root.join("target/debug");
+    let metrics_port = super::servers::free_port()?;
+    kids.0.push(
+        Command::new(target.join("portcullis-controller"))
+            .env("KUBECONFIG", cp.kubeconfig_for_token(&token))
+            .args(["--log-format", "json", "--lease-namespace", RELEASE_NS, "--webhook-namespace", RELEASE_NS])
+            .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
+            .arg(format!("--webhook-listen=127.0.0.1:{webhook_port}"))
+            .stdout(std::fs::File::create(logs.join("controller.log"))?)
+            .stderr(std::fs::File::create(logs.join("controller.err"))?)
+            .spawn()?,
+    );
+    cp.apply_yaml(&format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n"), None).await?;
+    cp.apply_yaml(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: echo}\nspec: {selector: {app: echo}, ports: [{port: 80, targetPort: 8443}]}\n",
+        Some(NS),
+    )
+    .await?;
+    cp.apply_yaml(
+        "apiVersion: portcullis.dev/v1alpha1\nkind: UsagePlan\nmetadata: {name: bench}\nspec:\n  services: [{name: echo, routes: [{pathPrefix: /v1, methods: [GET]}]}]\n  throttle: {rate: 100000, per: 1s, burst: 100000}\n",
+        Some(NS),
+    )
+    .await?;
+    let secret = |i: usize| {
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: k{i}, labels: {{portcullis.dev/api-key: \"true\"}}}}\ntype: Opaque\nstringData: {{api-key: {}}}\n",
+            key(i)
+        )
+    };
+    // Client 0 exists before the proxy starts, so its first table is not empty.
+    cp.apply_yaml(&secret(0), Some(NS)).await?;
+    let api = apiclients(admin.clone());
+    api.create(&PostParams::default(), &client_obj(0, &["127.0.0.1/32"])?).await?;
+    let echo = start_echo("x-api-key").await?;
+    let (pp, ap) = (super::servers::free_port()?, super::servers::free_port()?);
+    kids.0.push(
+        Command::new(target.join("portcullis-proxy"))
+            .env("KUBECONFIG", cp.admin_kubeconfig())
+            .arg(format!("--listen=127.0.0.1:{pp}"))
+            .arg(format!("--admin-listen=127.0.0.1:{ap}"))
+            .arg(format!("--upstream={echo}"))
+            .arg(format!("--tables-from=configmap/{NS}/{}", portcullis_table::naming::index_name("echo")))
+            .env("RUST_LOG", "info")
+            .stdout(std::fs::File::create(logs.join("proxy.log"))?)
+            .stderr(std::fs::File::create(logs.join("proxy.err"))?)
+            .spawn()?,
+    );
+    let proxy = SocketAddr::from(([127, 0, 0, 1], pp));
+    let lo: IpAddr = Ipv4Addr::LOCALHOST.into();
+    let lo2: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
+    if let Err(e) = until_for(proxy, lo, &key(0), |s| s == 200, &mut kids, Duration::from_secs(120)).await {
+        let tail = |f: &str| {
+            let t = std::fs::read_to_string(logs.join(f)).unwrap_or_default();
+            t.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+        };
+        bail!(
+            "client 0 never served: {e:#}\n--- controller.log\n{}\n--- proxy.log\n{}",
+            tail("controller.log"),
+            tail("proxy.log")
+        );
+    }
+    eprintln!("  propagation: control plane, controller and proxy up");
+    let (index_writes, _index_watch) = watch_index(admin.clone());
+    let (mut create_c, mut cidr_c, mut revoke_c) = (Vec::new(), Vec::new(), Vec::new());
+    let mut create = Vec::new();
+    for i in 1..=trials {
+        cp.apply_yaml(&secret(i), Some(NS)).await?;
+        let t = Instant::now();
+        api.create(&PostParams::default(), &client_obj(i, &["127.0.0.1/32"])?).await?;
+        until(proxy, lo, &key(i), |s| s == 200, &mut kids).await.context("create")?;
+        create.push(t.elapsed().as_secs_f64());
+        create_c.push(written_after(&index_writes, t));
+    }
+    let mut cidr = Vec::new();
+    for i in 0..trials {
+        // Alternately allow and remove 127.0.0.2 for client 0; time until a request from 127.0.0.2 reflects it.
+        let add = i % 2 == 0;
+        let ranges: &[&str] = if add { &["127.0.0.1/32", "127.0.0.2/32"] } else { &["127.0.0.1/32"] };
+        let t = Instant::now();
+        api.patch("c0", &PatchParams::default(), &Patch::Merge(json!({"spec": {"sourceRanges": ranges}}))).await?;
+        until(proxy, lo2, &key(0), |s| if add { s == 200 } else { s == 403 }, &mut kids).await.context("cidr")?;
+        cidr.push(t.elapsed().as_secs_f64());
+        cidr_c.push(written_after(&index_writes, t));
+    }
+    let mut revoke = Vec::new();
+    for i in 1..=trials {
+        // Revoke = remove the key's entry: the client's keys now list only a new Secret (created before the clock).
+        cp.apply_yaml(
+            &format!(
+                "apiVersion: v1\nkind: Secret\nmetadata: {{name: r{i}, labels: {{portcullis.dev/api-key: \"true\"}}}}\ntype: Opaque\nstringData: {{api-key: rotated-{}}}\n",
+                key(i)
+            ),
+            Some(NS),
+        )
+        .await?;
+        let t = Instant::now();
+        let patch = json!({"spec": {"keys": [{"secretRef": {"name": format!("r{i}"), "key": "api-key"}}]}});
+        api.patch(&format!("c{i}"), &PatchParams::default(), &Patch::Merge(patch)).await?;
+        until(proxy, lo, &key(i), |s| s == 401 || s == 403, &mut kids).await.context("revoke")?;
+        revoke.push(t.elapsed().as_secs_f64());
+        revoke_c.push(written_after(&index_writes, t));
+    }
+    Ok(vec![
+        ("create", "new ApiClient (Secret created before) → its key gets 200", create, create_c),
+        ("cidr_change", "sourceRanges ± 127.0.0.2/32 → 200 / 403 from 127.0.0.2", cidr, cidr_c),
+        ("revoke", "key entry replaced by a new key (Secret created before) → old key 401", revoke, revoke_c),
+    ])
+}
+
+fn key(i: usize) -> String {
+    format!("bench-prop-key-{i:04}-0123456789abcdef")
+}
+
+fn keys_patch(i: usize) -> Value {
+    json!({"spec": {"keys": [{"secretRef": {"name": format!("k{i}"), "key": "api-key"}}]}})
+}
+
+fn client_obj(i: usize, ranges: &[&str]) -> Result<DynamicObject> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "portcullis.dev/v1alpha1", "kind": "ApiClient",
+        "metadata": {"name": format!("c{i}"), "namespace": NS},
+        "spec": {"usagePlans": ["bench"], "sourceRanges": ranges,
+                 "keys": keys_patch(i)["spec"]["keys"]}
+    }))?)
+}

@@ -1,0 +1,311 @@
+//! The server side of a bench: the upstream (a small hyper server, 1 KiB body), portcullis-proxy and nginx, each a
+//! child process pinned to the server core; tables; /proc readings (RSS, CPU time).
+
+use super::load::SERVER_CPU;
+use anyhow::{Context, Result, bail};
+use portcullis_table::{Client, Period, Plan, Quota, RouteScope, Table, Throttle};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A child process killed (by its own pid) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `bench-upstream`: serves 200 with a 1 KiB body; prints its address on the first stdout line.
+pub fn upstream_main() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let addr = portcullis_testkit::http::start_sized_upstream(1024).await?;
+        println!("{addr}");
+        std::future::pending::<()>().await;
+        anyhow::Ok(())
+    })
+}
+
+pub fn start_upstream() -> Result<Proc> {
+    let exe = helper_exe("bench-upstream")?;
+    let mut child = Command::new("taskset")
+        .args(["-c", SERVER_CPU])
+        .arg(exe)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the upstream")?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let addr = line.trim().parse().with_context(|| format!("upstream said {line:?}"))?;
+    Ok(Proc { child, addr, admin: None })
+}
+
+pub fn start_proxy(bin: &Path, upstream: SocketAddr, tables: &Path) -> Result<Proc> {
+    start_proxy_with(bin, upstream, tables, &[])
+}
+
+/// [`start_proxy`] with extra arguments (e.g. `--tls-cert=…`).
+pub fn start_proxy_with(bin: &Path, upstream: SocketAddr, tables: &Path, extra: &[String]) -> Result<Proc> {
+    let (port, admin) = (free_port()?, free_port()?);
+    let child = Command::new("taskset")
+        .args(["-c", SERVER_CPU])
+        .arg(bin)
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg(format!("--admin-listen=127.0.0.1:{admin}"))
+        .arg(format!("--upstream={upstream}"))
+        .arg(format!("--tables={}", tables.display()))
+        .args(extra)
+        .args(["--log-format", "json"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting portcullis-proxy")?;
+    let p = Proc { child, addr: ([127, 0, 0, 1], port).into(), admin: Some(([127, 0, 0, 1], admin).into()) };
+    wait_url(&format!("http://127.0.0.1:{admin}/readyz"), Duration::from_secs(120))?;
+    Ok(p)
+}
+
+pub fn wait_url(url: &str, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !curl_ok(url) {
+        if Instant::now() > deadline {
+            bail!("{url} not ready within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+pub fn curl_ok(url: &str) -> bool {
+    Command::new("curl")
+        .args(["-fsS", "-o", "/dev/null", url])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The proxy binary the suites run: the release build (built here, with this crate's helpers), or for `--smoke`
+/// the debug build next to the running driver (`cargo xtask bench --smoke` builds the workspace's debug binaries,
+/// the same ones `cargo xtask test` builds, so CI compiles nothing for the smoke run).
+pub fn build_proxy(root: &Path, smoke: bool) -> Result<PathBuf> {
+    if smoke {
+        return helper_exe("portcullis-proxy");
+    }
+    eprintln!("bench: cargo build --release -p portcullis-proxy -p portcullis-bench");
+    let st = Command::new("cargo")
+        .current_dir(root)
+        .args(["build", "--release", "-q", "-p", "portcullis-proxy", "-p", "portcullis-bench"])
+        .status()?;
+    if !st.success() {
+        bail!("cargo build --release -p portcullis-proxy -p portcullis-bench failed");
+    }
+    Ok(root.join("target/release/portcullis-proxy"))
+}
+
+pub const LIMIT_FREE: Throttle = Throttle { rate: 1_000_000_000, per_millis: 1000, burst: 1_000_000 };
+
+/// N clients on one plan; client 0 holds `bench-key-0` and is allowed from 127.0.0.1/32, every other client from
+/// its own 10.x.y.0/24. `throttle: None` and `quota: None` = P0's allow-all-ish policy.
+pub fn table(n: usize, throttle: Option<Throttle>, quota: bool) -> Table {
+    let mut plans = BTreeMap::new();
+    plans.insert(
+        "bench".to_string(),
+        Plan {
+            throttle,
+            quota: quota.then_some(Quota { limit: 1_000_000_000_000, period: Period::Month }),
+            global_limits: false,
+            routes: vec![RouteScope { path_prefix: "/v1".into(), methods: vec!["GET".into()] }],
+        },
+    );
+    let clients = (0..n.max(1))
+        .map(|i| {
+            Client::builder(format!("bench/client-{i:06}")).key(key(i)).source(&client_cidr(i)).plan("bench").build()
+        })
+        .collect();
+    Table::new("bench/upstream", plans, clients)
+}
+
+pub fn key(i: usize) -> String {
+    format!("bench-key-{i}")
+}
+
+pub fn client_cidr(i: usize) -> String {
+    if i == 0 { "127.0.0.1/32".into() } else { format!("10.{}.{}.0/24", (i >> 8) & 255, i & 255) }
+}
+
+/// nginx config. `policy = false`: N0, plain pass-through with upstream keepalive. `policy = true`: N1, the same
+/// job as Portcullis with nginx's own modules: `map` of API key (raw keys: nginx has no SHA-256 without njs) →
+/// client, `geo` of source address → client (each client's own CIDR), a per-client check that both agree, a
+/// route/method check, and `limit_req` per client with burst (limits far above the load, as for P1).
+/// A certificate and its key, PEM files.
+pub struct TlsPair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A self-signed ECDSA P-256 certificate for `127.0.0.1` (rcgen's default key type), shared by nginx and the proxy.
+pub fn write_cert(dir: &Path) -> Result<TlsPair> {
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+    let pair = TlsPair { cert: dir.join("tls.crt"), key: dir.join("tls.key") };
+    std::fs::write(&pair.cert, ck.cert.pem())?;
+    std::fs::write(&pair.key, ck.signing_key.serialize_pem())?;
+    Ok(pair)
+}
+
+pub fn nginx_conf(
+    dir: &Path,
+    upstream: SocketAddr,
+    port: u16,
+    policy: bool,
+    clients: usize,
+    tls: Option<&TlsPair>,
+) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  \
+         proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  \
+         scgi_temp_path {d}/scgi;\n  upstream app {{ server {upstream}; keepalive 64; }}\n",
+        d = dir.display()
+    ));
+    if policy {
+        s.push_str("  map_hash_bucket_size 128;\n  map_hash_max_size 262144;\n");
+        s.push_str("  map $http_x_api_key $client {\n    default \"\";\n");
+        for i in 0..clients.max(1) {
+            s.push_str(&format!("    \"{}\" c{i};\n", key(i)));
+        }
+        s.push_str("  }\n  geo $src_client {\n    default \"-\";\n");
+        for i in 0..clients.max(1) {
+            s.push_str(&format!("    {} c{i};\n", client_cidr(i)));
+        }
+        s.push_str(
+            "  }\n  map \"$client:$src_client\" $source_ok {\n    \"~^(?<c>[^:]+):\\k<c>$\" 1;\n    default 0;\n  }\n",
+        );
+        s.push_str("  limit_req_zone $client zone=perclient:32m rate=1000000r/s;\n  limit_req_status 429;\n");
+    }
+    match tls {
+        Some(t) => s.push_str(&format!(
+            "  server {{\n    listen 127.0.0.1:{port} ssl;\n    ssl_certificate {};\n    ssl_certificate_key {};\n    \
+             ssl_protocols TLSv1.2 TLSv1.3;\n",
+            t.cert.display(),
+            t.key.display()
+        )),
+        None => s.push_str(&format!("  server {{\n    listen 127.0.0.1:{port};\n")),
+    }
+    if policy {
+        s.push_str(
+            "    location /v1 {\n      if ($client = \"\") { return 401; }\n      if ($source_ok = 0) { return 403; }\n      \
+             if ($request_method != GET) { return 403; }\n      limit_req zone=perclient burst=1000 nodelay;\n      \
+             proxy_set_header x-api-key \"\";\n      proxy_set_header x-portcullis-client $client;\n",
+        );
+    } else {
+        s.push_str("    location / {\n");
+    }
+    s.push_str(
+        "      proxy_pass http://app;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }\n",
+    );
+    if policy {
+        s.push_str("    location / { return 403; }\n");
+    }
+    s.push_str("  }\n}\n");
+    s
+}
+
+pub fn start_nginx(dir: &Path, upstream: SocketAddr, policy: bool, clients: usize) -> Result<Proc> {
+    start_nginx_with(dir, upstream, policy, clients, None)
+}
+
+pub fn start_nginx_with(
+    dir: &Path,
+    upstream: SocketAddr,
+    policy: bool,
+    clients: usize,
+    tls: Option<&TlsPair>,
+) -> Result<Proc> {
+    let name = format!("nginx-{}{}", if policy { "n1" } else { "n0" }, if tls.is_some() { "-tls" } else { "" });
+    let sub = dir.join(name);
+    std::fs::create_dir_all(&sub)?;
+    let port = free_port()?;
+    let conf = sub.join("nginx.conf");
+    std::fs::write(&conf, nginx_conf(&sub, upstream, port, policy, clients, tls))?;
+    let child = Command::new("taskset")
+        .args(["-c", SERVER_CPU, "nginx", "-p"])
+        .arg(&sub)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting nginx (apt-get install -y nginx)")?;
+    let p = Proc { child, addr: ([127, 0, 0, 1], port).into(), admin: None };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(p.addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("nginx did not listen within 60 s; see {}", sub.join("error.log").display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(p)
+}
+
+fn status_kib(pid: u32, field: &str) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(field).and_then(|r| r.trim().trim_end_matches("kB").trim().parse().ok()))
+        .with_context(|| format!("{field} not in /proc/{pid}/status"))
+}
+
+pub fn rss_mib(pid: u32) -> Result<f64> {
+    Ok(status_kib(pid, "VmRSS:")? as f64 / 1024.0)
+}
+
+pub fn hwm_mib(pid: u32) -> Result<f64> {
+    Ok(status_kib(pid, "VmHWM:")? as f64 / 1024.0)
+}
+
+/// Resets VmHWM to the current RSS (Linux ≥ 4.0: `echo 5 > /proc/PID/clear_refs`).
+pub fn reset_hwm(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
+/// utime + stime of a process in seconds (clock ticks of 1/100 s, the Linux USER_HZ).
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = &s[s.rfind(')').context("stat")? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let (u, st): (u64, u64) = (f[11].parse()?, f[12].parse()?);
+    Ok((u + st) as f64 / 100.0)
+}
+
+/// A binary next to the running driver: this crate's helpers (`bench-upstream`, `bench-openloop`, `bench-render`)
+/// and, for `--smoke`, `portcullis-proxy`. The real runs are release builds (a debug generator would be the
+/// bottleneck); the smoke run is a debug build (no figures).
+pub fn helper_exe(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?.with_file_name(name);
+    if !exe.exists() {
+        bail!("{} not found: run the benchmarks with `cargo xtask bench`, which builds it", exe.display());
+    }
+    Ok(exe)
+}

@@ -1,0 +1,434 @@
+//! The Helm chart: lint, schema, CRD copies, RBAC identical to `config/rbac`, every rendered object accepted by a
+//! real kube-apiserver (server-side dry-run: stronger than offline schema validation, and needs no internet), and a
+//! real `helm install` whose RBAC is enough for the webhook's self-managed certificate.
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::core::GroupVersionKind;
+use portcullis_controller::webhook::certs;
+use portcullis_testkit::{ControlPlane, random_hex};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn chart() -> PathBuf {
+    root().join("charts/portcullis")
+}
+
+/// Runs helm (the harness's pinned v3 build) with its state kept in the control plane's scratch directory.
+fn helm(cp: &ControlPlane, args: &[&str]) -> Result<String, String> {
+    let home = cp.dir().join("helm-home");
+    let out = Command::new(cp.helm())
+        .args(args)
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .output()
+        .map_err(|e| format!("running {}: {e}", cp.helm().display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!("helm {}: {}\n{stdout}", args.join(" "), String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+/// `helm template` of the chart (offline, kube version pinned to the local control plane's).
+fn template(cp: &ControlPlane, release: &str, namespace: &str, set: &[&str]) -> Result<String, String> {
+    let chart = chart();
+    let mut args = vec!["template", release, chart.to_str().unwrap(), "-n", namespace, "--kube-version", "1.37.2"];
+    for s in set {
+        args.extend(["--set", s]);
+    }
+    helm(cp, &args)
+}
+
+fn documents(yaml: &str) -> Vec<serde_yaml::Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| serde::Deserialize::deserialize(d).expect("rendered YAML parses"))
+        .filter(|v: &serde_yaml::Value| !v.is_null())
+        .collect()
+}
+
+fn find<'a>(docs: &'a [serde_yaml::Value], kind: &str, name: &str) -> &'a serde_yaml::Value {
+    docs.iter()
+        .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("the chart renders no {kind} {name}"))
+}
+
+/// Rules as a set of sorted tuples, so order of rules and of list items does not matter.
+fn normalize(rules: &[PolicyRule]) -> BTreeSet<String> {
+    let sorted = |v: &Option<Vec<String>>| {
+        let mut v = v.clone().unwrap_or_default();
+        v.sort();
+        v.join(",")
+    };
+    rules
+        .iter()
+        .map(|r| {
+            format!(
+                "apiGroups=[{}] resources=[{}] resourceNames=[{}] verbs=[{}] nonResourceURLs=[{}]",
+                sorted(&r.api_groups),
+                sorted(&r.resources),
+                sorted(&r.resource_names),
+                {
+                    let mut v = r.verbs.clone();
+                    v.sort();
+                    v.join(",")
+                },
+                sorted(&r.non_resource_urls)
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn chart_crds_are_exact_copies_of_generated_crds() {
+    let fix = "regenerate every copy with `cargo xtask crdgen`";
+    let names = |dir: &Path| -> BTreeSet<String> {
+        std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".yaml"))
+            .collect()
+    };
+    let (generated, copied) = (root().join("crds"), chart().join("crds"));
+    assert_eq!(names(&generated), names(&copied), "charts/portcullis/crds/ holds other files than crds/: {fix}");
+    for name in names(&generated) {
+        let a = std::fs::read(generated.join(&name)).unwrap();
+        let b = std::fs::read(copied.join(&name)).unwrap();
+        assert!(a == b, "charts/portcullis/crds/{name} differs from crds/{name}: {fix}");
+    }
+}
+
+#[test]
+fn chart_lints_and_its_schema_rejects_wrong_types() {
+    let cp = own_cp();
+    let chart = chart();
+    helm(cp, &["lint", "--strict", "--kube-version", "1.37.2", chart.to_str().unwrap()]).expect("helm lint");
+    template(cp, "portcullis", "portcullis-system", &[]).expect("default values render");
+    template(
+        cp,
+        "portcullis",
+        "portcullis-system",
+        &[
+            "serviceMonitor.enabled=true",
+            "webhook.url=https://127.0.0.1:9443/mutate",
+            "webhook.existingCertSecret=my-cert",
+            "webhook.failurePolicy=Ignore",
+            "sidecar.proxyPort=7000",
+        ],
+    )
+    .expect("non-default values render");
+    for bad in [
+        "webhook.timeoutSeconds=abc",
+        "webhook.failurePolicy=Sometimes",
+        "replicaCount=many",
+        "sidecar.proxyPort=70000",
+        "serviceMonitor.enabled=maybe",
+        "networkPolicy.enabled=maybe",
+        "networkPolicy.adminFrom[0].everyone=true",
+        "webhook.url=http://insecure/mutate",
+        "unknownValue=1",
+    ] {
+        let err = template(cp, "portcullis", "portcullis-system", &[bad]).expect_err(bad);
+        assert!(err.contains("values don't meet the specifications of the schema"), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn chart_rendering_is_hardened_and_scoped() {
+    let cp = own_cp();
+    let docs = documents(&template(cp, "portcullis", "portcullis-system", &[]).unwrap());
+    let deploy = find(&docs, "Deployment", "portcullis-controller");
+    let c = &deploy["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(c["image"].as_str(), Some("ghcr.io/portcullis/portcullis-controller:0.1.0"));
+    let sc = &c["securityContext"];
+    assert_eq!(sc["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_eq!(sc["capabilities"]["drop"][0].as_str(), Some("ALL"));
+    assert_eq!(sc["seccompProfile"]["type"].as_str(), Some("RuntimeDefault"));
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz"));
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"));
+    let args: Vec<&str> = c["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    for want in ["--metrics-listen=0.0.0.0:9090", "--webhook-listen=0.0.0.0:9443", "--leader-elect=true"] {
+        assert!(args.contains(&want), "{want} missing from {args:?}");
+    }
+    assert!(args.contains(&"--sidecar-image=ghcr.io/portcullis/portcullis-proxy:0.1.0"), "{args:?}");
+
+    let mwc = find(&docs, "MutatingWebhookConfiguration", "portcullis");
+    let wh = &mwc["webhooks"][0];
+    assert_eq!(wh["failurePolicy"].as_str(), Some("Fail"));
+    assert_eq!(wh["sideEffects"].as_str(), Some("None"));
+    assert_eq!(wh["timeoutSeconds"].as_i64(), Some(5));
+    assert_eq!(wh["reinvocationPolicy"].as_str(), Some("Never"));
+    assert_eq!(wh["objectSelector"]["matchLabels"]["portcullis.dev/inject"].as_str(), Some("true"));
+    let excluded: Vec<&str> = wh["namespaceSelector"]["matchExpressions"][0]["values"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for ns in ["kube-system", "kube-public", "kube-node-lease", "portcullis-system"] {
+        assert!(excluded.contains(&ns), "{ns} must never be sent to the webhook: {excluded:?}");
+    }
+    assert_eq!(wh["clientConfig"]["service"]["name"].as_str(), Some("portcullis-webhook"));
+    assert!(wh["clientConfig"]["caBundle"].is_null(), "an empty caBundle value leaves the field to the controller");
+
+    let docs = documents(
+        &template(cp, "other", "ns", &["webhook.url=https://127.0.0.1:1/mutate", "webhook.caBundle=Zm9v"]).unwrap(),
+    );
+    let wh = &find(&docs, "MutatingWebhookConfiguration", "other-portcullis")["webhooks"][0];
+    assert_eq!(wh["clientConfig"]["url"].as_str(), Some("https://127.0.0.1:1/mutate"));
+    assert!(wh["clientConfig"]["service"].is_null());
+    assert_eq!(wh["clientConfig"]["caBundle"].as_str(), Some("Zm9v"));
+}
+
+#[test]
+fn chart_rbac_is_identical_to_config_rbac() {
+    let cp = own_cp();
+    let docs = documents(&template(cp, "portcullis", "portcullis-system", &[]).unwrap());
+    for (file, kind, chart_name) in [
+        ("config/rbac/controller-clusterrole.yaml", "ClusterRole", "portcullis-controller"),
+        ("config/rbac/controller-role-leader-election.yaml", "Role", "portcullis-leader-election"),
+    ] {
+        let path = root().join(file);
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{} is the source of truth for the chart's {kind}: {e}", path.display()));
+        let rendered = serde_yaml::to_string(find(&docs, kind, chart_name)).unwrap();
+        let (want, got) = if kind == "ClusterRole" {
+            (
+                serde_yaml::from_str::<ClusterRole>(&text).unwrap().rules.unwrap_or_default(),
+                serde_yaml::from_str::<ClusterRole>(&rendered).unwrap().rules.unwrap_or_default(),
+            )
+        } else {
+            (
+                serde_yaml::from_str::<Role>(&text).unwrap().rules.unwrap_or_default(),
+                serde_yaml::from_str::<Role>(&rendered).unwrap().rules.unwrap_or_default(),
+            )
+        };
+        let (want, got) = (normalize(&want), normalize(&got));
+        assert!(
+            want == got,
+            "the chart's {kind} {chart_name} drifted from {file}; make charts/portcullis/templates match it.\n\
+             only in {file}: {:#?}\nonly in the chart: {:#?}",
+            want.difference(&got).collect::<Vec<_>>(),
+            got.difference(&want).collect::<Vec<_>>()
+        );
+    }
+}
+
+/// Every rendered object is sent to the real kube-apiserver with `dryRun=All`: schema, defaulting and validation
+/// run exactly as for a real install, without persisting anything.
+#[tokio::test]
+async fn rendered_chart_passes_server_side_dry_run() {
+    let cp = own_cp();
+    let ns = cp.namespace("chart-dry").await;
+    let release = format!("dry-{}", random_hex(3));
+    let mut yaml = template(cp, &release, &ns, &["webhook.url=https://127.0.0.1:1/mutate"]).unwrap();
+    // `helm template` leaves out crds/; dry-run them too.
+    for entry in std::fs::read_dir(chart().join("crds")).unwrap() {
+        yaml.push_str("\n---\n");
+        yaml.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap());
+    }
+    let client = cp.admin_client().await;
+    let mut kinds = BTreeSet::new();
+    for doc in documents(&yaml) {
+        let obj: DynamicObject = serde_yaml::from_value(doc).unwrap();
+        let tm = obj.types.clone().expect("apiVersion/kind");
+        let gvk = GroupVersionKind::try_from(&tm).unwrap();
+        let (ar, caps) = kube::discovery::pinned_kind(&client, &gvk)
+            .await
+            .unwrap_or_else(|e| panic!("the API server does not serve {}: {e}", tm.kind));
+        let name = obj.metadata.name.clone().expect("metadata.name");
+        let api: Api<DynamicObject> = if caps.scope == kube::discovery::Scope::Namespaced {
+            Api::namespaced_with(client.clone(), obj.metadata.namespace.as_deref().unwrap_or(&ns), &ar)
+        } else {
+            Api::all_with(client.clone(), &ar)
+        };
+        api.patch(&name, &PatchParams::apply("portcullis-chart-test").dry_run(), &Patch::Apply(&obj))
+            .await
+            .unwrap_or_else(|e| panic!("the API server rejects rendered {} {name}: {e}", tm.kind));
+        kinds.insert(tm.kind);
+    }
+    for kind in [
+        "CustomResourceDefinition",
+        "Deployment",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Service",
+        "MutatingWebhookConfiguration",
+    ] {
+        assert!(kinds.contains(kind), "no {kind} was rendered and checked: {kinds:?}");
+    }
+}
+
+/// A real `helm install` (no `--wait`: no pods run here) creates everything; then, authenticated as the chart's
+/// ServiceAccount, the webhook's self-managed certificate code creates its Secret, reuses it, and writes the
+/// caBundle of its own webhook entry — proving the chart's RBAC is enough and nothing else is touched.
+#[tokio::test]
+async fn helm_install_creates_everything_and_its_rbac_suffices_for_webhook_certs() {
+    let cp = own_cp();
+    let ns = cp.namespace("chart-install").await;
+    let release = format!("inst-{}", random_hex(3));
+    let fullname = format!("{release}-portcullis");
+    let chart = chart();
+    let kubeconfig = cp.admin_kubeconfig().to_str().unwrap().to_string();
+    helm(
+        cp,
+        &[
+            "install",
+            &release,
+            chart.to_str().unwrap(),
+            "-n",
+            &ns,
+            "--kubeconfig",
+            &kubeconfig,
+            "--set",
+            "webhook.url=https://127.0.0.1:1/mutate",
+        ],
+    )
+    .expect("helm install");
+    let client = cp.admin_client().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in ["apiclients.portcullis.dev", "usageplans.portcullis.dev"] {
+        assert!(crds.get_opt(crd).await.unwrap().is_some(), "helm install did not create CRD {crd}");
+    }
+    let roles: Api<ClusterRole> = Api::all(client.clone());
+    assert!(roles.get_opt(&format!("{fullname}-controller")).await.unwrap().is_some(), "no controller ClusterRole");
+    let mwcs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let before = mwcs.get(&fullname).await.expect("helm install created the MutatingWebhookConfiguration");
+    assert!(before.webhooks.as_ref().unwrap()[0].client_config.ca_bundle.is_none());
+
+    let token = cp.service_account_token(&ns, &fullname).await;
+    let as_controller = cp.client_for_token(&token).await;
+    let secret_name = format!("{fullname}-webhook-tls");
+    let service = format!("{fullname}-webhook");
+    let first = certs::ensure_secret(&as_controller, &ns, &secret_name, &service)
+        .await
+        .expect("the chart's RBAC lets the webhook create its certificate Secret");
+    let second = certs::ensure_secret(&as_controller, &ns, &secret_name, &service).await.unwrap();
+    assert_eq!(first, second, "a valid certificate is reused, not re-issued");
+    let info = certs::inspect(&first.cert_pem).unwrap();
+    assert!(info.dns_names.contains(&format!("{service}.{ns}.svc")), "{info:?}");
+    let secret = Api::<Secret>::namespaced(client.clone(), &ns).get(&secret_name).await.unwrap();
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+
+    certs::patch_ca_bundle(&as_controller, &fullname, "inject.portcullis.dev", &first.ca_pem)
+        .await
+        .expect("the chart's RBAC lets the webhook write its own caBundle");
+    let after = mwcs.get(&fullname).await.unwrap();
+    let wh = &after.webhooks.as_ref().unwrap()[0];
+    assert_eq!(wh.client_config.ca_bundle.as_ref().map(|b| b.0.clone()), Some(first.ca_pem.as_bytes().to_vec()));
+    let mut expected = before.webhooks.unwrap()[0].clone();
+    expected.client_config.ca_bundle = wh.client_config.ca_bundle.clone();
+    assert_eq!(wh, &expected, "only the caBundle changed");
+
+    // Least privilege: no other webhook configuration may be touched.
+    let other = certs::patch_ca_bundle(&as_controller, "someone-elses-webhooks", "x.example.com", &first.ca_pem).await;
+    assert!(format!("{:?}", other.expect_err("must be forbidden")).contains("403"), "forbidden by RBAC");
+
+    helm(cp, &["uninstall", &release, "-n", &ns, "--kubeconfig", &kubeconfig]).expect("helm uninstall");
+}
+
+/// The webhook/sidecar flags the chart passes are exactly what `WebhookArgs` (flattened into the controller's
+/// command line) accepts, with the values the chart means.
+#[test]
+fn chart_webhook_flags_parse_as_webhook_args() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        webhook: portcullis_controller::webhook::WebhookArgs,
+    }
+    let cp = own_cp();
+    for set in [&[][..], &["webhook.existingCertSecret=my-cert", "sidecar.proxyPort=7000"][..]] {
+        let docs = documents(&template(cp, "portcullis", "portcullis-system", set).unwrap());
+        let c = &find(&docs, "Deployment", "portcullis-controller")["spec"]["template"]["spec"]["containers"][0];
+        let args: Vec<&str> = c["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .filter(|a| a.starts_with("--webhook-") || a.starts_with("--sidecar-"))
+            .collect();
+        let cli = Cli::try_parse_from(std::iter::once("portcullis-controller").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("the chart passes flags WebhookArgs rejects: {e}\n{args:?}"));
+        let w = cli.webhook;
+        assert_eq!(w.webhook_listen.port(), 9443);
+        assert_eq!(w.webhook_config_name, "portcullis");
+        assert_eq!(w.webhook_service, "portcullis-webhook");
+        assert_eq!(w.webhook_namespace, "portcullis-system");
+        assert_eq!(w.webhook_cert_secret, if set.is_empty() { "portcullis-webhook-tls" } else { "my-cert" });
+        assert_eq!(w.webhook_cert_dir.is_some(), !set.is_empty(), "an existing Secret is mounted and used as cert dir");
+        assert_eq!(w.sidecar_image, "ghcr.io/portcullis/portcullis-proxy:0.1.0");
+        let s = w.inject_settings().expect("valid sidecar settings");
+        assert_eq!(s.proxy_port, if set.is_empty() { 8443 } else { 7000 });
+        let r = s.resources.expect("the chart's sidecar resources are passed on");
+        assert_eq!(r.requests.unwrap()["memory"].0, "32Mi");
+        assert_eq!(r.limits.unwrap()["memory"].0, "128Mi");
+    }
+}
+
+/// The NetworkPolicy flags the chart passes parse as `NetworkPolicyArgs`: on by default, the controller's own pods
+/// always admitted to the sidecars' admin port (it reads `/revision`), plus `networkPolicy.adminFrom`.
+#[test]
+fn chart_network_policy_flags_parse_and_admit_the_controller() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        np: portcullis_controller::network_policy::NetworkPolicyArgs,
+    }
+    let cp = own_cp();
+    let monitoring =
+        "networkPolicy.adminFrom[0].namespaceSelector.matchLabels.kubernetes\\.io/metadata\\.name=monitoring";
+    for set in [&[][..], &["networkPolicy.enabled=false", monitoring][..]] {
+        let docs = documents(&template(cp, "portcullis", "portcullis-system", set).unwrap());
+        let c = &find(&docs, "Deployment", "portcullis-controller")["spec"]["template"]["spec"]["containers"][0];
+        let args: Vec<&str> = c["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .filter(|a| a.starts_with("--network-policy-"))
+            .collect();
+        let cli = Cli::try_parse_from(std::iter::once("portcullis-controller").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("the chart passes flags NetworkPolicyArgs rejects: {e}\n{args:?}"));
+        let s = cli.np.settings("unused").expect("valid peers");
+        assert_eq!(s.default_on, set.is_empty(), "{args:?}");
+        let controller = &s.admin_from[0];
+        let ns = controller.namespace_selector.as_ref().unwrap().match_labels.as_ref().unwrap();
+        assert_eq!(ns["kubernetes.io/metadata.name"], "portcullis-system");
+        let pods = controller.pod_selector.as_ref().unwrap().match_labels.as_ref().unwrap();
+        assert_eq!(pods["app.kubernetes.io/component"], "controller");
+        assert_eq!(pods["app.kubernetes.io/instance"], "portcullis");
+        // The pod selector matches the controller Deployment's pod labels.
+        let deploy = find(&docs, "Deployment", "portcullis-controller");
+        let labels = &deploy["spec"]["template"]["metadata"]["labels"];
+        for (k, v) in pods {
+            assert_eq!(labels[k.as_str()].as_str(), Some(v.as_str()), "controller pods lack {k}={v}");
+        }
+        assert_eq!(s.admin_from.len(), if set.is_empty() { 1 } else { 2 });
+        if !set.is_empty() {
+            let m = s.admin_from[1].namespace_selector.as_ref().unwrap().match_labels.as_ref().unwrap();
+            assert_eq!(m["kubernetes.io/metadata.name"], "monitoring");
+        }
+    }
+}
+
+/// This module's own control plane (see the binary's docs for why it does not share the common one).
+fn own_cp() -> &'static ControlPlane {
+    static CP: portcullis_testkit::OnceCell = portcullis_testkit::OnceCell::new();
+    ControlPlane::once(&CP)
+}

@@ -1,0 +1,21 @@
+//! The controller's integration tests: one test binary (one link step), a module per area, against a real local
+//! control plane (`portcullis_testkit`). Modules that use `common::env` share the binary's control plane
+//! (`ControlPlane::shared`), each test in a namespace of its own; `chart`, `webhook` and `no_crds` install
+//! cluster-wide objects that would collide (or need the CRDs absent) and start their own (`ControlPlane::once`), as
+//! does `lifecycle_tables`' relist test, which restarts its API server. `scale` runs alone (`common::env_exclusive`):
+//! its 20 000 ApiClients would slow the timed revocations of the others.
+//!
+//! A new area: add `foo.rs` here (with `use crate::common::*;`) and a `mod foo;` line below; run it alone with
+//! `cargo test -p portcullis-controller --test integration foo::`.
+
+mod common;
+
+mod chart;
+mod cluster;
+mod enforced;
+mod exposure;
+mod lifecycle_keys;
+mod lifecycle_tables;
+mod no_crds;
+mod scale;
+mod webhook;

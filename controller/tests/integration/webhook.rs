@@ -1,0 +1,373 @@
+//! Sidecar injection end to end: the chart is `helm install`ed with its webhook pointed at a webhook server running
+//! in this process on 127.0.0.1 (serving certificate from the local CA), and the real kube-apiserver calls it
+//! while Pods are created. Pods never run (no kubelet); only admission is exercised.
+
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use portcullis_controller::webhook::inject::{
+    ANNOTATION_SERVICE, ANNOTATION_TLS_SECRET, ANNOTATION_UPSTREAM_PORT, CONTAINER_NAME, INJECT_KEY, TLS_MOUNT_PATH,
+    TLS_VOLUME_NAME,
+};
+use portcullis_controller::webhook::{Webhook, WebhookArgs};
+use portcullis_testkit::{ControlPlane, random_hex, wait_for};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+use tokio::sync::OnceCell;
+
+const T: Duration = Duration::from_secs(60);
+
+/// The webhook server, on a runtime of its own so it outlives any single test's runtime.
+fn webhook_server() -> SocketAddr {
+    static ADDR: OnceLock<SocketAddr> = OnceLock::new();
+    *ADDR.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            rt.block_on(async move {
+                let cp = own_cp();
+                let dir = cp.dir().join(format!("webhook-tls-{}", random_hex(3)));
+                std::fs::create_dir_all(&dir).unwrap();
+                let cert = cp.pki().serving_cert("portcullis-webhook", &[]).expect("serving certificate");
+                std::fs::write(dir.join("tls.crt"), &cert.cert_pem).unwrap();
+                std::fs::write(dir.join("tls.key"), &cert.key_pem).unwrap();
+                let mut args = WebhookArgs::defaults();
+                args.webhook_listen = "127.0.0.1:0".parse().unwrap();
+                args.webhook_cert_dir = Some(dir);
+                args.sidecar_image = "ghcr.io/portcullis/portcullis-proxy:test".into();
+                let webhook = Webhook::bind(args, cp.admin_client().await).await.expect("webhook binds");
+                tx.send(webhook.local_addr().unwrap()).unwrap();
+                webhook.serve(std::future::pending()).await.expect("webhook serves");
+            });
+        });
+        rx.recv_timeout(T).expect("the in-process webhook server did not start within 60s")
+    })
+}
+
+/// Installs the chart once (release named uniquely: its cluster-scoped objects are named from it) with the
+/// webhook URL pointing at [`webhook_server`], and waits until the API server actually calls it.
+async fn setup() -> &'static ControlPlane {
+    static DONE: OnceCell<()> = OnceCell::const_new();
+    let cp = own_cp();
+    DONE.get_or_init(|| async {
+        let addr = webhook_server();
+        let release_ns = cp.namespace("portcullis-system").await;
+        let release = format!("wh-{}", random_hex(3));
+        let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/portcullis");
+        use base64::Engine;
+        let ca = base64::engine::general_purpose::STANDARD.encode(cp.ca_pem());
+        let home = cp.dir().join("helm-home");
+        let out = Command::new(cp.helm())
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_DATA_HOME", home.join("data"))
+            .arg("install")
+            .arg(&release)
+            .arg(&chart)
+            .args(["-n", &release_ns, "--kubeconfig"])
+            .arg(cp.admin_kubeconfig())
+            .args(["--set", &format!("webhook.url=https://{addr}/mutate"), "--set", &format!("webhook.caBundle={ca}")])
+            .output()
+            .expect("running helm");
+        assert!(out.status.success(), "helm install failed: {}", String::from_utf8_lossy(&out.stderr));
+
+        // The API server picks webhook configurations up asynchronously: probe with dry-run creates.
+        let probe_ns = cp.namespace("wh-probe").await;
+        let pods: Api<Pod> = Api::namespaced(cp.admin_client().await, &probe_ns);
+        let dry = PostParams { dry_run: true, ..Default::default() };
+        wait_for(T, "the API server to call the chart's webhook (dry-run pod gets the sidecar)", || {
+            let (pods, dry) = (pods.clone(), dry.clone());
+            async move {
+                let p = pods.create(&dry, &opted_in("probe", "api", "8080")).await.ok()?;
+                (sidecars(&p) == 1).then_some(())
+            }
+        })
+        .await;
+    })
+    .await;
+    cp
+}
+
+fn pod(name: &str, labels: &[(&str, &str)], annotations: &[(&str, &str)]) -> Pod {
+    let map = |kv: &[(&str, &str)]| Some(kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: map(labels),
+            annotations: map(annotations),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            containers: vec![Container {
+                name: "app".into(),
+                image: Some("registry.invalid/app:1".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn opted_in(name: &str, service: &str, port: &str) -> Pod {
+    pod(
+        name,
+        &[(INJECT_KEY, "true")],
+        &[(INJECT_KEY, "true"), (ANNOTATION_SERVICE, service), (ANNOTATION_UPSTREAM_PORT, port)],
+    )
+}
+
+fn sidecars(p: &Pod) -> usize {
+    p.spec.as_ref().map(|s| s.containers.iter().filter(|c| c.name == CONTAINER_NAME).count()).unwrap_or(0)
+}
+
+fn sidecar(p: &Pod) -> &Container {
+    p.spec.as_ref().unwrap().containers.iter().find(|c| c.name == CONTAINER_NAME).expect("sidecar injected")
+}
+
+#[tokio::test]
+async fn opted_in_pod_gets_the_sidecar_exactly_once() {
+    let cp = setup().await;
+    let ns = cp.namespace("wh-inject").await;
+    let pods: Api<Pod> = Api::namespaced(cp.admin_client().await, &ns);
+
+    let created = pods.create(&PostParams::default(), &opted_in("api-0", "orders", "8080")).await.expect("create");
+    assert_eq!(sidecars(&created), 1, "exactly one sidecar: {:?}", created.spec);
+    let names: Vec<&str> = created.spec.as_ref().unwrap().containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["app", CONTAINER_NAME], "the app container stays first");
+    let c = sidecar(&created);
+    assert_eq!(c.image.as_deref(), Some("ghcr.io/portcullis/portcullis-proxy:test"));
+    let args = c.args.clone().unwrap();
+    assert!(args.contains(&"--upstream=127.0.0.1:8080".to_string()), "{args:?}");
+    assert!(args.contains(&format!("--tables-from=configmap/{ns}/portcullis-table-orders")), "{args:?}");
+    assert_eq!(c.security_context.as_ref().unwrap().run_as_non_root, Some(true));
+
+    // What is stored is what was returned.
+    assert_eq!(sidecars(&pods.get("api-0").await.unwrap()), 1);
+
+    // Updates do not duplicate it.
+    let patch = serde_json::json!({"metadata": {"labels": {"touched": "yes"}}});
+    let updated = pods.patch("api-0", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("update");
+    assert_eq!(sidecars(&updated), 1);
+
+    // Re-creating from the stored (already injected) object does not duplicate it either.
+    let mut again = pods.get("api-0").await.unwrap();
+    pods.delete("api-0", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await.unwrap();
+    wait_for(T, "pod api-0 to be deleted", || {
+        let pods = pods.clone();
+        async move { pods.get_opt("api-0").await.ok().flatten().is_none().then_some(()) }
+    })
+    .await;
+    again.metadata = ObjectMeta {
+        name: again.metadata.name.clone(),
+        labels: again.metadata.labels.clone(),
+        annotations: again.metadata.annotations.clone(),
+        ..Default::default()
+    };
+    again.status = None;
+    let recreated = pods.create(&PostParams::default(), &again).await.expect("re-create");
+    assert_eq!(sidecars(&recreated), 1, "re-creating an injected pod must not add a second sidecar");
+
+    // And a plain second pod of the same Service gets its own single sidecar.
+    let other = pods.create(&PostParams::default(), &opted_in("api-1", "orders", "9000")).await.unwrap();
+    assert_eq!(sidecars(&other), 1);
+    assert!(sidecar(&other).args.as_ref().unwrap().contains(&"--upstream=127.0.0.1:9000".to_string()));
+}
+
+#[tokio::test]
+async fn pods_without_the_label_are_untouched() {
+    let cp = setup().await;
+    let ns = cp.namespace("wh-plain").await;
+    let pods: Api<Pod> = Api::namespaced(cp.admin_client().await, &ns);
+    let plain = pods.create(&PostParams::default(), &pod("plain", &[("app", "x")], &[])).await.unwrap();
+    assert_eq!(sidecars(&plain), 0);
+    assert_eq!(plain.spec.unwrap().containers.len(), 1);
+    // The annotation alone does not route the pod to the webhook: the objectSelector matches the label only.
+    let annotated_only = pod(
+        "annotated-only",
+        &[],
+        &[(INJECT_KEY, "true"), (ANNOTATION_SERVICE, "orders"), (ANNOTATION_UPSTREAM_PORT, "http")],
+    );
+    let created = pods.create(&PostParams::default(), &annotated_only).await.expect("not sent to the webhook");
+    assert_eq!(sidecars(&created), 0);
+}
+
+#[tokio::test]
+async fn bad_annotations_are_refused_with_a_message_naming_them() {
+    let cp = setup().await;
+    let ns = cp.namespace("wh-bad").await;
+    let pods: Api<Pod> = Api::namespaced(cp.admin_client().await, &ns);
+    for (name, p, annotation, value) in [
+        ("bad-port", opted_in("bad-port", "orders", "http"), ANNOTATION_UPSTREAM_PORT, "\"http\""),
+        ("proxy-port", opted_in("proxy-port", "orders", "8443"), ANNOTATION_UPSTREAM_PORT, "8443"),
+        ("bad-svc", opted_in("bad-svc", "Orders_1", "8080"), ANNOTATION_SERVICE, "\"Orders_1\""),
+        (
+            "no-svc",
+            pod("no-svc", &[(INJECT_KEY, "true")], &[(ANNOTATION_UPSTREAM_PORT, "8080")]),
+            ANNOTATION_SERVICE,
+            "required",
+        ),
+    ] {
+        match pods.create(&PostParams::default(), &p).await {
+            Err(kube::Error::Api(e)) => {
+                assert!(
+                    e.message.contains(annotation) && e.message.contains(value),
+                    "pod {name}: the refusal should name {annotation} and {value}: {}",
+                    e.message
+                );
+                assert!(e.message.contains("inject.portcullis.dev"), "the message says which webhook refused");
+            }
+            other => panic!("pod {name} should have been refused, got {other:?}"),
+        }
+        assert!(pods.get_opt(name).await.unwrap().is_none(), "refused pod {name} must not exist");
+    }
+}
+
+#[tokio::test]
+async fn a_tls_secret_annotation_mounts_the_secret_into_the_sidecar_only() {
+    let cp = setup().await;
+    let ns = cp.namespace("wh-tls").await;
+    let pods: Api<Pod> = Api::namespaced(cp.admin_client().await, &ns);
+    let mut p = opted_in("tls-0", "orders", "8080");
+    p.metadata.annotations.as_mut().unwrap().insert(ANNOTATION_TLS_SECRET.into(), "orders-tls".into());
+    // The API server validates the patched Pod (volume, mount, args) before storing it.
+    let created = pods.create(&PostParams::default(), &p).await.expect("create");
+    let stored = pods.get("tls-0").await.unwrap();
+    for pod in [&created, &stored] {
+        let c = sidecar(pod);
+        let args = c.args.clone().unwrap();
+        assert!(args.contains(&format!("--tls-cert={TLS_MOUNT_PATH}/tls.crt")), "{args:?}");
+        assert!(args.contains(&format!("--tls-key={TLS_MOUNT_PATH}/tls.key")), "{args:?}");
+        let mount = c.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == TLS_VOLUME_NAME).expect("mount");
+        assert_eq!((mount.mount_path.as_str(), mount.read_only), (TLS_MOUNT_PATH, Some(true)));
+        let spec = pod.spec.as_ref().unwrap();
+        let vol = spec.volumes.as_ref().unwrap().iter().find(|v| v.name == TLS_VOLUME_NAME).expect("volume");
+        assert_eq!(vol.secret.as_ref().unwrap().secret_name.as_deref(), Some("orders-tls"));
+        let app = spec.containers.iter().find(|c| c.name == "app").unwrap();
+        assert!(
+            app.volume_mounts.iter().flatten().all(|m| m.name != TLS_VOLUME_NAME),
+            "the app container must not see the private key"
+        );
+    }
+    // A pod without the annotation gets no TLS flags.
+    let plain = pods.create(&PostParams::default(), &opted_in("plain-0", "orders", "8080")).await.unwrap();
+    assert!(!sidecar(&plain).args.as_ref().unwrap().iter().any(|a| a.starts_with("--tls")));
+}
+
+/// `portcullis.dev/app-loopback: "true"`: the API server stores the app's httpGet/tcpSocket probes (named and
+/// numbered ports) rewritten onto the sidecar's admin port, and the sidecar carries the originals in an
+/// environment variable its own parser (`portcullis_table::sidecar`) accepts. Without the annotation they stay.
+#[tokio::test]
+async fn loopback_app_probes_are_rewritten_onto_the_sidecar_admin_port() {
+    use k8s_openapi::api::core::v1::{ContainerPort, HTTPGetAction, HTTPHeader, Probe, TCPSocketAction};
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    use portcullis_controller::webhook::inject::{ANNOTATION_APP_LOOPBACK, DEFAULT_ADMIN_PORT};
+    use portcullis_table::sidecar::{APP_PROBES_ENV, ProbeKind, app_health_path, parse_app_probes};
+
+    let cp = setup().await;
+    let ns = cp.namespace("wh-probes").await;
+    let pods: Api<Pod> = Api::namespaced(cp.admin_client().await, &ns);
+    let http = |port: IntOrString, path: &str| Probe {
+        http_get: Some(HTTPGetAction {
+            port,
+            path: Some(path.into()),
+            http_headers: Some(vec![HTTPHeader { name: "X-Probe".into(), value: "kubelet".into() }]),
+            ..Default::default()
+        }),
+        period_seconds: Some(3),
+        ..Default::default()
+    };
+    let tcp =
+        |port: IntOrString| Probe { tcp_socket: Some(TCPSocketAction { port, host: None }), ..Default::default() };
+    let with_probes = |name: &str, loopback: Option<&str>| {
+        let mut p = opted_in(name, "orders", "8080");
+        if let Some(v) = loopback {
+            p.metadata.annotations.as_mut().unwrap().insert(ANNOTATION_APP_LOOPBACK.into(), v.into());
+        }
+        let app = &mut p.spec.as_mut().unwrap().containers[0];
+        app.ports = Some(vec![
+            ContainerPort { name: Some("http".into()), container_port: 8080, ..Default::default() },
+            ContainerPort { name: Some("admin".into()), container_port: 8081, ..Default::default() },
+        ]);
+        app.liveness_probe = Some(http(IntOrString::String("http".into()), "/livez"));
+        app.readiness_probe = Some(http(IntOrString::Int(8081), "/readyz"));
+        app.startup_probe = Some(tcp(IntOrString::String("admin".into())));
+        p.spec.as_mut().unwrap().containers.push(Container {
+            name: "cache".into(),
+            image: Some("registry.invalid/cache:1".into()),
+            readiness_probe: Some(tcp(IntOrString::Int(6379))),
+            ..Default::default()
+        });
+        p
+    };
+
+    pods.create(&PostParams::default(), &with_probes("loop-0", Some("true"))).await.expect("create");
+    let stored = pods.get("loop-0").await.unwrap();
+    let spec = stored.spec.as_ref().unwrap();
+    let admin = IntOrString::Int(i32::from(DEFAULT_ADMIN_PORT));
+    for (container, kind) in [
+        ("app", ProbeKind::Liveness),
+        ("app", ProbeKind::Readiness),
+        ("app", ProbeKind::Startup),
+        ("cache", ProbeKind::Readiness),
+    ] {
+        let c = spec.containers.iter().find(|c| c.name == container).unwrap();
+        let probe = match kind {
+            ProbeKind::Liveness => &c.liveness_probe,
+            ProbeKind::Readiness => &c.readiness_probe,
+            ProbeKind::Startup => &c.startup_probe,
+        };
+        let probe = probe.as_ref().unwrap_or_else(|| panic!("{container} {kind:?} probe kept"));
+        let h = probe.http_get.as_ref().unwrap_or_else(|| panic!("{container} {kind:?} is an httpGet now"));
+        assert_eq!(h.port, admin, "{container} {kind:?}");
+        assert_eq!(h.path.as_deref(), Some(app_health_path(container, kind).as_str()));
+        assert!(probe.tcp_socket.is_none());
+    }
+    assert_eq!(spec.containers[0].liveness_probe.as_ref().unwrap().period_seconds, Some(3), "timings kept");
+    let env = sidecar(&stored).env.clone().unwrap_or_default();
+    let json = env.iter().find(|e| e.name == APP_PROBES_ENV).and_then(|e| e.value.clone()).expect("probes env");
+    let probes = parse_app_probes(&json).expect("the sidecar's parser accepts what the webhook wrote");
+    let live = probes[&app_health_path("app", ProbeKind::Liveness)].http_get.clone().unwrap();
+    assert_eq!((live.port, live.path.as_str(), live.http_headers[0].value.as_str()), (8080, "/livez", "kubelet"));
+    let ready = probes[&app_health_path("app", ProbeKind::Readiness)].http_get.clone().unwrap();
+    assert_eq!((ready.port, ready.path.as_str()), (8081, "/readyz"));
+    assert_eq!(probes[&app_health_path("app", ProbeKind::Startup)].tcp_socket.as_ref().unwrap().port, 8081);
+    assert_eq!(probes[&app_health_path("cache", ProbeKind::Readiness)].tcp_socket.as_ref().unwrap().port, 6379);
+
+    // Without the annotation (or with "false") the probes are stored as written and the sidecar gets no probes.
+    for (name, v) in [("plain-0", None), ("plain-1", Some("false"))] {
+        let want = with_probes(name, v);
+        let got = pods.create(&PostParams::default(), &want).await.expect("create");
+        // (The API server defaults `scheme: HTTP`; compare what was written.)
+        let http_of =
+            |p: &Option<Probe>| p.as_ref().and_then(|p| p.http_get.as_ref()).map(|h| (h.port.clone(), h.path.clone()));
+        for (g, w) in got.spec.as_ref().unwrap().containers.iter().zip(&want.spec.as_ref().unwrap().containers) {
+            assert_eq!(http_of(&g.liveness_probe), http_of(&w.liveness_probe), "{name}");
+            assert_eq!(http_of(&g.readiness_probe), http_of(&w.readiness_probe), "{name}");
+            assert_eq!(
+                g.startup_probe.as_ref().map(|p| &p.tcp_socket),
+                w.startup_probe.as_ref().map(|p| &p.tcp_socket)
+            );
+        }
+        assert!(sidecar(&got).env.iter().flatten().all(|e| e.name != APP_PROBES_ENV), "{name}");
+    }
+
+    // What cannot be carried through the sidecar is refused, naming container and probe.
+    let mut bad = with_probes("bad-0", Some("true"));
+    bad.spec.as_mut().unwrap().containers[0].readiness_probe = Some(http(IntOrString::String("nope".into()), "/"));
+    match pods.create(&PostParams::default(), &bad).await {
+        Err(kube::Error::Api(e)) => {
+            assert!(e.message.contains("\"app\"") && e.message.contains("readinessProbe"), "{}", e.message);
+            assert!(e.message.contains("\"nope\""), "{}", e.message);
+        }
+        other => panic!("a probe on an undeclared port name must be refused, got {other:?}"),
+    }
+}
+
+/// This module's own control plane (see the binary's docs for why it does not share the common one).
+fn own_cp() -> &'static ControlPlane {
+    static CP: portcullis_testkit::OnceCell = portcullis_testkit::OnceCell::new();
+    ControlPlane::once(&CP)
+}
