@@ -136,20 +136,20 @@ const fn probe(key: &'static str, status: u16, reason: &'static str) -> Probe {
     Probe { key, status, reason }
 }
 
-/// `tasks` load tasks (each its own keep-alive connection from 127.0.0.(10 + i)) cycling through `probes` until
-/// `stop` flips; each request is paced by `pause`.
+/// One load task per source address (each its own keep-alive connection) cycling through `probes` until `stop`
+/// flips; each round is paced by `pause`.
 fn spawn_load(
     to: SocketAddr,
-    tasks: u8,
+    sources: &[IpAddr],
     probes: Vec<Probe>,
     pause: Duration,
     stop: Arc<AtomicBool>,
 ) -> Vec<tokio::task::JoinHandle<Tally>> {
-    (0..tasks)
-        .map(|i| {
+    sources
+        .iter()
+        .map(|&src| {
             let (probes, stop) = (probes.clone(), stop.clone());
             tokio::spawn(async move {
-                let src = ip(10 + i);
                 let mut conn = None;
                 let mut t = Tally::default();
                 while !stop.load(Ordering::Acquire) {
@@ -222,7 +222,7 @@ fn spawn_swap_load(
     ];
     (0..tasks)
         .map(|i| {
-            let (store, numbers, stop) = (store.clone(), numbers.clone(), stop.clone());
+            let (store, numbers, stop, steady) = (store.clone(), numbers.clone(), stop.clone(), steady.clone());
             tokio::spawn(async move {
                 let src = ip(10 + i);
                 let mut conn = None;
@@ -333,7 +333,8 @@ async fn bad_revisions_from_the_api_are_refused_counted_and_the_last_good_table_
     wait_until("good revision applied", || p.tables.revision().as_deref() == Some(good.revision.as_str())).await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let load = spawn_load(p.addr, 3, steady_probes(), Duration::from_millis(1), stop.clone());
+    // k-live is allowed from 127.0.0.1 only (sharded_table).
+    let load = spawn_load(p.addr, &[ip(1); 3], steady_probes(), Duration::from_millis(1), stop.clone());
     // Each bad revision would re-admit k-reader and admit k-bad, were it applied.
     let bad = sharded_table(&["k-live", "k-bad"], false);
     let index = index_name(SERVICE);
@@ -341,8 +342,10 @@ async fn bad_revisions_from_the_api_are_refused_counted_and_the_last_good_table_
     let mut refuse = async |what: &str| {
         rejected += 1;
         let t0 = Instant::now();
-        wait_until(what, || counter(&p.metrics.encode(), REJECTED) == rejected).await;
+        wait_until(what, || counter(&p.metrics.encode(), REJECTED) >= rejected).await;
         println!("{what}: refused and counted {:.0?} after it was written", t0.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(counter(&p.metrics.encode(), REJECTED), rejected, "{what}: counted once");
         assert_eq!(p.tables.revision().as_deref(), Some(good.revision.as_str()), "{what}: the good table stays");
         assert!(p.tables.is_ready());
         assert_eq!(get(ip(1), p.addr, "/v1/x", &[("x-api-key", "k-bad")]).await.status, 401, "{what}");
@@ -350,7 +353,7 @@ async fn bad_revisions_from_the_api_are_refused_counted_and_the_last_good_table_
 
     // Partial: the index of a new revision whose shards were not all written (only the first one).
     let r = render(&bad, &index, Slot::B, 2, 4096).unwrap();
-    assert!(r.shards.len() >= 3, "the table spans several shards");
+    assert!(r.shards.len() >= 2, "the table spans several shards: {}", r.shards.len());
     k.put(&r.shards[0].0, SHARD_DATA_KEY, &r.shards[0].1).await;
     k.put(&index, INDEX_DATA_KEY, &r.index_json).await;
     refuse("partial revision (1 of its shards written)").await;
@@ -428,7 +431,7 @@ async fn bad_table_files_are_refused_counted_and_the_last_good_table_serves() {
     wait_until("good table applied", || p.tables.revision().as_deref() == Some(good.revision.as_str())).await;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let load = spawn_load(p.addr, 3, steady_probes(), Duration::from_millis(1), stop.clone());
+    let load = spawn_load(p.addr, &[ip(10), ip(11), ip(12)], steady_probes(), Duration::from_millis(1), stop.clone());
     let mut bad_clients = standard_clients();
     bad_clients.push(client("t/live", "k-live", &["127.0.0.0/8"], &["open"]));
     bad_clients.push(client("t/bad", "k-bad", &["127.0.0.0/8"], &["open"]));
@@ -438,8 +441,10 @@ async fn bad_table_files_are_refused_counted_and_the_last_good_table_serves() {
     let mut refuse = async |what: &str| {
         rejected += 1;
         let t0 = Instant::now();
-        wait_until(what, || counter(&p.metrics.encode(), REJECTED_FILE) == rejected).await;
+        wait_until(what, || counter(&p.metrics.encode(), REJECTED_FILE) >= rejected).await;
         println!("{what}: refused and counted {:.0?} after it was written", t0.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(counter(&p.metrics.encode(), REJECTED_FILE), rejected, "{what}: counted once");
         assert_eq!(p.tables.revision().as_deref(), Some(good.revision.as_str()), "{what}: the good table stays");
         assert_eq!(get(ip(1), p.addr, "/v1/x", &[("x-api-key", "k-bad")]).await.status, 401, "{what}");
     };

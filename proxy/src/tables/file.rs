@@ -101,7 +101,11 @@ impl FileWatcher {
             return self.too_large(st);
         }
         let bytes = match read_bounded(&self.path, MAX_TABLE_FILE_BYTES).await {
-            Ok(b) if b.len() > MAX_TABLE_FILE_BYTES => return self.too_large(st),
+            // Grown since the metadata was read: a new file state, judged (and counted) on the next look.
+            Ok(b) if b.len() > MAX_TABLE_FILE_BYTES => {
+                self.last_stamp = None;
+                return;
+            }
             Ok(b) => b,
             Err(e) => return self.unreadable(&e),
         };
