@@ -17,6 +17,7 @@ use portcullis_controller::crd::*;
 use portcullis_testkit::wait_for;
 use serde_json::json;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -37,6 +38,41 @@ fn plan() -> UsagePlan {
             network_policy: None,
         },
     )
+}
+
+/// Everything logged in this test process at debug level, every crate (the controller, kube, hyper, rustls, ...),
+/// as JSON lines. Installed before anything logs, so `common`'s narrower capture stays empty here.
+static DEBUG_LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+
+#[derive(Clone)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_debug_log() {
+    DEBUG_LOG.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let w = Capture(buf.clone());
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
+            .with_writer(move || w.clone())
+            .try_init()
+            .expect("the first subscriber of this test binary");
+        buf
+    });
+}
+
+fn debug_log() -> String {
+    String::from_utf8_lossy(&DEBUG_LOG.get().unwrap().lock().unwrap()).into_owned()
 }
 
 /// Waits for the generated Secret `name`; returns its key.
@@ -72,6 +108,7 @@ fn head_without_date(head: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_key_material_anywhere_and_one_401_for_every_bad_key() {
+    capture_debug_log();
     let env = env("hygiene").await;
     let ctl = start_controller(&env, "hygiene-1").await;
     create_plan(&env, plan()).await;
@@ -151,7 +188,9 @@ async fn no_key_material_anywhere_and_one_401_for_every_bad_key() {
     assert_no_key_material(&env, &keys).await;
     let proxy_log = std::fs::read_to_string(&sidecar.log).unwrap()
         + &std::fs::read_to_string(sidecar.log.with_extension("err")).unwrap_or_default();
-    let mut sources = vec![("sidecar log (RUST_LOG=debug)", proxy_log.clone()), ("controller log", logs())];
+    let controller_log = debug_log();
+    let mut sources =
+        vec![("sidecar log (RUST_LOG=debug)", proxy_log.clone()), ("controller log", controller_log.clone())];
     for path in ["/metrics", "/readyz", "/revision"] {
         let (_, body) = http_get(sidecar.admin, path).await.expect("sidecar admin port");
         sources.push((path, body));
@@ -173,14 +212,15 @@ async fn no_key_material_anywhere_and_one_401_for_every_bad_key() {
     }
     let debug_lines = proxy_log.lines().filter(|l| l.contains(r#""level":"DEBUG""#)).count();
     assert!(debug_lines > 0, "the sidecar logged at debug level");
-    let controller_debug = logs().lines().filter(|l| l.contains(r#""level":"DEBUG""#)).count();
-    assert!(controller_debug > 0, "the controller logged at debug level");
+    let controller_debug = controller_log.lines().filter(|l| l.contains(r#""level":"DEBUG""#)).count();
+    let controller_own = controller_log.lines().filter(|l| l.contains(r#""target":"portcullis_controller"#)).count();
+    assert!(controller_own > 0 && controller_debug > 0, "the controller logged, at debug level");
     eprintln!(
-        "scanned: sidecar log {} lines ({debug_lines} debug), controller log {} lines ({controller_debug} debug), \
-         {} other sources (metrics, readyz, revision) + ConfigMaps, ApiClients, UsagePlans, Events: {} keys × 4 \
-         encodings, none found",
+        "scanned: sidecar log {} lines ({debug_lines} debug), controller process log {} lines ({controller_debug} \
+         debug, {controller_own} from portcullis_controller), {} other sources (metrics, readyz, revision) + \
+         ConfigMaps, ApiClients, UsagePlans, Events: {} keys × 4 encodings, none found",
         proxy_log.lines().count(),
-        logs().lines().count(),
+        controller_log.lines().count(),
         sources.len() - 2,
         keys.len()
     );
