@@ -3,7 +3,7 @@
 //! the last table (the allowed client never fails, the revoked one is never admitted); the controller backs off,
 //! relists and converges, and the time from the restart to a correct status, table and sidecar is measured.
 //!
-//! Needs `target/<profile>/portcullis-proxy` (`cargo build -p portcullis-proxy`; `cargo xtask test` builds it).
+//! The sidecar binary is built on first use (`common::sidecar::proxy_binary`: `cargo build -p portcullis-proxy`).
 //! Figures are printed (`--nocapture`) and recorded in docs/reliability.md.
 
 mod common;

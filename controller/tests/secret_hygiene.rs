@@ -4,7 +4,7 @@
 //! ConfigMap is scanned for key material (the key, its base64, its hex), and none is found. The 401 answers for a
 //! missing, unknown, malformed and revoked key are byte-identical.
 //!
-//! Needs `target/<profile>/portcullis-proxy` (`cargo build -p portcullis-proxy`; `cargo xtask test` builds it).
+//! The sidecar binary is built on first use (`common::sidecar::proxy_binary`: `cargo build -p portcullis-proxy`).
 
 mod common;
 

@@ -559,8 +559,7 @@ async fn sigterm_under_load_closes_the_listener_first_and_completes_every_reques
         .spawn()
         .unwrap();
     let deadline = Instant::now() + WAIT;
-    while !matches!(tokio::net::TcpStream::connect(admin).await, Ok(_))
-        || get(ip(1), admin, "/readyz", &[]).await.status != 200
+    while tokio::net::TcpStream::connect(admin).await.is_err() || get(ip(1), admin, "/readyz", &[]).await.status != 200
     {
         assert!(child.try_wait().unwrap().is_none(), "proxy exited early");
         assert!(Instant::now() < deadline, "proxy never became ready");
@@ -707,7 +706,7 @@ async fn the_app_restarting_under_load_gets_clear_errors_only_while_it_is_down()
         within("load task", l).await.unwrap();
     }
 
-    let log = log.lock().unwrap();
+    let log = std::mem::take(&mut *log.lock().unwrap());
     let mut first_ok_after = None;
     let (mut ok, mut errors_while_down, mut unclear) = (0usize, 0usize, Vec::new());
     for (at, a) in log.iter() {
