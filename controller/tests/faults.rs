@@ -45,16 +45,24 @@ fn plan() -> UsagePlan {
     )
 }
 
-/// `GET /v1/orders` with `key` on a fresh connection: the status, or why there was none.
-async fn ask(addr: SocketAddr, key: &str) -> Result<u16, String> {
+/// `GET /v1/orders` with `key` on a fresh connection: the status and the body's `reason` (if any), or why there
+/// was no answer.
+async fn ask(addr: SocketAddr, key: &str) -> Result<(u16, String), String> {
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
         let req = format!("GET /v1/orders HTTP/1.1\r\nHost: orders\r\nx-api-key: {key}\r\nConnection: close\r\n\r\n");
         s.write_all(req.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
         let mut out = Vec::new();
         s.read_to_end(&mut out).await.map_err(|e| format!("read: {e}"))?;
-        let head = String::from_utf8_lossy(&out[..out.len().min(64)]).to_string();
-        head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| format!("no status: {head:?}"))
+        let text = String::from_utf8_lossy(&out).to_string();
+        let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+        let status = status.ok_or_else(|| format!("no status: {:?}", &text[..text.len().min(64)]))?;
+        let reason = text
+            .split_once("\r\n\r\n")
+            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(body).ok())
+            .and_then(|v| v["reason"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        Ok((status, reason))
     };
     tokio::time::timeout(Duration::from_secs(5), fut).await.unwrap_or_else(|_| Err("no answer within 5 s".into()))
 }
@@ -77,11 +85,12 @@ fn spawn_load(addr: SocketAddr, stop: Arc<AtomicBool>) -> tokio::task::JoinHandl
             for key in [ALLOWED, REVOKED] {
                 let a = ask(addr, key).await;
                 let label = match &a {
-                    Ok(s) => s.to_string(),
+                    Ok((s, r)) => format!("{s} {r}").trim_end().to_string(),
                     Err(e) => e.clone(),
                 };
                 *t.answers.entry((if key == ALLOWED { "allowed" } else { "revoked" }, label.clone())).or_default() += 1;
-                let bad = if key == ALLOWED { a != Ok(200) } else { a == Ok(200) || a.is_err() };
+                let status = a.as_ref().map(|(s, _)| *s);
+                let bad = if key == ALLOWED { status != Ok(200) } else { status == Ok(200) || a.is_err() };
                 if bad {
                     if key == ALLOWED {
                         t.allowed_failed += 1;
@@ -89,7 +98,7 @@ fn spawn_load(addr: SocketAddr, stop: Arc<AtomicBool>) -> tokio::task::JoinHandl
                         t.revoked_admitted += 1;
                     }
                     if t.examples.len() < 5 {
-                        t.examples.push(format!("{key}: {label}"));
+                        t.examples.push(format!("{key}: {label} at {:?}", std::time::SystemTime::now()));
                     }
                 }
                 n += 1;
@@ -199,6 +208,12 @@ async fn api_server_and_etcd_down_for_a_minute_under_load() {
         "from the API server ready again: table correct {table_at:.2?}, nova Ready {status_at:.2?}, sidecar admits \
          nova and refuses dora {sidecar_at:.2?}, every status correct {status_all_at:.2?}"
     );
+    if tally.allowed_failed + tally.revoked_admitted > 0 {
+        let log = std::fs::read_to_string(&sidecar.log).unwrap_or_default();
+        for l in log.lines().filter(|l| !l.contains("DEBUG")).take(60) {
+            eprintln!("sidecar: {l}");
+        }
+    }
     assert_eq!(tally.allowed_failed, 0, "the allowed client failed: {:?}", tally.examples);
     assert_eq!(tally.revoked_admitted, 0, "the revoked client was admitted: {:?}", tally.examples);
     assert!(tally.answers.values().sum::<usize>() >= 1000, "the load ran throughout: {:?}", tally.answers);
