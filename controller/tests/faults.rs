@@ -208,6 +208,13 @@ async fn api_server_and_etcd_down_for_a_minute_under_load() {
         "from the API server ready again: table correct {table_at:.2?}, nova Ready {status_at:.2?}, sidecar admits \
          nova and refuses dora {sidecar_at:.2?}, every status correct {status_all_at:.2?}"
     );
+    let sidecar_log = std::fs::read_to_string(&sidecar.log).unwrap_or_default();
+    let count = |what: &str| sidecar_log.lines().filter(|l| l.contains(what)).count();
+    eprintln!(
+        "sidecar log: {} access denials not believed (API server not ready), {} revocations",
+        count("access denial not believed"),
+        count("table revoked")
+    );
     if tally.allowed_failed + tally.revoked_admitted > 0 {
         let log = std::fs::read_to_string(&sidecar.log).unwrap_or_default();
         for l in log.lines().filter(|l| !l.contains("DEBUG")).take(60) {
