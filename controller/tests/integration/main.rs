@@ -14,6 +14,7 @@ mod chart;
 mod cluster;
 mod enforced;
 mod exposure;
+mod faults;
 mod lifecycle_keys;
 mod lifecycle_tables;
 mod no_crds;

@@ -40,7 +40,7 @@ pub async fn watch_configmap(
     rewatch: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
     let what = format!("ConfigMap {namespace}/{name}");
     let selector = format!("metadata.name={name}");
     let lp = ListParams::default().fields(&selector);
@@ -48,7 +48,7 @@ pub async fn watch_configmap(
     let wp = WatchParams::default().fields(&selector).timeout(timeout_secs);
     let idle = Duration::from_secs(u64::from(timeout_secs)) + WATCH_GRACE;
     let mut machine = IndexWatch::new();
-    let driver = Driver { store: &store, api: &api, what: &what };
+    let driver = Driver { store: &store, api: &api, client: &client, what: &what };
     let mut retry_at: Option<tokio::time::Instant> = None;
 
     loop {
@@ -185,14 +185,81 @@ fn classify_status(code: u16, message: &str) -> Failure {
 struct Driver<'a> {
     store: &'a Arc<TableStore>,
     api: &'a Api<ConfigMap>,
+    client: &'a kube::Client,
     what: &'a str,
 }
 
+/// Longest wait for the API server's `/readyz` when a denial is to be confirmed.
+const READYZ_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What the API server's `/readyz` said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerReadiness {
+    /// 200: its authenticator and authorizer work from synced caches; a 401/403 from it means what it says.
+    Ready,
+    /// 5xx (a check failing, e.g. `informer-sync` right after a restart), or no answer at all.
+    NotReady(String),
+    /// Anything else (e.g. `/readyz` itself forbidden): nothing learnt; the denial is believed.
+    Unknown(String),
+}
+
+/// A 401/403 revokes the table only when the API server that answered it is ready. Right after kube-apiserver
+/// (re)starts it serves requests before its caches are synced, and its RBAC authorizer denies what RBAC allows:
+/// `controller/tests/faults.rs` saw a sidecar refuse every request for ≈ 2 s after etcd and the API server came
+/// back from an outage. `/readyz` is exempt from authorization (`--authorization-always-allow-paths`), so any
+/// token may ask it.
+pub fn confirm_denial(failure: Failure, readiness: &ServerReadiness) -> Failure {
+    match (failure, readiness) {
+        (Failure::Forbidden(d) | Failure::Unauthorized(d), ServerReadiness::NotReady(why)) => {
+            Failure::Transient(format!("denied ({d}) by an API server that is not ready ({why}): not believed"))
+        }
+        (f, _) => f,
+    }
+}
+
+async fn server_readiness(client: &kube::Client) -> ServerReadiness {
+    let req = http::Request::get("/readyz").body(Vec::new()).expect("a valid request");
+    match tokio::time::timeout(READYZ_TIMEOUT, client.request_text(req)).await {
+        Ok(Ok(_)) => ServerReadiness::Ready,
+        Ok(Err(kube::Error::Api(s))) if s.code >= 500 => {
+            ServerReadiness::NotReady(format!("/readyz {}: {}", s.code, s.message.lines().last().unwrap_or_default()))
+        }
+        Ok(Err(kube::Error::Api(s))) => ServerReadiness::Unknown(format!("/readyz {}", s.code)),
+        Ok(Err(e)) => ServerReadiness::NotReady(format!("/readyz: {e}")),
+        Err(_) => ServerReadiness::NotReady(format!("/readyz: no answer within {READYZ_TIMEOUT:?}")),
+    }
+}
+
 impl Driver<'_> {
+    /// A 401/403 is checked against the API server's readiness before the machine sees it ([`confirm_denial`]).
+    async fn confirmed(&self, input: Input) -> Input {
+        let denied = |f: &Failure| matches!(f, Failure::Forbidden(_) | Failure::Unauthorized(_));
+        match input {
+            Input::Failed(f) if denied(&f) => {
+                let readiness = server_readiness(self.client).await;
+                Input::Failed(self.confirm(f, &readiness))
+            }
+            Input::Loaded { object, outcome: LoadOutcome::Failed(f) } if denied(&f) => {
+                let readiness = server_readiness(self.client).await;
+                Input::Loaded { object, outcome: LoadOutcome::Failed(self.confirm(f, &readiness)) }
+            }
+            other => other,
+        }
+    }
+
+    fn confirm(&self, f: Failure, readiness: &ServerReadiness) -> Failure {
+        let confirmed = confirm_denial(f, readiness);
+        if let Failure::Transient(detail) = &confirmed {
+            tracing::warn!(what = %self.what, %detail, "access denial not believed; the table in force stays");
+        }
+        confirmed
+    }
+
     /// Steps the machine with `input` and performs its effects (a load answers back with [`Input::Loaded`]).
     async fn drive(&self, machine: &mut IndexWatch, input: Input) {
         let mut next = Some(input);
         while let Some(input) = next.take() {
+            let input = self.confirmed(input).await;
             if let Input::Failed(f) | Input::Loaded { outcome: LoadOutcome::Failed(f), .. } = &input {
                 self.store.metrics().table_source_error(f.kind());
             }
@@ -289,6 +356,21 @@ mod tests {
         }
         let io = kube::Error::ReadEvents(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"));
         assert!(matches!(classify(&io), Failure::Transient(_)));
+    }
+
+    #[test]
+    fn a_denial_from_an_api_server_that_is_not_ready_is_not_believed() {
+        let not_ready = ServerReadiness::NotReady("/readyz 500: readyz check failed".into());
+        let ready = ServerReadiness::Ready;
+        let unknown = ServerReadiness::Unknown("/readyz 403".into());
+        for denial in [Failure::Forbidden("403".into()), Failure::Unauthorized("401".into())] {
+            assert!(matches!(confirm_denial(denial.clone(), &not_ready), Failure::Transient(_)), "{denial:?}");
+            assert_eq!(confirm_denial(denial.clone(), &ready), denial);
+            assert_eq!(confirm_denial(denial.clone(), &unknown), denial, "nothing learnt: believed");
+        }
+        for other in [Failure::NotFound("404".into()), Failure::Gone, Failure::Transient("x".into())] {
+            assert_eq!(confirm_denial(other.clone(), &not_ready), other);
+        }
     }
 
     #[test]

@@ -7,7 +7,20 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
+
+/// The largest table file read: what the API-mode format can carry at most (every shard of a slot full).
+/// A larger file is refused unread (rejected, the table in force stays) instead of being read into memory.
+pub const MAX_TABLE_FILE_BYTES: usize = portcullis_table::naming::MAX_SHARDS * portcullis_table::shard::MAX_SHARD_BYTES;
+
+/// Reads at most `limit + 1` bytes of `path` (so a file growing under us is seen as too large, never read whole).
+async fn read_bounded(path: &Path, limit: usize) -> std::io::Result<Vec<u8>> {
+    let file = tokio::fs::File::open(path).await?;
+    let mut bytes = Vec::new();
+    file.take(limit as u64 + 1).read_to_end(&mut bytes).await?;
+    Ok(bytes)
+}
 
 async fn apply_text(store: &Arc<TableStore>, path: &Path, text: String) -> Result<bool, LoadError> {
     let store = store.clone();
@@ -51,6 +64,7 @@ fn revocation(e: &std::io::Error) -> Revocation {
 /// symlink swap and editors' rename-into-place are seen) and, when that changed, the content hash.
 ///
 /// - A file that fails to parse or validate is rejected once per distinct content; the table in force stays.
+/// - A file larger than [`MAX_TABLE_FILE_BYTES`] is rejected the same way without being read.
 /// - A file that is deleted or can no longer be read (permissions, replaced by a directory, I/O error) revokes the
 ///   table: every request is refused (`table_revoked`) until a readable, valid file is back — the same content
 ///   again is applied again.
@@ -60,11 +74,13 @@ pub struct FileWatcher {
     last_stamp: Option<FileStamp>,
     last_hash: Option<[u8; 32]>,
     last_failed: bool,
+    /// The file state last refused as too large.
+    too_large: Option<FileStamp>,
 }
 
 impl FileWatcher {
     pub fn new(store: Arc<TableStore>, path: PathBuf) -> Self {
-        Self { store, path, last_stamp: None, last_hash: None, last_failed: true }
+        Self { store, path, last_stamp: None, last_hash: None, last_failed: true, too_large: None }
     }
 
     /// One look at the file; applies it when its content changed.
@@ -80,8 +96,16 @@ impl FileWatcher {
         if self.last_stamp.as_ref() == Some(&st) && !self.last_failed {
             return;
         }
-        self.last_stamp = Some(st);
-        let bytes = match tokio::fs::read(&self.path).await {
+        self.last_stamp = Some(st.clone());
+        if st.len > MAX_TABLE_FILE_BYTES as u64 {
+            return self.too_large(st);
+        }
+        let bytes = match read_bounded(&self.path, MAX_TABLE_FILE_BYTES).await {
+            // Grown since the metadata was read: a new file state, judged (and counted) on the next look.
+            Ok(b) if b.len() > MAX_TABLE_FILE_BYTES => {
+                self.last_stamp = None;
+                return;
+            }
             Ok(b) => b,
             Err(e) => return self.unreadable(&e),
         };
@@ -109,6 +133,19 @@ impl FileWatcher {
         self.last_hash = None;
         self.last_failed = true;
         self.store.revoke(revocation(e), &format!("{}: {e}", self.path.display()));
+    }
+
+    /// Refused unread; counted once per file state (size, mtime, inode), as bad content is once per content.
+    fn too_large(&mut self, st: FileStamp) {
+        // Forget the last content read, so the table in force coming back is taken up again.
+        self.last_hash = None;
+        if self.too_large.as_ref() == Some(&st) {
+            return;
+        }
+        self.too_large = Some(st);
+        let detail = format!("larger than {MAX_TABLE_FILE_BYTES} bytes, the most a table may be; not read");
+        let source = std::io::Error::new(ErrorKind::FileTooLarge, detail);
+        self.bad_content(LoadError::Read { path: self.path.display().to_string(), source });
     }
 
     fn bad_content(&mut self, e: LoadError) {

@@ -10,6 +10,7 @@ mod admin_endpoints;
 mod api_mode;
 mod client_certs;
 mod connection_bounds;
+mod faults;
 mod hardening;
 mod hot_swap;
 mod limits;

@@ -45,6 +45,7 @@ pub struct ControlPlane {
     pki: Pki,
     procs: Mutex<Vec<Proc>>,
     etcd_url: String,
+    etcd_args: Vec<String>,
     apiserver_args: Vec<String>,
     watchdog: bool,
 }
@@ -105,22 +106,18 @@ impl ControlPlane {
         let (etcd_port, peer_port, api_port) = (free_port()?, free_port()?, free_port()?);
         let p = |p: &Path| p.display().to_string();
         let mut procs = Vec::new();
-        let etcd = Proc::spawn(
-            "etcd",
-            &bin_dir.join("etcd"),
-            &[
-                format!("--data-dir={}", p(&dir.join("etcd"))),
-                "--unsafe-no-fsync".into(),
-                format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
-                format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
-                format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
-                format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
-                format!("--initial-cluster=default=http://127.0.0.1:{peer_port}"),
-                "--listen-metrics-urls=".into(),
-                "--log-level=warn".into(),
-            ],
-            &dir,
-        )?;
+        let etcd_args: Vec<String> = vec![
+            format!("--data-dir={}", p(&dir.join("etcd"))),
+            "--unsafe-no-fsync".into(),
+            format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"),
+            format!("--advertise-client-urls=http://127.0.0.1:{etcd_port}"),
+            format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"),
+            format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"),
+            format!("--initial-cluster=default=http://127.0.0.1:{peer_port}"),
+            "--listen-metrics-urls=".into(),
+            "--log-level=warn".into(),
+        ];
+        let etcd = Proc::spawn("etcd", &bin_dir.join("etcd"), &etcd_args, &dir)?;
         procs.push(etcd);
         let apiserver_args: Vec<String> = vec![
             format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
@@ -160,6 +157,7 @@ impl ControlPlane {
             pki,
             procs: Mutex::new(procs),
             etcd_url: format!("http://127.0.0.1:{etcd_port}"),
+            etcd_args,
             apiserver_args,
             watchdog,
         };
@@ -381,6 +379,31 @@ impl ControlPlane {
         }
         self.procs.lock().unwrap().push(p);
         self.wait_apiserver_ready(Duration::from_secs(120)).await
+    }
+
+    /// Stops etcd (stop the API server first, or it logs errors until etcd is back). Its data stays on disk.
+    pub fn stop_etcd(&self) {
+        let mut procs = self.procs.lock().unwrap();
+        if let Some(i) = procs.iter().position(|p| p.name == "etcd") {
+            procs.remove(i).stop();
+        }
+    }
+
+    /// Starts etcd again on the same addresses and data directory, and waits until it answers a read.
+    pub async fn start_etcd(&self) -> Result<()> {
+        let p = Proc::spawn("etcd", &self.bin_dir.join("etcd"), &self.etcd_args, &self.dir)?;
+        if self.watchdog {
+            spawn_watchdog(&[p.child.id()], &self.dir, true)?;
+        }
+        self.procs.lock().unwrap().push(p);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Err(e) = etcd_post(&self.etcd_url, "/v3/kv/range", r#"{"key":"AA=="}"#).await {
+            if Instant::now() > deadline {
+                bail!("etcd did not answer within 60 s after its restart: {e:#}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
     }
 
     /// Compacts etcd's history up to its current revision (through etcd's JSON gateway), as the API server does

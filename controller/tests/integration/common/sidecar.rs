@@ -92,13 +92,18 @@ pub struct Sidecar {
 impl Sidecar {
     /// Starts a proxy for `service` with ServiceAccount `sa`'s own token (re-watching every second).
     pub async fn start(env: &Env, service: &str, sa: &str, upstream: SocketAddr) -> Sidecar {
+        Self::start_logging(env, service, sa, upstream, "info").await
+    }
+
+    /// Like [`Sidecar::start`], with `RUST_LOG` set to `rust_log`.
+    pub async fn start_logging(env: &Env, service: &str, sa: &str, upstream: SocketAddr, rust_log: &str) -> Sidecar {
         let token = env.cp.service_account_token(&env.ns, sa).await;
         let kubeconfig = env.cp.kubeconfig_for_token(&token);
         let (port, admin) = (super::free_port(), super::free_port());
         let log = env.cp.dir().join(format!("proxy-{}-{service}-{port}.log", env.ns));
         let child = tokio::process::Command::new(proxy_binary().await)
             .env("KUBECONFIG", &kubeconfig)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .arg(format!("--listen=127.0.0.1:{port}"))
             .arg(format!("--admin-listen=127.0.0.1:{admin}"))
             .arg(format!("--upstream={upstream}"))
