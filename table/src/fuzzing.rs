@@ -52,7 +52,9 @@ pub fn round_trip(table: &Table, max_bytes: usize, slot_b: bool) {
     let slot = if slot_b { Slot::B } else { Slot::A };
     let rendered = match render(table, "portcullis-table-fuzz", slot, 7, max_bytes) {
         Ok(r) => r,
-        Err(TableError::ClientTooLarge { .. } | TableError::TooManyShards { .. }) => return,
+        Err(
+            TableError::ClientTooLarge { .. } | TableError::TooManyShards { .. } | TableError::ShardOverhead { .. },
+        ) => return,
         Err(e) => panic!("a valid table failed to render: {e}"),
     };
     assert_eq!(IndexDoc::parse(&rendered.index_json, "rendered").as_ref(), Ok(&rendered.index));
@@ -96,6 +98,19 @@ mod tests {
 
     /// Every checked-in input of the `table_decode` fuzz target still passes (a regression test for what the
     /// fuzzer found, and a smoke test of the check itself).
+    /// Found by the `table_decode` target (fuzz/corpus/table_decode/crash-ca67…): a table without clients whose
+    /// service name and revision alone exceed the shard budget rendered one shard over that budget.
+    #[test]
+    fn render_refuses_a_budget_below_the_shard_overhead() {
+        let t = Table::new(format!("team-a/{}", "x".repeat(300)), Default::default(), vec![]);
+        match render(&t, "portcullis-table-x", Slot::A, 1, 232) {
+            Err(TableError::ShardOverhead { bytes, max: 232, .. }) => assert!(bytes > 232),
+            other => panic!("{other:?}"),
+        }
+        let r = render(&t, "portcullis-table-x", Slot::A, 1, 1000).expect("fits");
+        assert!(r.shards.iter().all(|(_, s)| s.len() <= 1000));
+    }
+
     #[test]
     fn table_decode_corpus_replays() {
         assert!(replay("table_decode", table_decode) > 0);
