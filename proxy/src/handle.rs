@@ -234,7 +234,7 @@ fn valid_host(v: &[u8]) -> bool {
 }
 
 /// The key header's value when sent exactly once.
-fn single_header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a [u8]> {
+pub fn single_header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a [u8]> {
     let mut it = headers.get_all(name).iter();
     match (it.next(), it.next()) {
         (Some(v), None) => Some(v.as_bytes()),

@@ -10,6 +10,9 @@ pub mod app_probe;
 pub mod body;
 pub mod config;
 pub mod decision;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handle;
 pub mod heap;
 pub mod io;

@@ -35,6 +35,10 @@ pub enum TableError {
     TooManyShards { service: String, needed: usize, max: usize },
     #[error("client {client} alone is {bytes} bytes, more than a shard may hold ({max})")]
     ClientTooLarge { client: String, bytes: usize, max: usize },
+    #[error(
+        "a shard of {service} is {bytes} bytes before any client (service name, revision), more than the {max} a shard may hold"
+    )]
+    ShardOverhead { service: String, bytes: usize, max: usize },
 }
 
 impl TableError {

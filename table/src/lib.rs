@@ -11,6 +11,9 @@
 
 pub mod digest;
 pub mod error;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod model;
 pub mod naming;
 pub mod sequence;

@@ -98,7 +98,11 @@ pub fn render(
     })
     .expect("serialisable")
     .len();
-    let budget = max_bytes.saturating_sub(overhead);
+    // Every shard carries this much; a table with no clients still renders one shard of exactly this size.
+    if overhead > max_bytes {
+        return Err(TableError::ShardOverhead { service: table.service.clone(), bytes: overhead, max: max_bytes });
+    }
+    let budget = max_bytes - overhead;
     let mut groups: Vec<(usize, usize)> = Vec::new(); // (start, end) client ranges
     let (mut start, mut size) = (0usize, 0usize);
     for (i, c) in table.clients.iter().enumerate() {

@@ -13,6 +13,9 @@ pub mod client_addr;
 pub mod compiled;
 pub mod decide;
 pub mod path;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod path_reference;
 pub mod quota;
 pub mod reason;
 pub mod route;
