@@ -5,16 +5,17 @@
 //! req/s and handshakes/s, P1 vs nginx with the same certificate), `memory` (RSS
 //! idle / 10 000 clients / under load, CPU seconds per 1 000 requests), `scale` (P1 at 10 … 100 000 clients, table
 //! swap time and peak RSS), `limiter` (admitted vs configured rate), `propagation` (API write → enforced, on the
-//! local control plane), `all`. `--smoke`: 1 s runs, one repetition,
+//! local control plane), `abuse` (a legitimate client measured while the proxy is abused), `all`. `--smoke`: 1 s runs, one repetition,
 //! small tables, written to `target/bench-smoke/` instead (proves the code still works; no figures to publish).
 //!
 //! The load generator is pinned to CPU 0 and every server process (upstream, proxy, nginx) to CPU 1 (`taskset`).
 //!
 //! Binaries (release builds, next to each other in `target/release/`): `portcullis-bench` (this driver),
 //! `bench-upstream` (the 1 KiB upstream), `bench-openloop` (the open-loop generator) and `bench-render` (the
-//! controller's build + render timed for the scale suite). A suite is a module here with one `pub fn` returning
+//! controller's build + render timed for the scale suite), `bench-abuse` (the abuse generator). A suite is a module here with one `pub fn` returning
 //! `(json, markdown, svg)`, registered in [`ALL`] and the `match` of [`main`].
 
+pub mod abuse;
 pub mod load;
 mod propagation;
 pub mod servers;
@@ -40,9 +41,9 @@ impl Drop for Ctx {
 }
 
 /// Every suite, in the order `all` runs them.
-pub const ALL: [&str; 6] = ["throughput", "tls", "memory", "scale", "limiter", "propagation"];
+pub const ALL: [&str; 7] = ["throughput", "tls", "memory", "scale", "limiter", "propagation", "abuse"];
 
-const USAGE: &str = "usage: cargo xtask bench <throughput|tls|memory|scale|limiter|propagation|all> [--smoke]";
+const USAGE: &str = "usage: cargo xtask bench <throughput|tls|memory|scale|limiter|propagation|abuse|all> [--smoke]";
 
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
     let smoke = args.iter().any(|a| a == "--smoke");
@@ -75,6 +76,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
             "memory" => suites::memory(&ctx, &bin)?,
             "scale" => suites::scale(&ctx, &bin)?,
             "propagation" => propagation::propagation(&ctx)?,
+            "abuse" => abuse::abuse(&ctx, &bin)?,
             _ => suites::limiter(&ctx, &bin)?,
         };
         write_report(&ctx, s, data, &md, svg.as_deref(), t.elapsed().as_secs_f64())?;

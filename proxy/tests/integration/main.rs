@@ -6,6 +6,7 @@
 
 mod common;
 
+mod abuse;
 mod admin_endpoints;
 mod api_mode;
 mod client_certs;
