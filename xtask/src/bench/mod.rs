@@ -5,11 +5,12 @@
 //! req/s and handshakes/s, P1 vs nginx with the same certificate), `memory` (RSS
 //! idle / 10 000 clients / under load, CPU seconds per 1 000 requests), `scale` (P1 at 10 … 100 000 clients, table
 //! swap time and peak RSS), `limiter` (admitted vs configured rate), `propagation` (API write → enforced, on the
-//! local control plane), `all`. `--smoke`: 1 s runs, one repetition,
+//! local control plane), `abuse` (a legitimate client measured while the proxy is abused; `abuse.rs`), `all`. `--smoke`: 1 s runs, one repetition,
 //! small tables, written to `target/bench-smoke/` instead (proves the code still works; no figures to publish).
 //!
 //! The load generator is pinned to CPU 0 and every server process (upstream, proxy, nginx) to CPU 1 (`taskset`).
 
+mod abuse;
 mod load;
 mod propagation;
 mod servers;
@@ -34,12 +35,13 @@ impl Drop for Ctx {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask bench <throughput|tls|memory|scale|limiter|propagation|all> [--smoke]";
+const USAGE: &str = "usage: cargo xtask bench <throughput|tls|memory|scale|limiter|propagation|abuse|all> [--smoke]";
 
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("__openloop") => return load::openloop_main(&args[1..]),
         Some("__upstream") => return servers::upstream_main(),
+        Some("__abuse") => return abuse::abuse_main(&args[1..]),
         Some("__render") => return suites::render_main(&args[1..]),
         _ => {}
     }
@@ -58,7 +60,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     std::fs::create_dir_all(&tmp)?;
     let ctx =
         Ctx { root: root.to_path_buf(), smoke, out, tmp, command: format!("cargo xtask bench {}", args.join(" ")) };
-    const ALL: [&str; 6] = ["throughput", "tls", "memory", "scale", "limiter", "propagation"];
+    const ALL: [&str; 7] = ["throughput", "tls", "memory", "scale", "limiter", "propagation", "abuse"];
     let list: Vec<&str> = match *suite {
         "all" => ALL.to_vec(),
         s if ALL.contains(&s) => vec![s],
@@ -74,6 +76,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
             "memory" => suites::memory(&ctx, &bin)?,
             "scale" => suites::scale(&ctx, &bin)?,
             "propagation" => propagation::propagation(&ctx)?,
+            "abuse" => abuse::abuse(&ctx, &bin)?,
             _ => suites::limiter(&ctx, &bin)?,
         };
         write_report(&ctx, s, data, &md, svg.as_deref(), t.elapsed().as_secs_f64())?;
