@@ -80,13 +80,13 @@ fn knobs(ctx: &Ctx) -> Knobs {
     } else {
         Knobs {
             clients: 10_000,
-            secs: 25.0,
+            secs: 20.0,
             legit_rate: 1000,
             legit_conns: 8,
             key_rate: 5000,
             conns: 3000,
             head_rate: 1000,
-            body_rate: 100,
+            body_rate: 50,
             growth: [100_000, 1_000_000],
             header_timeout: "10s",
         }
@@ -433,6 +433,9 @@ impl Counts {
     fn add(&self, what: impl Into<String>) {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()).entry(what.into()).or_insert(0) += 1;
     }
+    fn set(&self, what: &str, v: u64) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(what.to_string(), v);
+    }
     fn json(&self) -> Value {
         json!(*self.0.lock().unwrap_or_else(|p| p.into_inner()))
     }
@@ -526,7 +529,7 @@ pub fn abuse_main(args: &[String]) -> Result<()> {
         while holders && g.up.load(Ordering::Relaxed) < conns as u64 && ramp.elapsed() < Duration::from_secs(20) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        g.counts.add(format!("ramp_ms={}", ramp.elapsed().as_millis()));
+        g.counts.set("ramp_ms", ramp.elapsed().as_millis() as u64);
         println!("ready");
         std::io::stdout().flush()?;
         if g.limit == 0 {
