@@ -48,7 +48,7 @@ pub async fn watch_configmap(
     let wp = WatchParams::default().fields(&selector).timeout(timeout_secs);
     let idle = Duration::from_secs(u64::from(timeout_secs)) + WATCH_GRACE;
     let mut machine = IndexWatch::new();
-    let driver = Driver { store: &store, api: &api, client: &client, what: &what };
+    let driver = Driver { store: &store, api: &api, client: &client, what: &what, unreachable_at: Default::default() };
     let mut retry_at: Option<tokio::time::Instant> = None;
 
     loop {
@@ -187,7 +187,16 @@ struct Driver<'a> {
     api: &'a Api<ConfigMap>,
     client: &'a kube::Client,
     what: &'a str,
+    /// When the API server last could not be reached (a transient failure of our own requests; denials that were
+    /// not believed do not count).
+    unreachable_at: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
+
+/// How long after the API server was last unreachable a 401/403 is not believed (retried with backoff instead):
+/// a restarted kube-apiserver may deny what RBAC allows for seconds, even once its `/readyz` says 200 (seen in
+/// `faults::api_server_and_etcd_down_for_a_minute_under_load`: 403 "cannot watch configmaps" with `/readyz` ready).
+/// A RoleBinding really removed right after an outage is believed this much later.
+pub const RECOVERY_WINDOW: Duration = Duration::from_secs(10);
 
 /// Longest wait for the API server's `/readyz` when a denial is to be confirmed.
 const READYZ_TIMEOUT: Duration = Duration::from_secs(3);
@@ -203,16 +212,20 @@ pub enum ServerReadiness {
     Unknown(String),
 }
 
-/// A 401/403 revokes the table only when the API server that answered it is ready. Right after kube-apiserver
-/// (re)starts it serves requests before its caches are synced, and its RBAC authorizer denies what RBAC allows:
-/// `controller/tests/faults.rs` saw a sidecar refuse every request for ≈ 2 s after etcd and the API server came
-/// back from an outage. `/readyz` is exempt from authorization (`--authorization-always-allow-paths`), so any
-/// token may ask it.
-pub fn confirm_denial(failure: Failure, readiness: &ServerReadiness) -> Failure {
+/// A 401/403 revokes the table only when the API server that answered it is ready and has been reachable for
+/// [`RECOVERY_WINDOW`] (`recovering`: it was not). Right after kube-apiserver (re)starts it serves requests before
+/// its caches are synced, and its RBAC authorizer denies what RBAC allows: the faults tests saw a sidecar refuse
+/// every request for 2–4 s after etcd and the API server came back from an outage, once with `/readyz` already
+/// answering 200. `/readyz` is exempt from authorization (`--authorization-always-allow-paths`), so any token may
+/// ask it.
+pub fn confirm_denial(failure: Failure, readiness: &ServerReadiness, recovering: bool) -> Failure {
     match (failure, readiness) {
         (Failure::Forbidden(d) | Failure::Unauthorized(d), ServerReadiness::NotReady(why)) => {
             Failure::Transient(format!("denied ({d}) by an API server that is not ready ({why}): not believed"))
         }
+        (Failure::Forbidden(d) | Failure::Unauthorized(d), _) if recovering => Failure::Transient(format!(
+            "denied ({d}) by an API server unreachable less than {RECOVERY_WINDOW:?} ago: not believed yet"
+        )),
         (f, _) => f,
     }
 }
@@ -248,7 +261,9 @@ impl Driver<'_> {
     }
 
     fn confirm(&self, f: Failure, readiness: &ServerReadiness) -> Failure {
-        let confirmed = confirm_denial(f, readiness);
+        let recovering =
+            self.unreachable_at.lock().expect("driver lock").is_some_and(|at| at.elapsed() < RECOVERY_WINDOW);
+        let confirmed = confirm_denial(f, readiness, recovering);
         if let Failure::Transient(detail) = &confirmed {
             tracing::warn!(what = %self.what, %detail, "access denial not believed; the table in force stays");
         }
@@ -259,6 +274,11 @@ impl Driver<'_> {
     async fn drive(&self, machine: &mut IndexWatch, input: Input) {
         let mut next = Some(input);
         while let Some(input) = next.take() {
+            if let Input::Failed(Failure::Transient(_))
+            | Input::Loaded { outcome: LoadOutcome::Failed(Failure::Transient(_)), .. } = &input
+            {
+                *self.unreachable_at.lock().expect("driver lock") = Some(tokio::time::Instant::now());
+            }
             let input = self.confirmed(input).await;
             if let Input::Failed(f) | Input::Loaded { outcome: LoadOutcome::Failed(f), .. } = &input {
                 self.store.metrics().table_source_error(f.kind());
@@ -364,12 +384,15 @@ mod tests {
         let ready = ServerReadiness::Ready;
         let unknown = ServerReadiness::Unknown("/readyz 403".into());
         for denial in [Failure::Forbidden("403".into()), Failure::Unauthorized("401".into())] {
-            assert!(matches!(confirm_denial(denial.clone(), &not_ready), Failure::Transient(_)), "{denial:?}");
-            assert_eq!(confirm_denial(denial.clone(), &ready), denial);
-            assert_eq!(confirm_denial(denial.clone(), &unknown), denial, "nothing learnt: believed");
+            assert!(matches!(confirm_denial(denial.clone(), &not_ready, false), Failure::Transient(_)), "{denial:?}");
+            assert_eq!(confirm_denial(denial.clone(), &ready, false), denial);
+            assert_eq!(confirm_denial(denial.clone(), &unknown, false), denial, "nothing learnt: believed");
+            // Ready, but unreachable moments ago: not believed yet, whatever /readyz says.
+            assert!(matches!(confirm_denial(denial.clone(), &ready, true), Failure::Transient(_)), "{denial:?}");
+            assert!(matches!(confirm_denial(denial.clone(), &unknown, true), Failure::Transient(_)), "{denial:?}");
         }
         for other in [Failure::NotFound("404".into()), Failure::Gone, Failure::Transient("x".into())] {
-            assert_eq!(confirm_denial(other.clone(), &not_ready), other);
+            assert_eq!(confirm_denial(other.clone(), &not_ready, true), other);
         }
     }
 
