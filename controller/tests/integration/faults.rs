@@ -118,7 +118,8 @@ async fn api_server_and_etcd_down_for_a_minute_under_load() {
     // A private control plane: this test stops it. Started on a thread of its own (it runs its own runtime).
     let cp = std::thread::spawn(|| ControlPlane::start(true)).join().unwrap().expect("private control plane");
     let cp: &'static ControlPlane = Box::leak(Box::new(cp));
-    let env = env_on(cp, "faults-outage").await;
+    // Alone: the watch errors counted below are every in-process controller's (one log capture per binary).
+    let env = env_on_exclusive(cp, "faults-outage").await;
     // The lease outlives the outage (leases live in etcd too): the same leader backs off and carries on. With the
     // default 15 s lease it would step down and exit, and its Deployment would restart it.
     let ctl = start_controller_with(&env, "faults-outage", &format!("outage-{}", env.ns), None, |c| {

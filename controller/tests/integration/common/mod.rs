@@ -107,6 +107,17 @@ async fn env_with(prefix: &str, turn: Turn) -> Env {
 /// Like [`env`], on a control plane of the caller's (e.g. one whose API server the test restarts).
 pub async fn env_on(cp: &'static ControlPlane, prefix: &str) -> Env {
     let turn = Turn::Shared(TURNS.read().await);
+    env_on_with(cp, prefix, turn).await
+}
+
+/// Like [`env_on`], alone (no other [`env`] test runs meanwhile): for a test that counts what every in-process
+/// controller logs (the log capture is the binary's), e.g. the watch errors of an outage.
+pub async fn env_on_exclusive(cp: &'static ControlPlane, prefix: &str) -> Env {
+    let turn = Turn::Exclusive(TURNS.write().await);
+    env_on_with(cp, prefix, turn).await
+}
+
+async fn env_on_with(cp: &'static ControlPlane, prefix: &str, turn: Turn) -> Env {
     install_logging();
     install(cp).await;
     let admin = cp.admin_client().await;
