@@ -135,8 +135,8 @@ pub fn table(n: usize, throttle: Option<Throttle>, quota: bool) -> Table {
         Plan {
             throttle,
             quota: quota.then_some(Quota { limit: 1_000_000_000_000, period: Period::Month }),
-            global_limits: false,
             routes: vec![RouteScope { path_prefix: "/v1".into(), methods: vec!["GET".into()] }],
+            ..Default::default()
         },
     );
     let clients = (0..n.max(1))

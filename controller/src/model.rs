@@ -66,7 +66,7 @@ pub fn plan_entry(name: &str, spec: &UsagePlanSpec, service: &str) -> Result<Pla
                 .collect()
         })
         .unwrap_or_default();
-    Ok(Plan { throttle, quota, global_limits: spec.global_limits.unwrap_or(false), routes })
+    Ok(Plan { throttle, quota, global_limits: spec.global_limits.unwrap_or(false), routes, ..Default::default() })
 }
 
 /// Whether `plan` grants `service`.

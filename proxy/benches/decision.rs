@@ -21,11 +21,11 @@ fn plans() -> BTreeMap<String, Plan> {
             // Generous enough never to refuse during a benchmark, but checked on every request.
             throttle: Some(Throttle { rate: 1_000_000_000, per_millis: 1000, burst: 1_000_000_000 }),
             quota: Some(Quota { limit: 1 << 39, period: Period::Month }),
-            global_limits: false,
             routes: vec![
                 RouteScope { path_prefix: "/admin".into(), methods: vec!["GET".into()] },
                 RouteScope { path_prefix: "/v1".into(), methods: vec!["GET".into(), "POST".into()] },
             ],
+            ..Default::default()
         },
     );
     plans

@@ -13,7 +13,10 @@ use crate::rewrite::{PROXY_OWNED, scrub_client_headers, strip_key_param};
 use arbitrary::{Arbitrary, Unstructured};
 use governor::clock::FakeRelativeClock;
 use http::{HeaderMap, HeaderName, HeaderValue};
-use portcullis_table::{CertIdentity, Client, KeyEntry, Period, Plan, Quota, RouteScope, Table, Throttle, key_digest};
+use portcullis_table::{
+    CertIdentity, Client, KeyEntry, Period, Plan, Quota, QuotaScope, RouteScope, StoreFallback, Table, Throttle,
+    key_digest,
+};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
@@ -338,7 +341,14 @@ fn plan(u: &mut Unstructured<'_>) -> arbitrary::Result<Plan> {
             (0..u.int_in_range(0..=2)?).map(|_| pick(u, &METHODS).map(str::to_string)).collect::<Result<_, _>>()?;
         routes.push(RouteScope { path_prefix, methods });
     }
-    Ok(Plan { throttle, quota, global_limits: u.ratio(1, 8)?, routes })
+    Ok(Plan {
+        throttle,
+        quota,
+        global_limits: u.ratio(1, 8)?,
+        quota_scope: pick(u, &[QuotaScope::Global, QuotaScope::Local])?,
+        on_store_unavailable: pick(u, &[StoreFallback::Local, StoreFallback::FailOpen, StoreFallback::FailClosed])?,
+        routes,
+    })
 }
 
 fn identity(u: &mut Unstructured<'_>) -> arbitrary::Result<CertIdentity> {

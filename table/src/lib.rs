@@ -16,16 +16,19 @@ pub mod error;
 pub mod fuzzing;
 pub mod model;
 pub mod naming;
+pub mod period;
 pub mod sequence;
 pub mod shard;
 pub mod sidecar;
+pub mod store_keys;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
 
 pub use digest::{KeyDigest, fingerprint, key_digest};
 pub use error::{Chain, TableError};
 pub use model::{
-    CertIdentity, Client, DenyAll, KeyEntry, MAX_DENY_REASON, Period, Plan, Quota, RouteScope, Table, Throttle,
+    CertIdentity, Client, DenyAll, KeyEntry, MAX_DENY_REASON, Period, Plan, Quota, QuotaScope, RouteScope,
+    StoreFallback, Table, Throttle,
 };
 #[cfg(any(test, feature = "test-util"))]
 pub use test_util::ClientBuilder;

@@ -61,12 +61,40 @@ pub struct Plan {
     pub throttle: Option<Throttle>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<Quota>,
-    /// Count throttle and quota across replicas (Redis) instead of per proxy.
+    /// Count the throttle across replicas (in the shared store, Redis) instead of per proxy.
     #[serde(default, skip_serializing_if = "is_false")]
     pub global_limits: bool,
+    /// Where the quota is counted: across replicas in the shared store (the default) or per proxy.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub quota_scope: QuotaScope,
+    /// What the proxy does with this plan's shared (global) counts while the store cannot be reached.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub on_store_unavailable: StoreFallback,
     /// Route scopes; empty means every path and method of the Service.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteScope>,
+}
+
+/// Where a quota is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum QuotaScope {
+    /// Across every proxy replica, in the shared store: exact, and it survives proxy restarts.
+    #[default]
+    Global,
+    /// Per proxy replica, in memory (starts again at zero when the proxy restarts).
+    Local,
+}
+
+/// What a proxy does with a plan's shared counts while the store is unreachable (not configured, down, timing out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum StoreFallback {
+    /// Count locally, with the throttle rate and the quota divided by the number of replicas the proxy knows of.
+    #[default]
+    Local,
+    /// Admit without counting.
+    FailOpen,
+    /// Refuse (503) what would have been counted.
+    FailClosed,
 }
 
 /// `rate` requests per `per_millis`, with bursts of up to `burst` (GCRA).
@@ -200,6 +228,10 @@ pub struct KeyEntry {
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 impl Table {
@@ -415,8 +447,8 @@ pub(crate) mod tests {
             Plan {
                 throttle: Some(Throttle { rate: 100, per_millis: 1000, burst: 20 }),
                 quota: Some(Quota { limit: 100_000, period: Period::Month }),
-                global_limits: false,
                 routes: vec![RouteScope { path_prefix: "/v1".into(), methods: vec!["GET".into()] }],
+                ..Default::default()
             },
         );
         let clients = (0..n)
