@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -121,6 +122,160 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
     forward_write!();
 }
 
+/// A client socket that can move between runtimes: [`Rehome::detach`] deregisters it from the current runtime's I/O
+/// driver, [`Rehome::attach`] (called on the destination runtime) registers it there. Between the two it is neither
+/// readable nor writable (an error, never a hang). Used to move a connection from its probation thread to its worker
+/// once it has sent a request head ([`crate::workers`]); the layers above it (replayed bytes, TLS state) move with it.
+pub struct Rehome {
+    registered: Option<TcpStream>,
+    detached: Option<std::net::TcpStream>,
+}
+
+impl Rehome {
+    pub fn new(s: TcpStream) -> Self {
+        Self { registered: Some(s), detached: None }
+    }
+
+    pub fn detach(&mut self) -> io::Result<()> {
+        if let Some(s) = self.registered.take() {
+            self.detached = Some(s.into_std()?);
+        }
+        Ok(())
+    }
+
+    /// Must run inside the destination runtime.
+    pub fn attach(&mut self) -> io::Result<()> {
+        if let Some(s) = self.detached.take() {
+            self.registered = Some(TcpStream::from_std(s)?);
+        }
+        Ok(())
+    }
+
+    fn io(&mut self) -> io::Result<&mut TcpStream> {
+        self.registered.as_mut().ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "socket between runtimes"))
+    }
+}
+
+impl AsyncRead for Rehome {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.io() {
+            Ok(s) => Pin::new(s).poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncWrite for Rehome {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        match self.io() {
+            Ok(s) => Pin::new(s).poll_write(cx, data),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.io() {
+            Ok(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.io() {
+            Ok(s) => Pin::new(s).poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.io() {
+            Ok(s) => Pin::new(s).poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// A connection's layers that lead down to its [`Rehome`] socket.
+pub trait HasSocket {
+    fn socket(&mut self) -> &mut Rehome;
+}
+
+impl HasSocket for Rehome {
+    fn socket(&mut self) -> &mut Rehome {
+        self
+    }
+}
+
+impl<S: HasSocket> HasSocket for ConnIo<S> {
+    fn socket(&mut self) -> &mut Rehome {
+        self.inner.socket()
+    }
+}
+
+impl<S: HasSocket> HasSocket for Sniffed<S> {
+    fn socket(&mut self) -> &mut Rehome {
+        self.inner.socket()
+    }
+}
+
+impl<S: HasSocket> HasSocket for tokio_rustls::server::TlsStream<S> {
+    fn socket(&mut self) -> &mut Rehome {
+        self.get_mut().0.socket()
+    }
+}
+
+/// Reads, until the end of the first request head (an empty line), more of an HTTP/1.1 connection whose first
+/// bytes are in `sniffed`; returns everything read (to be replayed to the HTTP server). Stops early, without an
+/// error, after `limit` bytes or at a request line that does not parse: the HTTP server then refuses the head
+/// itself (431, 400). Unbounded in time: the caller puts a deadline on it. Each read scans only the new bytes.
+pub async fn read_head<S: AsyncRead + Unpin>(io: &mut S, limit: usize) -> io::Result<Bytes> {
+    let mut buf = bytes::BytesMut::with_capacity(1024);
+    let mut scan = HeadScan::default();
+    loop {
+        if io.read_buf(&mut buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        if scan.done(&buf) || buf.len() >= limit {
+            return Ok(buf.freeze());
+        }
+    }
+}
+
+/// Where a request head ends, fed the growing head one read at a time.
+#[derive(Default)]
+struct HeadScan {
+    scanned: usize,
+    line_checked: bool,
+}
+
+impl HeadScan {
+    /// Whether `head` (everything read so far) is complete, or shows already that it is not a request.
+    fn done(&mut self, head: &[u8]) -> bool {
+        // The request line is parsed on the first read (garbage, such as a TLS ClientHello on a plain port, ends the
+        // wait at once) and once more when it is complete.
+        let first = self.scanned == 0;
+        if !self.line_checked && (first || head[self.scanned..].contains(&b'\n')) {
+            self.line_checked = head[self.scanned..].contains(&b'\n');
+            let mut none = [];
+            match httparse::Request::new(&mut none).parse(head) {
+                Ok(httparse::Status::Complete(_)) => return true,
+                Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {}
+                Err(_) => return true,
+            }
+        }
+        // The head ends at the first empty line: "\n\r\n" or (bare line feeds, which HTTP parsers accept) "\n\n". The
+        // last two bytes already scanned are scanned again, for an ending split across reads.
+        let from = self.scanned.saturating_sub(2);
+        self.scanned = head.len();
+        let new = &head[from..];
+        new.windows(3).any(|w| w == b"\n\r\n") || new.windows(2).any(|w| w == b"\n\n")
+    }
+}
+
 /// The client connection preface of HTTP/2 (RFC 9113 §3.4).
 pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -190,6 +345,50 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Sniffed<S> {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    fn scan_in_pieces(head: &[u8], piece: usize) -> Option<usize> {
+        let mut scan = HeadScan::default();
+        (piece..=head.len()).step_by(piece).chain([head.len()]).find(|&n| scan.done(&head[..n]))
+    }
+
+    #[test]
+    fn a_head_ends_at_its_empty_line_however_it_is_split() {
+        let head = b"GET /v1 HTTP/1.1\r\nHost: a\r\nX-Key: k\r\n\r\nbody";
+        let end = head.len() - 4;
+        for piece in 1..head.len() {
+            let n = scan_in_pieces(head, piece).expect("complete");
+            assert!(n >= end && n < end + piece, "piece {piece}: done at {n}");
+        }
+        assert_eq!(scan_in_pieces(b"GET / HTTP/1.1\nHost: a\n\n", 1), Some(24), "bare line feeds");
+        assert_eq!(scan_in_pieces(b"GET / HTTP/1.0\r\n\r\n", 1), Some(18), "no headers");
+        assert_eq!(scan_in_pieces(b"GET /v1 HTTP/1.1\r\nHost: a\r\nX-Slow: aaaa", 1), None, "incomplete");
+    }
+
+    #[test]
+    fn a_request_line_that_does_not_parse_ends_the_wait() {
+        assert_eq!(
+            scan_in_pieces(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\nrest", 1),
+            Some(1),
+            "TLS on a plain port"
+        );
+        assert_eq!(scan_in_pieces(b"GET /a b c\r\nHost: a\r\n", 1), Some(12));
+    }
+
+    #[tokio::test]
+    async fn read_head_returns_everything_read_and_stops_at_the_limit() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+        let got = read_head(&mut server, 1024).await.unwrap();
+        assert_eq!(&got[..], b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        client.write_all(&[b"GET / HTTP/1.1\r\nX: ".as_slice(), &[b'a'; 2000]].concat()).await.unwrap();
+        let got = read_head(&mut server, 100).await.unwrap();
+        assert!(got.len() >= 100, "stops once over the limit: {}", got.len());
+        drop(client);
+        let (client, mut server) = tokio::io::duplex(64);
+        drop(client);
+        assert_eq!(read_head(&mut server, 100).await.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
 
     #[test]
     fn classification_by_first_bytes() {

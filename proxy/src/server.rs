@@ -16,7 +16,7 @@ use crate::body::Counted;
 use crate::config::Config;
 use crate::decision::{CidrSet, PeerCert};
 use crate::handle::{ConnFacts, Handler};
-use crate::io::{self, Activity, ConnIo, InFlight, Protocol, Sniffed};
+use crate::io::{self, Activity, ConnIo, HasSocket, InFlight, Protocol, Rehome, Sniffed};
 use crate::metrics::Metrics;
 use crate::proxy_protocol::{self, Parsed};
 use crate::source_limit::{SourceLimit, SourceSlot};
@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -137,16 +138,21 @@ pub async fn serve(
         let shared = shared.clone();
         let stop = stop.clone();
         let tls = tls.clone();
+        let worker = workers.pick();
+        let serve_on = worker.serve.clone();
         conns.spawn_on(
             async move {
                 let _open = GaugeGuard::inc(&shared.metrics.open_connections);
                 match TcpStream::from_std(stream) {
-                    Ok(stream) => serve_connection(stream, peer, deadline, source, tls, shared.clone(), stop).await,
+                    Ok(stream) => {
+                        let conn = Conn { peer, deadline, tls, serve_on, shared: shared.clone(), stop };
+                        serve_connection(Rehome::new(stream), source, conn).await
+                    }
                     Err(e) => tracing::warn!(%peer, error = %e, "registering a connection on a worker failed"),
                 }
                 drop(permit);
             },
-            workers.pick(),
+            worker.probation,
         );
     }
     drop(listener);
@@ -184,7 +190,7 @@ fn count_source(shared: &Shared, ip: IpAddr, peer: SocketAddr) -> Option<SourceS
 }
 
 /// Reads just enough of the stream to tell a PROXY header from anything else.
-async fn sniff_proxy_header(stream: &mut TcpStream) -> std::io::Result<(Parsed, BytesMut)> {
+async fn sniff_proxy_header(stream: &mut Rehome) -> std::io::Result<(Parsed, BytesMut)> {
     let mut buf = BytesMut::with_capacity(256);
     loop {
         match proxy_protocol::parse(&buf) {
@@ -198,17 +204,23 @@ async fn sniff_proxy_header(stream: &mut TcpStream) -> std::io::Result<(Parsed, 
     }
 }
 
-/// `deadline`: accept + `--header-read-timeout`, for everything before the first HTTP bytes. `source` is held for
-/// the connection's life (tunnel included).
-async fn serve_connection(
-    mut stream: TcpStream,
+/// A new connection, on its probation thread ([`crate::workers`]).
+struct Conn {
     peer: SocketAddr,
+    /// Accept + `--header-read-timeout`: for everything up to the end of the first request head.
     deadline: Instant,
-    mut source: SourceSlot,
     tls: Option<TlsAcceptor>,
+    /// The worker that serves the connection once its first request head is in.
+    serve_on: Handle,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
-) {
+}
+
+/// Runs on the connection's probation thread: the PROXY header, the TLS handshake and the first request head, all
+/// before `conn.deadline`; then moves the connection to its worker and serves it there. `source` is held for the
+/// connection's life (tunnel included).
+async fn serve_connection(mut stream: Rehome, mut source: SourceSlot, conn: Conn) {
+    let Conn { peer, deadline, tls, serve_on, shared, stop } = conn;
     let peer_ip = peer.ip().to_canonical();
     let mut addr = peer_ip;
     let mut prefix = Bytes::new();
@@ -244,13 +256,14 @@ async fn serve_connection(
             }
         }
     }
-    let _source = source;
     // The bytes read past a PROXY header (the start of a ClientHello, or of an HTTP request) are replayed first.
     let io = ConnIo::new(prefix, stream);
+    let conn = Served { peer, addr, source, shared, stop };
     let Some(acceptor) = tls else {
-        let Some((protocol, io)) = sniff_protocol(io, deadline, &shared, peer).await else { return };
-        return serve_http(io, peer, addr, protocol, false, None, shared, stop).await;
+        let Some((protocol, io)) = first_request(io, deadline, &conn.shared, peer).await else { return };
+        return hand_off(io, protocol, false, None, &serve_on, conn).await;
     };
+    let shared = &conn.shared;
     let tls_stream = match tokio::time::timeout_at(deadline, acceptor.accept(io)).await {
         Ok(Ok(s)) => {
             shared.metrics.tls_handshake("ok");
@@ -277,30 +290,87 @@ async fn serve_connection(
             }
         }
     });
-    let Some((protocol, io)) = sniff_protocol(tls_stream, deadline, &shared, peer).await else { return };
-    serve_http(io, peer, addr, protocol, true, cert, shared, stop).await;
+    let Some((protocol, io)) = first_request(tls_stream, deadline, shared, peer).await else { return };
+    hand_off(io, protocol, true, cert, &serve_on, conn).await;
 }
 
-/// Waits, until `deadline`, for the first bytes to tell HTTP/1.1 from HTTP/2; `None` (close) when they do not come
-/// in time or the peer closes first. The bytes decide, as they did before this deadline existed (hyper-util's auto
-/// builder reads them again from the replay, without a deadline of its own); ALPN is not enforced against them.
-async fn sniff_protocol<S: AsyncRead + Unpin>(
+/// What a connection keeps for serving: its addresses, its per-source slot, and the server's state.
+struct Served {
+    peer: SocketAddr,
+    /// The client address the decision uses (the PROXY header's source, or the peer).
+    addr: IpAddr,
+    source: SourceSlot,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Waits, until `deadline`, for the first bytes to tell HTTP/1.1 from HTTP/2 and, for HTTP/1.1, for the rest of the
+/// first request head; `None` (close) when they do not come in time or the peer closes first. Everything read is
+/// replayed to the HTTP server (hyper-util's auto builder reads the first bytes again to pick the protocol, without
+/// a deadline of its own); ALPN is not enforced against them.
+async fn first_request<S: AsyncRead + Unpin>(
     io: S,
     deadline: Instant,
     shared: &Shared,
     peer: SocketAddr,
-) -> Option<(Protocol, Sniffed<S>)> {
-    match tokio::time::timeout_at(deadline, io::sniff(io)).await {
-        Ok(Ok(sniffed)) => Some(sniffed),
+) -> Option<(Protocol, ConnIo<Sniffed<S>>)> {
+    let (protocol, mut io) = match tokio::time::timeout_at(deadline, io::sniff(io)).await {
+        Ok(Ok(sniffed)) => sniffed,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "connection ended before its first request");
-            None
+            return None;
         }
         Err(_) => {
             shared.metrics.connection_closed("preface_timeout");
             tracing::debug!(%peer, "no request or HTTP/2 preface in time; closed");
+            return None;
+        }
+    };
+    if protocol == Protocol::Http2 {
+        return Some((protocol, ConnIo::new(Bytes::new(), io)));
+    }
+    match tokio::time::timeout_at(deadline, io::read_head(&mut io, shared.max_header_bytes)).await {
+        Ok(Ok(head)) => Some((protocol, ConnIo::new(head, io))),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "connection ended before its first request head");
             None
         }
+        Err(_) => {
+            shared.metrics.connection_closed("head_timeout");
+            tracing::debug!(%peer, "first request head not complete in time; closed");
+            None
+        }
+    }
+}
+
+/// Moves the connection's socket from this (probation) thread to its worker and serves it there; returns when the
+/// connection ends. Dropping this future (shutdown's abort) aborts the serving task too.
+async fn hand_off<S>(mut io: S, protocol: Protocol, tls: bool, cert: Option<Arc<PeerCert>>, to: &Handle, c: Served)
+where
+    S: HasSocket + AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = c.peer;
+    if let Err(e) = io.socket().detach() {
+        tracing::warn!(%peer, error = %e, "moving a connection to its worker failed");
+        return;
+    }
+    let task = to.spawn(async move {
+        if let Err(e) = io.socket().attach() {
+            tracing::warn!(%peer, error = %e, "registering a connection on its worker failed");
+            return;
+        }
+        let _source = c.source;
+        serve_http(io, c.peer, c.addr, protocol, tls, cert, c.shared, c.stop).await;
+    });
+    let _abort = AbortOnDrop(task.abort_handle());
+    let _ = task.await;
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
