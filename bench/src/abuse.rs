@@ -168,6 +168,10 @@ pub fn abuse(ctx: &Ctx, bin: &Path) -> Result<Out> {
             args: s(&[&"bodies", &k.body_rate, &32, &0]),
         },
     ];
+    // `PORTCULLIS_ABUSE_PHASES=quiet,slowloris`: only these phases (for profiling one kind of abuse).
+    let only = std::env::var("PORTCULLIS_ABUSE_PHASES").ok();
+    let phases: Vec<Phase> =
+        phases.into_iter().filter(|p| only.as_deref().is_none_or(|o| o.split(',').any(|n| n == p.name))).collect();
     let mut rows = Vec::new();
     for p in &phases {
         let r = run_phase(&proxy, &k, p)?;
