@@ -169,7 +169,7 @@ impl Metrics {
         );
         registry.register(
             "connections_closed",
-            "Client connections the proxy closed itself, by reason (source_limit, preface_timeout, idle, tunnel_idle)",
+            "Client connections the proxy closed itself, by reason (source_limit, preface_timeout, head_timeout, idle, tunnel_idle)",
             connections_closed.clone(),
         );
         Self {
