@@ -176,6 +176,62 @@ async fn connections_that_never_finish_their_preface_are_closed_after_the_header
     stop(p).await;
 }
 
+#[tokio::test]
+async fn a_first_head_must_be_complete_one_header_read_timeout_after_accept() {
+    let header_read = Duration::from_secs(2);
+    let (p, _dir) = proxy(|c| {
+        c.header_read_timeout = header_read;
+        c.idle_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let opened = Instant::now();
+    let mut slow = tcp_from(ip(1), p.addr).await;
+    // The first byte late (1.5 s), then a byte every 100 ms: the deadline is the accept's, not the first byte's
+    // (hyper's own head timeout, started at the first byte, would have closed it 3.5 s after the accept).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let head = b"GET /v1/x HTTP/1.1\r\nHost: a\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let (mut rd, mut wr) = slow.split();
+    let dribble = async {
+        for b in head {
+            if wr.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        std::future::pending::<()>().await
+    };
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    let closed_at = within("the proxy closes the dribbling connection", async {
+        tokio::select! {
+            _ = dribble => unreachable!(),
+            _ = async { while let Ok(n) = rd.read(&mut buf).await { if n == 0 { break } got.extend_from_slice(&buf[..n]) } } => {}
+        }
+        Instant::now()
+    })
+    .await;
+    let after = closed_at - opened;
+    assert!(got.is_empty(), "nothing is answered, got {:?}", String::from_utf8_lossy(&got));
+    assert!(after >= header_read - Duration::from_millis(50), "closed too early ({after:?})");
+    assert!(
+        after < Duration::from_millis(3200),
+        "closed {after:?} after accept: the deadline did not count from accept"
+    );
+    assert_eq!(metric(&p, "portcullis_proxy_connections_closed_total{reason=\"head_timeout\"}"), 1.0);
+
+    // A request line that is not HTTP (a TLS ClientHello on the plain port) is answered at once, not held.
+    let mut tls_hello = tcp_from(ip(1), p.addr).await;
+    let t = Instant::now();
+    tls_hello.write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03").await.unwrap();
+    let (bytes, at) = read_until_closed(&mut tls_hello).await;
+    assert!(bytes.starts_with(b"HTTP/1.1 400"), "got {:?}", String::from_utf8_lossy(&bytes));
+    assert!(at - t < header_read, "held for {:?}", at - t);
+    // A complete head gets through as always.
+    let r = get(ip(1), p.addr, "/v1/x", &[("x-api-key", "k-reader")]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    stop(p).await;
+}
+
 // === 2. h2 idle timeout counts streams, not PINGs (the reproduction) ===
 
 #[tokio::test]
