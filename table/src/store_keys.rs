@@ -29,6 +29,12 @@ pub fn quota_key(client: &str, plan: &str, period: Period, now: i64) -> String {
     format!("{PREFIX}:{{{client}}}:{plan}:q:{p}{}", period_number(period, now))
 }
 
+/// The sorted set where every proxy of `service` (`namespace/name`) records its replica id with the time of its last
+/// heartbeat: the live members are the replicas a fallback rate is divided by.
+pub fn replicas_key(service: &str) -> String {
+    format!("{PREFIX}:replicas:{{{service}}}")
+}
+
 /// Unix seconds at which the quota key for the period containing `now` may expire.
 pub fn quota_key_expires_at(period: Period, now: i64) -> i64 {
     period_end(period, now) + QUOTA_KEY_GRACE_SECS
