@@ -4,6 +4,7 @@
 
 use crate::conditions::{Cond, reason, types};
 use crate::model::StoreUse;
+use portcullis_store::{ConfigError, StoreConfig};
 use portcullis_table::StoreFallback;
 use std::time::Duration;
 
@@ -81,8 +82,22 @@ impl std::fmt::Debug for StoreSettings {
 /// Why the store settings cannot be used (the controller refuses to start).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SettingsError {
-    #[error("--store-url: {0}")]
-    Url(String),
+    #[error("--store-url / --store-timeout: {0}")]
+    Store(#[from] ConfigError),
+    #[error("--sidecar-store-timeout: {0}")]
+    SidecarTimeout(ConfigError),
+}
+
+impl StoreSettings {
+    /// The store client's settings.
+    pub fn config(&self) -> StoreConfig {
+        let mut c = StoreConfig::new(self.url.clone());
+        c.username = self.username.clone();
+        c.password = self.password.clone();
+        c.timeout = self.timeout;
+        c.connect_timeout = self.timeout;
+        c
+    }
 }
 
 impl StoreArgs {
@@ -90,9 +105,8 @@ impl StoreArgs {
     /// `Ok(None)` without `--store-url`.
     pub fn settings(&self, env: impl Fn(&str) -> Option<String>) -> Result<Option<StoreSettings>, SettingsError> {
         let Some(url) = self.store_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) else { return Ok(None) };
-        check_url(url)?;
         let nonempty = |k: &str| env(k).filter(|v| !v.is_empty());
-        Ok(Some(StoreSettings {
+        let settings = StoreSettings {
             url: url.to_string(),
             username: nonempty(ENV_USERNAME),
             password: nonempty(ENV_PASSWORD),
@@ -101,33 +115,17 @@ impl StoreArgs {
             credentials_secret: self.store_credentials_secret.clone().filter(|s| !s.is_empty()),
             check_every: Duration::from_secs(self.store_check_seconds),
             usage_every: Duration::from_secs(self.usage_refresh_seconds),
-        }))
+        };
+        // The store client's own checks: a redis:// or rediss:// URL with a host and no credentials in it (they
+        // would be copied into every sidecar's pod spec), timeouts within 1 ms - 10 s.
+        settings.config().validate()?;
+        if let Some(t) = settings.sidecar_timeout {
+            let mut c = settings.config();
+            c.timeout = t;
+            c.validate().map_err(SettingsError::SidecarTimeout)?;
+        }
+        Ok(Some(settings))
     }
-}
-
-/// The checks the controller makes itself before handing the URL to the store client: a `redis`/`rediss`/
-/// `redis+unix` URL with a host, no password in it (it would be copied into every sidecar's pod spec).
-pub fn check_url(url: &str) -> Result<(), SettingsError> {
-    let (scheme, rest) =
-        url.split_once("://").ok_or_else(|| SettingsError::Url(format!("{url:?} is not a URL (redis://host:6379)")))?;
-    if !matches!(scheme, "redis" | "rediss" | "redis+unix" | "unix") {
-        return Err(SettingsError::Url(format!("scheme {scheme:?} is not redis, rediss or redis+unix")));
-    }
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if let Some((userinfo, _)) = authority.rsplit_once('@')
-        && userinfo.contains(':')
-    {
-        return Err(SettingsError::Url(
-            "the URL carries a password; give it in PORTCULLIS_STORE_PASSWORD (chart: store.existingSecret) so it \
-             is not copied into every sidecar's pod spec"
-                .into(),
-        ));
-    }
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    if !scheme.contains("unix") && host.is_empty() {
-        return Err(SettingsError::Url(format!("{url:?} names no host")));
-    }
-    Ok(())
 }
 
 /// What the controller's last check of the store found.
@@ -269,21 +267,19 @@ mod tests {
     }
 
     #[test]
-    fn urls_are_checked() {
-        for ok in ["redis://r:6379", "rediss://user@r:6380/1", "redis://127.0.0.1/0", "redis+unix:///run/redis.sock"] {
-            assert_eq!(check_url(ok), Ok(()), "{ok}");
-        }
+    fn bad_settings_stop_the_controller_with_a_clear_error() {
         for (bad, says) in [
-            ("r:6379", "not a URL"),
-            ("http://r", "scheme"),
-            ("redis://u:pw@r:6379", "password"),
-            ("redis://:pw@r", "password"),
-            ("redis:///0", "no host"),
+            (vec!["--store-url=not a url"], "does not parse"),
+            (vec!["--store-url=http://r"], "scheme"),
+            (vec!["--store-url=redis://u:pw@r:6379"], "embeds credentials"),
+            (vec!["--store-url=redis://r:6379", "--store-timeout=20s"], "timeout"),
         ] {
-            let e = check_url(bad).unwrap_err().to_string();
-            assert!(e.starts_with("--store-url") && e.contains(says), "{bad}: {e}");
-            assert!(!e.contains("pw"), "{e}");
+            let e = args(&bad).settings(|_| None).unwrap_err().to_string();
+            assert!(e.starts_with("--store-url") && e.contains(says), "{bad:?}: {e}");
+            assert!(!e.contains("pw@"), "{e}");
         }
+        let e = args(&["--store-url=redis://r", "--sidecar-store-timeout=1h"]).settings(|_| None).unwrap_err();
+        assert!(e.to_string().starts_with("--sidecar-store-timeout"), "{e}");
     }
 
     #[test]

@@ -236,8 +236,10 @@ async fn rendered_chart_passes_server_side_dry_run() {
     let cp = own_cp();
     let ns = cp.namespace("chart-dry").await;
     let release = format!("dry-{}", random_hex(3));
-    let store = ["store.url=redis://redis.store:6379/0", "store.existingSecret=redis-auth", "store.sidecarTimeout=50ms"];
-    let mut yaml = template(cp, &release, &ns, &[&["webhook.url=https://127.0.0.1:1/mutate"][..], &store].concat()).unwrap();
+    let store =
+        ["store.url=redis://redis.store:6379/0", "store.existingSecret=redis-auth", "store.sidecarTimeout=50ms"];
+    let mut yaml =
+        template(cp, &release, &ns, &[&["webhook.url=https://127.0.0.1:1/mutate"][..], &store].concat()).unwrap();
     // `helm template` leaves out crds/; dry-run them too.
     for entry in std::fs::read_dir(chart().join("crds")).unwrap() {
         yaml.push_str("\n---\n");
@@ -471,8 +473,12 @@ fn chart_store_values_become_store_flags_and_credential_env() {
     ]);
     let flags = store_flags(&c);
     let cli = Cli::try_parse_from(std::iter::once("portcullis-controller").chain(flags.iter().map(String::as_str)))
-        .unwrap_or_else(|e| panic!("the chart passes store flags StoreArgs rejects: {e}
-{flags:?}"));
+        .unwrap_or_else(|e| {
+            panic!(
+                "the chart passes store flags StoreArgs rejects: {e}
+{flags:?}"
+            )
+        });
     let env = |k: &str| (k == "PORTCULLIS_STORE_USERNAME").then(|| "portcullis".to_string());
     let s = cli.store.settings(env).expect("valid").expect("a store is configured");
     assert_eq!(s.url, "rediss://redis.store:6380/2");
