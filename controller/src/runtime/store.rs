@@ -22,7 +22,11 @@ pub async fn run(ctx: Arc<Ctx>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let started = std::time::Instant::now();
         let health = client.check().await;
+        let up = health == StoreHealth::Reachable;
+        ctx.metrics.observe("store_check", started.elapsed(), up);
+        ctx.metrics.store_up.set(i64::from(up));
         set_health(&ctx, health);
         if let Err(e) = sync_credentials(&ctx, &settings).await {
             tracing::warn!(error = %Chain(&e), "syncing the store credential Secrets failed; retrying");

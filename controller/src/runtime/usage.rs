@@ -74,7 +74,10 @@ pub async fn run(ctx: Arc<Ctx>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match refresh(&ctx, &mut client).await {
+        let started = std::time::Instant::now();
+        let res = refresh(&ctx, &mut client).await;
+        ctx.metrics.observe("usage", started.elapsed(), res.is_ok());
+        match res {
             Ok(patched) if patched > 0 => tracing::debug!(patched, "ApiClient usage refreshed"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "reading quota usage from the shared store failed; retrying"),

@@ -70,6 +70,15 @@ async fn wait_plan(env: &Env, name: &str, t: &str, status: &str, reason: &str) -
     .await
 }
 
+/// Waits until the controller's `/metrics` has the line `line`.
+async fn wait_metric(ctl: &Running, line: &str) {
+    wait_for(T, &format!("/metrics line {line:?}"), || async {
+        let (_, body) = http_get(ctl.admin_addr, "/metrics").await?;
+        body.lines().any(|l| l == line).then_some(())
+    })
+    .await
+}
+
 fn data(pairs: &[(&str, &str)]) -> BTreeMap<String, ByteString> {
     pairs.iter().map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec()))).collect()
 }
@@ -117,6 +126,7 @@ async fn plans_follow_the_store_and_sidecars_get_its_credentials() {
     assert!(msg.contains("throttle (globalLimits) and the quota"), "{msg}");
     wait_plan(&env, "shared", "Ready", "True", "Ready").await;
     wait_plan(&env, "local", "GlobalLimits", "True", "Local").await;
+    wait_metric(&ctl, "portcullis_controller_store_up 1").await;
     let (_, t) = wait_table(&env, "orders", "both plans", |t| t.plans.len() == 2).await;
     assert_eq!((t.plans["shared"].quota_scope, t.plans["shared"].global_limits), (QuotaScope::Global, true));
     assert_eq!((t.plans["local"].quota_scope, t.plans["local"].global_limits), (QuotaScope::Local, false));
@@ -133,6 +143,7 @@ async fn plans_follow_the_store_and_sidecars_get_its_credentials() {
     assert!(msg.contains("onStoreUnavailable: Local"), "{msg}");
     wait_plan(&env, "shared", "Ready", "False", "StoreUnreachable").await;
     wait_event(&env, "shared", "StoreUnreachable").await;
+    wait_metric(&ctl, "portcullis_controller_store_up 0").await;
     wait_plan(&env, "local", "Ready", "True", "Ready").await;
     // Back: reachable again within a check interval or two.
     redis.restart();
