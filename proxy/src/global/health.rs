@@ -35,15 +35,17 @@ impl Health {
         self.up
     }
 
-    /// A store call failed. Returns true when this opened the circuit.
+    /// A store call failed. Returns true when this opened the circuit or the kind of failure changed (worth a
+    /// log line).
     pub fn failed(&mut self, now: Instant, kind: &'static str, error: String) -> bool {
         let opened = self.up;
         if opened {
             self.since = now;
         }
+        let changed = self.error.as_ref().is_none_or(|(k, _)| *k != kind);
         self.up = false;
         self.error = Some((kind, error));
-        opened
+        opened || changed
     }
 
     /// A store call (the probe) succeeded, with the replica count when it was a heartbeat. Returns true when this

@@ -265,10 +265,13 @@ impl GlobalLimits {
     /// [`PROBE_INTERVAL`] while down, and the return of expired leases.
     pub async fn run(self: Arc<Self>, tables: Arc<TableStore>, mut stop: watch::Receiver<bool>) {
         let mut next_heartbeat = Instant::now();
+        let mut counted = false;
         loop {
             let now = Instant::now();
-            if now >= next_heartbeat || !self.up.load(Ordering::Acquire) {
-                self.probe(&tables).await;
+            // The first table names the Service: heartbeat at once rather than at the next interval.
+            let first_count = !counted && tables.current.load().is_some();
+            if now >= next_heartbeat || !self.up.load(Ordering::Acquire) || first_count {
+                counted |= self.probe(&tables).await;
                 next_heartbeat = Instant::now() + HEARTBEAT_INTERVAL;
             }
             if self.up.load(Ordering::Acquire) {
@@ -283,7 +286,8 @@ impl GlobalLimits {
         self.return_all().await;
     }
 
-    async fn probe(&self, tables: &TableStore) {
+    /// Heartbeat (with a table) or PING; true when the replicas were counted.
+    async fn probe(&self, tables: &TableStore) -> bool {
         let service = tables.current.load().as_ref().map(|t| t.service.clone());
         let started = Instant::now();
         let result = match &service {
@@ -292,8 +296,14 @@ impl GlobalLimits {
         };
         self.observe("heartbeat", started, result.as_ref().err());
         match result {
-            Ok(replicas) => self.store_answered(replicas),
-            Err(e) => self.store_failed(&e),
+            Ok(replicas) => {
+                self.store_answered(replicas);
+                replicas.is_some()
+            }
+            Err(e) => {
+                self.store_failed(&e);
+                false
+            }
         }
     }
 
