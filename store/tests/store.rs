@@ -155,3 +155,33 @@ async fn bad_credentials_and_unreachable_stores_are_clear_errors() {
     let e = Store::connect(&StoreConfig::new("redis://u:p@127.0.0.1:1")).await.err().unwrap();
     assert!(matches!(e, StoreError::Config(_)), "{e}");
 }
+
+/// The quota resets at the UTC boundary: the caller's clock (here: instants either side of midnight) picks the
+/// period's key, and the store counts each key on its own.
+#[tokio::test]
+async fn quota_counters_reset_at_the_utc_period_boundary() {
+    let r = RedisServer::start();
+    let s = Store::connect(&config(&r)).await.unwrap();
+    let tk = throttle_key("ns/a", "roll");
+    for period in [Period::Day, Period::Week, Period::Month] {
+        // The next boundary after now, so the keys have not expired yet.
+        let end = portcullis_table::period::period_end(period, unix_now());
+        let before = end - 1;
+        let k1 = quota_key("ns/a", "roll", period, before);
+        let k2 = quota_key("ns/a", "roll", period, end);
+        assert_ne!(k1, k2, "{period:?}");
+        let take_at = |k: &str, now: i64| {
+            let k = k.to_string();
+            let s = s.clone();
+            let tk = tk.clone();
+            async move { s.take(&take(&tk, 0, &k, 1, 3, quota_key_expires_at(period, now))).await.unwrap().units }
+        };
+        let mut got = 0;
+        for _ in 0..5 {
+            got += take_at(&k1, before).await;
+        }
+        assert_eq!(got, 3, "{period:?}: the limit within a period");
+        assert_eq!(take_at(&k2, end).await, 1, "{period:?}: a new period starts at zero");
+        assert_eq!(s.quota_used(&[k1, k2]).await.unwrap(), vec![3, 1]);
+    }
+}
