@@ -259,3 +259,90 @@ async fn status_usage_matches_the_counts_in_the_store() {
     assert_eq!(st.used_summary.as_deref(), Some("12/1000"));
     ctl.stop().await.unwrap();
 }
+
+/// A real `portcullis-proxy` with the store flags the webhook injects (`--store-url`, `--store-timeout=<n>ms`,
+/// `--replica-id`), reading its table as the Service's sidecar ServiceAccount; killed on drop.
+async fn proxy(
+    env: &Env,
+    sa: &str,
+    store_url: &str,
+) -> (tokio::process::Child, std::net::SocketAddr, std::net::SocketAddr) {
+    use crate::common::sidecar::{proxy_binary, start_echo};
+    let token = env.cp.service_account_token(&env.ns, sa).await;
+    let kubeconfig = env.cp.kubeconfig_for_token(&token);
+    let (port, admin) = (free_port(), free_port());
+    let log = env.cp.dir().join(format!("proxy-{}-global-{port}.log", env.ns));
+    let upstream = start_echo().await;
+    let child = tokio::process::Command::new(proxy_binary().await)
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "info")
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg(format!("--admin-listen=127.0.0.1:{admin}"))
+        .arg(format!("--upstream={upstream}"))
+        .arg(format!("--tables-from=configmap/{}/{}", env.ns, portcullis_table::naming::index_name("orders")))
+        .args(["--table-rewatch", "1s", "--log-format", "json"])
+        .arg(format!("--store-url={store_url}"))
+        .arg("--store-timeout=500ms")
+        .arg("--replica-id=orders-0")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawning portcullis-proxy");
+    (child, format!("127.0.0.1:{port}").parse().unwrap(), format!("127.0.0.1:{admin}").parse().unwrap())
+}
+
+/// HTTP status of `GET /v1/orders` with `key` through the proxy at `addr`.
+async fn get(addr: std::net::SocketAddr, key: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let req = format!("GET /v1/orders HTTP/1.1\r\nHost: orders\r\nx-api-key: {key}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await.ok()?.ok()?;
+    String::from_utf8_lossy(&out[..out.len().min(64)]).split_whitespace().nth(1)?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_usage_counts_what_the_real_proxy_admitted() {
+    let env = env("globproxy").await;
+    let redis = RedisServer::start();
+    let ctl = start(&env, "globproxy-1", Some(store(redis.url(), None, None, None))).await;
+    crate::common::sidecar::service_and_pod(&env, "orders", "orders-sc").await;
+    let mut gold = plan("gold", None, None);
+    gold.spec.throttle = None;
+    gold.spec.quota = Some(QuotaSpec { limit: 5, period: QuotaPeriod::Month });
+    create_plan(&env, gold).await;
+    let key = "k-acme-global-0123456789";
+    create_secret(&env, "acme-key", &[("key", key)]).await;
+    create_client(&env, "acme", client_spec(&["gold"], &["127.0.0.1/32"], "acme-key", "key")).await;
+    wait_client_condition(&env, "acme", "Programmed", "True", None).await;
+    wait_plan(&env, "gold", "GlobalLimits", "True", "StoreReachable").await;
+
+    let (_child, addr, admin) = proxy(&env, "orders-sc", &redis.url()).await;
+    // Serving the table, with the store up (else the first requests would count under the Local fallback).
+    wait_for(T, "the proxy ready with the store up", || async {
+        let (status, body) = http_get(admin, "/readyz").await?;
+        (status.contains("200") && body.contains("store: up")).then_some(())
+    })
+    .await;
+    let mut admitted = 0;
+    let mut refused = 0;
+    for _ in 0..8 {
+        match get(addr, key).await {
+            Some(200) => admitted += 1,
+            Some(429) => refused += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!((admitted, refused), (5, 3), "the quota of 5 admits exactly 5");
+    let api: Api<ApiClient> = Api::namespaced(env.admin.clone(), &env.ns);
+    let st = wait_for(T, "acme status.usage = 5 admitted", || async {
+        let st = api.get("acme").await.ok()?.status?;
+        (st.usage.first().map(|u| u.used) == Some(admitted)).then_some(st)
+    })
+    .await;
+    assert_eq!((st.usage[0].plan.as_str(), st.usage[0].limit), ("gold", 5));
+    assert_eq!(st.used_summary.as_deref(), Some("5/5"));
+    ctl.stop().await.unwrap();
+}
