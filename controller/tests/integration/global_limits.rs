@@ -139,7 +139,9 @@ async fn plans_follow_the_store_and_sidecars_get_its_credentials() {
 
     // Redis down: not Ready, the condition says what the proxies do meanwhile, and a Warning Event.
     redis.stop();
+    let stopped = std::time::Instant::now();
     let msg = wait_plan(&env, "shared", "GlobalLimits", "False", "StoreUnreachable").await;
+    let down_after = stopped.elapsed();
     assert!(msg.contains("onStoreUnavailable: Local"), "{msg}");
     wait_plan(&env, "shared", "Ready", "False", "StoreUnreachable").await;
     wait_event(&env, "shared", "StoreUnreachable").await;
@@ -147,7 +149,14 @@ async fn plans_follow_the_store_and_sidecars_get_its_credentials() {
     wait_plan(&env, "local", "Ready", "True", "Ready").await;
     // Back: reachable again within a check interval or two.
     redis.restart();
+    let restarted = std::time::Instant::now();
     wait_plan(&env, "shared", "GlobalLimits", "True", "StoreReachable").await;
+    // Bounded by the check interval (1 s here) plus the check's own timeout (500 ms) plus the status write.
+    eprintln!(
+        "store stopped → StoreUnreachable in {down_after:?}; restarted → StoreReachable in {:?}",
+        restarted.elapsed()
+    );
+    assert!(down_after < Duration::from_secs(10), "{down_after:?}");
     wait_plan(&env, "shared", "Ready", "True", "Ready").await;
 
     // No protected Service left in the namespace: the copy goes.
