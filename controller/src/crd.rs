@@ -47,7 +47,7 @@ pub struct UsagePlanSpec {
     pub quota: Option<QuotaSpec>,
     /// Count the throttle across proxy replicas, in the shared store (Redis), instead of per replica. Needs a store
     /// configured in the controller (`--store-url`, chart value `store.url`); without one the plan is not Ready
-    /// (reason `StoreNotConfigured`) and the proxies apply `onStoreUnavailable`.
+    /// (reason `StoreNotConfigured`) and the proxies count per replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub global_limits: Option<bool>,
     /// Where the quota is counted: `Global` (across replicas in the shared store: exact, survives proxy restarts) or
@@ -56,7 +56,7 @@ pub struct UsagePlanSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota_scope: Option<QuotaScopeSpec>,
     /// What the proxies do with this plan's shared counts (a `globalLimits` throttle, a `Global` quota) while the
-    /// store is unreachable, timing out or not configured: `Local` (the default: count per replica, with the rate
+    /// configured store is unreachable or timing out: `Local` (the default: count per replica, with the rate
     /// and the quota divided by the number of replicas the proxy knows of), `FailOpen` (admit without counting) or
     /// `FailClosed` (refuse with 503).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -202,7 +202,8 @@ pub fn global_limits_condition(u: StoreUse, fallback: StoreFallback, health: &St
             reason::STORE_NOT_CONFIGURED,
             format!(
                 "{what} must be counted in a shared store, and none is configured (controller flag --store-url, \
-                 chart value store.url); clients keep access under {fb}"
+                 chart value store.url); clients keep access: until a store is configured the proxies count it per \
+                 replica, each with the full limit ({fb} applies once a configured store is away)"
             ),
         ),
         StoreHealth::Unknown => {
@@ -291,7 +292,11 @@ mod tests {
         assert!(c.ok && c.reason == "StoreReachable");
         let c = global_limits_condition(both, StoreFallback::Local, &StoreHealth::NotConfigured);
         assert!(!c.ok && c.reason == "StoreNotConfigured");
-        assert!(c.message.contains("clients keep access under onStoreUnavailable: Local"), "{}", c.message);
+        assert!(
+            c.message.contains("clients keep access: until a store is configured the proxies count it per replica"),
+            "{}",
+            c.message
+        );
         let quota = StoreUse { throttle: false, quota: true };
         let c =
             global_limits_condition(quota, StoreFallback::FailClosed, &StoreHealth::Unreachable("timed out".into()));

@@ -240,6 +240,9 @@ async fn rendered_chart_passes_server_side_dry_run() {
         ["store.url=redis://redis.store:6379/0", "store.existingSecret=redis-auth", "store.sidecarTimeout=50ms"];
     let mut yaml =
         template(cp, &release, &ns, &[&["webhook.url=https://127.0.0.1:1/mutate"][..], &store].concat()).unwrap();
+    // The one-replica Redis example of docs/global-limits-controller.md is checked the same way.
+    yaml.push_str("\n---\n");
+    yaml.push_str(&std::fs::read_to_string(root().join("examples/redis/redis.yaml")).unwrap());
     // `helm template` leaves out crds/; dry-run them too.
     for entry in std::fs::read_dir(chart().join("crds")).unwrap() {
         yaml.push_str("\n---\n");

@@ -201,15 +201,15 @@ async fn without_a_store_quotas_stay_local_and_global_requests_are_not_ready() {
     wait_plan(&env, "plain", "GlobalLimits", "True", "Local").await;
     wait_plan(&env, "plain", "Ready", "True", "Ready").await;
     let msg = wait_plan(&env, "explicit", "Ready", "False", "StoreNotConfigured").await;
-    assert!(msg.contains("clients keep access under onStoreUnavailable: Local"), "{msg}");
+    assert!(msg.contains("clients keep access: until a store is configured the proxies count it per replica"), "{msg}");
     wait_plan(&env, "throttled", "GlobalLimits", "False", "StoreNotConfigured").await;
     let msg = wait_plan(&env, "noop", "SpecHonoured", "False", "IneffectiveField").await;
     assert!(msg.contains("spec.globalLimits has no effect"), "{msg}");
     wait_plan(&env, "noop", "Ready", "True", "Ready").await;
     wait_event(&env, "explicit", "StoreNotConfigured").await;
 
-    // The table says what the proxies do: the default scope is Local; an explicit Global stays Global (the proxies,
-    // finding no store, apply the plan's fallback).
+    // The table says what the plan asks: the default scope is Local; an explicit Global stays Global (sidecars
+    // injected without a store count it per replica).
     let (_, t) = wait_table(&env, "orders", "four plans", |t| t.plans.len() == 4).await;
     assert_eq!(t.plans["plain"].quota_scope, QuotaScope::Local);
     assert_eq!(t.plans["explicit"].quota_scope, QuotaScope::Global);
