@@ -136,6 +136,12 @@ async fn plans_follow_the_store_and_sidecars_get_its_credentials() {
     let patch = serde_json::json!({"stringData": {"password": "rotated-pw"}});
     sys.patch(&source, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     wait_copy(&env, Some(&[("username", USER), ("password", "rotated-pw")])).await;
+    // Least privilege: the controller's token may update the copies, not other Secrets (here: the source).
+    let as_controller = kube::Client::try_from(controller_kube_config(&env).await).unwrap();
+    let other = Api::<Secret>::namespaced(as_controller, SYSTEM_NS)
+        .patch(&source, &PatchParams::default(), &Patch::Merge(&serde_json::json!({"stringData": {"x": "y"}})))
+        .await;
+    assert!(matches!(other, Err(kube::Error::Api(ref s)) if s.code == 403), "{other:?}");
 
     // Redis down: not Ready, the condition says what the proxies do meanwhile, and a Warning Event.
     redis.stop();
@@ -354,4 +360,28 @@ async fn status_usage_counts_what_the_real_proxy_admitted() {
     assert_eq!((st.usage[0].plan.as_str(), st.usage[0].limit), ("gold", 5));
     assert_eq!(st.used_summary.as_deref(), Some("5/5"));
     ctl.stop().await.unwrap();
+}
+
+/// The binary refuses bad store settings before it touches the cluster: exit status 1 and a message naming the
+/// flag and the fix, never the password.
+#[test]
+fn the_binary_refuses_bad_store_settings_at_start() {
+    for (args, says) in [
+        (&["--store-url=redis://alice:pw-in-url-77@redis:6379"][..], "store URL embeds credentials"),
+        (&["--store-url=http://redis:6379"][..], "scheme \"http\" is not supported"),
+        (&["--store-url=redis://redis:6379", "--store-timeout=30s"][..], "store timeout must be between"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis-controller"))
+            .args(args)
+            .env("KUBECONFIG", "/nonexistent")
+            .output()
+            .expect("running portcullis-controller");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("error: --store-url / --store-timeout: ") && stderr.contains(says),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("pw-in-url-77"), "{stderr}");
+    }
 }
