@@ -334,13 +334,16 @@ async fn status_usage_counts_what_the_real_proxy_admitted() {
     wait_client_condition(&env, "acme", "Programmed", "True", None).await;
     wait_plan(&env, "gold", "GlobalLimits", "True", "StoreReachable").await;
 
+    let t0 = std::time::Instant::now();
     let (_child, addr, admin) = proxy(&env, "orders-sc", &redis.url()).await;
+    eprintln!("proxy binary ready and spawned in {:?}", t0.elapsed());
     // Serving the table, with the store up (else the first requests would count under the Local fallback).
     wait_for(T, "the proxy ready with the store up", || async {
         let (status, body) = http_get(admin, "/readyz").await?;
         (status.contains("200") && body.contains("store: up")).then_some(())
     })
     .await;
+    eprintln!("proxy ready with the store up after {:?}", t0.elapsed());
     let mut admitted = 0;
     let mut refused = 0;
     for _ in 0..8 {
@@ -352,11 +355,13 @@ async fn status_usage_counts_what_the_real_proxy_admitted() {
     }
     assert_eq!((admitted, refused), (5, 3), "the quota of 5 admits exactly 5");
     let api: Api<ApiClient> = Api::namespaced(env.admin.clone(), &env.ns);
+    let t1 = std::time::Instant::now();
     let st = wait_for(T, "acme status.usage = 5 admitted", || async {
         let st = api.get("acme").await.ok()?.status?;
         (st.usage.first().map(|u| u.used) == Some(admitted)).then_some(st)
     })
     .await;
+    eprintln!("status.usage = 5 after {:?} (refresh every 1 s)", t1.elapsed());
     assert_eq!((st.usage[0].plan.as_str(), st.usage[0].limit), ("gold", 5));
     assert_eq!(st.used_summary.as_deref(), Some("5/5"));
     ctl.stop().await.unwrap();
