@@ -170,8 +170,9 @@ pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
     }
     md.push_str(
         "\nError = (admitted − expected) / (rate × duration); goal within 1 %. Negative: leases held back (they never \
-         over-admit: the store's GCRA is authoritative). No nginx arm: Debian packages no Redis-backed rate limiter \
-         for nginx (`apt-cache search nginx redis` lists none; OpenResty's lua-resty-redis is not in Debian).\n",
+         over-admit: the store's GCRA is authoritative). No nginx arm yet: Debian packages no ready Redis-backed \
+         limiter for nginx; one could be assembled from `libnginx-mod-http-lua` + `lua-nginx-redis` (both in Debian) \
+         and a hand-written GCRA script, which this suite does not do (see docs/global-limits.md).\n",
     );
     let data = json!({
         "added_p50_ms": round(added_p50, 4), "added_p99_ms": round(added_p99, 4),
