@@ -16,7 +16,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
 #[derive(Clone, PartialEq, Eq)]
 pub struct StoreConfig {
     /// `redis://host:port[/db]` or `rediss://host:port[/db]` (TLS, server certificate checked against the
-    /// Web PKI roots). No user information in the URL.
+    /// system roots). No user information in the URL.
     pub url: String,
     pub username: Option<String>,
     pub password: Option<String>,

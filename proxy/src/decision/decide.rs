@@ -259,6 +259,37 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn with_a_store_global_counts_are_left_to_the_store_stage() {
+        let mut tbl = table();
+        let read = tbl.plans.get_mut("read").unwrap();
+        read.global_limits = true; // throttle burst 2: global
+        let small = tbl.plans.get_mut("small").unwrap();
+        small.quota_scope = portcullis_table::QuotaScope::Global; // quota 2 a day: global (the default)
+        let tbl = Table::new(tbl.service.clone(), tbl.plans, tbl.clients);
+        let read = facts(Some(b"k-read"), "127.0.0.1", "GET", "/v1/x");
+        let quota = facts(Some(b"k-quota"), "::1", "GET", "/");
+        // Without a store: counted here, as before.
+        let local = CompiledTable::compile(&tbl, None, FakeRelativeClock::default()).unwrap();
+        assert_eq!(local.global_plans, 2);
+        let refused = (0..5).filter(|_| decide(Some(&local), &read).reason().is_some()).count();
+        assert_eq!(refused, 3);
+        assert_eq!((0..5).filter(|_| decide(Some(&local), &quota).reason().is_some()).count(), 3);
+        // With one: never refused here; the plan says what the store stage must count.
+        let mut shared = CompiledTable::compile(&tbl, None, FakeRelativeClock::default()).unwrap();
+        shared.store_counts = true;
+        for _ in 0..5 {
+            match decide(Some(&shared), &read) {
+                Decision::Allow { plan, .. } => assert!(plan.spec.global_throttle && !plan.spec.global_quota),
+                Decision::Deny(d) => panic!("{d:?}"),
+            }
+            match decide(Some(&shared), &quota) {
+                Decision::Allow { plan, .. } => assert!(plan.spec.global_quota && !plan.spec.global_throttle),
+                Decision::Deny(d) => panic!("{d:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn every_outcome() {
         let clock = FakeRelativeClock::default();
         let t = CompiledTable::compile(&table(), None, clock.clone()).unwrap();
