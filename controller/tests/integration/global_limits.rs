@@ -267,6 +267,16 @@ async fn status_usage_matches_the_counts_in_the_store() {
     let end = portcullis_table::period::period_end(Period::Day, now);
     assert_eq!(u.resets_at.0.as_second(), end);
     assert_eq!(st.used_summary.as_deref(), Some("7/1000"));
+    // What `kubectl get apiclients` shows: the API server's table of the CRD's printer columns.
+    let req = hyper::http::Request::get(format!("/apis/portcullis.dev/v1alpha1/namespaces/{}/apiclients/acme", env.ns))
+        .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+        .body(Vec::new())
+        .unwrap();
+    let table: serde_json::Value = serde_json::from_str(&env.admin.request_text(req).await.unwrap()).unwrap();
+    let columns: Vec<&str> =
+        table["columnDefinitions"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    let used = columns.iter().position(|c| *c == "Used").unwrap_or_else(|| panic!("no Used column: {columns:?}"));
+    assert_eq!(table["rows"][0]["cells"][used].as_str(), Some("7/1000"), "{table}");
     assert!(condition(&st.conditions, "Ready").is_some(), "the reconciler's status stays beside the usage");
 
     s.take(&take(5)).await.unwrap();
