@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Holds the crate boundaries of docs/architecture.md with `cargo tree` (no build; a few seconds):
-#   table: no kube, tokio or hyper; proxy: kube's client only (no kube-runtime, kube-derive, schemars);
+#   table: no kube, tokio or hyper; store: no kube, hyper, controller or proxy; proxy: kube's client only (no kube-runtime, kube-derive, schemars);
 #   only the controller's own targets and bench/ link the controller library; xtask links neither resvg nor it;
 #   one jiff in the tree.
 set -euo pipefail
@@ -18,6 +18,7 @@ forbid() { # crate, forbidden dependency names...
   done
 }
 forbid portcullis-table kube kube-client tokio hyper k8s-openapi
+forbid portcullis-store kube kube-client k8s-openapi hyper portcullis-controller portcullis-proxy
 forbid portcullis-proxy kube-runtime kube-derive schemars portcullis-controller
 forbid portcullis-testkit portcullis-controller kube-runtime
 forbid xtask portcullis-controller resvg portcullis-bench

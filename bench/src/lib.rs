@@ -5,7 +5,8 @@
 //! req/s and handshakes/s, P1 vs nginx with the same certificate), `memory` (RSS
 //! idle / 10 000 clients / under load, CPU seconds per 1 000 requests), `scale` (P1 at 10 … 100 000 clients, table
 //! swap time and peak RSS), `limiter` (admitted vs configured rate), `propagation` (API write → enforced, on the
-//! local control plane), `abuse` (a legitimate client measured while the proxy is abused), `all`. `--smoke`: 1 s runs, one repetition,
+//! local control plane), `abuse` (a legitimate client measured while the proxy is abused), `global` (the shared store's added latency,
+//! throughput and accuracy across 3 replicas: docs/global-limits.md), `all`. `--smoke`: 1 s runs, one repetition,
 //! small tables, written to `target/bench-smoke/` instead (proves the code still works; no figures to publish).
 //!
 //! The load generator is pinned to CPU 0 and every server process (upstream, proxy, nginx) to CPU 1 (`taskset`).
@@ -16,6 +17,7 @@
 //! `(json, markdown, svg)`, registered in [`ALL`] and the `match` of [`main`].
 
 pub mod abuse;
+pub mod global;
 pub mod load;
 mod propagation;
 pub mod servers;
@@ -41,9 +43,10 @@ impl Drop for Ctx {
 }
 
 /// Every suite, in the order `all` runs them.
-pub const ALL: [&str; 7] = ["throughput", "tls", "memory", "scale", "limiter", "propagation", "abuse"];
+pub const ALL: [&str; 8] = ["throughput", "tls", "memory", "scale", "limiter", "propagation", "abuse", "global"];
 
-const USAGE: &str = "usage: cargo xtask bench <throughput|tls|memory|scale|limiter|propagation|abuse|all> [--smoke]";
+const USAGE: &str =
+    "usage: cargo xtask bench <throughput|tls|memory|scale|limiter|propagation|abuse|global|all> [--smoke]";
 
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
     let smoke = args.iter().any(|a| a == "--smoke");
@@ -77,6 +80,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
             "scale" => suites::scale(&ctx, &bin)?,
             "propagation" => propagation::propagation(&ctx)?,
             "abuse" => abuse::abuse(&ctx, &bin)?,
+            "global" => global::global(&ctx, &bin)?,
             _ => suites::limiter(&ctx, &bin)?,
         };
         write_report(&ctx, s, data, &md, svg.as_deref(), t.elapsed().as_secs_f64())?;

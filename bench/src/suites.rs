@@ -565,6 +565,9 @@ pub fn summary(suite: &str, r: &Value) -> Value {
         }
         "scale" => json!({"scale": r["sizes"]}),
         "limiter" => json!({"limiter": r["rates"]}),
+        "global" => json!({"global": {"added_p50_ms": r["added_p50_ms"], "added_p99_ms": r["added_p99_ms"],
+                                      "throughput_ratio_vs_local": r["throughput_ratio_vs_local"],
+                                      "accuracy_error_3_replicas": r["accuracy_error_3_replicas"]}}),
         "propagation" => json!({"propagation_s": r}),
         "tls" => {
             json!({"tls": {"ratios": r["ratios"], "arms": r["arms"].as_array().map(|a| a.iter().map(|x| (x["arm"].as_str().unwrap_or("").to_string(), json!({"keepalive_rps": x["keepalive"]["rps"], "handshakes_per_s": x["handshakes"]["rps"]}))).collect::<serde_json::Map<_, _>>())}})

@@ -6,7 +6,10 @@
 
 use crate::exposure::Finding;
 use crate::keys::KeyProblem;
+use crate::model::StoreUse;
+use crate::store::{StoreHealth, global_limits_condition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use portcullis_table::StoreFallback;
 
 pub mod types {
     pub const READY: &str = "Ready";
@@ -19,6 +22,12 @@ pub mod types {
     /// Every running sidecar of every Service concerned serves the current revision ([`crate::enforcement`]).
     /// Informational: not part of `Ready`.
     pub const ENFORCED: &str = "Enforced";
+    /// UsagePlan only: are the counts the plan shares across replicas (a `globalLimits` throttle, a `Global` quota)
+    /// kept in a store the controller reaches? True `Local` for plans that count only per replica. Part of `Ready`.
+    pub const GLOBAL_LIMITS: &str = "GlobalLimits";
+    /// UsagePlan only: is every field that is set honoured? False names the fields that change nothing (e.g.
+    /// `globalLimits: true` without a throttle). Informational: not part of `Ready`.
+    pub const SPEC_HONOURED: &str = "SpecHonoured";
 }
 
 pub mod reason {
@@ -49,6 +58,16 @@ pub mod reason {
     pub const NOT_READY: &str = "NotReady";
     /// `Exposure` True: the plan's Services are reachable only through the proxy.
     pub const INTERNAL: &str = "Internal";
+    /// `GlobalLimits` True: the plan counts nothing across replicas.
+    pub const LOCAL: &str = "Local";
+    pub const STORE_REACHABLE: &str = "StoreReachable";
+    pub const STORE_NOT_CONFIGURED: &str = "StoreNotConfigured";
+    pub const STORE_UNREACHABLE: &str = "StoreUnreachable";
+    pub const STORE_AUTH_FAILED: &str = "StoreAuthFailed";
+    pub const STORE_INVALID: &str = "StoreInvalid";
+    /// `SpecHonoured` True / False.
+    pub const HONOURED: &str = "Honoured";
+    pub const INEFFECTIVE_FIELD: &str = "IneffectiveField";
 }
 
 /// The `KeysResolved` reason a key problem reports.
@@ -183,6 +202,12 @@ pub struct PlanFacts {
     pub render_errors: Vec<(String, String)>,
     /// Bypass-guard findings per Service (see [`crate::exposure`]).
     pub exposure: Vec<(String, Vec<Finding>)>,
+    /// What the plan counts in the shared store, what proxies do when they cannot, and the store's state.
+    pub store_use: StoreUse,
+    pub fallback: StoreFallback,
+    pub store: StoreHealth,
+    /// Fields set but changing nothing: `(field, why)` ([`crate::model::ineffective_fields`]).
+    pub ineffective: Vec<(&'static str, &'static str)>,
 }
 
 pub fn plan_conditions(f: &PlanFacts) -> Vec<Cond> {
@@ -206,11 +231,22 @@ pub fn plan_conditions(f: &PlanFacts) -> Vec<Cond> {
             format!("tables written for Service(s) {}", f.services.join(", ")),
         )
     };
-    let mut out = vec![programmed];
+    let global = global_limits_condition(f.store_use, f.fallback, &f.store);
+    let mut out = vec![programmed, global];
     out.push(ready(&out));
     // After `Ready`: exposure is a warning for the platform team, the plan works either way.
     out.push(exposure_condition(&f.exposure));
+    out.push(spec_honoured(&f.ineffective));
     out
+}
+
+/// `SpecHonoured`: False with every field that is set but changes nothing.
+pub fn spec_honoured(ineffective: &[(&'static str, &'static str)]) -> Cond {
+    if ineffective.is_empty() {
+        return Cond::new(types::SPEC_HONOURED, true, reason::HONOURED, "every field set is in effect");
+    }
+    let msg = ineffective.iter().map(|(f, why)| format!("{f} has no effect: {why}")).collect::<Vec<_>>().join("; ");
+    Cond::new(types::SPEC_HONOURED, false, reason::INEFFECTIVE_FIELD, msg)
 }
 
 /// The `Exposure` condition of a plan from its Services' findings (`(service, findings)`): True without findings,
@@ -347,6 +383,26 @@ mod tests {
         let cs = plan_conditions(&f);
         assert_eq!(get(&cs, "Programmed").reason, "RenderFailed");
         assert!(get(&cs, "Ready").message.contains("orders"));
+    }
+
+    #[test]
+    fn global_limits_is_part_of_ready_and_ineffective_fields_are_reported() {
+        let mut f = PlanFacts { services: vec!["orders".into()], ..Default::default() };
+        let cs = plan_conditions(&f);
+        assert_eq!((get(&cs, "GlobalLimits").ok, get(&cs, "GlobalLimits").reason), (true, "Local"));
+        assert_eq!(get(&cs, "SpecHonoured").reason, "Honoured");
+        f.store_use.quota = true;
+        let cs = plan_conditions(&f);
+        assert_eq!(get(&cs, "GlobalLimits").reason, "StoreNotConfigured");
+        assert_eq!((get(&cs, "Ready").ok, get(&cs, "Ready").reason), (false, "StoreNotConfigured"));
+        f.store = StoreHealth::Reachable;
+        assert!(get(&plan_conditions(&f), "Ready").ok);
+        f.ineffective = vec![("spec.globalLimits", "the plan has no throttle to count across replicas")];
+        let cs = plan_conditions(&f);
+        let h = get(&cs, "SpecHonoured");
+        assert_eq!((h.ok, h.reason), (false, "IneffectiveField"));
+        assert!(h.message.starts_with("spec.globalLimits has no effect"), "{}", h.message);
+        assert!(get(&cs, "Ready").ok, "informational");
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub const API_VERSION: &str = "portcullis.dev/v1alpha1";
     printcolumn = r#"{"name":"Clients","type":"integer","jsonPath":".status.clients"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Enforced","type":"string","jsonPath":".status.conditions[?(@.type==\"Enforced\")].status"}"#,
+    printcolumn = r#"{"name":"Global","type":"string","jsonPath":".status.conditions[?(@.type==\"GlobalLimits\")].reason","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -44,9 +45,22 @@ pub struct UsagePlanSpec {
     /// Request quota per client and calendar period (UTC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<QuotaSpec>,
-    /// Count throttle and quota across proxy replicas (Redis) instead of per replica.
+    /// Count the throttle across proxy replicas, in the shared store (Redis), instead of per replica. Needs a store
+    /// configured in the controller (`--store-url`, chart value `store.url`); without one the plan is not Ready
+    /// (reason `StoreNotConfigured`) and the proxies count per replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub global_limits: Option<bool>,
+    /// Where the quota is counted: `Global` (across replicas in the shared store: exact, survives proxy restarts) or
+    /// `Local` (per proxy replica, in memory). Unset: `Global` when the controller has a store configured, `Local`
+    /// otherwise. An explicit `Global` without a store makes the plan not Ready (reason `StoreNotConfigured`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_scope: Option<QuotaScopeSpec>,
+    /// What the proxies do with this plan's shared counts (a `globalLimits` throttle, a `Global` quota) while the
+    /// configured store is unreachable or timing out: `Local` (the default: count per replica, with the rate
+    /// and the quota divided by the number of replicas the proxy knows of), `FailOpen` (admit without counting) or
+    /// `FailClosed` (refuse with 503).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_store_unavailable: Option<StoreFallbackSpec>,
     /// Write the NetworkPolicy `portcullis-<service>` admitting ingress to the Service's pods only on the sidecar's
     /// ports (the proxy port from anywhere, the admin port from the controller and scrapers). Unset: the
     /// controller's default, on (`--network-policy-default`, chart value `networkPolicy.enabled`). `false` opts
@@ -116,6 +130,21 @@ pub enum QuotaPeriod {
     Month,
 }
 
+/// Where a quota is counted.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum QuotaScopeSpec {
+    Global,
+    Local,
+}
+
+/// What proxies do with shared counts while the store is unavailable.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum StoreFallbackSpec {
+    Local,
+    FailOpen,
+    FailClosed,
+}
+
 // Lists are always serialised (see `ApiClientStatus`).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -155,6 +184,7 @@ pub struct TableStatus {
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Enforced","type":"string","jsonPath":".status.conditions[?(@.type==\"Enforced\")].status"}"#,
     printcolumn = r#"{"name":"Keys","type":"integer","jsonPath":".status.keys"}"#,
+    printcolumn = r#"{"name":"Used","type":"string","jsonPath":".status.usedSummary"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -280,6 +310,32 @@ pub struct ApiClientStatus {
     /// Number of resolved, unexpired keys.
     #[serde(default)]
     pub keys: u32,
+    /// Quota use in the current UTC period, per plan (in `spec.usagePlans` order) whose quota is counted in the
+    /// shared store (`quotaScope: Global`), read from the store every `--usage-refresh-seconds`. Quotas counted per
+    /// proxy replica (`Local`) are not listed: no single number describes them.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["plan"]))]
+    pub usage: Vec<UsageStatus>,
+    /// `used/limit` of each `usage` entry, comma-separated (the `Used` column of `kubectl get apiclients`).
+    /// Always serialised (`null` when there is no entry), so a merge patch clears it.
+    #[serde(default)]
+    pub used_summary: Option<String>,
+}
+
+/// One plan's quota use in the current period.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageStatus {
+    /// The UsagePlan.
+    pub plan: String,
+    /// Its quota period (UTC calendar `Day`, `Week` or `Month`).
+    pub period: QuotaPeriod,
+    /// Requests counted in the current period, across every proxy replica.
+    pub used: u64,
+    /// The plan's quota limit.
+    pub limit: u64,
+    /// When the current period ends and the count starts again at zero.
+    pub resets_at: Time,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]

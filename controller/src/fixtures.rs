@@ -24,6 +24,8 @@ pub fn fixture(n: usize) -> (Vec<UsagePlan>, Vec<ApiClient>, Secret) {
             throttle: Some(ThrottleSpec { rate: 100, per: "1s".into(), burst: Some(200) }),
             quota: Some(QuotaSpec { limit: 100_000, period: QuotaPeriod::Month }),
             global_limits: None,
+            quota_scope: None,
+            on_store_unavailable: None,
             network_policy: None,
         },
     );

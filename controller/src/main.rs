@@ -56,6 +56,8 @@ struct Args {
     webhook_args: portcullis_controller::webhook::WebhookArgs,
     #[command(flatten)]
     network_policy: portcullis_controller::network_policy::NetworkPolicyArgs,
+    #[command(flatten)]
+    store: portcullis_controller::store::StoreArgs,
 }
 
 #[tokio::main]
@@ -73,7 +75,16 @@ async fn main() {
     }
 }
 
-async fn real_main(args: Args) -> anyhow::Result<()> {
+async fn real_main(mut args: Args) -> anyhow::Result<()> {
+    // Store settings first: a bad URL stops the controller before it touches the cluster.
+    let store = args.store.settings(|k| std::env::var(k).ok())?;
+    if let Some(s) = &store {
+        tracing::info!(url = %s.url, user = ?s.username, password = s.password.is_some(), "shared store configured");
+    }
+    args.webhook_args.sidecar_store = store.as_ref().map(|s| portcullis_controller::webhook::inject::SidecarStore {
+        url: s.url.clone(),
+        timeout: s.sidecar_timeout,
+    });
     let kube_config = kube::Config::infer().await?;
     let client = kube::Client::try_from(kube_config)?;
     let identity = args.identity.unwrap_or_else(|| {
@@ -100,6 +111,8 @@ async fn real_main(args: Args) -> anyhow::Result<()> {
             admin: i32::from(args.webhook_args.sidecar_admin_port),
         },
         enforcement: Default::default(),
+        store,
+        own_namespace: args.webhook_args.webhook_namespace.clone(),
     };
     let controller = async { portcullis_controller::run(client.clone(), config, shutdown_signal()).await };
     if args.webhook {

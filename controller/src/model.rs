@@ -1,10 +1,15 @@
 //! Pure translation of UsagePlans and ApiClients (plus resolved key digests, see [`crate::keys`]) into one
 //! Service's [`Table`]. No I/O: everything here is unit-tested.
 
-use crate::crd::{ApiClient, CertificateSpec, QuotaPeriod, UsagePlan, UsagePlanSpec};
+use crate::crd::{
+    ApiClient, CertificateSpec, QuotaPeriod, QuotaScopeSpec, StoreFallbackSpec, UsagePlan, UsagePlanSpec,
+};
 use ipnet::IpNet;
 use kube::ResourceExt;
-use portcullis_table::{CertIdentity, Client, KeyDigest, KeyEntry, Period, Plan, Quota, RouteScope, Table, Throttle};
+use portcullis_table::{
+    CertIdentity, Client, KeyDigest, KeyEntry, Period, Plan, Quota, QuotaScope, RouteScope, StoreFallback, Table,
+    Throttle,
+};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use thiserror::Error;
 
@@ -34,8 +39,76 @@ pub fn parse_per(s: &str) -> Option<u64> {
     (n > 0).then(|| n.checked_mul(mult)).flatten()
 }
 
-/// What plan `name` grants on the Service named in `routes`' grant.
-pub fn plan_entry(name: &str, spec: &UsagePlanSpec, service: &str) -> Result<Plan, SpecError> {
+/// The table's quota period of a spec period.
+pub fn period(p: QuotaPeriod) -> Period {
+    match p {
+        QuotaPeriod::Day => Period::Day,
+        QuotaPeriod::Week => Period::Week,
+        QuotaPeriod::Month => Period::Month,
+    }
+}
+
+/// Where a plan's quota is counted: as the spec says, else `Global` when the controller has a store configured
+/// (`store`) and `Local` otherwise (so installs without a store keep per-replica quotas and Ready plans).
+pub fn quota_scope(spec: &UsagePlanSpec, store: bool) -> QuotaScope {
+    match spec.quota_scope {
+        Some(QuotaScopeSpec::Global) => QuotaScope::Global,
+        Some(QuotaScopeSpec::Local) => QuotaScope::Local,
+        None if store => QuotaScope::Global,
+        None => QuotaScope::Local,
+    }
+}
+
+/// The plan's `onStoreUnavailable` (default `Local`).
+pub fn store_fallback(spec: &UsagePlanSpec) -> StoreFallback {
+    match spec.on_store_unavailable {
+        None | Some(StoreFallbackSpec::Local) => StoreFallback::Local,
+        Some(StoreFallbackSpec::FailOpen) => StoreFallback::FailOpen,
+        Some(StoreFallbackSpec::FailClosed) => StoreFallback::FailClosed,
+    }
+}
+
+/// What a plan counts in the shared store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreUse {
+    /// A throttle with `globalLimits: true`.
+    pub throttle: bool,
+    /// A quota whose scope is `Global`.
+    pub quota: bool,
+}
+
+impl StoreUse {
+    pub fn any(self) -> bool {
+        self.throttle || self.quota
+    }
+}
+
+/// What `spec` counts in the shared store, `store` saying whether the controller has one configured.
+pub fn store_use(spec: &UsagePlanSpec, store: bool) -> StoreUse {
+    StoreUse {
+        throttle: spec.throttle.is_some() && spec.global_limits == Some(true),
+        quota: spec.quota.is_some() && quota_scope(spec, store) == QuotaScope::Global,
+    }
+}
+
+/// Fields of `spec` that are set but change nothing (so they are reported, never silently ignored): `(field, why)`.
+pub fn ineffective_fields(spec: &UsagePlanSpec, store: bool) -> Vec<(&'static str, &'static str)> {
+    let mut out = Vec::new();
+    if spec.global_limits == Some(true) && spec.throttle.is_none() {
+        out.push(("spec.globalLimits", "the plan has no throttle to count across replicas"));
+    }
+    if spec.quota_scope.is_some() && spec.quota.is_none() {
+        out.push(("spec.quotaScope", "the plan has no quota"));
+    }
+    if spec.on_store_unavailable.is_some() && !store_use(spec, store).any() {
+        out.push(("spec.onStoreUnavailable", "the plan counts nothing in the shared store"));
+    }
+    out
+}
+
+/// What plan `name` grants on the Service named in `routes`' grant; `store`: whether the controller has a shared
+/// store configured (decides an unset `quotaScope`, see [`quota_scope`]).
+pub fn plan_entry(name: &str, spec: &UsagePlanSpec, service: &str, store: bool) -> Result<Plan, SpecError> {
     let throttle = match &spec.throttle {
         None => None,
         Some(t) => {
@@ -44,14 +117,7 @@ pub fn plan_entry(name: &str, spec: &UsagePlanSpec, service: &str) -> Result<Pla
             Some(Throttle { rate: t.rate, per_millis, burst: t.burst.unwrap_or(t.rate) })
         }
     };
-    let quota = spec.quota.as_ref().map(|q| Quota {
-        limit: q.limit,
-        period: match q.period {
-            QuotaPeriod::Day => Period::Day,
-            QuotaPeriod::Week => Period::Week,
-            QuotaPeriod::Month => Period::Month,
-        },
-    });
+    let quota = spec.quota.as_ref().map(|q| Quota { limit: q.limit, period: period(q.period) });
     let routes = spec
         .services
         .iter()
@@ -66,7 +132,14 @@ pub fn plan_entry(name: &str, spec: &UsagePlanSpec, service: &str) -> Result<Pla
                 .collect()
         })
         .unwrap_or_default();
-    Ok(Plan { throttle, quota, global_limits: spec.global_limits.unwrap_or(false), routes, ..Default::default() })
+    Ok(Plan {
+        throttle,
+        quota,
+        global_limits: spec.global_limits.unwrap_or(false),
+        quota_scope: quota_scope(spec, store),
+        on_store_unavailable: store_fallback(spec),
+        routes,
+    })
 }
 
 /// Whether `plan` grants `service`.
@@ -128,14 +201,28 @@ fn seniority(c: &ApiClient) -> (bool, Option<jiff::Timestamp>, &str) {
     (created.is_none(), created, c.metadata.name.as_deref().unwrap_or_default())
 }
 
-/// Builds the table of Service `service` in `namespace` from the namespace's plans and clients. `keys` gives the
-/// resolved keys of a client by name (clients without an entry get no keys).
+/// Builds the table of Service `service` in `namespace` from the namespace's plans and clients, for a controller
+/// without a shared store (see [`build_table_with_store`]).
 pub fn build_table<'a>(
     namespace: &str,
     service: &str,
     plans: impl IntoIterator<Item = &'a UsagePlan>,
     clients: impl IntoIterator<Item = &'a ApiClient>,
     keys: impl Fn(&ApiClient) -> Vec<KeyEntry>,
+) -> BuiltTable {
+    build_table_with_store(namespace, service, plans, clients, keys, false)
+}
+
+/// Builds the table of Service `service` in `namespace` from the namespace's plans and clients. `keys` gives the
+/// resolved keys of a client by name (clients without an entry get no keys); `store`: whether the controller has a
+/// shared store configured (the default quota scope).
+pub fn build_table_with_store<'a>(
+    namespace: &str,
+    service: &str,
+    plans: impl IntoIterator<Item = &'a UsagePlan>,
+    clients: impl IntoIterator<Item = &'a ApiClient>,
+    keys: impl Fn(&ApiClient) -> Vec<KeyEntry>,
+    store: bool,
 ) -> BuiltTable {
     let mut plan_map = BTreeMap::new();
     let mut plan_meta = BTreeMap::new();
@@ -145,7 +232,7 @@ pub fn build_table<'a>(
         }
         let name = p.name_any();
         // An invalid spec (schema should refuse it) grants nothing rather than something unintended.
-        if let Ok(entry) = plan_entry(&name, &p.spec, service) {
+        if let Ok(entry) = plan_entry(&name, &p.spec, service, store) {
             plan_meta.insert(name.clone(), (p.uid().unwrap_or_default(), p.metadata.generation.unwrap_or(0)));
             plan_map.insert(name, entry);
         }
@@ -241,6 +328,8 @@ pub(crate) mod tests {
                 throttle: rate.map(|rate| ThrottleSpec { rate, per: "1m".into(), burst: None }),
                 quota: Some(QuotaSpec { limit: 1000, period: QuotaPeriod::Day }),
                 global_limits: None,
+                quota_scope: None,
+                on_store_unavailable: None,
                 network_policy: None,
             },
         );
@@ -268,6 +357,37 @@ pub(crate) mod tests {
         c.metadata.namespace = Some("ns".into());
         c.metadata.generation = Some(3);
         c
+    }
+
+    #[test]
+    fn quota_scope_defaults_to_the_store_and_fields_reach_the_table() {
+        let mut p = plan("gold", &["orders"], Some(10));
+        let entry = |p: &UsagePlan, store| plan_entry("gold", &p.spec, "orders", store).unwrap();
+        assert_eq!(entry(&p, false).quota_scope, QuotaScope::Local, "no store: per replica, as before");
+        assert_eq!(entry(&p, true).quota_scope, QuotaScope::Global);
+        assert_eq!(store_use(&p.spec, false), StoreUse::default());
+        assert_eq!(store_use(&p.spec, true), StoreUse { throttle: false, quota: true });
+        p.spec.quota_scope = Some(QuotaScopeSpec::Global);
+        p.spec.global_limits = Some(true);
+        p.spec.on_store_unavailable = Some(StoreFallbackSpec::FailClosed);
+        let e = entry(&p, false);
+        assert_eq!(
+            (e.quota_scope, e.global_limits, e.on_store_unavailable),
+            (QuotaScope::Global, true, StoreFallback::FailClosed)
+        );
+        assert_eq!(
+            store_use(&p.spec, false),
+            StoreUse { throttle: true, quota: true },
+            "explicit: even without a store"
+        );
+        p.spec.quota_scope = Some(QuotaScopeSpec::Local);
+        assert_eq!(entry(&p, true).quota_scope, QuotaScope::Local);
+        assert!(ineffective_fields(&p.spec, true).is_empty());
+        // Set but changing nothing: reported.
+        p.spec.throttle = None;
+        p.spec.quota = None;
+        let fields: Vec<&str> = ineffective_fields(&p.spec, true).iter().map(|(f, _)| *f).collect();
+        assert_eq!(fields, ["spec.globalLimits", "spec.quotaScope", "spec.onStoreUnavailable"]);
     }
 
     #[test]

@@ -38,6 +38,8 @@ fn plan() -> UsagePlan {
             throttle: None,
             quota: None,
             global_limits: None,
+            quota_scope: None,
+            on_store_unavailable: None,
             network_policy: None,
         },
     )

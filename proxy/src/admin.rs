@@ -1,5 +1,6 @@
 //! Admin listener: `/metrics`, `/healthz`, `/readyz` (200 only while an ordinary table is enforced; 503 with the
-//! reason before the first table, for a deny-all table and while the table is revoked), `/revision` (which table
+//! reason before the first table, for a deny-all table and while the table is revoked; a second line on the shared
+//! store, which never changes the status), `/revision` (which table
 //! this sidecar serves, as JSON: the controller's `Enforced` condition reads it) and `/app-health/<container>/<kind>`
 //! (the application's own probes run on loopback: [`crate::app_probe`]).
 //!
@@ -105,7 +106,10 @@ async fn route(
         "/readyz" => {
             let state = tables.state();
             let status = if state.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-            text(status, format!("{}\n", state.describe()), "text/plain")
+            // The store's state is a detail, never a reason to leave the Service: a store outage would otherwise
+            // take every replica out at once, and the plans' fallbacks exist for exactly that case.
+            let store = tables.store_detail().map(|d| format!("{d}\n")).unwrap_or_default();
+            text(status, format!("{}\n{store}", state.describe()), "text/plain")
         }
         REVISION_PATH => {
             let current = tables.current.load();

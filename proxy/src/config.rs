@@ -96,6 +96,21 @@ pub struct Config {
     pub pod_name: Option<String>,
     /// The application's original probes, served on the admin port under `/app-health/`.
     pub app_probes: portcullis_table::sidecar::AppProbes,
+    /// The shared store for `globalLimits` throttles and global quotas (`--store-url`); `None`: counts stay local.
+    pub store: Option<portcullis_store::StoreConfig>,
+    /// This proxy's name among its Service's replicas in the store's heartbeats.
+    pub replica_id: String,
+}
+
+/// Default for `--replica-id`: `POD_NAME`, else the host name, else the process id.
+pub fn default_replica_id() -> String {
+    let from_env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    from_env("POD_NAME")
+        .or_else(|| from_env("HOSTNAME"))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()).filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| format!("pid-{}", std::process::id()))
 }
 
 impl Config {
@@ -130,6 +145,8 @@ impl Config {
             workers: 0,
             pod_name: None,
             app_probes: Default::default(),
+            store: None,
+            replica_id: default_replica_id(),
         }
     }
 }
@@ -255,6 +272,17 @@ pub struct Cli {
     /// served on the admin port at `/app-health/<container>/<livez|readyz|startupz>`, run against 127.0.0.1.
     #[arg(long, env = portcullis_table::sidecar::APP_PROBES_ENV)]
     pub app_probes: Option<String>,
+    /// The shared store (Redis) where plans with globalLimits count their throttle and global quotas their use,
+    /// across every replica: redis://host:port[/db] or rediss:// (TLS). No credentials in the URL: they come from
+    /// PORTCULLIS_STORE_USERNAME / PORTCULLIS_STORE_PASSWORD. Unset: every count is kept per proxy.
+    #[arg(long, env = "PORTCULLIS_STORE_URL")]
+    pub store_url: Option<String>,
+    /// Longest a request waits for the store; past it the plan's onStoreUnavailable policy decides.
+    #[arg(long, env = "PORTCULLIS_STORE_TIMEOUT", default_value = "50ms", value_parser = parse_duration)]
+    pub store_timeout: Duration,
+    /// This proxy's name in the store's replica heartbeats (default: POD_NAME, else the host name).
+    #[arg(long, env = "PORTCULLIS_REPLICA_ID")]
+    pub replica_id: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -273,6 +301,8 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error(transparent)]
     AppProbes(#[from] portcullis_table::sidecar::AppProbesError),
+    #[error("--store-url: {0}")]
+    Store(#[from] portcullis_store::ConfigError),
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -355,6 +385,18 @@ impl Cli {
             None | Some("") => Default::default(),
             Some(json) => portcullis_table::sidecar::parse_app_probes(json)?,
         };
+        c.store = match self.store_url.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(url) => {
+                let mut s = portcullis_store::StoreConfig::new(url).with_env_credentials();
+                s.timeout = self.store_timeout;
+                s.validate()?;
+                Some(s)
+            }
+        };
+        if let Some(id) = self.replica_id.filter(|r| !r.is_empty()) {
+            c.replica_id = id;
+        }
         Ok(c)
     }
 }

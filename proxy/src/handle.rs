@@ -7,6 +7,7 @@ use crate::config::Config;
 use crate::decision::client_addr::client_addr;
 use crate::decision::path::{EscapedSlashes, PathError, normalize};
 use crate::decision::{CidrSet, Decision, Denial, PeerCert, Reason, RequestFacts, decide};
+use crate::global::Ask;
 use crate::metrics::Metrics;
 use crate::respond::{Body, denial_response};
 use crate::rewrite::{
@@ -109,6 +110,8 @@ impl Handler {
             Ok(a) => a,
             Err(e) => return refuse(Reason::AmbiguousForwarded, e.as_str()),
         };
+        let now = jiff::Timestamp::now();
+        let mut global_ask: Option<Ask> = None;
         let verdict: Result<HeaderValue, Denial> = {
             let facts = RequestFacts {
                 addr,
@@ -116,7 +119,7 @@ impl Handler {
                 path: target.path(),
                 key: single_header(req.headers(), &self.key_header),
                 cert: conn.cert.as_deref(),
-                now: jiff::Timestamp::now(),
+                now,
             };
             let table = self.tables.current.load();
             let decision = match table.as_deref() {
@@ -124,7 +127,20 @@ impl Handler {
                 None => Decision::Deny(self.tables.missing_reason().into()),
             };
             match decision {
-                Decision::Allow { client, .. } => Ok(client.header.clone()),
+                Decision::Allow { client, plan } => {
+                    if table.as_deref().is_some_and(|t| t.store_counts) && plan.spec.counts_globally() {
+                        let throttle = plan.throttle.as_ref().filter(|_| plan.spec.global_throttle).map(|t| t.spec);
+                        let quota = plan.quota.as_ref().filter(|_| plan.spec.global_quota).map(|q| q.spec);
+                        global_ask = Some(Ask {
+                            client: client.id.clone(),
+                            plan: plan.spec.clone(),
+                            throttle,
+                            quota,
+                            now_unix: now.as_second(),
+                        });
+                    }
+                    Ok(client.header.clone())
+                }
                 Decision::Deny(d) => {
                     tracing::debug!(client_addr = %addr, reason = d.reason.code(), "denied");
                     Err(d)
@@ -138,6 +154,14 @@ impl Handler {
                 return denial_response(&d);
             }
         };
+        // Counts shared across replicas: after the pure decision, bounded by --store-timeout.
+        if let (Some(ask), Some(global)) = (global_ask, self.tables.global())
+            && let Err(d) = global.admit(&ask).await
+        {
+            tracing::debug!(client_addr = %addr, reason = d.reason.code(), "denied (shared count)");
+            self.metrics.count(Some(d.reason), start.elapsed().as_secs_f64());
+            return denial_response(&d);
+        }
         // The authority of an absolute-form (or h2) target wins over the client's Host (RFC 9112 §3.2.2).
         let host = match authority {
             Some(a) => HeaderValue::from_str(a).ok(),

@@ -13,6 +13,7 @@ pub mod decision;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod global;
 pub mod handle;
 pub mod heap;
 pub mod io;
@@ -57,6 +58,8 @@ pub enum StartError {
     NeedsCert,
     #[error("--table-rewatch: {0}")]
     TableRewatch(String),
+    #[error("--store-url")]
+    Store(#[source] portcullis_store::StoreError),
 }
 
 /// A started proxy.
@@ -103,8 +106,20 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     if config.tls.is_some() {
         metrics.register_tls();
     }
+    if config.store.is_some() {
+        metrics.register_store();
+    }
     let metrics = Arc::new(metrics);
     let tables = Arc::new(TableStore::new(metrics.clone()));
+    let global = match &config.store {
+        Some(s) => {
+            let g =
+                global::GlobalLimits::new(s, config.replica_id.clone(), metrics.clone()).map_err(StartError::Store)?;
+            tables.set_global(g.clone());
+            Some(g)
+        }
+        None => None,
+    };
     let shared = Arc::new(server::Shared::new(&config, tables.clone(), metrics.clone())?);
     if config.tls.is_none() && (config.require_tls || config.plain_listen.is_some()) {
         return Err(StartError::NeedsCert);
@@ -125,6 +140,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     };
     let (stop, stop_rx) = watch::channel(false);
     let mut background = Vec::new();
+    if let Some(g) = global {
+        background.push(tokio::spawn(g.run(tables.clone(), stop_rx.clone())));
+    }
     let acceptor = match tls {
         Some((acceptor, watcher)) => {
             background.push(tokio::spawn(watcher.run(config.file_poll_interval, stop_rx.clone())));

@@ -56,6 +56,16 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub policy: &'static str,
+}
+
 /// Every value of the `state` label of `portcullis_proxy_table_state` (see [`crate::tables::TableState`]).
 pub const TABLE_STATES: [&str; 4] = ["no_table", "serving", "deny_all", "revoked"];
 
@@ -79,6 +89,11 @@ pub struct Metrics {
     pub tls_handshakes: Family<OutcomeLabels, Counter>,
     pub tls_reloads: Family<OutcomeLabels, Counter>,
     pub tls_certificate_expiry: Gauge,
+    pub store_latency: Family<OpLabels, Histogram>,
+    pub store_errors: Family<KindLabels, Counter>,
+    pub store_fallbacks: Family<PolicyLabels, Counter>,
+    pub store_up: Gauge,
+    pub store_replicas: Gauge,
     current_table: Mutex<Option<TableLabels>>,
 }
 
@@ -192,6 +207,13 @@ impl Metrics {
             tls_handshakes,
             tls_reloads,
             tls_certificate_expiry,
+            store_latency: Family::<OpLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_025, 2.0, 14))
+            }),
+            store_errors: Family::default(),
+            store_fallbacks: Family::default(),
+            store_up: Gauge::default(),
+            store_replicas: Gauge::default(),
             current_table: Mutex::new(None),
         }
     }
@@ -262,6 +284,37 @@ impl Metrics {
             "tls_certificate_expiry_timestamp_seconds",
             "notAfter of the serving certificate, Unix seconds",
             self.tls_certificate_expiry.clone(),
+        );
+    }
+
+    /// Exposes the shared-store metrics: only proxies with `--store-url` have them.
+    pub fn register_store(&mut self) {
+        self.registry.register(
+            "store_request_duration_seconds",
+            "Round trips to the shared store (Redis), by operation (take, give_back, heartbeat), errors included",
+            self.store_latency.clone(),
+        );
+        self.registry.register(
+            "store_errors",
+            "Failed shared-store operations by kind (timeout, connection, auth, other)",
+            self.store_errors.clone(),
+        );
+        self.registry.register(
+            "store_fallbacks",
+            "Requests decided without the shared store (unreachable, or the circuit open), by the plan's \
+             onStoreUnavailable policy (Local, FailOpen, FailClosed)",
+            self.store_fallbacks.clone(),
+        );
+        self.registry.register(
+            "store_up",
+            "1 while the shared store answers (circuit closed), 0 while requests fall back",
+            self.store_up.clone(),
+        );
+        self.registry.register(
+            "store_replicas",
+            "Proxy replicas of this Service known from the store's heartbeats (the last count during an outage; \
+             1 if never known): local fallbacks divide rates and quotas by it",
+            self.store_replicas.clone(),
         );
     }
 

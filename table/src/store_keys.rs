@@ -21,12 +21,23 @@ pub fn throttle_key(client: &str, plan: &str) -> String {
 
 /// The quota count of `client` under `plan` for the UTC period containing `now` (Unix seconds).
 pub fn quota_key(client: &str, plan: &str, period: Period, now: i64) -> String {
+    quota_key_of_period(client, plan, period, period_number(period, now))
+}
+
+/// The quota key of the period numbered `number` ([`crate::period::period_number`]).
+pub fn quota_key_of_period(client: &str, plan: &str, period: Period, number: u64) -> String {
     let p = match period {
         Period::Day => 'd',
         Period::Week => 'w',
         Period::Month => 'm',
     };
-    format!("{PREFIX}:{{{client}}}:{plan}:q:{p}{}", period_number(period, now))
+    format!("{PREFIX}:{{{client}}}:{plan}:q:{p}{number}")
+}
+
+/// The sorted set where every proxy of `service` (`namespace/name`) records its replica id with the time of its last
+/// heartbeat: the live members are the replicas a fallback rate is divided by.
+pub fn replicas_key(service: &str) -> String {
+    format!("{PREFIX}:replicas:{{{service}}}")
 }
 
 /// Unix seconds at which the quota key for the period containing `now` may expire.
@@ -47,6 +58,11 @@ mod tests {
         assert_eq!(quota_key("team-a/acme", "gold", Period::Week, now), "portcullis:{team-a/acme}:gold:q:w2929");
         assert_eq!(quota_key("team-a/acme", "gold", Period::Month, now), "portcullis:{team-a/acme}:gold:q:m673");
         assert_eq!(quota_key_expires_at(Period::Day, now), 1_771_459_200 + 86_400);
+        assert_eq!(
+            quota_key_of_period("team-a/acme", "gold", Period::Day, 20502),
+            quota_key("team-a/acme", "gold", Period::Day, now)
+        );
+        assert_eq!(replicas_key("team-a/api"), "portcullis:replicas:{team-a/api}");
     }
 
     #[test]

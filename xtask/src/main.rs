@@ -64,6 +64,7 @@ fn k8s_bins(root: &Path) -> Result<PathBuf> {
 
 fn test(root: &Path, extra: &[String]) -> Result<()> {
     let bins = k8s_bins(root)?;
+    ensure_redis_server()?;
     run(
         Command::new("cargo")
             .current_dir(root)
@@ -71,6 +72,29 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
             .args(["test", "--workspace", "--locked"])
             .args(extra),
         "cargo test --workspace",
+    )
+}
+
+/// The tests of global limits run a real `redis-server` (tests/testkit/src/redis.rs). On a machine without one,
+/// installs Debian's package when it can (root with apt-get), else says what to install.
+fn ensure_redis_server() -> Result<()> {
+    let on_path = |name: &str| {
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()).any(|d| d.join(name).is_file())
+    };
+    if std::env::var_os("PORTCULLIS_REDIS_SERVER").is_some() || on_path("redis-server") {
+        return Ok(());
+    }
+    let root_user = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0"));
+    if !(root_user && on_path("apt-get")) {
+        bail!(
+            "redis-server not found: install it (Debian: `apt-get install redis-server`) or set PORTCULLIS_REDIS_SERVER"
+        );
+    }
+    eprintln!("xtask: installing redis-server (apt-get) for the global-limits tests");
+    run(Command::new("apt-get").args(["update", "-qq"]), "apt-get update")?;
+    run(
+        Command::new("apt-get").env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y", "-qq", "redis-server"]),
+        "apt-get install redis-server",
     )
 }
 

@@ -116,7 +116,7 @@ fn is_empty(v: &Value) -> bool {
 }
 
 /// Server-side applies `obj` unless the live object already has every field of it. `Ok(true)` if written.
-async fn apply_if_changed<K>(api: &Api<K>, obj: &K) -> Result<bool, Error>
+pub(crate) async fn apply_if_changed<K>(api: &Api<K>, obj: &K) -> Result<bool, Error>
 where
     K: Resource + Clone + Serialize + DeserializeOwned + Debug,
 {
@@ -169,6 +169,8 @@ pub async fn reconcile_access(
     if apply_if_changed(&bindings, &sidecar_binding(ns, service, &sas, owners)).await? {
         tracing::info!(namespace = ns, service, service_accounts = ?sas, "sidecar RoleBinding written");
     }
+    // The sidecars' store credentials (when a store and a credentials Secret are configured).
+    super::store::ensure_credentials(ctx, ns).await?;
 
     reconcile_network_policy(ctx, ns, service, granting, owners).await
 }

@@ -128,11 +128,19 @@ async fn reconcile_inner(obj: &ApiClient, ctx: &Ctx) -> Result<Action, Error> {
         key_fingerprints: resolved.resolved.iter().map(|k| k.fingerprint.clone()).collect(),
         generated_keys: generated_key_status(&resolved.resolved),
         keys: facts.live_keys as u32,
+        // Written by the usage refresher ([`super::usage`]) alone: kept as they are, and left out of this patch.
+        usage: old.usage.clone(),
+        used_summary: old.used_summary.clone(),
     };
     if status != old {
         let api: Api<ApiClient> = Api::namespaced(ctx.client.clone(), &ns);
         // Every list is serialised, empty ones as `[]`: a merge patch then clears what became empty.
-        let patch = serde_json::json!({ "status": status });
+        let mut value = serde_json::to_value(&status).expect("status serialises");
+        if let Some(o) = value.as_object_mut() {
+            o.remove("usage");
+            o.remove("usedSummary");
+        }
+        let patch = serde_json::json!({ "status": value });
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
         publish_transitions(ctx, &obj.object_ref(&()), &old.conditions, &status.conditions).await;
     }

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub table_clients: Family<ServiceLabels, Gauge>,
     pub table_shards: Family<ServiceLabels, Gauge>,
     pub leader: Gauge,
+    /// 1 while the last check of the shared store succeeded (0 when it failed or no store is configured).
+    pub store_up: Gauge,
 }
 
 fn duration_histogram() -> Histogram {
@@ -62,6 +64,7 @@ impl Metrics {
         let table_clients = Family::<ServiceLabels, Gauge>::default();
         let table_shards = Family::<ServiceLabels, Gauge>::default();
         let leader = Gauge::default();
+        let store_up = Gauge::default();
         registry.register("reconciles", "Reconciliations by controller", reconciles.clone());
         registry.register("reconcile_errors", "Failed reconciliations by controller", errors.clone());
         registry.register("reconcile_duration_seconds", "Reconciliation duration by controller", duration.clone());
@@ -69,7 +72,8 @@ impl Metrics {
         registry.register("table_clients", "Clients in the current table per Service", table_clients.clone());
         registry.register("table_shards", "Shards of the current table per Service", table_shards.clone());
         registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
-        Self { registry, reconciles, errors, duration, table_writes, table_clients, table_shards, leader }
+        registry.register("store_up", "1 while the shared store answered the last check", store_up.clone());
+        Self { registry, reconciles, errors, duration, table_writes, table_clients, table_shards, leader, store_up }
     }
 
     pub fn observe(&self, controller: &str, elapsed: Duration, ok: bool) {

@@ -21,8 +21,11 @@ pub mod metrics;
 pub mod publish;
 pub mod rendered;
 pub mod status;
+pub mod store;
+pub mod store_client;
 pub mod tables;
 pub mod triggers;
+pub mod usage;
 
 use crate::crd::{ApiClient, UsagePlan};
 use caches::{Caches, Change};
@@ -112,6 +115,10 @@ pub struct Config {
     pub sidecar_ports: crate::network_policy::SidecarPorts,
     /// How the sidecars are asked for the `Enforced` condition.
     pub enforcement: crate::enforcement::Settings,
+    /// The shared store (Redis) of global limits, if configured (`--store-url`).
+    pub store: Option<crate::store::StoreSettings>,
+    /// The controller's own namespace (where `--store-credentials-secret` lives).
+    pub own_namespace: String,
 }
 
 impl Default for Config {
@@ -132,6 +139,8 @@ impl Default for Config {
             network_policy: crate::network_policy::Settings::default(),
             sidecar_ports: crate::network_policy::SidecarPorts::default(),
             enforcement: crate::enforcement::Settings::default(),
+            store: None,
+            own_namespace: "default".into(),
         }
     }
 }
@@ -165,6 +174,10 @@ pub struct Ctx {
     pub lease: Option<Arc<LeaderLease>>,
     pub lease_name: String,
     pub max_shard_bytes: usize,
+    /// The shared store's settings (`None`: not configured) and what its last check found.
+    pub store: Option<crate::store::StoreSettings>,
+    pub store_health: RwLock<crate::store::StoreHealth>,
+    pub own_namespace: String,
 }
 
 impl Ctx {
@@ -199,6 +212,12 @@ impl Ctx {
             lease,
             lease_name: config.lease_name.clone(),
             max_shard_bytes: config.max_shard_bytes,
+            store: config.store.clone(),
+            store_health: RwLock::new(match config.store {
+                Some(_) => crate::store::StoreHealth::Unknown,
+                None => crate::store::StoreHealth::NotConfigured,
+            }),
+            own_namespace: config.own_namespace.clone(),
         };
         (ctx, Queues { tables: table_rx, clients: client_rx })
     }
@@ -227,6 +246,11 @@ impl Ctx {
             all.extend(triggers::configmap_changed(&cm).services);
         }
         all.into_iter().collect()
+    }
+
+    /// Whether a shared store is configured.
+    pub fn has_store(&self) -> bool {
+        self.store.is_some()
     }
 
     /// Queues what `t` asks for.
@@ -448,6 +472,24 @@ async fn run_leader(
         controller.await;
         Ok("apiclient controller")
     });
+
+    // The shared store: its checks (the plans' `GlobalLimits`), the sidecars' credential copies, `status.usage`.
+    if ctx.store.is_some() {
+        tasks.spawn({
+            let ctx = ctx.clone();
+            async move {
+                store::run(ctx).await;
+                Ok("store checker")
+            }
+        });
+        tasks.spawn({
+            let ctx = ctx.clone();
+            async move {
+                usage::run(ctx).await;
+                Ok("usage refresher")
+            }
+        });
+    }
 
     // Periodic full resync: every Service is re-rendered (an unchanged one costs a GET of its index and a look at
     // the cached shard hashes), so drift no event reported is repaired within one interval.

@@ -62,9 +62,13 @@ pub(crate) async fn update_plan_status(ctx: &Ctx, plan: &UsagePlan) -> Result<()
             }
         }
     }
-    if let Err(e) = model::plan_entry(&name, &plan.spec, "") {
+    if let Err(e) = model::plan_entry(&name, &plan.spec, "", ctx.has_store()) {
         facts.spec_error = Some(e.to_string());
     }
+    facts.store_use = model::store_use(&plan.spec, ctx.has_store());
+    facts.fallback = model::store_fallback(&plan.spec);
+    facts.store = ctx.store_health.read().expect("store health lock").clone();
+    facts.ineffective = model::ineffective_fields(&plan.spec, ctx.has_store());
     let clients = ctx
         .clients
         .state()

@@ -17,7 +17,7 @@ use super::status::update_plan_status;
 use super::{Ctx, Error};
 use crate::crd::{API_VERSION, ApiClient, UsagePlan};
 use crate::keys::{self, resolve_keys};
-use crate::model::{self, build_table};
+use crate::model::{self, build_table_with_store};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::runtime::reflector::ObjectRef;
@@ -150,9 +150,10 @@ pub fn decide(
     svc: Option<&Service>,
     sidecars: bool,
     max_shard_bytes: usize,
+    store: bool,
 ) -> Option<Desired> {
     let plans = plans.iter().map(|p| &**p);
-    let mut built = build_table(ns, service, plans.clone(), clients.iter().map(|c| &**c), &keys);
+    let mut built = build_table_with_store(ns, service, plans.clone(), clients.iter().map(|c| &**c), &keys, store);
     if built.plans.is_empty() {
         if svc.is_none() && !sidecars {
             return None;
@@ -184,7 +185,7 @@ pub fn decide(
     }
     if !excluded.is_empty() {
         let kept = clients.iter().map(|c| &**c).filter(|c| !excluded.contains_key(&c.name_any()));
-        built = build_table(ns, service, plans, kept, &keys);
+        built = build_table_with_store(ns, service, plans, kept, &keys, store);
     }
     let owners = built
         .plans
@@ -222,6 +223,7 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         svc.as_deref(),
         sidecars,
         ctx.max_shard_bytes,
+        ctx.has_store(),
     );
     let writer = Writer::new(ctx, ns, &key.name);
     let live = writer.read().await?;
@@ -341,7 +343,7 @@ mod tests {
         let clients: Vec<Arc<ApiClient>> = clients.iter().cloned().map(Arc::new).collect();
         let lookup =
             |c: &ApiClient| -> Vec<KeyEntry> { resolve_keys(c, |name| (name == "keys").then_some(&secret)).entries };
-        decide("shop", "orders", &plans, &clients, lookup, svc, sidecars, max)
+        decide("shop", "orders", &plans, &clients, lookup, svc, sidecars, max, false)
     }
 
     fn service() -> Service {

@@ -207,6 +207,8 @@ mod tests {
                 throttle: None,
                 quota: None,
                 global_limits: None,
+                quota_scope: None,
+                on_store_unavailable: None,
                 network_policy: None,
             },
         );

@@ -7,7 +7,8 @@ use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, Pod,
-    Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume,
+    VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::BTreeMap;
@@ -51,6 +52,17 @@ pub struct InjectSettings {
     pub proxy_port: u16,
     pub admin_port: u16,
     pub resources: Option<ResourceRequirements>,
+    /// The shared store the sidecars count global limits in (`None`: no store configured).
+    pub store: Option<SidecarStore>,
+}
+
+/// What an injected sidecar is told about the shared store: its URL and command timeout as flags, its credentials
+/// from the Secret [`crate::store::SIDECAR_CREDENTIALS_SECRET`] in the pod's namespace (which the controller keeps
+/// there; `optional`, so a pod starts before the copy exists and a store without credentials needs none).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct SidecarStore {
+    pub url: String,
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl InjectSettings {
@@ -62,6 +74,7 @@ impl InjectSettings {
             proxy_port: DEFAULT_PROXY_PORT,
             admin_port: DEFAULT_ADMIN_PORT,
             resources: None,
+            store: None,
         }
     }
 }
@@ -250,22 +263,46 @@ fn container(namespace: &str, service: &str, upstream: u16, s: &InjectSettings) 
         period_seconds: Some(period),
         ..Default::default()
     };
+    let mut args = vec![
+        format!("--listen=0.0.0.0:{}", s.proxy_port),
+        format!("--admin-listen=0.0.0.0:{}", s.admin_port),
+        format!("--upstream=127.0.0.1:{upstream}"),
+        format!("--tables-from=configmap/{namespace}/{index}"),
+        "--log-format=json".into(),
+    ];
+    let mut env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        EnvVar { name: "PORTCULLIS_SERVICE".into(), value: Some(service.into()), ..Default::default() },
+    ];
+    if let Some(store) = &s.store {
+        args.push(format!("--store-url={}", store.url));
+        if let Some(t) = store.timeout {
+            args.push(format!("--store-timeout={}ms", t.as_millis()));
+        }
+        // The pod's name, so each replica counts itself once in the store (`$(POD_NAME)`: the env var above).
+        args.push("--replica-id=$(POD_NAME)".into());
+        let secret_env = |name: &str, key: &str| EnvVar {
+            name: name.into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: crate::store::SIDECAR_CREDENTIALS_SECRET.into(),
+                    key: key.into(),
+                    optional: Some(true),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        env.push(secret_env(crate::store::ENV_USERNAME, crate::store::USERNAME_KEY));
+        env.push(secret_env(crate::store::ENV_PASSWORD, crate::store::PASSWORD_KEY));
+    }
     Container {
         name: CONTAINER_NAME.into(),
         image: Some(s.sidecar_image.clone()),
         image_pull_policy: s.image_pull_policy.clone(),
-        args: Some(vec![
-            format!("--listen=0.0.0.0:{}", s.proxy_port),
-            format!("--admin-listen=0.0.0.0:{}", s.admin_port),
-            format!("--upstream=127.0.0.1:{upstream}"),
-            format!("--tables-from=configmap/{namespace}/{index}"),
-            "--log-format=json".into(),
-        ]),
-        env: Some(vec![
-            field_env("POD_NAME", "metadata.name"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
-            EnvVar { name: "PORTCULLIS_SERVICE".into(), value: Some(service.into()), ..Default::default() },
-        ]),
+        args: Some(args),
+        env: Some(env),
         ports: Some(vec![
             ContainerPort {
                 name: Some(PROXY_PORT_NAME.into()),
@@ -430,6 +467,35 @@ mod tests {
         assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
         assert_eq!(c.resources, s.resources);
         assert!(ADMIN_PORT_NAME.len() <= 15 && PROXY_PORT_NAME.len() <= 15, "port names are IANA_SVC_NAMEs");
+    }
+
+    #[test]
+    fn a_configured_store_reaches_the_sidecar_with_credentials_from_the_namespace_secret() {
+        let plain = out_pod(&opted_in("orders", "8080"));
+        let c = plain.spec.unwrap().containers.into_iter().find(|c| c.name == CONTAINER_NAME).unwrap();
+        assert!(!c.args.unwrap().iter().any(|a| a.starts_with("--store")), "no store, no store flags");
+        let mut s = settings();
+        s.store = Some(SidecarStore {
+            url: "redis://redis.store:6379/0".into(),
+            timeout: Some(std::time::Duration::from_millis(40)),
+        });
+        let pod = opted_in("orders", "8080");
+        let pod = patched(&pod, &decide(&pod, "shop", &s));
+        let c = pod.spec.unwrap().containers.into_iter().find(|c| c.name == CONTAINER_NAME).unwrap();
+        let args = c.args.unwrap();
+        for want in ["--store-url=redis://redis.store:6379/0", "--store-timeout=40ms", "--replica-id=$(POD_NAME)"] {
+            assert!(args.iter().any(|a| a == want), "{want} in {args:?}");
+        }
+        let env = c.env.unwrap();
+        let pos = |n: &str| env.iter().position(|e| e.name == n).unwrap_or_else(|| panic!("{n} in {env:?}"));
+        assert!(pos("POD_NAME") < pos("PORTCULLIS_STORE_USERNAME"), "defined before use");
+        for (var, key) in [("PORTCULLIS_STORE_USERNAME", "username"), ("PORTCULLIS_STORE_PASSWORD", "password")] {
+            let r = env[pos(var)].value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+            assert_eq!(
+                (r.name.as_str(), r.key.as_str(), r.optional),
+                ("portcullis-store-credentials", key, Some(true))
+            );
+        }
     }
 
     #[test]

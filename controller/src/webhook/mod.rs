@@ -104,6 +104,9 @@ pub struct WebhookArgs {
     /// Memory limit of the sidecar, e.g. `128Mi`.
     #[arg(long, env = "PORTCULLIS_SIDECAR_MEMORY_LIMIT")]
     pub sidecar_memory_limit: Option<String>,
+    /// The shared store the injected sidecars use (from the controller's `--store-*` flags, not a flag of its own).
+    #[arg(skip)]
+    pub sidecar_store: Option<inject::SidecarStore>,
 }
 
 impl WebhookArgs {
@@ -156,6 +159,7 @@ impl WebhookArgs {
             proxy_port: self.sidecar_proxy_port,
             admin_port: self.sidecar_admin_port,
             resources,
+            store: self.sidecar_store.clone(),
         })
     }
 }

@@ -136,6 +136,10 @@ fn chart_lints_and_its_schema_rejects_wrong_types() {
         "networkPolicy.enabled=maybe",
         "networkPolicy.adminFrom[0].everyone=true",
         "webhook.url=http://insecure/mutate",
+        "store.url=redis://user:pw@redis:6379",
+        "store.url=http://redis",
+        "store.timeout=2",
+        "store.usageRefreshSeconds=0",
         "unknownValue=1",
     ] {
         let err = template(cp, "portcullis", "portcullis-system", &[bad]).expect_err(bad);
@@ -232,7 +236,13 @@ async fn rendered_chart_passes_server_side_dry_run() {
     let cp = own_cp();
     let ns = cp.namespace("chart-dry").await;
     let release = format!("dry-{}", random_hex(3));
-    let mut yaml = template(cp, &release, &ns, &["webhook.url=https://127.0.0.1:1/mutate"]).unwrap();
+    let store =
+        ["store.url=redis://redis.store:6379/0", "store.existingSecret=redis-auth", "store.sidecarTimeout=50ms"];
+    let mut yaml =
+        template(cp, &release, &ns, &[&["webhook.url=https://127.0.0.1:1/mutate"][..], &store].concat()).unwrap();
+    // The one-replica Redis example of docs/global-limits-controller.md is checked the same way.
+    yaml.push_str("\n---\n");
+    yaml.push_str(&std::fs::read_to_string(root().join("examples/redis/redis.yaml")).unwrap());
     // `helm template` leaves out crds/; dry-run them too.
     for entry in std::fs::read_dir(chart().join("crds")).unwrap() {
         yaml.push_str("\n---\n");
@@ -424,6 +434,65 @@ fn chart_network_policy_flags_parse_and_admit_the_controller() {
             let m = s.admin_from[1].namespace_selector.as_ref().unwrap().match_labels.as_ref().unwrap();
             assert_eq!(m["kubernetes.io/metadata.name"], "monitoring");
         }
+    }
+}
+
+/// The store values become the controller's `--store-*` flags (parsed here as `StoreArgs`) and its credential
+/// environment from `store.existingSecret`; without `store.url` none of it is rendered.
+#[test]
+fn chart_store_values_become_store_flags_and_credential_env() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        store: portcullis_controller::store::StoreArgs,
+    }
+    let cp = own_cp();
+    let container = |set: &[&str]| {
+        let docs = documents(&template(cp, "portcullis", "portcullis-system", set).unwrap());
+        find(&docs, "Deployment", "portcullis-controller")["spec"]["template"]["spec"]["containers"][0].clone()
+    };
+    let store_flags = |c: &serde_yaml::Value| -> Vec<String> {
+        c["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .filter(|a| a.starts_with("--store-") || a.starts_with("--usage-") || a.starts_with("--sidecar-store"))
+            .collect()
+    };
+    let env_names = |c: &serde_yaml::Value| -> Vec<String> {
+        c["env"].as_sequence().unwrap().iter().map(|e| e["name"].as_str().unwrap().to_string()).collect()
+    };
+    let plain = container(&[]);
+    assert!(store_flags(&plain).is_empty(), "{:?}", store_flags(&plain));
+    assert!(!env_names(&plain).iter().any(|n| n.starts_with("PORTCULLIS_STORE")));
+
+    let c = container(&[
+        "store.url=rediss://redis.store:6380/2",
+        "store.existingSecret=redis-auth",
+        "store.sidecarTimeout=40ms",
+        "store.usageRefreshSeconds=30",
+    ]);
+    let flags = store_flags(&c);
+    let cli = Cli::try_parse_from(std::iter::once("portcullis-controller").chain(flags.iter().map(String::as_str)))
+        .unwrap_or_else(|e| {
+            panic!(
+                "the chart passes store flags StoreArgs rejects: {e}
+{flags:?}"
+            )
+        });
+    let env = |k: &str| (k == "PORTCULLIS_STORE_USERNAME").then(|| "portcullis".to_string());
+    let s = cli.store.settings(env).expect("valid").expect("a store is configured");
+    assert_eq!(s.url, "rediss://redis.store:6380/2");
+    assert_eq!(s.timeout, std::time::Duration::from_secs(2));
+    assert_eq!(s.sidecar_timeout, Some(std::time::Duration::from_millis(40)));
+    assert_eq!(s.usage_every, std::time::Duration::from_secs(30));
+    assert_eq!(s.credentials_secret.as_deref(), Some("redis-auth"));
+    for (var, key) in [("PORTCULLIS_STORE_USERNAME", "username"), ("PORTCULLIS_STORE_PASSWORD", "password")] {
+        let e = c["env"].as_sequence().unwrap().iter().find(|e| e["name"].as_str() == Some(var)).expect(var);
+        let r = &e["valueFrom"]["secretKeyRef"];
+        assert_eq!((r["name"].as_str(), r["key"].as_str()), (Some("redis-auth"), Some(key)));
     }
 }
 

@@ -22,6 +22,8 @@ fn plan(name: &str, services: &[&str]) -> UsagePlan {
             throttle: Some(ThrottleSpec { rate: 10, per: "1s".into(), burst: Some(20) }),
             quota: Some(QuotaSpec { limit: 1000, period: QuotaPeriod::Day }),
             global_limits: None,
+            quota_scope: None,
+            on_store_unavailable: None,
             network_policy: None,
         },
     )

@@ -26,6 +26,8 @@ fn plan_np(name: &str, services: &[&str], network_policy: Option<bool>) -> Usage
             throttle: Some(ThrottleSpec { rate: 10, per: "1s".into(), burst: None }),
             quota: None,
             global_limits: None,
+            quota_scope: None,
+            on_store_unavailable: None,
             network_policy,
         },
     )

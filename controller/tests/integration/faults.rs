@@ -38,6 +38,8 @@ fn plan() -> UsagePlan {
             throttle: Some(ThrottleSpec { rate: 100_000, per: "1s".into(), burst: Some(100_000) }),
             quota: None,
             global_limits: None,
+            quota_scope: None,
+            on_store_unavailable: None,
             network_policy: None,
         },
     )

@@ -33,6 +33,8 @@ fn plan(name: &str, services: &[&str]) -> UsagePlan {
             throttle: Some(ThrottleSpec { rate: 1000, per: "1s".into(), burst: Some(1000) }),
             quota: None,
             global_limits: None,
+            quota_scope: None,
+            on_store_unavailable: None,
             network_policy: None,
         },
     )

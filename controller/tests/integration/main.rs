@@ -15,6 +15,7 @@ mod cluster;
 mod enforced;
 mod exposure;
 mod faults;
+mod global_limits;
 mod lifecycle_keys;
 mod lifecycle_tables;
 mod no_crds;

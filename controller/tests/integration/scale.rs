@@ -36,6 +36,8 @@ async fn twenty_thousand_clients_are_sharded_consistently() {
                     throttle: Some(ThrottleSpec { rate: 100, per: "1s".into(), burst: None }),
                     quota: None,
                     global_limits: None,
+                    quota_scope: None,
+                    on_store_unavailable: None,
                     network_policy: None,
                 },
             ),

@@ -37,6 +37,11 @@ fn webhook_server() -> SocketAddr {
                 args.webhook_listen = "127.0.0.1:0".parse().unwrap();
                 args.webhook_cert_dir = Some(dir);
                 args.sidecar_image = "ghcr.io/portcullis/portcullis-proxy:test".into();
+                // As when the controller runs with `--store-url` (and `--sidecar-store-timeout=40ms`).
+                args.sidecar_store = Some(portcullis_controller::webhook::inject::SidecarStore {
+                    url: "redis://redis.store:6379/0".into(),
+                    timeout: Some(Duration::from_millis(40)),
+                });
                 let webhook = Webhook::bind(args, cp.admin_client().await).await.expect("webhook binds");
                 tx.send(webhook.local_addr().unwrap()).unwrap();
                 webhook.serve(std::future::pending()).await.expect("webhook serves");
@@ -174,6 +179,32 @@ async fn opted_in_pod_gets_the_sidecar_exactly_once() {
     let other = pods.create(&PostParams::default(), &opted_in("api-1", "orders", "9000")).await.unwrap();
     assert_eq!(sidecars(&other), 1);
     assert!(sidecar(&other).args.as_ref().unwrap().contains(&"--upstream=127.0.0.1:9000".to_string()));
+}
+
+/// With a store configured, the stored Pod's sidecar carries the store flags, its replica id from the downward
+/// API, and the credentials from the namespace's `portcullis-store-credentials` Secret (optional: the pod is admitted
+/// before the controller's copy exists).
+#[tokio::test]
+async fn a_configured_store_reaches_the_stored_sidecar() {
+    let cp = setup().await;
+    let ns = cp.namespace("wh-store").await;
+    let pods: Api<Pod> = Api::namespaced(cp.admin_client().await, &ns);
+    pods.create(&PostParams::default(), &opted_in("api-0", "orders", "8080")).await.expect("create");
+    let stored = pods.get("api-0").await.unwrap();
+    let c = sidecar(&stored);
+    let args = c.args.clone().unwrap();
+    for want in ["--store-url=redis://redis.store:6379/0", "--store-timeout=40ms", "--replica-id=$(POD_NAME)"] {
+        assert!(args.iter().any(|a| a == want), "{want} missing from {args:?}");
+    }
+    let env = c.env.clone().unwrap();
+    let pod_name = env.iter().find(|e| e.name == "POD_NAME").expect("POD_NAME");
+    let field = pod_name.value_from.as_ref().unwrap().field_ref.as_ref().unwrap();
+    assert_eq!(field.field_path, "metadata.name");
+    for (var, key) in [("PORTCULLIS_STORE_USERNAME", "username"), ("PORTCULLIS_STORE_PASSWORD", "password")] {
+        let e = env.iter().find(|e| e.name == var).unwrap_or_else(|| panic!("{var} missing from {env:?}"));
+        let r = e.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+        assert_eq!((r.name.as_str(), r.key.as_str(), r.optional), ("portcullis-store-credentials", key, Some(true)));
+    }
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ use super::throttle::ThrottleState;
 use governor::clock::{Clock, DefaultClock};
 use http::HeaderValue;
 use jiff::Timestamp;
-use portcullis_table::{CertIdentity, KeyDigest, RouteScope, Table};
+use portcullis_table::{CertIdentity, KeyDigest, Plan, QuotaScope, RouteScope, StoreFallback, Table};
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
@@ -77,8 +77,29 @@ pub struct KeyRef {
 pub struct PlanSpec {
     pub name: String,
     pub routes: Vec<RouteScope>,
-    /// Requested counting across replicas; this build counts locally (see docs/proxy.md).
-    pub global_limits: bool,
+    /// The throttle is counted across replicas in the shared store (`globalLimits` and a throttle).
+    pub global_throttle: bool,
+    /// The quota is counted across replicas in the shared store (a quota with `quotaScope: Global`).
+    pub global_quota: bool,
+    /// What to do with the shared counts while the store is unreachable.
+    pub on_store_unavailable: StoreFallback,
+}
+
+impl PlanSpec {
+    fn new(name: &str, p: &Plan) -> Self {
+        Self {
+            name: name.to_string(),
+            routes: p.routes.clone(),
+            global_throttle: p.global_limits && p.throttle.is_some(),
+            global_quota: p.quota.is_some() && p.quota_scope == QuotaScope::Global,
+            on_store_unavailable: p.on_store_unavailable,
+        }
+    }
+
+    /// Something of this plan is counted in the shared store.
+    pub fn counts_globally(&self) -> bool {
+        self.global_throttle || self.global_quota
+    }
 }
 
 /// A plan as held by one client: the shared spec plus this client's own limiter state.
@@ -121,6 +142,12 @@ pub struct CompiledTable<C: Clock = DefaultClock> {
     pub certs: HashMap<CertIdentity, u32>,
     pub clients: Vec<CompiledClient<C>>,
     pub clock: C,
+    /// A shared store is configured: the plans' global throttles and quotas are counted there (after the
+    /// decision, in [`crate::global`]) and [`super::decide`] leaves them alone. Without one, they are counted
+    /// here, per proxy (the `Local` fallback with one replica).
+    pub store_counts: bool,
+    /// Plans of the table that ask for counts shared across replicas.
+    pub global_plans: usize,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -144,7 +171,7 @@ impl<C: Clock + Clone> CompiledTable<C> {
             .plans
             .iter()
             .map(|(name, p)| {
-                let spec = PlanSpec { name: name.clone(), routes: p.routes.clone(), global_limits: p.global_limits };
+                let spec = PlanSpec::new(name, p);
                 (name.as_str(), Arc::new(spec))
             })
             .collect();
@@ -162,7 +189,7 @@ impl<C: Clock + Clone> CompiledTable<C> {
                 let spec = specs
                     .get(name.as_str())
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(PlanSpec { name: name.clone(), routes: vec![], global_limits: false }));
+                    .unwrap_or_else(|| Arc::new(PlanSpec::new(name, &Plan::default())));
                 let prev_plan = prev.and_then(|p| p.plans().find(|pp| &pp.spec.name == name));
                 let throttle = plan
                     .throttle
@@ -196,6 +223,8 @@ impl<C: Clock + Clone> CompiledTable<C> {
             certs,
             clients,
             clock,
+            store_counts: false,
+            global_plans: table.plans.iter().filter(|(n, p)| PlanSpec::new(n, p).counts_globally()).count(),
         })
     }
 

@@ -6,11 +6,12 @@ use super::certs::PeerCert;
 use super::compiled::{CompiledClient, CompiledPlan, CompiledTable};
 use super::quota::period_secs;
 use super::reason::Reason;
-use super::throttle::retry_after_secs;
+use super::throttle::{retry_after_secs, window_secs};
 use governor::clock::{Clock, DefaultClock};
 use jiff::Timestamp;
-use portcullis_table::key_digest;
+use portcullis_table::{Quota, Throttle, key_digest};
 use std::net::IpAddr;
+use std::time::Duration;
 
 /// What the decision needs from a request.
 #[derive(Debug, Clone, Copy)]
@@ -92,37 +93,50 @@ pub fn decide<'t, C: Clock + Clone>(table: Option<&'t CompiledTable<C>>, req: &R
     let Some(plan) = client.plans().find(|p| super::route::admits(&p.spec.routes, req.method, req.path)) else {
         return deny(Reason::RouteNotAllowed);
     };
-    if let Some(q) = &plan.quota {
+    // With a shared store, global counts are taken after the decision (crate::global), not here.
+    let local_throttle = !(table.store_counts && plan.spec.global_throttle);
+    let local_quota = !(table.store_counts && plan.spec.global_quota);
+    if let Some(q) = plan.quota.as_ref().filter(|_| local_quota) {
         q.prefetch();
     }
-    if let Some(t) = &plan.throttle
+    if let Some(t) = plan.throttle.as_ref().filter(|_| local_throttle)
         && let Err(wait) = t.check()
     {
-        let secs = retry_after_secs(wait);
-        return Decision::Deny(Denial {
-            reason: Reason::RateLimited,
-            retry_after: Some(secs),
-            rate_limit: Some(RateLimitHeaders {
-                policy: format!("\"burst\";q={};w={}", t.spec.burst, t.window_secs()),
-                state: format!("\"burst\";r=0;t={secs}"),
-            }),
-        });
+        return Decision::Deny(rate_limited(&t.spec, wait));
     }
-    if let Some(q) = &plan.quota {
+    if let Some(q) = plan.quota.as_ref().filter(|_| local_quota) {
         let now = req.now.as_second();
         if let Err(e) = q.try_acquire(now) {
-            let secs = (e.resets_at - now).max(1) as u64;
-            return Decision::Deny(Denial {
-                reason: Reason::QuotaExceeded,
-                retry_after: Some(secs),
-                rate_limit: Some(RateLimitHeaders {
-                    policy: format!("\"quota\";q={};w={}", q.spec.limit, period_secs(q.spec.period)),
-                    state: format!("\"quota\";r=0;t={secs}"),
-                }),
-            });
+            return Decision::Deny(quota_exceeded(&q.spec, now, e.resets_at));
         }
     }
     Decision::Allow { client, plan }
+}
+
+/// The refusal of a request over `spec`'s throttle, `wait` before the next one would pass.
+pub fn rate_limited(spec: &Throttle, wait: Duration) -> Denial {
+    let secs = retry_after_secs(wait);
+    Denial {
+        reason: Reason::RateLimited,
+        retry_after: Some(secs),
+        rate_limit: Some(RateLimitHeaders {
+            policy: format!("\"burst\";q={};w={}", spec.burst, window_secs(spec)),
+            state: format!("\"burst\";r=0;t={secs}"),
+        }),
+    }
+}
+
+/// The refusal of a request over `spec`'s quota, whose period ends at `resets_at` (Unix seconds).
+pub fn quota_exceeded(spec: &Quota, now: i64, resets_at: i64) -> Denial {
+    let secs = (resets_at - now).max(1) as u64;
+    Denial {
+        reason: Reason::QuotaExceeded,
+        retry_after: Some(secs),
+        rate_limit: Some(RateLimitHeaders {
+            policy: format!("\"quota\";q={};w={}", spec.limit, period_secs(spec.period)),
+            state: format!("\"quota\";r=0;t={secs}"),
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -242,6 +256,37 @@ pub(crate) mod tests {
 
     fn reason<C: Clock>(d: Decision<'_, C>) -> Option<Reason> {
         d.reason()
+    }
+
+    #[test]
+    fn with_a_store_global_counts_are_left_to_the_store_stage() {
+        let mut tbl = table();
+        let read = tbl.plans.get_mut("read").unwrap();
+        read.global_limits = true; // throttle burst 2: global
+        let small = tbl.plans.get_mut("small").unwrap();
+        small.quota_scope = portcullis_table::QuotaScope::Global; // quota 2 a day: global (the default)
+        let tbl = Table::new(tbl.service.clone(), tbl.plans, tbl.clients);
+        let read = facts(Some(b"k-read"), "127.0.0.1", "GET", "/v1/x");
+        let quota = facts(Some(b"k-quota"), "::1", "GET", "/");
+        // Without a store: counted here, as before.
+        let local = CompiledTable::compile(&tbl, None, FakeRelativeClock::default()).unwrap();
+        assert_eq!(local.global_plans, 2);
+        let refused = (0..5).filter(|_| decide(Some(&local), &read).reason().is_some()).count();
+        assert_eq!(refused, 3);
+        assert_eq!((0..5).filter(|_| decide(Some(&local), &quota).reason().is_some()).count(), 3);
+        // With one: never refused here; the plan says what the store stage must count.
+        let mut shared = CompiledTable::compile(&tbl, None, FakeRelativeClock::default()).unwrap();
+        shared.store_counts = true;
+        for _ in 0..5 {
+            match decide(Some(&shared), &read) {
+                Decision::Allow { plan, .. } => assert!(plan.spec.global_throttle && !plan.spec.global_quota),
+                Decision::Deny(d) => panic!("{d:?}"),
+            }
+            match decide(Some(&shared), &quota) {
+                Decision::Allow { plan, .. } => assert!(plan.spec.global_quota && !plan.spec.global_throttle),
+                Decision::Deny(d) => panic!("{d:?}"),
+            }
+        }
     }
 
     #[test]

@@ -23,6 +23,6 @@ pub mod throttle;
 
 pub use certs::PeerCert;
 pub use cidr::CidrSet;
-pub use compiled::{CompiledClient, CompiledPlan, CompiledTable};
-pub use decide::{Decision, Denial, RequestFacts, decide};
+pub use compiled::{CompiledClient, CompiledPlan, CompiledTable, PlanSpec};
+pub use decide::{Decision, Denial, RequestFacts, decide, quota_exceeded, rate_limited};
 pub use reason::Reason;

@@ -33,10 +33,13 @@ pub enum Reason {
     AmbiguousForwarded,
     /// Malformed in another way: several `Host` lines, userinfo in the target, a malformed request body.
     BadRequest,
+    /// The plan counts in the shared store (Redis), the store cannot be reached and the plan says
+    /// `onStoreUnavailable: FailClosed`.
+    StoreUnavailable,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 20] = [
         Reason::InvalidKey,
         Reason::KeyExpired,
         Reason::ClientDisabled,
@@ -56,6 +59,7 @@ impl Reason {
         Reason::InvalidPath,
         Reason::AmbiguousForwarded,
         Reason::BadRequest,
+        Reason::StoreUnavailable,
     ];
 
     pub fn status(self) -> u16 {
@@ -70,7 +74,7 @@ impl Reason {
             | Reason::CertificateRequired
             | Reason::ServiceNotGranted => 403,
             Reason::RateLimited | Reason::QuotaExceeded => 429,
-            Reason::NoTable | Reason::TableRevoked | Reason::UpstreamBusy => 503,
+            Reason::NoTable | Reason::TableRevoked | Reason::UpstreamBusy | Reason::StoreUnavailable => 503,
             Reason::UpstreamUnavailable => 502,
             Reason::BodyTimeout => 408,
         }
@@ -97,6 +101,7 @@ impl Reason {
             Reason::InvalidPath => "invalid_path",
             Reason::AmbiguousForwarded => "ambiguous_forwarded",
             Reason::BadRequest => "bad_request",
+            Reason::StoreUnavailable => "store_unavailable",
         }
     }
 
@@ -134,6 +139,7 @@ impl Reason {
                 r#"{"error":"forwarding headers do not name one client","reason":"ambiguous_forwarded"}"#
             }
             Reason::BadRequest => r#"{"error":"malformed request","reason":"bad_request"}"#,
+            Reason::StoreUnavailable => r#"{"error":"limit store unavailable, retry","reason":"store_unavailable"}"#,
         }
     }
 }

@@ -59,10 +59,14 @@ impl<C: Clock + Clone> ThrottleState<C> {
 
     /// Window of the `RateLimit-Policy` header: seconds to refill a whole burst, at least 1.
     pub fn window_secs(&self) -> u64 {
-        let nanos = u128::from(self.spec.per_millis) * 1_000_000 * u128::from(self.spec.burst)
-            / u128::from(self.spec.rate.max(1));
-        (nanos.div_ceil(1_000_000_000) as u64).max(1)
+        window_secs(&self.spec)
     }
+}
+
+/// Window of the `RateLimit-Policy` header for `spec`: seconds to refill a whole burst, at least 1.
+pub fn window_secs(spec: &Throttle) -> u64 {
+    let nanos = u128::from(spec.per_millis) * 1_000_000 * u128::from(spec.burst) / u128::from(spec.rate.max(1));
+    (nanos.div_ceil(1_000_000_000) as u64).max(1)
 }
 
 /// Whole seconds for `Retry-After`, rounded up, at least 1.

@@ -2,12 +2,13 @@
 //! ([`TableState`]: serving, deny-all, revoked or nothing yet), for `/readyz`, metrics and the deny reason.
 
 use crate::decision::{CompiledTable, Reason};
+use crate::global::GlobalLimits;
 use crate::metrics::Metrics;
 use arc_swap::ArcSwapOption;
 use portcullis_table::Chain;
 use portcullis_table::{Table, TableError};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The table the request path reads (`load()` per request) and the sources write.
 pub struct TableStore {
@@ -17,6 +18,8 @@ pub struct TableStore {
     revoked: AtomicBool,
     state: Mutex<TableState>,
     metrics: Arc<Metrics>,
+    /// The shared store's counts (`--store-url`), set once at start; unset: every count is per proxy.
+    global: OnceLock<Arc<GlobalLimits>>,
 }
 
 /// What the proxy enforces.
@@ -116,7 +119,32 @@ impl TableStore {
             revoked: AtomicBool::new(false),
             state: Mutex::new(TableState::NoTable { detail: None }),
             metrics,
+            global: OnceLock::new(),
         }
+    }
+
+    /// Counts global limits in the shared store from now on (set once, at start, before any table is applied).
+    pub fn set_global(&self, global: Arc<GlobalLimits>) {
+        let _ = self.global.set(global);
+    }
+
+    /// The shared store's counts, when a store is configured.
+    pub fn global(&self) -> Option<&Arc<GlobalLimits>> {
+        self.global.get()
+    }
+
+    /// The `/readyz` line about the shared store: its state, or — without one — whether plans asked for it.
+    pub fn store_detail(&self) -> Option<String> {
+        if let Some(g) = self.global() {
+            return Some(g.describe());
+        }
+        let n = self.current.load().as_ref().map_or(0, |t| t.global_plans);
+        (n > 0).then(|| {
+            format!(
+                "store: not configured (no --store-url); {n} plan(s) ask for counts shared across replicas \
+                 (globalLimits or quotaScope Global): counted per replica, as 1 replica"
+            )
+        })
     }
 
     /// The revision in force (also for a deny-all table); `None` when nothing is.
@@ -156,14 +184,9 @@ impl TableStore {
             return Ok(false);
         }
         let clock = governor::clock::DefaultClock::default();
-        let compiled = CompiledTable::compile(table, previous.as_deref(), clock)?;
+        let mut compiled = CompiledTable::compile(table, previous.as_deref(), clock)?;
+        compiled.store_counts = self.global.get().is_some();
         let clients = compiled.clients.len();
-        if table.plans.values().any(|p| p.global_limits) {
-            tracing::warn!(
-                service = %table.service,
-                "plans with globalLimits are counted per proxy replica in this build (no Redis backend)"
-            );
-        }
         let revision = table.revision.clone();
         let state = match &table.deny_all {
             Some(d) => TableState::DenyAll { revision: revision.clone(), sequence, reason: d.reason.clone() },

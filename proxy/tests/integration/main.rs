@@ -12,6 +12,7 @@ mod api_mode;
 mod client_certs;
 mod connection_bounds;
 mod faults;
+mod global_limits;
 mod hardening;
 mod hot_swap;
 mod limits;

@@ -1,0 +1,392 @@
+//! Leases of shared counts, per (client, plan): what this proxy took from the store and has not used yet. Pure
+//! (time is passed in), so every transition is unit-tested without a store.
+//!
+//! A request first spends from the local lease. When the lease is empty it asks the store for a chunk sized to the
+//! client's observed rate (about [`LeaseParams::window`] of its traffic, capped), so a busy client costs one store
+//! round trip per chunk rather than per request, and a quiet one (chunk 1) is counted exactly. What a lease has
+//! not spent when it expires ([`LeaseParams::ttl`]) goes back to the store (Doorman-style), so nothing leased is
+//! lost for longer than the ttl. A refusal from the store is remembered locally (the throttle's wait, or the
+//! quota's exhaustion for one ttl), so a client far over its limit is refused without a store call.
+//!
+//! Accuracy: the store's count is authoritative and leases are taken from it, so a proxy never admits more than
+//! the store granted: the global limit is never exceeded. What leases cost is the other direction: while one
+//! replica holds unused tokens or units, another may be refused early, by at most (replicas − 1) × chunk, until
+//! the lease is spent or returned (≤ ttl).
+
+use std::time::{Duration, Instant};
+
+/// How leases are sized and how long they live.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseParams {
+    /// A chunk covers about this much of the client's observed traffic.
+    pub window: Duration,
+    /// Unspent lease is returned after this long.
+    pub ttl: Duration,
+    /// Throttle chunks are at most burst / this (at least 1), so one replica never holds the whole burst.
+    pub burst_divisor: u64,
+    /// Quota chunks are at most limit / this (at least 1).
+    pub quota_divisor: u64,
+    /// And never more than this.
+    pub max_chunk: u64,
+}
+
+impl Default for LeaseParams {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_millis(20),
+            ttl: Duration::from_millis(200),
+            burst_divisor: 4,
+            quota_divisor: 1000,
+            max_chunk: 256,
+        }
+    }
+}
+
+/// What a request needs counted in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Needs {
+    /// The throttle's burst, when the throttle is global.
+    pub burst: Option<u64>,
+    /// The quota's limit and the current period's number, when the quota is global.
+    pub quota: Option<(u64, u64)>,
+}
+
+/// The outcome of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Counted (spent from the lease): pass.
+    Admit,
+    /// Over the throttle: the next token comes in this long.
+    Throttled(Duration),
+    /// Over the quota.
+    QuotaExhausted,
+    /// Ask the store for this many tokens and units (nothing was spent).
+    Fetch { tokens: u64, units: u64 },
+}
+
+/// What the store granted for a [`Step::Fetch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Grant {
+    pub tokens: u64,
+    /// Until the next token, when none was granted.
+    pub wait: Duration,
+    pub units: u64,
+    /// The quota's count in the store after the grant.
+    pub used: u64,
+}
+
+/// Unspent lease to return to the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Leftover {
+    pub tokens: u64,
+    pub units: u64,
+    /// The period the units were leased in (their key).
+    pub period: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Lease {
+    tokens: u64,
+    tokens_until: Instant,
+    throttled_until: Option<Instant>,
+    units: u64,
+    units_period: u64,
+    units_until: Instant,
+    exhausted_until: Option<(Instant, u64)>,
+    /// Quota used in the store after the last grant (for the `Local` fallback's share).
+    pub last_used: Option<(u64, u64)>,
+    rate: RateEstimate,
+}
+
+impl Lease {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            tokens: 0,
+            tokens_until: now,
+            throttled_until: None,
+            units: 0,
+            units_period: 0,
+            units_until: now,
+            exhausted_until: None,
+            last_used: None,
+            rate: RateEstimate::new(now),
+        }
+    }
+
+    fn has_tokens(&self, now: Instant) -> bool {
+        self.tokens > 0 && now < self.tokens_until
+    }
+
+    fn has_units(&self, now: Instant, period: u64) -> bool {
+        self.units > 0 && self.units_period == period && now < self.units_until
+    }
+
+    /// The first step of a request: spend from the lease, refuse from memory, or say what to fetch.
+    pub fn step(&mut self, now: Instant, needs: Needs, p: &LeaseParams) -> Step {
+        self.rate.arrival(now);
+        let need_token = needs.burst.is_some() && !self.has_tokens(now);
+        if need_token && let Some(until) = self.throttled_until {
+            if now < until {
+                return Step::Throttled(until - now);
+            }
+            self.throttled_until = None;
+        }
+        let need_unit = needs.quota.is_some_and(|(_, period)| !self.has_units(now, period));
+        if need_unit
+            && let Some((until, period)) = self.exhausted_until
+            && needs.quota.is_some_and(|(_, p)| p == period)
+        {
+            if now < until {
+                return Step::QuotaExhausted;
+            }
+            self.exhausted_until = None;
+        }
+        if !need_token && !need_unit {
+            self.spend(needs);
+            return Step::Admit;
+        }
+        let want = self.rate.chunk(p.window);
+        let tokens = match needs.burst {
+            Some(burst) if need_token => want.min(cap(burst, p.burst_divisor, p.max_chunk)),
+            _ => 0,
+        };
+        let units = match needs.quota {
+            Some((limit, _)) if need_unit => want.min(cap(limit, p.quota_divisor, p.max_chunk)),
+            _ => 0,
+        };
+        Step::Fetch { tokens, units }
+    }
+
+    /// The store's answer to a [`Step::Fetch`]: add to the lease, then spend for this request.
+    /// `wait` is the store's time until the next token when it granted none. Returns what the old lease held
+    /// that can no longer be used (units of a past period), to give back.
+    pub fn granted(&mut self, now: Instant, needs: Needs, p: &LeaseParams, g: Grant) -> (Step, Leftover) {
+        let Grant { tokens, wait, units, used } = g;
+        let mut stale = Leftover::default();
+        if tokens > 0 {
+            if !self.has_tokens(now) {
+                self.tokens = 0;
+            }
+            self.tokens += tokens;
+            self.tokens_until = now + p.ttl;
+        }
+        if let Some((limit, period)) = needs.quota {
+            if units > 0 || self.units_period != period {
+                if self.units_period != period && self.units > 0 {
+                    stale = Leftover { tokens: 0, units: self.units, period: self.units_period };
+                    self.units = 0;
+                }
+                self.units += units;
+                self.units_period = period;
+                self.units_until = now + p.ttl;
+            }
+            self.last_used = Some((used.min(limit), period));
+        }
+        if needs.burst.is_some() && !self.has_tokens(now) {
+            self.throttled_until = Some(now + wait.max(Duration::from_micros(1)));
+            return (Step::Throttled(wait), stale);
+        }
+        if let Some((_, period)) = needs.quota
+            && !self.has_units(now, period)
+        {
+            self.exhausted_until = Some((now + p.ttl, period));
+            return (Step::QuotaExhausted, stale);
+        }
+        self.spend(needs);
+        (Step::Admit, stale)
+    }
+
+    fn spend(&mut self, needs: Needs) {
+        if needs.burst.is_some() {
+            self.tokens -= 1;
+        }
+        if needs.quota.is_some() {
+            self.units -= 1;
+        }
+    }
+
+    /// Takes what expired unspent (to give back to the store).
+    pub fn take_expired(&mut self, now: Instant) -> Leftover {
+        let mut out = Leftover { period: self.units_period, ..Default::default() };
+        if self.tokens > 0 && now >= self.tokens_until {
+            out.tokens = std::mem::take(&mut self.tokens);
+        }
+        if self.units > 0 && now >= self.units_until {
+            out.units = std::mem::take(&mut self.units);
+        }
+        out
+    }
+
+    /// Takes everything unspent (shutdown).
+    pub fn take_all(&mut self) -> Leftover {
+        Leftover {
+            tokens: std::mem::take(&mut self.tokens),
+            units: std::mem::take(&mut self.units),
+            period: self.units_period,
+        }
+    }
+
+    /// Nothing held or remembered, and no traffic for a while: the entry may be dropped.
+    pub fn idle(&self, now: Instant, p: &LeaseParams) -> bool {
+        self.tokens == 0
+            && self.units == 0
+            && self.throttled_until.is_none_or(|u| now >= u)
+            && self.exhausted_until.is_none_or(|(u, _)| now >= u)
+            && now.saturating_duration_since(self.rate.last) > p.ttl * 50
+    }
+}
+
+fn cap(limit: u64, divisor: u64, max: u64) -> u64 {
+    (limit / divisor.max(1)).clamp(1, max.max(1))
+}
+
+/// Requests per second, as an exponentially weighted average over 100 ms buckets.
+#[derive(Debug, Clone)]
+struct RateEstimate {
+    bucket_start: Instant,
+    in_bucket: u64,
+    per_sec: f64,
+    last: Instant,
+}
+
+const BUCKET: Duration = Duration::from_millis(100);
+
+impl RateEstimate {
+    fn new(now: Instant) -> Self {
+        Self { bucket_start: now, in_bucket: 0, per_sec: 0.0, last: now }
+    }
+
+    fn arrival(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.bucket_start);
+        if elapsed >= BUCKET {
+            let buckets = (elapsed.as_nanos() / BUCKET.as_nanos()) as i32;
+            let sample = self.in_bucket as f64 / BUCKET.as_secs_f64();
+            // The bucket that just closed weighs 1/2; each empty bucket after it halves the estimate again.
+            self.per_sec = (self.per_sec + sample) / 2.0 * 0.5f64.powi(buckets - 1);
+            self.in_bucket = 0;
+            self.bucket_start += BUCKET * buckets as u32;
+        }
+        self.in_bucket += 1;
+        self.last = now;
+    }
+
+    /// Requests expected in `window`, at least 1.
+    fn chunk(&self, window: Duration) -> u64 {
+        let rate = self.per_sec.max(self.in_bucket as f64 / BUCKET.as_secs_f64());
+        ((rate * window.as_secs_f64()).ceil() as u64).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: LeaseParams = LeaseParams {
+        window: Duration::from_millis(20),
+        ttl: Duration::from_millis(200),
+        burst_divisor: 4,
+        quota_divisor: 1000,
+        max_chunk: 256,
+    };
+    const MS: Duration = Duration::from_millis(1);
+
+    fn g(tokens: u64, wait: Duration, units: u64, used: u64) -> Grant {
+        Grant { tokens, wait, units, used }
+    }
+
+    fn throttle_only() -> Needs {
+        Needs { burst: Some(100), quota: None }
+    }
+
+    #[test]
+    fn a_quiet_client_fetches_one_at_a_time() {
+        let t0 = Instant::now();
+        let mut l = Lease::new(t0);
+        let needs = Needs { burst: Some(10), quota: Some((1000, 7)) };
+        assert_eq!(l.step(t0, needs, &P), Step::Fetch { tokens: 1, units: 1 });
+        assert_eq!(l.granted(t0, needs, &P, g(1, Duration::ZERO, 1, 1)).0, Step::Admit);
+        // Spent: the next request fetches again.
+        assert_eq!(l.step(t0 + 500 * MS, needs, &P), Step::Fetch { tokens: 1, units: 1 });
+    }
+
+    #[test]
+    fn a_busy_client_fetches_chunks_sized_to_its_rate_and_spends_them_locally() {
+        let t0 = Instant::now();
+        let mut l = Lease::new(t0);
+        let needs = throttle_only();
+        // 1000 req/s for 300 ms, each fetch granted in full.
+        let mut fetches = 0;
+        let mut last_chunk = 0;
+        for i in 0..300u32 {
+            let now = t0 + MS * i;
+            match l.step(now, needs, &P) {
+                Step::Admit => {}
+                Step::Fetch { tokens, .. } => {
+                    fetches += 1;
+                    last_chunk = tokens;
+                    assert_eq!(l.granted(now, needs, &P, g(tokens, Duration::ZERO, 0, 0)).0, Step::Admit);
+                }
+                s => panic!("{s:?}"),
+            }
+        }
+        assert!((10..=25).contains(&last_chunk), "20 ms of 1000 req/s, capped by burst/4: {last_chunk}");
+        assert!(fetches < 60, "{fetches} fetches for 300 requests");
+    }
+
+    #[test]
+    fn a_refusal_is_remembered_so_the_store_is_not_asked_again() {
+        let t0 = Instant::now();
+        let mut l = Lease::new(t0);
+        let needs = throttle_only();
+        assert!(matches!(l.step(t0, needs, &P), Step::Fetch { .. }));
+        assert_eq!(l.granted(t0, needs, &P, g(0, 30 * MS, 0, 0)).0, Step::Throttled(30 * MS));
+        assert_eq!(l.step(t0 + 10 * MS, needs, &P), Step::Throttled(20 * MS));
+        assert!(matches!(l.step(t0 + 30 * MS, needs, &P), Step::Fetch { .. }));
+
+        let q = Needs { burst: None, quota: Some((10, 3)) };
+        assert!(matches!(l.step(t0, q, &P), Step::Fetch { tokens: 0, units: 1 }));
+        assert_eq!(l.granted(t0, q, &P, g(0, Duration::ZERO, 0, 10)).0, Step::QuotaExhausted);
+        assert_eq!(l.step(t0 + 100 * MS, q, &P), Step::QuotaExhausted);
+        // After a ttl the store is asked again (another replica may have given units back) …
+        assert!(matches!(l.step(t0 + 200 * MS, q, &P), Step::Fetch { .. }));
+        // … and at once in a new period.
+        assert!(matches!(l.step(t0 + 201 * MS, Needs { burst: None, quota: Some((10, 4)) }, &P), Step::Fetch { .. }));
+    }
+
+    #[test]
+    fn unspent_lease_expires_and_is_given_back_once() {
+        let t0 = Instant::now();
+        let mut l = Lease::new(t0);
+        let needs = Needs { burst: Some(100), quota: Some((100_000, 5)) };
+        assert!(matches!(l.step(t0, needs, &P), Step::Fetch { .. }));
+        l.granted(t0, needs, &P, g(8, Duration::ZERO, 8, 8));
+        assert_eq!(l.take_expired(t0 + 100 * MS), Leftover { tokens: 0, units: 0, period: 5 });
+        assert_eq!(l.take_expired(t0 + 200 * MS), Leftover { tokens: 7, units: 7, period: 5 });
+        assert_eq!(l.take_expired(t0 + 300 * MS), Leftover { tokens: 0, units: 0, period: 5 });
+        // An expired lease is not spent.
+        assert!(matches!(l.step(t0 + 300 * MS, needs, &P), Step::Fetch { .. }));
+    }
+
+    #[test]
+    fn units_of_a_past_period_go_back_to_their_own_key() {
+        let t0 = Instant::now();
+        let mut l = Lease::new(t0);
+        let day1 = Needs { burst: None, quota: Some((100_000, 1)) };
+        let day2 = Needs { burst: None, quota: Some((100_000, 2)) };
+        l.step(t0, day1, &P);
+        l.granted(t0, day1, &P, g(0, Duration::ZERO, 5, 5));
+        assert!(matches!(l.step(t0 + MS, day2, &P), Step::Fetch { units: 1.., .. }));
+        let (step, stale) = l.granted(t0 + MS, day2, &P, g(0, Duration::ZERO, 3, 3));
+        assert_eq!(step, Step::Admit);
+        assert_eq!(stale, Leftover { tokens: 0, units: 4, period: 1 });
+        assert_eq!(l.take_all(), Leftover { tokens: 0, units: 2, period: 2 });
+    }
+
+    #[test]
+    fn chunks_are_capped_by_burst_and_quota() {
+        assert_eq!(cap(10, 4, 256), 2);
+        assert_eq!(cap(3, 4, 256), 1);
+        assert_eq!(cap(1_000_000, 1000, 256), 256);
+        assert_eq!(cap(5000, 1000, 256), 5);
+    }
+}
