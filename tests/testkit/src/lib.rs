@@ -16,6 +16,7 @@ pub mod chart;
 pub mod http;
 pub mod pki;
 mod process;
+pub mod relay;
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};

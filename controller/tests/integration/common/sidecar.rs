@@ -1,19 +1,19 @@
 //! A real sidecar for lifecycle tests: the `portcullis-proxy` binary reading its table from the API server with its
 //! own ServiceAccount token (bound only by the controller's RoleBinding), in front of a loopback echo upstream;
-//! plus a TCP relay that takes the API server away from one client and gives it back.
+//! plus the testkit's TCP relay, which takes the API server away from one client and gives it back.
 
 use super::{Env, T, root};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, PostParams};
 use portcullis_table::naming::index_name;
+pub use portcullis_testkit::relay::Relay;
 use portcullis_testkit::wait_for;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::net::TcpListener;
 
 /// The `portcullis-proxy` binary of this workspace, built (or found up to date) once per test binary, with the build
 /// `cargo xtask test` makes (`cargo build --workspace --bins --tests`, xtask's `build_debug`): after `cargo xtask
@@ -245,59 +245,4 @@ pub fn report(what: &str, samples: &[Duration]) -> (Duration, Duration, Duration
     let (p50, p99, max) = (pick(0.5), pick(0.99), *v.last().unwrap());
     eprintln!("{what}: n={} p50={p50:?} p99={p99:?} max={max:?}", v.len());
     (p50, p99, max)
-}
-
-/// A TCP relay on loopback: `stop` takes the target away from whoever connects through it (connections reset,
-/// then refused); `resume` listens again on the same address.
-pub struct Relay {
-    pub addr: SocketAddr,
-    target: SocketAddr,
-    task: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl Relay {
-    pub async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let r = Relay { addr: listener.local_addr().unwrap(), target, task: Mutex::new(None) };
-        r.serve(listener);
-        r
-    }
-
-    fn serve(&self, listener: TcpListener) {
-        let target = self.target;
-        let task = tokio::spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
-                conns.spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                while conns.try_join_next().is_some() {}
-            }
-        });
-        *self.task.lock().unwrap() = Some(task);
-    }
-
-    pub async fn stop(&self) {
-        let task = self.task.lock().unwrap().take();
-        if let Some(t) = task {
-            t.abort();
-            let _ = t.await;
-        }
-    }
-
-    pub async fn resume(&self) {
-        let listener = TcpListener::bind(self.addr).await.expect("rebinding the relay's address");
-        self.serve(listener);
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        if let Some(t) = self.task.lock().unwrap().take() {
-            t.abort();
-        }
-    }
 }
