@@ -67,14 +67,14 @@ fn knobs(ctx: &Ctx) -> Knobs {
     if ctx.smoke {
         Knobs {
             clients: 100,
-            secs: 1.5,
+            secs: 1.0,
             legit_rate: 200,
             legit_conns: 4,
             key_rate: 1000,
             conns: 200,
             head_rate: 200,
             body_rate: 20,
-            growth: [2_000, 10_000],
+            growth: [500, 2_000],
             header_timeout: "1s",
         }
     } else {
