@@ -67,14 +67,14 @@ fn knobs(ctx: &Ctx) -> Knobs {
     if ctx.smoke {
         Knobs {
             clients: 100,
-            secs: 1.5,
+            secs: 1.0,
             legit_rate: 200,
             legit_conns: 4,
             key_rate: 1000,
             conns: 200,
             head_rate: 200,
             body_rate: 20,
-            growth: [2_000, 10_000],
+            growth: [500, 2_000],
             header_timeout: "1s",
         }
     } else {
@@ -650,21 +650,56 @@ async fn requests(g: &Gen, w: usize) {
     }
 }
 
+/// A worker's held connections (slowloris, idle h2): one at a time from one source address, reopened when the proxy
+/// closes it, each counted; the worker's first counts towards the ramp-up.
+struct Holder<'a> {
+    g: &'a Gen,
+    from: IpAddr,
+    first: bool,
+    opened: Instant,
+}
+
+impl<'a> Holder<'a> {
+    fn new(g: &'a Gen, from: IpAddr) -> Self {
+        Holder { g, from, first: true, opened: Instant::now() }
+    }
+
+    /// A new connection, retried 100 ms apart (each failure counted); `None` once the run stops.
+    async fn connect(&mut self) -> Option<tokio::net::TcpStream> {
+        while !self.g.stop.load(Ordering::Relaxed) {
+            match connect(self.from, self.g.addr).await {
+                Ok(s) => return Some(s),
+                Err(_) => {
+                    self.g.counts.add("connect_error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        None
+    }
+
+    /// The connection is established and now held.
+    fn held(&mut self) {
+        if std::mem::take(&mut self.first) {
+            self.g.up.fetch_add(1, Ordering::Relaxed);
+        }
+        self.g.counts.add("connections");
+        self.opened = Instant::now();
+    }
+
+    /// The connection ended: counted with how long it was open if the proxy closed it.
+    fn ended(&self, closed_by_proxy: bool) {
+        if closed_by_proxy {
+            self.g.counts.add(format!("closed_by_proxy_after_{}s", self.opened.elapsed().as_secs()));
+        }
+    }
+}
+
 /// Holds one connection dribbling a request head, a byte every 250 ms; reopens it when the proxy closes it.
 async fn slowloris(g: &Gen, w: usize) {
-    let from = source(50, w);
-    let mut first = true;
-    while !g.stop.load(Ordering::Relaxed) {
-        let Ok(mut s) = connect(from, g.addr).await else {
-            g.counts.add("connect_error");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        if std::mem::take(&mut first) {
-            g.up.fetch_add(1, Ordering::Relaxed);
-        }
-        g.counts.add("connections");
-        let opened = Instant::now();
+    let mut h = Holder::new(g, source(50, w));
+    while let Some(mut s) = h.connect().await {
+        h.held();
         let head = b"GET /v1/items HTTP/1.1\r\nHost: bench\r\nX-Slow: ";
         let (mut rd, mut wr) = s.split();
         let mut buf = [0u8; 512];
@@ -683,25 +718,14 @@ async fn slowloris(g: &Gen, w: usize) {
                 },
             }
         };
-        if closed {
-            g.counts.add(format!("closed_by_proxy_after_{}s", opened.elapsed().as_secs()));
-        }
+        h.ended(closed);
     }
 }
 
 /// Holds one h2c connection (hyper's client: answers PINGs and SETTINGS) that sends no request.
 async fn idle_h2(g: &Gen, w: usize) {
-    let from = source(60, w);
-    let mut first = true;
-    while !g.stop.load(Ordering::Relaxed) {
-        let s = match connect(from, g.addr).await {
-            Ok(s) => s,
-            Err(_) => {
-                g.counts.add("connect_error");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    let mut h = Holder::new(g, source(60, w));
+    while let Some(s) = h.connect().await {
         let (sender, conn) =
             match hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(TokioExecutor::new(), TokioIo::new(s))
                 .await
@@ -712,11 +736,7 @@ async fn idle_h2(g: &Gen, w: usize) {
                     continue;
                 }
             };
-        if std::mem::take(&mut first) {
-            g.up.fetch_add(1, Ordering::Relaxed);
-        }
-        g.counts.add("connections");
-        let opened = Instant::now();
+        h.held();
         let mut conn = std::pin::pin!(conn);
         let closed = loop {
             tokio::select! {
@@ -725,8 +745,6 @@ async fn idle_h2(g: &Gen, w: usize) {
             }
         };
         drop(sender);
-        if closed {
-            g.counts.add(format!("closed_by_proxy_after_{}s", opened.elapsed().as_secs()));
-        }
+        h.ended(closed);
     }
 }

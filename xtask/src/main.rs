@@ -2,11 +2,10 @@
 //!
 //! - `test`   — builds (or reuses) the local control plane, then runs every test of the workspace.
 //! - `k8s-bins` — only builds (or finds) the control-plane binaries and prints their directory.
-//! - `demo`   — the product end to end on this machine (control plane, chart, controller, proxy, requests).
+//! - `demo`   — builds the workspace's debug binaries and runs `portcullis-demo` (tests/testkit): the product end
+//!   to end on this machine (control plane, chart, controller, proxy, requests).
 //! - `bench`  — builds the `portcullis-bench` crate (release) and runs its driver with the arguments given.
 //! - `crdgen` — regenerates `crds/` and the chart's copy from the Rust types, in one step.
-
-mod demo;
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -24,7 +23,7 @@ fn main() -> Result<()> {
         }
         Some("crdgen") => crdgen(&root),
         Some("bench") => bench(&root, &args[1..]),
-        Some("demo") => demo::run(&root, &k8s_bins(&root)?),
+        Some("demo") => demo(&root),
         _ => {
             eprintln!("usage: cargo xtask <test [cargo test args]|demo|bench <suite> [--smoke]|k8s-bins|crdgen>");
             std::process::exit(2);
@@ -34,6 +33,23 @@ fn main() -> Result<()> {
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the repo").to_path_buf()
+}
+
+/// A command without what `cargo run` set for this process about the xtask package (`CARGO_MANIFEST_DIR`,
+/// `CARGO_PKG_*`, …): build scripts track some of it (ring: `CARGO_MANIFEST_DIR`), so a `cargo` run from here
+/// with it would see ring changed against a build made from a shell (or from a test, which strips the same) and
+/// recompile ring and everything above it (rustls, kube, the controller, the proxy), every time the two alternate.
+fn command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        let cargos =
+            ["CARGO_MANIFEST", "CARGO_PKG_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_", "CARGO_TARGET_TMPDIR"];
+        if cargos.iter().any(|p| k.starts_with(p)) || k == "OUT_DIR" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
@@ -49,7 +65,7 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
 /// Builds or finds the control-plane binaries (cached outside the clone) and returns their directory.
 fn k8s_bins(root: &Path) -> Result<PathBuf> {
     let t = Instant::now();
-    let out = Command::new("bash")
+    let out = command("bash")
         .arg(root.join("tools/k8s-bins/build.sh"))
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -66,7 +82,7 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     let bins = k8s_bins(root)?;
     ensure_redis_server()?;
     run(
-        Command::new("cargo")
+        command("cargo")
             .current_dir(root)
             .env("PORTCULLIS_K8S_BIN", &bins)
             .args(["test", "--workspace", "--locked"])
@@ -98,30 +114,38 @@ fn ensure_redis_server() -> Result<()> {
     )
 }
 
+/// `cargo xtask demo`: the demo runs the binaries of the workspace's debug build, next to its own.
+fn demo(root: &Path) -> Result<()> {
+    let bins = k8s_bins(root)?;
+    build_debug(root)?;
+    let demo = root.join("target/debug/portcullis-demo");
+    run(command(demo).current_dir(root).env("PORTCULLIS_K8S_BIN", bins), "portcullis-demo")
+}
+
 /// `cargo xtask bench …`: the benchmarks live in `bench/` (`portcullis-bench`); this only builds and runs them.
 /// Real runs use the release build; `--smoke` (no figures) the debug build of [`build_debug`].
 fn bench(root: &Path, args: &[String]) -> Result<()> {
     if args.iter().any(|a| a == "--smoke") {
         build_debug(root)?;
         let driver = root.join("target/debug/portcullis-bench");
-        return run(Command::new(driver).current_dir(root).args(args), "portcullis-bench (debug, smoke)");
+        return run(command(driver).current_dir(root).args(args), "portcullis-bench (debug, smoke)");
     }
     let cargo_run = ["run", "--release", "--quiet", "--locked", "-p", "portcullis-bench", "--bin", "portcullis-bench"];
-    run(Command::new("cargo").current_dir(root).args(cargo_run).arg("--").args(args), "portcullis-bench")
+    run(command("cargo").current_dir(root).args(cargo_run).arg("--").args(args), "portcullis-bench")
 }
 
 /// The workspace's debug binaries, built with the feature set of `cargo xtask test` (every package, test targets
 /// included, so dev-dependency features unify the same way): after the tests nothing recompiles, and the demo and
 /// the benchmark smoke run reuse the test run's build.
-pub fn build_debug(root: &Path) -> Result<()> {
+fn build_debug(root: &Path) -> Result<()> {
     let args = ["build", "--quiet", "--locked", "--workspace", "--bins", "--tests"];
-    run(Command::new("cargo").current_dir(root).args(args), "cargo build --workspace --bins --tests")
+    run(command("cargo").current_dir(root).args(args), "cargo build --workspace --bins --tests")
 }
 
 /// Regenerates every checked-in copy of the CRDs (`crds/` and `charts/portcullis/crds/`) from the Rust types.
 fn crdgen(root: &Path) -> Result<()> {
     run(
-        Command::new("cargo").current_dir(root).args([
+        command("cargo").current_dir(root).args([
             "run",
             "--quiet",
             "-p",

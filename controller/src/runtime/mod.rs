@@ -50,6 +50,7 @@ use tables::Debounce;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
+use tracing::Instrument as _;
 use triggers::{SpecSeen, Triggers, View};
 
 pub(crate) use status::publish_transitions;
@@ -523,7 +524,8 @@ async fn run_leader(
     result
 }
 
-/// Drives one watch (see [`caches::drive`]) as a task of `tasks`.
+/// Drives one watch (see [`caches::drive`]) as a task of `tasks`, in the caller's tracing span (so a span around
+/// [`run`] labels the watches' log lines too).
 fn spawn_watch<K>(
     tasks: &mut JoinSet<Result<&'static str, Error>>,
     what: &'static str,
@@ -533,10 +535,13 @@ fn spawn_watch<K>(
 ) where
     K: kube::Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
-    tasks.spawn(async move {
-        caches::drive(what, store, stream, handler).await;
-        Ok(what)
-    });
+    tasks.spawn(
+        async move {
+            caches::drive(what, store, stream, handler).await;
+            Ok(what)
+        }
+        .in_current_span(),
+    );
 }
 
 fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl Stream<Item = T> + Send {

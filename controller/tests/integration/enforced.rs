@@ -6,6 +6,7 @@
 //! ServiceAccount token (or, to play a stuck sidecar, from a file). The controller asks each one
 //! `GET /revision` on `podIP:adminPort`, exactly as in a cluster.
 
+use crate::common::sidecar::proxy_binary;
 use crate::common::*;
 use k8s_openapi::api::core::v1::{Container, ContainerPort, HTTPGetAction, Pod, PodSpec, Probe, TCPSocketAction};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -19,41 +20,9 @@ use portcullis_controller::webhook::inject::{
 use portcullis_testkit::wait_for;
 use serde_json::json;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command};
-use std::sync::OnceLock;
 use std::time::Duration;
-
-/// The `portcullis-proxy` binary of this workspace, built (or found up to date) once per test binary.
-fn proxy_binary() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf();
-        let target_dir = profile_dir.parent().expect("target dir");
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.current_dir(root())
-            .args(["build", "--quiet", "-p", "portcullis-proxy", "--bin", "portcullis-proxy", "--target-dir"])
-            .arg(target_dir);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        // What cargo sets for this test process describes this package; build scripts of the proxy's dependencies
-        // track some of it (ring: CARGO_MANIFEST_DIR), so inheriting it would rebuild them, every time.
-        for (k, _) in std::env::vars_os() {
-            let k = k.to_string_lossy().into_owned();
-            let ours =
-                ["CARGO_MANIFEST", "CARGO_PKG_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_", "CARGO_TARGET_TMPDIR"];
-            if ours.iter().any(|p| k.starts_with(p)) || k == "OUT_DIR" {
-                cmd.env_remove(k);
-            }
-        }
-        let status = cmd.status().expect("running cargo build for portcullis-proxy");
-        assert!(status.success(), "cargo build -p portcullis-proxy failed");
-        profile_dir.join("portcullis-proxy")
-    })
-    .clone()
-}
 
 /// A running `portcullis-proxy` process, killed when dropped.
 struct Sidecar {

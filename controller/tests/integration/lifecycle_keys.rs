@@ -3,44 +3,30 @@
 //! generated Secret, a foreign Secret at the generated name, orphaned generated Secrets, a failed creation.
 //!
 //! Where it matters what a client gets, the answer comes from a running `portcullis-proxy` binary reading its table
-//! with its own ServiceAccount token (bound by the controller's sidecar RoleBinding, as in a cluster). The binary is
-//! `target/<profile>/portcullis-proxy`: `cargo xtask test` (any `cargo test --workspace`) builds it; for this file
-//! alone run `cargo build -p portcullis-proxy` first.
+//! with its own ServiceAccount token (bound by the controller's sidecar RoleBinding, as in a cluster): the
+//! workspace's debug build, made on first use (`common::sidecar::proxy_binary`).
 
+use crate::common::sidecar::{LO, LO2, proxy_binary, request};
 use crate::common::*;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use portcullis_controller::crd::*;
-use portcullis_controller::keygen::validate_key_format;
 use portcullis_controller::keys::{LABEL_API_CLIENT, LABEL_API_KEY};
 use portcullis_table::{Table, fingerprint, key_digest};
 use portcullis_testkit::wait_for;
 use serde_json::json;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const SERVICE: &str = "echo";
 const PLAN: &str = "partners";
-const LO: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
-const LO2: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 
 fn plan() -> UsagePlan {
-    UsagePlan::new(
-        PLAN,
-        UsagePlanSpec {
-            services: vec![ServiceGrant { name: SERVICE.into(), routes: None }],
-            throttle: None,
-            quota: None,
-            global_limits: None,
-            quota_scope: None,
-            on_store_unavailable: None,
-            network_policy: None,
-        },
-    )
+    open_plan(PLAN, SERVICE)
 }
 
 fn generated(names: &[&str]) -> Vec<KeySpec> {
@@ -62,14 +48,6 @@ fn clients(env: &Env) -> Api<ApiClient> {
 
 fn secrets(env: &Env) -> Api<Secret> {
     Api::namespaced(env.admin.clone(), &env.ns)
-}
-
-/// Waits for Secret `name` (a generated one) and returns it with its key.
-async fn wait_generated(env: &Env, name: &str) -> (Secret, String) {
-    let s = wait_for(T, &format!("Secret {name}"), || async { secrets(env).get_opt(name).await.ok()? }).await;
-    let key = String::from_utf8(s.data.as_ref().unwrap()["key"].0.clone()).unwrap();
-    validate_key_format(&key).expect("generated keys have the pcl_ format");
-    (s, key)
 }
 
 fn fp(key: &str) -> String {
@@ -121,18 +99,6 @@ impl Drop for Sidecar {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn proxy_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/<test> → target/<profile>/portcullis-proxy
-    let bin = exe.parent().and_then(|d| d.parent()).expect("target dir").join("portcullis-proxy");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with `cargo build -p portcullis-proxy` (cargo xtask test does)",
-        bin.display()
-    );
-    bin
 }
 
 impl Sidecar {
@@ -189,7 +155,9 @@ impl Sidecar {
 
     /// What a client gets: (status, the client id the proxy passed upstream, if any).
     async fn ask(&self, from: IpAddr, key: &str) -> (u16, String) {
-        request(from, self.addr, key).await.unwrap_or((0, String::new()))
+        request(from, self.addr, key)
+            .await
+            .map_or((0, String::new()), |a| (a.status, String::from_utf8_lossy(&a.body).into_owned()))
     }
 
     /// Waits until asking with `key` from `from` gets `status` (and, for 200, was identified as `client`).
@@ -217,7 +185,7 @@ impl Prober {
         let (s, a) = (stop.clone(), answers.clone());
         let task = tokio::spawn(async move {
             while !s.load(Ordering::Relaxed) {
-                let status = request(LO, proxy, &key).await.map_or(0, |(st, _)| st);
+                let status = request(LO, proxy, &key).await.map_or(0, |a| a.status);
                 a.lock().unwrap().push((Instant::now(), status));
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -256,26 +224,6 @@ async fn start_echo() -> SocketAddr {
         }
     });
     addr
-}
-
-/// One GET from source address `from` with `x-api-key: key`: (status, body).
-async fn request(from: IpAddr, to: SocketAddr, key: &str) -> Option<(u16, String)> {
-    use http_body_util::{BodyExt, Full};
-    use hyper::body::Bytes;
-    let socket = tokio::net::TcpSocket::new_v4().ok()?;
-    socket.bind(SocketAddr::new(from, 0)).ok()?;
-    let stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(to)).await.ok()?.ok()?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.ok()?;
-    tokio::spawn(conn);
-    let req = hyper::Request::get("/v1/items")
-        .header("host", "echo.test")
-        .header("x-api-key", key)
-        .body(Full::new(Bytes::new()))
-        .ok()?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req)).await.ok()?.ok()?;
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.ok()?.to_bytes();
-    Some((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 // === Scenarios ===

@@ -194,7 +194,7 @@ struct Driver<'a> {
 
 /// How long after the API server was last unreachable a 401/403 is not believed (retried with backoff instead):
 /// a restarted kube-apiserver may deny what RBAC allows for seconds, even once its `/readyz` says 200 (seen in
-/// `faults::api_server_and_etcd_down_for_a_minute_under_load`: 403 "cannot watch configmaps" with `/readyz` ready).
+/// `faults::api_server_and_etcd_down_under_load`: 403 "cannot watch configmaps" with `/readyz` ready).
 /// A RoleBinding really removed right after an outage is believed this much later.
 pub const RECOVERY_WINDOW: Duration = Duration::from_secs(10);
 

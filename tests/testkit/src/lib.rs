@@ -17,6 +17,7 @@ pub mod http;
 pub mod pki;
 mod process;
 pub mod redis;
+pub mod relay;
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};

@@ -9,7 +9,9 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
-use portcullis_controller::crd::{ApiClient, ApiClientSpec, KeySpec, SecretKeyRef, UsagePlan};
+use portcullis_controller::crd::{
+    ApiClient, ApiClientSpec, KeySpec, SecretKeyRef, ServiceGrant, UsagePlan, UsagePlanSpec,
+};
 use portcullis_controller::keys::LABEL_API_KEY;
 use portcullis_controller::runtime::tables::Debounce;
 use portcullis_controller::{Config, Error};
@@ -24,13 +26,31 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::{OnceCell, oneshot};
+use tracing::Instrument as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Registry, reload};
 
 pub const SYSTEM_NS: &str = "portcullis-system";
 pub const SA: &str = "portcullis-controller";
 pub const T: Duration = Duration::from_secs(60);
 
 static SETUP: OnceCell<()> = OnceCell::const_new();
-static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+static LOGS: OnceLock<Logs> = OnceLock::new();
+
+/// What the binary's log capture keeps: the controller at debug, everything else at info; every crate at debug
+/// while a test holds [`capture_all_levels`].
+const USUAL: &str = "info,portcullis_controller=debug";
+const ALL_LEVELS: &str = "debug";
+
+/// The binary's one log capture: every in-process controller's tracing output, as JSON lines, with its filter
+/// reloadable.
+struct Logs {
+    buf: Arc<Mutex<Vec<u8>>>,
+    filter: reload::Handle<EnvFilter, Registry>,
+    /// Tests currently holding [`capture_all_levels`].
+    all_levels: Mutex<usize>,
+}
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -49,22 +69,64 @@ impl Write for Capture {
     }
 }
 
-/// Everything the controller logged so far (all tests of this binary).
+/// Everything the controllers logged so far (all tests of this binary).
 pub fn logs() -> String {
-    String::from_utf8_lossy(&LOGS.get().expect("logging installed").lock().unwrap()).into_owned()
+    String::from_utf8_lossy(&install_logging().buf.lock().unwrap()).into_owned()
 }
 
-fn install_logging() {
+/// How many bytes the capture holds: [`logs_since`] that offset reads what was logged after it.
+pub fn logs_len() -> usize {
+    install_logging().buf.lock().unwrap().len()
+}
+
+/// Log lines of the in-process controller `identity` (see [`start_controller_with`]) that contain `what`.
+pub fn controller_log_lines(identity: &str, what: &str) -> usize {
+    let tag = format!(r#"{{"identity":"{identity}","name":"controller"}}"#);
+    logs().lines().filter(|l| l.contains(&tag) && l.contains(what)).count()
+}
+
+pub fn logs_since(offset: usize) -> String {
+    String::from_utf8_lossy(&install_logging().buf.lock().unwrap()[offset..]).into_owned()
+}
+
+fn install_logging() -> &'static Logs {
     LOGS.get_or_init(|| {
         let buf = Arc::new(Mutex::new(Vec::new()));
         let w = Capture(buf.clone());
-        let _ = tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("info,portcullis_controller=debug"))
-            .with_writer(move || w.clone())
-            .try_init();
-        buf
-    });
+        let (filter, handle) = reload::Layer::new(EnvFilter::new(USUAL));
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(tracing_subscriber::fmt::layer().json().with_writer(move || w.clone()))
+            .try_init()
+            .expect("the integration binary's only tracing subscriber");
+        Logs { buf, filter: handle, all_levels: Mutex::new(0) }
+    })
+}
+
+/// While the guard lives, the capture keeps every crate's debug lines (kube, hyper, rustls, ... as well as the
+/// controller's), for a test that asserts what never appears in any log line. Other tests meanwhile log more, not
+/// less.
+pub fn capture_all_levels() -> AllLevels {
+    let logs = install_logging();
+    let mut n = logs.all_levels.lock().unwrap();
+    if *n == 0 {
+        logs.filter.reload(EnvFilter::new(ALL_LEVELS)).expect("reloading the log filter");
+    }
+    *n += 1;
+    AllLevels(())
+}
+
+pub struct AllLevels(());
+
+impl Drop for AllLevels {
+    fn drop(&mut self) {
+        let logs = install_logging();
+        let mut n = logs.all_levels.lock().unwrap();
+        *n -= 1;
+        if *n == 0 {
+            let _ = logs.filter.reload(EnvFilter::new(USUAL));
+        }
+    }
 }
 
 pub struct Env {
@@ -107,13 +169,6 @@ async fn env_with(prefix: &str, turn: Turn) -> Env {
 /// Like [`env`], on a control plane of the caller's (e.g. one whose API server the test restarts).
 pub async fn env_on(cp: &'static ControlPlane, prefix: &str) -> Env {
     let turn = Turn::Shared(TURNS.read().await);
-    env_on_with(cp, prefix, turn).await
-}
-
-/// Like [`env_on`], alone (no other [`env`] test runs meanwhile): for a test that counts what every in-process
-/// controller logs (the log capture is the binary's), e.g. the watch errors of an outage.
-pub async fn env_on_exclusive(cp: &'static ControlPlane, prefix: &str) -> Env {
-    let turn = Turn::Exclusive(TURNS.write().await);
     env_on_with(cp, prefix, turn).await
 }
 
@@ -228,9 +283,12 @@ pub async fn start_controller_with(
     let mut config = config;
     tune(&mut config);
     let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(portcullis_controller::run(client, config, async move {
+    // A span naming the controller: its log lines (the watches' too) say which in-process controller wrote them.
+    let span = tracing::info_span!("controller", identity = %identity);
+    let run = portcullis_controller::run(client, config, async move {
         let _ = rx.await;
-    }));
+    });
+    let task = tokio::spawn(run.instrument(span));
     Running { stop: Some(tx), task, admin_addr, identity: identity.into() }
 }
 
@@ -280,6 +338,31 @@ pub async fn create_client(env: &Env, name: &str, spec: ApiClientSpec) {
         .create(&PostParams::default(), &ApiClient::new(name, spec))
         .await
         .unwrap_or_else(|e| panic!("creating ApiClient {name}: {e}"));
+}
+
+/// Plan `name` granting every route of `service`, with no limits.
+pub fn open_plan(name: &str, service: &str) -> UsagePlan {
+    UsagePlan::new(
+        name,
+        UsagePlanSpec {
+            services: vec![ServiceGrant { name: service.into(), routes: None }],
+            throttle: None,
+            quota: None,
+            global_limits: None,
+            quota_scope: None,
+            on_store_unavailable: None,
+            network_policy: None,
+        },
+    )
+}
+
+/// Waits for the generated key Secret `name`; returns it and its key (checked to be in the `pcl_` format).
+pub async fn wait_generated(env: &Env, name: &str) -> (Secret, String) {
+    let secrets: Api<Secret> = Api::namespaced(env.admin.clone(), &env.ns);
+    let s = wait_for(T, &format!("Secret {name}"), || async { secrets.get_opt(name).await.ok()? }).await;
+    let key = String::from_utf8(s.data.as_ref().expect("a generated Secret has data")["key"].0.clone()).unwrap();
+    portcullis_controller::keygen::validate_key_format(&key).expect("generated keys have the pcl_ format");
+    (s, key)
 }
 
 pub async fn create_plan(env: &Env, plan: UsagePlan) {

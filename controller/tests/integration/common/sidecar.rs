@@ -1,40 +1,95 @@
 //! A real sidecar for lifecycle tests: the `portcullis-proxy` binary reading its table from the API server with its
 //! own ServiceAccount token (bound only by the controller's RoleBinding), in front of a loopback echo upstream;
-//! plus a TCP relay that takes the API server away from one client and gives it back.
+//! plus the testkit's TCP relay, which takes the API server away from one client and gives it back.
 
 use super::{Env, T, root};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, PostParams};
 use portcullis_table::naming::index_name;
+pub use portcullis_testkit::relay::Relay;
 use portcullis_testkit::wait_for;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Mutex;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::OnceCell;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::net::TcpListener;
 
-static PROXY_BIN: OnceCell<PathBuf> = OnceCell::const_new();
+/// The `portcullis-proxy` binary of this workspace, built (or found up to date) once per test binary, with the build
+/// `cargo xtask test` makes (`cargo build --workspace --bins --tests`, xtask's `build_debug`): after `cargo xtask
+/// test` (any `cargo test --workspace`) nothing recompiles. A narrower `cargo build -p portcullis-proxy` resolves
+/// other features (the proxy's kube without the controller's) and would rebuild kube and the proxy here, and again
+/// for the demo.
+pub fn proxy_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf();
+        let target_dir = profile_dir.parent().expect("target dir");
+        let mut cmd = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(root())
+            .args(["build", "--quiet", "--locked", "--workspace", "--bins", "--tests", "--target-dir"])
+            .arg(target_dir);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        // What cargo sets for this test process describes this package; build scripts of the proxy's dependencies
+        // track some of it (ring: CARGO_MANIFEST_DIR), so inheriting it would rebuild them, every time.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy().into_owned();
+            let ours =
+                ["CARGO_MANIFEST", "CARGO_PKG_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_", "CARGO_TARGET_TMPDIR"];
+            if ours.iter().any(|p| k.starts_with(p)) || k == "OUT_DIR" {
+                cmd.env_remove(k);
+            }
+        }
+        let status = cmd.status().expect("running cargo build --workspace --bins --tests");
+        assert!(status.success(), "cargo build --workspace --bins --tests failed");
+        profile_dir.join("portcullis-proxy")
+    })
+    .clone()
+}
 
-/// The proxy binary of this workspace, built once per test run (`cargo build -p portcullis-proxy`).
-pub async fn proxy_binary() -> PathBuf {
-    PROXY_BIN
-        .get_or_init(|| async {
-            let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = tokio::process::Command::new(cargo)
-                .args(["build", "--quiet", "-p", "portcullis-proxy"])
-                .current_dir(root())
-                .status()
-                .await
-                .expect("running cargo build -p portcullis-proxy");
-            assert!(status.success(), "cargo build -p portcullis-proxy failed");
-            target.join("debug/portcullis-proxy")
-        })
-        .await
-        .clone()
+pub const LO: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
+pub const LO2: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+/// One answer of a sidecar: its status, its head (status line and headers) and its body.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+/// `GET /v1/orders` with `x-api-key: key`, from source address `from`, on a fresh connection (see [`request_raw`]).
+pub async fn request(from: IpAddr, to: SocketAddr, key: &str) -> Result<Answer, String> {
+    request_raw(from, to, Some(format!("x-api-key: {key}").as_bytes())).await
+}
+
+/// `GET /v1/orders` from source address `from` on a fresh connection (`Connection: close`), with the header line
+/// `key_header` as given, byte for byte (or none); the whole answer, or why there was none within 5 s.
+pub async fn request_raw(from: IpAddr, to: SocketAddr, key_header: Option<&[u8]>) -> Result<Answer, String> {
+    let mut req = b"GET /v1/orders HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n".to_vec();
+    if let Some(h) = key_header {
+        req.extend_from_slice(h);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"\r\n");
+    let exchange = async {
+        let socket = tokio::net::TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+        socket.bind(SocketAddr::new(from, 0)).map_err(|e| format!("bind {from}: {e}"))?;
+        let mut s = socket.connect(to).await.map_err(|e| format!("connect: {e}"))?;
+        s.write_all(&req).await.map_err(|e| format!("write: {e}"))?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.map_err(|e| format!("read: {e}"))?;
+        let split = out.windows(4).position(|w| w == b"\r\n\r\n");
+        let split = split.ok_or_else(|| format!("no complete head: {:?}", String::from_utf8_lossy(&out)))?;
+        let head = String::from_utf8_lossy(&out[..split]).into_owned();
+        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+        let status = status.ok_or_else(|| format!("no status: {:?}", &head[..head.len().min(64)]))?;
+        Ok(Answer { status, head, body: out[split + 4..].to_vec() })
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange).await.unwrap_or_else(|_| Err("no answer within 5 s".into()))
 }
 
 /// An upstream that answers every request with 200 and closes the connection.
@@ -101,7 +156,7 @@ impl Sidecar {
         let kubeconfig = env.cp.kubeconfig_for_token(&token);
         let (port, admin) = (super::free_port(), super::free_port());
         let log = env.cp.dir().join(format!("proxy-{}-{service}-{port}.log", env.ns));
-        let child = tokio::process::Command::new(proxy_binary().await)
+        let child = tokio::process::Command::new(proxy_binary())
             .env("KUBECONFIG", &kubeconfig)
             .env("RUST_LOG", rust_log)
             .arg(format!("--listen=127.0.0.1:{port}"))
@@ -124,17 +179,7 @@ impl Sidecar {
 
     /// HTTP status of `GET /v1/orders` with `key`, from 127.0.0.1; `None` if the proxy does not answer.
     pub async fn status(&self, key: &str) -> Option<u16> {
-        let fut = async {
-            let mut s = TcpStream::connect(self.addr).await.ok()?;
-            let req =
-                format!("GET /v1/orders HTTP/1.1\r\nHost: orders\r\nx-api-key: {key}\r\nConnection: close\r\n\r\n");
-            s.write_all(req.as_bytes()).await.ok()?;
-            let mut out = Vec::new();
-            s.read_to_end(&mut out).await.ok()?;
-            let head = String::from_utf8_lossy(&out[..out.len().min(64)]).to_string();
-            head.split_whitespace().nth(1)?.parse().ok()
-        };
-        tokio::time::timeout(Duration::from_secs(5), fut).await.ok().flatten()
+        request(LO, self.addr, key).await.ok().map(|a| a.status)
     }
 
     /// Waits (up to 60 s) until `key` gets a status `want` accepts; returns the time it took and the status.
@@ -200,59 +245,4 @@ pub fn report(what: &str, samples: &[Duration]) -> (Duration, Duration, Duration
     let (p50, p99, max) = (pick(0.5), pick(0.99), *v.last().unwrap());
     eprintln!("{what}: n={} p50={p50:?} p99={p99:?} max={max:?}", v.len());
     (p50, p99, max)
-}
-
-/// A TCP relay on loopback: `stop` takes the target away from whoever connects through it (connections reset,
-/// then refused); `resume` listens again on the same address.
-pub struct Relay {
-    pub addr: SocketAddr,
-    target: SocketAddr,
-    task: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl Relay {
-    pub async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let r = Relay { addr: listener.local_addr().unwrap(), target, task: Mutex::new(None) };
-        r.serve(listener);
-        r
-    }
-
-    fn serve(&self, listener: TcpListener) {
-        let target = self.target;
-        let task = tokio::spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
-                conns.spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                while conns.try_join_next().is_some() {}
-            }
-        });
-        *self.task.lock().unwrap() = Some(task);
-    }
-
-    pub async fn stop(&self) {
-        let task = self.task.lock().unwrap().take();
-        if let Some(t) = task {
-            t.abort();
-            let _ = t.await;
-        }
-    }
-
-    pub async fn resume(&self) {
-        let listener = TcpListener::bind(self.addr).await.expect("rebinding the relay's address");
-        self.serve(listener);
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        if let Some(t) = self.task.lock().unwrap().take() {
-            t.abort();
-        }
-    }
 }

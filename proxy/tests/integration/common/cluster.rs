@@ -10,7 +10,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use portcullis_table::naming::{INDEX_DATA_KEY, SHARD_DATA_KEY, Slot, all_names, index_name};
 use portcullis_table::shard::render;
 use portcullis_testkit::ControlPlane;
-use tokio::task::{JoinHandle, JoinSet};
+pub use portcullis_testkit::relay::Relay;
 
 pub const SERVICE: &str = "orders";
 pub const SA: &str = "orders-sidecar";
@@ -150,63 +150,4 @@ pub fn sharded_table(extra: &[&str], without_reader: bool) -> Table {
         clients.push(client(&format!("t/{k}"), k, &["127.0.0.1/32"], &["open"]));
     }
     Table::new(format!("shop/{SERVICE}"), plans(), clients)
-}
-
-/// A TCP relay on loopback to the API server, for taking the API server "away" (connections reset, then
-/// refused) and bringing it back on the same address, without touching the shared control plane.
-pub struct Relay {
-    pub addr: SocketAddr,
-    target: SocketAddr,
-    task: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl Relay {
-    pub async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let r = Relay { addr, target, task: Mutex::new(None) };
-        r.serve(listener);
-        r
-    }
-
-    fn serve(&self, listener: TcpListener) {
-        let target = self.target;
-        let task = tokio::spawn(async move {
-            // Dropping the set (when this task is aborted) aborts every relayed connection.
-            let mut conns = JoinSet::new();
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
-                conns.spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-                while conns.try_join_next().is_some() {}
-            }
-        });
-        *self.task.lock().unwrap() = Some(task);
-    }
-
-    /// Closes the listener and every relayed connection: the API server is unreachable through the relay.
-    pub async fn stop(&self) {
-        let task = self.task.lock().unwrap().take();
-        if let Some(t) = task {
-            t.abort();
-            let _ = t.await;
-        }
-    }
-
-    /// Listens again on the same address.
-    pub async fn resume(&self) {
-        let listener = TcpListener::bind(self.addr).await.expect("rebinding the relay's address");
-        self.serve(listener);
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        if let Some(t) = self.task.lock().unwrap().take() {
-            t.abort();
-        }
-    }
 }

@@ -1,28 +1,19 @@
-//! Secret hygiene (issue 13, part 4): a full scenario — the controller (its own crate at debug), a real sidecar
+//! Secret hygiene (issue 13, part 4): a full scenario — the controller (every crate's log lines captured at debug
+//! meanwhile: `common::capture_all_levels`), a real sidecar
 //! (`portcullis-proxy`, `RUST_LOG=debug`), a generated and a Secret-backed key, a rotation of each, revocations —
 //! then every log line, both `/metrics` outputs, the sidecar's `/readyz` and `/revision`, every Event, status and
 //! ConfigMap is scanned for key material (the key, its base64, its hex), and none is found. The 401 answers for a
 //! missing, unknown, malformed and revoked key are byte-identical.
 //!
-//! The sidecar binary is built on first use (`common::sidecar::proxy_binary`: `cargo build -p portcullis-proxy`).
+//! The sidecar binary is the workspace's debug build, made on first use (`common::sidecar::proxy_binary`).
 
-// A binary of its own (not a module of `integration`): it installs the process-wide log subscriber at debug for
-// every crate before anything logs, which the shared binary's capture (info, the controller at debug) cannot be.
-#[path = "integration/common/mod.rs"]
-mod common;
-
+use crate::common::sidecar::{LO, Sidecar, request_raw, service_and_pod, start_echo};
+use crate::common::*;
 use base64::Engine as _;
-use common::sidecar::{Sidecar, service_and_pod, start_echo};
-use common::*;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use portcullis_controller::crd::*;
-use portcullis_testkit::wait_for;
 use serde_json::json;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SERVICE: &str = "orders";
 const SA_SIDECAR: &str = "orders-sidecar";
@@ -30,77 +21,11 @@ const BROUGHT: &str = "hygiene-brought-key-0123456789abcdef";
 const BROUGHT_2: &str = "hygiene-brought-key-2-fedcba9876543210";
 const UNKNOWN: &str = "pcl_2b7f0c1d9e8a4f6b3c5d7e9f1a2b3c4d5e6f7a8b_00000000";
 
-fn plan() -> UsagePlan {
-    UsagePlan::new(
-        "gold",
-        UsagePlanSpec {
-            services: vec![ServiceGrant { name: SERVICE.into(), routes: None }],
-            throttle: None,
-            quota: None,
-            global_limits: None,
-            quota_scope: None,
-            on_store_unavailable: None,
-            network_policy: None,
-        },
-    )
-}
-
-/// Everything logged in this test process at debug level, every crate (the controller, kube, hyper, rustls, ...),
-/// as JSON lines. Installed before anything logs, so `common`'s narrower capture stays empty here.
-static DEBUG_LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-
-#[derive(Clone)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn capture_debug_log() {
-    DEBUG_LOG.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let w = Capture(buf.clone());
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
-            .with_writer(move || w.clone())
-            .try_init()
-            .expect("the first subscriber of this test binary");
-        buf
-    });
-}
-
-fn debug_log() -> String {
-    String::from_utf8_lossy(&DEBUG_LOG.get().unwrap().lock().unwrap()).into_owned()
-}
-
-/// Waits for the generated Secret `name`; returns its key.
-async fn generated_key(env: &Env, name: &str) -> String {
-    let secrets: Api<Secret> = Api::namespaced(env.admin.clone(), &env.ns);
-    let s = wait_for(T, &format!("Secret {name}"), || async { secrets.get_opt(name).await.ok()? }).await;
-    String::from_utf8(s.data.unwrap()["key"].0.clone()).unwrap()
-}
-
 /// A raw request to the sidecar with `key_header` (the whole header line, or none); returns (head, body).
-async fn raw(addr: SocketAddr, key_header: Option<&[u8]>) -> (String, Vec<u8>) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut req = b"GET /v1/orders HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n".to_vec();
-    if let Some(h) = key_header {
-        req.extend_from_slice(h);
-        req.extend_from_slice(b"\r\n");
-    }
-    req.extend_from_slice(b"\r\n");
-    s.write_all(&req).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await.unwrap().unwrap();
-    let split = out.windows(4).position(|w| w == b"\r\n\r\n").expect("a complete response head");
-    (String::from_utf8_lossy(&out[..split]).into_owned(), out[split + 4..].to_vec())
+async fn raw(sidecar: &Sidecar, key_header: Option<&[u8]>) -> (String, Vec<u8>) {
+    let a =
+        request_raw(LO, sidecar.addr, key_header).await.unwrap_or_else(|e| panic!("no answer from the sidecar: {e}"));
+    (a.head, a.body)
 }
 
 /// The status line and every header but `date`, sorted.
@@ -113,17 +38,19 @@ fn head_without_date(head: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_key_material_anywhere_and_one_401_for_every_bad_key() {
-    capture_debug_log();
+    // Every crate's debug lines are captured from here on (the binary's capture is usually narrower).
+    let _all_levels = capture_all_levels();
+    let since = logs_len();
     let env = env("hygiene").await;
     let ctl = start_controller(&env, "hygiene-1").await;
-    create_plan(&env, plan()).await;
+    create_plan(&env, open_plan("gold", SERVICE)).await;
     // A Secret-backed key and a generated one.
     create_secret(&env, "globex-key", &[("key", BROUGHT)]).await;
     create_client(&env, "globex", client_spec(&["gold"], &["127.0.0.1/32"], "globex-key", "key")).await;
     let mut acme = client_spec(&["gold"], &["127.0.0.1/32"], "unused", "unused");
     acme.keys = vec![KeySpec { name: Some("k1".into()), generate: Some(GenerateSpec {}), ..Default::default() }];
     create_client(&env, "acme", acme).await;
-    let k1 = generated_key(&env, "acme-key-k1").await;
+    let (_, k1) = wait_generated(&env, "acme-key-k1").await;
     service_and_pod(&env, SERVICE, SA_SIDECAR).await;
     let mut sidecar = Sidecar::start_logging(&env, SERVICE, SA_SIDECAR, start_echo().await, "debug").await;
     sidecar.until(&k1, "generated key admitted", |s| s == 200).await;
@@ -136,7 +63,7 @@ async fn no_key_material_anywhere_and_one_401_for_every_bad_key() {
         .patch("acme", &PatchParams::default(), &Patch::Json::<()>(serde_json::from_value(add).unwrap()))
         .await
         .unwrap();
-    let k2 = generated_key(&env, "acme-key-k2").await;
+    let (_, k2) = wait_generated(&env, "acme-key-k2").await;
     sidecar.until(&k2, "new generated key admitted", |s| s == 200).await;
     let remove =
         json!([{"op": "test", "path": "/spec/keys/0/name", "value": "k1"}, {"op": "remove", "path": "/spec/keys/0"}]);
@@ -169,7 +96,7 @@ async fn no_key_material_anywhere_and_one_401_for_every_bad_key() {
     ];
     let mut first: Option<(Vec<String>, Vec<u8>)> = None;
     for (what, header) in &cases {
-        let (head, body) = raw(sidecar.addr, header.as_deref()).await;
+        let (head, body) = raw(&sidecar, header.as_deref()).await;
         assert!(head.starts_with("HTTP/1.1 401 "), "{what}: {head}");
         let got = (head_without_date(&head), body);
         match &first {
@@ -193,7 +120,9 @@ async fn no_key_material_anywhere_and_one_401_for_every_bad_key() {
     assert_no_key_material(&env, &keys).await;
     let proxy_log = std::fs::read_to_string(&sidecar.log).unwrap()
         + &std::fs::read_to_string(sidecar.log.with_extension("err")).unwrap_or_default();
-    let controller_log = debug_log();
+    // Everything this binary's controllers logged (a superset of this test's), and the lines since this test began.
+    let controller_log = logs();
+    let window = logs_since(since);
     let mut sources =
         vec![("sidecar log (RUST_LOG=debug)", proxy_log.clone()), ("controller log", controller_log.clone())];
     for path in ["/metrics", "/readyz", "/revision"] {
@@ -217,12 +146,18 @@ async fn no_key_material_anywhere_and_one_401_for_every_bad_key() {
     }
     let debug_lines = proxy_log.lines().filter(|l| l.contains(r#""level":"DEBUG""#)).count();
     assert!(debug_lines > 0, "the sidecar logged at debug level");
-    let controller_debug = controller_log.lines().filter(|l| l.contains(r#""level":"DEBUG""#)).count();
-    let controller_own = controller_log.lines().filter(|l| l.contains(r#""target":"portcullis_controller"#)).count();
+    let controller_debug = window.lines().filter(|l| l.contains(r#""level":"DEBUG""#)).count();
+    let controller_own = window.lines().filter(|l| l.contains(r#""target":"portcullis_controller"#)).count();
+    let others_debug = window
+        .lines()
+        .filter(|l| l.contains(r#""level":"DEBUG""#) && !l.contains(r#""target":"portcullis_controller"#))
+        .count();
     assert!(controller_own > 0 && controller_debug > 0, "the controller logged, at debug level");
+    assert!(others_debug > 0, "other crates' debug lines were captured too (kube, hyper, ...)");
     eprintln!(
-        "scanned: sidecar log {} lines ({debug_lines} debug), controller process log {} lines ({controller_debug} \
-         debug, {controller_own} from portcullis_controller), {} other sources (metrics, readyz, revision) + \
+        "scanned: sidecar log {} lines ({debug_lines} debug), controller process log {} lines (during this test \
+         {controller_debug} debug, {others_debug} of them not the controller's, {controller_own} from \
+         portcullis_controller), {} other sources (metrics, readyz, revision) + \
          ConfigMaps, ApiClients, UsagePlans, Events: {} keys × 4 encodings, none found",
         proxy_log.lines().count(),
         controller_log.lines().count(),

@@ -1,7 +1,8 @@
-//! `cargo xtask demo`: the whole product on one machine with no cluster. Starts the local control plane, installs
-//! the chart, runs the controller and a proxy (as local processes: there is no kubelet), applies `examples/demo`,
-//! and shows real requests being allowed and refused, then a change taking effect, with its measured delay.
-
+//! `portcullis-demo` (run by `cargo xtask demo`, which builds the workspace's debug binaries first): the whole
+//! product on one machine with no cluster. Starts the local control plane, installs the chart, runs the controller
+//! and a proxy (as local processes: there is no kubelet), applies `examples/demo`, and shows real requests being
+//! allowed and refused, then a change taking effect, with its measured delay. It runs the `portcullis-controller`
+//! and `portcullis-proxy` binaries next to its own (`target/debug/`).
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
@@ -58,11 +59,20 @@ fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-pub fn run(root: &Path, bins: &Path) -> Result<()> {
-    say("building the workspace's debug binaries (the build `cargo xtask test` makes)");
-    crate::build_debug(root)?;
-    let target = root.join("target/debug");
-
+fn main() -> Result<()> {
+    let root = portcullis_testkit::bins::repo_root();
+    let bins = portcullis_testkit::bins::bin_dir()?;
+    let exe = std::env::current_exe().context("the demo's own path")?;
+    let target = exe.parent().context("the directory of the demo binary")?.to_path_buf();
+    for bin in ["portcullis-controller", "portcullis-proxy"] {
+        if !target.join(bin).exists() {
+            bail!(
+                "{} is missing: run the demo with `cargo xtask demo` (it builds the binaries)",
+                target.join(bin).display()
+            );
+        }
+    }
+    let (root, bins) = (root.as_path(), bins.as_path());
     say("starting the local control plane (etcd, kube-apiserver 1.37 with RBAC, kube-controller-manager)");
     let cp = {
         let t = Instant::now();
