@@ -60,6 +60,14 @@ fn wait_store_up(p: &Proc) -> Result<()> {
     }
 }
 
+/// The lines of `/metrics` starting with any of `prefixes`.
+fn metric_lines(p: &Proc, prefixes: &[&str]) -> Vec<String> {
+    let Some(admin) = p.admin else { return Vec::new() };
+    let out = std::process::Command::new("curl").args(["-sS", &format!("http://{admin}/metrics")]).output();
+    let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    text.lines().filter(|l| prefixes.iter().any(|p| l.starts_with(p))).map(str::to_string).collect()
+}
+
 pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
     let (secs, reps, acc_secs) = if ctx.smoke { (1.0, 1, 1.0) } else { (5.0, 3, 10.0) };
     let redis = RedisServer::try_start(None)?;
@@ -73,14 +81,14 @@ pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
     let arms: [(&str, &Proc); 2] = [("local", &local), ("global", &global)];
     let url = |p: &Proc| format!("http://{}/v1/items", p.addr);
     for (name, p) in arms {
-        let w = wrk(&url(p), 32, 1.0, &servers::key(0), false)?;
+        let w = wrk(&url(p), 32, 1.0, &servers::key(0), true)?;
         eprintln!("  warm-up {name}: {:.0} req/s", w.rps);
     }
     let mut closed: [Vec<Wrk>; 2] = [Vec::new(), Vec::new()];
     for r in 0..reps {
         for (i, (name, p)) in arms.iter().enumerate() {
-            let w = wrk(&url(p), 32, secs, &servers::key(0), false)?;
-            eprintln!("  run {r} {name}: {:.0} req/s p99 {:.3} ms", w.rps, w.lat_ms[3]);
+            let w = wrk(&url(p), 32, secs, &servers::key(0), true)?;
+            eprintln!("  run {r} {name}: {:.0} req/s p99 {:.3} ms, {} non-2xx", w.rps, w.lat_ms[3], w.non2xx);
             closed[i].push(w);
         }
     }
@@ -97,6 +105,17 @@ pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
         }
     }
     let pct = |i: usize, p: &str| median(ol[i].iter().map(|o| o.get(p)).collect());
+    // What the global arm refused or fell back on (a loaded machine can push a store call past --store-timeout).
+    let store_lines = metric_lines(
+        &global,
+        &[
+            "portcullis_proxy_requests_total{decision=\"deny\"",
+            "portcullis_proxy_store_errors_total",
+            "portcullis_proxy_store_fallbacks_total",
+            "portcullis_proxy_store_request_duration_seconds_count",
+        ],
+    );
+    eprintln!("  global arm: {store_lines:?}");
     let added_p50 = pct(1, "p50") - pct(0, "p50");
     let added_p99 = pct(1, "p99") - pct(0, "p99");
 
@@ -181,6 +200,8 @@ pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
         "arms": arms.iter().enumerate().map(|(i, (n, _))| json!({"arm": n, "rps": round(rps(i), 0),
             "p50_ms": round(pct(i, "p50"), 4), "p99_ms": round(pct(i, "p99"), 4)})).collect::<Vec<_>>(),
         "accuracy": acc_rows,
+        "global_arm_metrics": store_lines,
+        "non2xx": arms.iter().enumerate().map(|(i, (n, _))| json!({"arm": n, "non2xx": closed[i].iter().map(|w| w.non2xx).sum::<u64>()})).collect::<Vec<_>>(),
     });
     let svg = bar_svg(
         "Store stage: req/s and p99 vs local",

@@ -124,6 +124,10 @@ impl Lease {
     /// The first step of a request: spend from the lease, refuse from memory, or say what to fetch.
     pub fn step(&mut self, now: Instant, needs: Needs, p: &LeaseParams) -> Step {
         self.rate.arrival(now);
+        self.plan(now, needs, p)
+    }
+
+    fn plan(&mut self, now: Instant, needs: Needs, p: &LeaseParams) -> Step {
         let need_token = needs.burst.is_some() && !self.has_tokens(now);
         if need_token && let Some(until) = self.throttled_until {
             if now < until {
@@ -160,7 +164,18 @@ impl Lease {
     /// The store's answer to a [`Step::Fetch`]: add to the lease, then spend for this request.
     /// `wait` is the store's time until the next token when it granted none. Returns what the old lease held
     /// that can no longer be used (units of a past period), to give back.
-    pub fn granted(&mut self, now: Instant, needs: Needs, p: &LeaseParams, g: Grant) -> (Step, Leftover) {
+    ///
+    /// `asked`: the [`Step::Fetch`] this answers. Only a resource asked for and not granted is a refusal; when
+    /// concurrent requests spent what was granted (or what the lease held when this one asked for the other
+    /// resource), the answer is another [`Step::Fetch`].
+    pub fn granted(
+        &mut self,
+        now: Instant,
+        needs: Needs,
+        p: &LeaseParams,
+        asked: (u64, u64),
+        g: Grant,
+    ) -> (Step, Leftover) {
         let Grant { tokens, wait, units, used } = g;
         let mut stale = Leftover::default();
         if tokens > 0 {
@@ -183,14 +198,20 @@ impl Lease {
             self.last_used = Some((used.min(limit), period));
         }
         if needs.burst.is_some() && !self.has_tokens(now) {
-            self.throttled_until = Some(now + wait.max(Duration::from_micros(1)));
-            return (Step::Throttled(wait), stale);
+            if asked.0 > 0 && tokens == 0 {
+                self.throttled_until = Some(now + wait.max(Duration::from_micros(1)));
+                return (Step::Throttled(wait), stale);
+            }
+            return (self.plan(now, needs, p), stale);
         }
         if let Some((_, period)) = needs.quota
             && !self.has_units(now, period)
         {
-            self.exhausted_until = Some((now + p.ttl, period));
-            return (Step::QuotaExhausted, stale);
+            if asked.1 > 0 && units == 0 {
+                self.exhausted_until = Some((now + p.ttl, period));
+                return (Step::QuotaExhausted, stale);
+            }
+            return (self.plan(now, needs, p), stale);
         }
         self.spend(needs);
         (Step::Admit, stale)
@@ -304,7 +325,7 @@ mod tests {
         let mut l = Lease::new(t0);
         let needs = Needs { burst: Some(10), quota: Some((1000, 7)) };
         assert_eq!(l.step(t0, needs, &P), Step::Fetch { tokens: 1, units: 1 });
-        assert_eq!(l.granted(t0, needs, &P, g(1, Duration::ZERO, 1, 1)).0, Step::Admit);
+        assert_eq!(l.granted(t0, needs, &P, (1, 1), g(1, Duration::ZERO, 1, 1)).0, Step::Admit);
         // Spent: the next request fetches again.
         assert_eq!(l.step(t0 + 500 * MS, needs, &P), Step::Fetch { tokens: 1, units: 1 });
     }
@@ -324,7 +345,7 @@ mod tests {
                 Step::Fetch { tokens, .. } => {
                     fetches += 1;
                     last_chunk = tokens;
-                    assert_eq!(l.granted(now, needs, &P, g(tokens, Duration::ZERO, 0, 0)).0, Step::Admit);
+                    assert_eq!(l.granted(now, needs, &P, (tokens, 0), g(tokens, Duration::ZERO, 0, 0)).0, Step::Admit);
                 }
                 s => panic!("{s:?}"),
             }
@@ -339,13 +360,13 @@ mod tests {
         let mut l = Lease::new(t0);
         let needs = throttle_only();
         assert!(matches!(l.step(t0, needs, &P), Step::Fetch { .. }));
-        assert_eq!(l.granted(t0, needs, &P, g(0, 30 * MS, 0, 0)).0, Step::Throttled(30 * MS));
+        assert_eq!(l.granted(t0, needs, &P, (1, 0), g(0, 30 * MS, 0, 0)).0, Step::Throttled(30 * MS));
         assert_eq!(l.step(t0 + 10 * MS, needs, &P), Step::Throttled(20 * MS));
         assert!(matches!(l.step(t0 + 30 * MS, needs, &P), Step::Fetch { .. }));
 
         let q = Needs { burst: None, quota: Some((10, 3)) };
         assert!(matches!(l.step(t0, q, &P), Step::Fetch { tokens: 0, units: 1 }));
-        assert_eq!(l.granted(t0, q, &P, g(0, Duration::ZERO, 0, 10)).0, Step::QuotaExhausted);
+        assert_eq!(l.granted(t0, q, &P, (0, 1), g(0, Duration::ZERO, 0, 10)).0, Step::QuotaExhausted);
         assert_eq!(l.step(t0 + 100 * MS, q, &P), Step::QuotaExhausted);
         // After a ttl the store is asked again (another replica may have given units back) …
         assert!(matches!(l.step(t0 + 200 * MS, q, &P), Step::Fetch { .. }));
@@ -359,7 +380,7 @@ mod tests {
         let mut l = Lease::new(t0);
         let needs = Needs { burst: Some(100), quota: Some((100_000, 5)) };
         assert!(matches!(l.step(t0, needs, &P), Step::Fetch { .. }));
-        l.granted(t0, needs, &P, g(8, Duration::ZERO, 8, 8));
+        l.granted(t0, needs, &P, (8, 8), g(8, Duration::ZERO, 8, 8));
         assert_eq!(l.take_expired(t0 + 100 * MS), Leftover { tokens: 0, units: 0, period: 5 });
         assert_eq!(l.take_expired(t0 + 200 * MS), Leftover { tokens: 7, units: 7, period: 5 });
         assert_eq!(l.take_expired(t0 + 300 * MS), Leftover { tokens: 0, units: 0, period: 5 });
@@ -374,12 +395,30 @@ mod tests {
         let day1 = Needs { burst: None, quota: Some((100_000, 1)) };
         let day2 = Needs { burst: None, quota: Some((100_000, 2)) };
         l.step(t0, day1, &P);
-        l.granted(t0, day1, &P, g(0, Duration::ZERO, 5, 5));
+        l.granted(t0, day1, &P, (0, 5), g(0, Duration::ZERO, 5, 5));
         assert!(matches!(l.step(t0 + MS, day2, &P), Step::Fetch { units: 1.., .. }));
-        let (step, stale) = l.granted(t0 + MS, day2, &P, g(0, Duration::ZERO, 3, 3));
+        let (step, stale) = l.granted(t0 + MS, day2, &P, (0, 3), g(0, Duration::ZERO, 3, 3));
         assert_eq!(step, Step::Admit);
         assert_eq!(stale, Leftover { tokens: 0, units: 4, period: 1 });
         assert_eq!(l.take_all(), Leftover { tokens: 0, units: 2, period: 2 });
+    }
+
+    #[test]
+    fn what_concurrent_requests_spent_first_is_fetched_again_not_refused() {
+        let t0 = Instant::now();
+        let mut l = Lease::new(t0);
+        let needs = Needs { burst: Some(100), quota: Some((1_000_000, 1)) };
+        assert_eq!(l.step(t0, needs, &P), Step::Fetch { tokens: 1, units: 1 });
+        l.granted(t0, needs, &P, (1, 1), g(1, Duration::ZERO, 2, 2)); // one unit left in the lease
+        // A asks for a token only (it saw a unit); B spends the unit before A's answer arrives.
+        assert!(matches!(l.step(t0, needs, &P), Step::Fetch { tokens: 1.., units: 0 }));
+        let b = Needs { burst: None, quota: Some((1_000_000, 1)) };
+        assert_eq!(l.step(t0, b, &P), Step::Admit);
+        let (step, _) = l.granted(t0, needs, &P, (1, 0), g(1, Duration::ZERO, 0, 0));
+        assert!(matches!(step, Step::Fetch { tokens: 0, units: 1.. }), "{step:?}: not a quota refusal");
+        // Nor is a grant that others spent first.
+        let (step, _) = l.granted(t0, b, &P, (0, 1), g(0, Duration::ZERO, 1, 3));
+        assert_eq!(step, Step::Admit);
     }
 
     #[test]

@@ -97,46 +97,55 @@ impl GlobalLimits {
             quota: ask.quota.map(|q| (q.limit, period_number(q.period, ask.now_unix))),
         };
         let lease = self.lease(&ask.client, &ask.plan.name);
-        let step = {
+        let mut step = {
             let mut e = lock(&lease);
             e.throttle = ask.throttle;
             e.quota = ask.quota;
             e.lease.step(Instant::now(), needs, &self.params)
         };
-        let (tokens, units) = match step {
-            Step::Fetch { tokens, units } => (tokens, units),
-            other => return self.outcome(other, ask),
-        };
         let (tk, qk, interval_us, expires_at) = keys(ask);
-        let take = Take {
-            throttle_key: &tk,
-            tokens,
-            interval_us,
-            burst: needs.burst.unwrap_or(1),
-            quota_key: &qk,
-            units,
-            limit: ask.quota.map_or(0, |q| q.limit),
-            expires_at,
-        };
-        let started = Instant::now();
-        let result = self.store.take(&take).await;
-        self.observe("take", started, result.as_ref().err());
-        let granted = match result {
-            Ok(g) => g,
-            Err(e) => {
-                self.store_failed(&e);
-                return self.fall_back(ask);
+        // Concurrent requests may spend a grant before this one does: ask again, a few times at most.
+        for _ in 0..4 {
+            let Step::Fetch { tokens, units } = step else { break };
+            let take = Take {
+                throttle_key: &tk,
+                tokens,
+                interval_us,
+                burst: needs.burst.unwrap_or(1),
+                quota_key: &qk,
+                units,
+                limit: ask.quota.map_or(0, |q| q.limit),
+                expires_at,
+            };
+            let started = Instant::now();
+            let result = self.store.take(&take).await;
+            self.observe("take", started, result.as_ref().err());
+            let granted = match result {
+                Ok(g) => g,
+                Err(e) => {
+                    self.store_failed(&e);
+                    return self.fall_back(ask);
+                }
+            };
+            let grant = Grant {
+                tokens: granted.tokens,
+                wait: Duration::from_micros(granted.wait_us),
+                units: granted.units,
+                used: granted.used,
+            };
+            let (next, stale) = lock(&lease).lease.granted(Instant::now(), needs, &self.params, (tokens, units), grant);
+            if stale.units > 0 {
+                self.give_back_later(ask, stale);
             }
-        };
-        let grant = Grant {
-            tokens: granted.tokens,
-            wait: Duration::from_micros(granted.wait_us),
-            units: granted.units,
-            used: granted.used,
-        };
-        let (step, stale) = lock(&lease).lease.granted(Instant::now(), needs, &self.params, grant);
-        if stale.units > 0 {
-            self.give_back_later(ask, stale);
+            step = next;
+        }
+        if let Step::Fetch { tokens, .. } = step {
+            // Still outrun after four grants (heavy contention on one client): refuse this one, remember nothing.
+            return if tokens > 0 {
+                self.outcome(Step::Throttled(Duration::from_millis(1)), ask)
+            } else {
+                self.outcome(Step::QuotaExhausted, ask)
+            };
         }
         self.outcome(step, ask)
     }
