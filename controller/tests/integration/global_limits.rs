@@ -298,7 +298,7 @@ async fn proxy(
     let (port, admin) = (free_port(), free_port());
     let log = env.cp.dir().join(format!("proxy-{}-global-{port}.log", env.ns));
     let upstream = start_echo().await;
-    let child = tokio::process::Command::new(proxy_binary().await)
+    let child = tokio::process::Command::new(proxy_binary())
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "info")
         .arg(format!("--listen=127.0.0.1:{port}"))
