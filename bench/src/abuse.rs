@@ -188,7 +188,8 @@ pub fn abuse(ctx: &Ctx, bin: &Path) -> Result<Out> {
         );
         rows.push(r);
     }
-    let growth = growth(&proxy, &k)?;
+    // Skipped when only some phases run (profiling).
+    let growth = if only.is_some() { json!({}) } else { growth(&proxy, &k)? };
     let quiet_p99 = rows[0].legit.get("p99");
     let data = json!({
         "clients": k.clients,
