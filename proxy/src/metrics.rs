@@ -387,3 +387,44 @@ impl Collector for AccessLogDropped {
         counter.encode(metric)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access_log::{AccessLogFormat, AccessLogSettings};
+    use portcullis_table::test_util::{chart_monitoring_files, exported_metric_names, metric_names_in};
+
+    #[test]
+    fn alert_and_dashboard_metrics_exist() {
+        let mut m = Metrics::new();
+        m.register_tls();
+        m.register_store();
+        m.register_clients(1);
+        let log =
+            AccessLog::to_writer(AccessLogSettings { format: AccessLogFormat::Json, sample: 1.0 }, std::io::sink());
+        m.register_access_log(log.unwrap());
+        // Families appear in the exposition once they have a series: give each one.
+        m.count(None, 0.001);
+        m.count(Some(Reason::InvalidKey), 0.001);
+        m.table_applied("ns/svc", "r1", 1);
+        m.table_rejected("file");
+        m.table_revoked("deleted");
+        m.table_source_error("transient");
+        m.connection_closed("idle");
+        m.tls_handshake("ok");
+        m.tls_reload("ok");
+        m.store_latency.get_or_create(&OpLabels { op: "take" }).observe(0.001);
+        m.store_errors.get_or_create(&KindLabels { kind: "timeout" }).inc();
+        m.store_fallbacks.get_or_create(&PolicyLabels { policy: "Local" }).inc();
+        m.per_client.count("ns/a", "allowed");
+        m.per_client.quota_left("ns/a", "gold", 1);
+        let exported = exported_metric_names(&m.encode());
+        assert!(exported.contains("portcullis_proxy_requests_total"), "{exported:?}");
+        for (file, text) in chart_monitoring_files() {
+            let named = metric_names_in(&text, "portcullis_proxy_");
+            assert!(!named.is_empty(), "{file} names no proxy metric");
+            let missing: Vec<_> = named.difference(&exported).collect();
+            assert!(missing.is_empty(), "{file} names metrics the proxy does not export: {missing:?}");
+        }
+    }
+}

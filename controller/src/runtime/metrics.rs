@@ -198,6 +198,23 @@ fn respond(path: &str, metrics: &Metrics, health: &Health) -> Response<Full<Byte
 #[cfg(test)]
 mod tests {
     use super::*;
+    use portcullis_table::test_util::{chart_monitoring_files, exported_metric_names, metric_names_in};
+
+    #[test]
+    fn alert_and_dashboard_metrics_exist() {
+        // Families appear in the exposition once they have a series: give each one.
+        let m = Metrics::new();
+        m.observe("table", Duration::from_millis(1), false);
+        m.set_table("ns", "svc", 1, 1, "r1");
+        m.table_writes.get_or_create(&ServiceLabels { namespace: "ns".into(), service: "svc".into() }).inc();
+        let exported = exported_metric_names(&m.encode());
+        for (file, text) in chart_monitoring_files() {
+            let named = metric_names_in(&text, "portcullis_controller_");
+            assert!(!named.is_empty(), "{file} names no controller metric");
+            let missing: Vec<_> = named.difference(&exported).collect();
+            assert!(missing.is_empty(), "{file} names metrics the controller does not export: {missing:?}");
+        }
+    }
 
     #[test]
     fn metrics_are_prefixed() {
