@@ -194,9 +194,10 @@ pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
     }
     md.push_str(
         "\nError = (admitted − expected) / (rate × duration); goal within 1 %. Negative: leases held back (they never \
-         over-admit: the store's GCRA is authoritative). No nginx arm yet: Debian packages no ready Redis-backed \
-         limiter for nginx; one could be assembled from `libnginx-mod-http-lua` + `lua-nginx-redis` (both in Debian) \
-         and a hand-written GCRA script, which this suite does not do (see docs/global-limits.md).\n",
+         over-admit beyond one token: the store's GCRA, with its carry, is authoritative). No nginx arm yet: Debian \
+         packages no ready Redis-backed limiter for nginx; one can be assembled from `libnginx-mod-http-lua` + \
+         `lua-nginx-redis` (both in Debian) calling the same TAKE script, which this suite does not do yet (see \
+         docs/global-limits.md).\n",
     );
     let data = json!({
         "added_p50_ms": round(added_p50, 4), "added_p99_ms": round(added_p99, 4),

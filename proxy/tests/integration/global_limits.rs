@@ -6,7 +6,7 @@ use crate::common::*;
 use portcullis_store::{Store, StoreConfig};
 use portcullis_table::store_keys::quota_key;
 use portcullis_table::{Period, Plan, Quota, StoreFallback, Table, Throttle};
-use portcullis_testkit::redis::RedisServer;
+use portcullis_testkit::redis::{RedisCluster, RedisServer};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -260,6 +260,49 @@ async fn a_quota_is_exact_across_three_proxies_and_survives_a_restart() {
     let key = quota_key("t/q", "monthly", Period::Day, unix_now());
     assert_eq!(store.quota_used(&[key]).await.unwrap(), vec![30]);
     proxies[1].ready_with("store: up; 3 replicas known").await;
+}
+
+/// The same counts on a Redis Cluster (`redis+cluster://`): the throttle and the quota of one client in one script
+/// (one slot: the client's hash tag), the replica set, and the controller-side read of the count.
+#[tokio::test]
+async fn three_proxies_share_a_throttle_and_quota_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let plan = Plan {
+        throttle: Some(Throttle { rate: 1_000_000, per_millis: 1000, burst: 1000 }),
+        global_limits: true,
+        quota: Some(Quota { limit: 30, period: Period::Day }),
+        on_store_unavailable: StoreFallback::FailClosed,
+        ..Default::default()
+    };
+    let s = setup(&table(&[("gold", plan)], &[("t/c", "k-c", "gold")])).await;
+    let mut proxies: Vec<Proxy> = (0..3).map(|i| s.proxy(&cluster.url(), &format!("c{i}"))).collect();
+    for p in &mut proxies {
+        p.ready_with("store: up").await;
+    }
+    let (mut ok, mut unavailable) = (0, 0);
+    for i in 0..45 {
+        let r = get(ip(1), proxies[i % 3].listen, "/x", &[("x-api-key", "k-c")]).await;
+        match r.status.as_u16() {
+            200 => ok += 1,
+            429 => assert_eq!(r.reason(), "quota_exceeded"),
+            // A store call past the 50 ms timeout on a loaded machine: refused (FailClosed), not counted here.
+            503 => unavailable += 1,
+            s => panic!("unexpected {s}: {}", r.body),
+        }
+    }
+    eprintln!("cluster: {ok} admitted, {unavailable} store timeouts");
+    // A timed-out call may still have counted in Redis: then fewer than 30 are admitted, never more.
+    if unavailable == 0 {
+        assert_eq!(ok, 30, "the quota is exact across the three proxies");
+    } else {
+        assert!(ok <= 30 && ok >= 30 - unavailable, "{ok} admitted with {unavailable} timeouts");
+    }
+    let mut config = StoreConfig::new(cluster.url());
+    config.timeout = Duration::from_secs(2);
+    let store = Store::connect(&config).await.unwrap();
+    let key = quota_key("t/c", "gold", Period::Day, unix_now());
+    assert_eq!(store.quota_used(&[key]).await.unwrap()[0], 30);
+    proxies[2].ready_with("store: up; 3 replicas known").await;
 }
 
 #[tokio::test]
