@@ -127,8 +127,8 @@ impl GlobalLimits {
                     return self.fall_back(ask);
                 }
             };
-            let (next, stale) =
-                lock(&lease).lease.granted(Instant::now(), needs, &self.params, (tokens, units), grant(granted));
+            let g = grant(granted, started.elapsed());
+            let (next, stale) = lock(&lease).lease.granted(Instant::now(), needs, &self.params, (tokens, units), g);
             if stale.units > 0 {
                 self.give_back_later(ask, stale);
             }
@@ -169,8 +169,8 @@ impl GlobalLimits {
             this.observe("refill", started, result.as_ref().err());
             match result {
                 Ok(g) => {
-                    let stale =
-                        lock(&lease).lease.refilled(Instant::now(), needs, &this.params, (tokens, units), grant(g));
+                    let g = grant(g, started.elapsed());
+                    let stale = lock(&lease).lease.refilled(Instant::now(), needs, &this.params, (tokens, units), g);
                     if stale.units > 0 {
                         this.give_back_later(&ask, stale);
                     }
@@ -418,8 +418,13 @@ impl GiveBack {
     }
 }
 
-fn grant(g: portcullis_store::Granted) -> Grant {
-    Grant { tokens: g.tokens, wait: Duration::from_micros(g.wait_us), units: g.units, used: g.used }
+/// The store's answer as the lease sees it. The store's wait was measured at the store, about half the round trip
+/// `rtt` ago: shortened by that, the next claim (sent when the wait ends) reaches the store about when the token
+/// falls due rather than a whole round trip later — lateness the store's carry absorbs, but that a loaded machine
+/// would add to.
+fn grant(g: portcullis_store::Granted, rtt: Duration) -> Grant {
+    let wait = Duration::from_micros(g.wait_us).saturating_sub(rtt / 2).max(Duration::from_micros(1));
+    Grant { tokens: g.tokens, wait, units: g.units, used: g.used }
 }
 
 /// GCRA emission interval in µs, rounded up (never admits more than the rate).
