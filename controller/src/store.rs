@@ -21,7 +21,8 @@ pub const ENV_PASSWORD: &str = "PORTCULLIS_STORE_PASSWORD";
 #[derive(clap::Args, Debug, Clone, PartialEq)]
 pub struct StoreArgs {
     /// URL of the shared store (Redis) that counts global throttles and quotas across proxy replicas:
-    /// `redis://host:6379/0`, `rediss://` for TLS. No credentials in the URL: they come from the environment
+    /// `redis://host:6379/0`, `redis+sentinel://s1:26379[,s2:26379]/MASTER[/db]`, `redis+cluster://n1:6379[,n2:6379]`
+    /// (`rediss…` for TLS). No credentials in the URL: they come from the environment
     /// (`PORTCULLIS_STORE_USERNAME`, `PORTCULLIS_STORE_PASSWORD`). Unset: no store; quotas default to `Local` and
     /// plans asking for global counts report `StoreNotConfigured`.
     #[arg(long, env = "PORTCULLIS_STORE_URL")]
@@ -116,7 +117,8 @@ impl StoreArgs {
             check_every: Duration::from_secs(self.store_check_seconds),
             usage_every: Duration::from_secs(self.usage_refresh_seconds),
         };
-        // The store client's own checks: a redis:// or rediss:// URL with a host and no credentials in it (they
+        // The store client's own checks: a redis://, redis+sentinel:// or redis+cluster:// URL (or rediss…) with
+        // hosts, a master name for Sentinel, no database for Cluster, and no credentials in it (they
         // would be copied into every sidecar's pod spec), timeouts within 1 ms - 10 s.
         settings.config().validate()?;
         if let Some(t) = settings.sidecar_timeout {
@@ -274,6 +276,8 @@ mod tests {
             (vec!["--store-url=http://r"], "scheme"),
             (vec!["--store-url=redis://u:pw@r:6379"], "embeds credentials"),
             (vec!["--store-url=redis://r:6379", "--store-timeout=20s"], "timeout"),
+            (vec!["--store-url=redis+sentinel://s1:26379"], "names no master"),
+            (vec!["--store-url=redis+cluster://n1:6379/2"], "only database 0"),
         ] {
             let e = args(&bad).settings(|_| None).unwrap_err().to_string();
             assert!(e.starts_with("--store-url") && e.contains(says), "{bad:?}: {e}");

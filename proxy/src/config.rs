@@ -280,7 +280,8 @@ pub struct Cli {
     #[arg(long, env = portcullis_table::sidecar::APP_PROBES_ENV)]
     pub app_probes: Option<String>,
     /// The shared store (Redis) where plans with globalLimits count their throttle and global quotas their use,
-    /// across every replica: redis://host:port[/db] or rediss:// (TLS). No credentials in the URL: they come from
+    /// across every replica: redis://host:port[/db], redis+sentinel://s1:26379[,s2:26379]/MASTER[/db] or
+    /// redis+cluster://n1:6379[,n2:6379] (rediss… for TLS). No credentials in the URL: they come from
     /// PORTCULLIS_STORE_USERNAME / PORTCULLIS_STORE_PASSWORD. Unset: every count is kept per proxy.
     #[arg(long, env = "PORTCULLIS_STORE_URL")]
     pub store_url: Option<String>,

@@ -300,7 +300,7 @@ impl Metrics {
     pub fn register_store(&mut self) {
         self.registry.register(
             "store_request_duration_seconds",
-            "Round trips to the shared store (Redis), by operation (take, give_back, heartbeat), errors included",
+            "Round trips to the shared store (Redis), by operation (take: on the request path; refill: a lease topped up in the background; give_back, heartbeat), errors included",
             self.store_latency.clone(),
         );
         self.registry.register(

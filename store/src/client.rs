@@ -1,10 +1,13 @@
-//! The connection to the store and its operations. One multiplexed connection (`redis::aio::ConnectionManager`:
-//! pipelined, reconnects in the background) shared by every caller; each operation bounded by the timeout.
+//! The connection to the store and its operations, shared by every caller; each operation bounded by the timeout.
+//! The connection is the `redis` crate's own for each topology ([`crate::conn`]): one multiplexed
+//! `ConnectionManager` (one server), a multiplexed connection to the master the Sentinels name (Sentinel), or the
+//! crate's cluster client (Cluster).
 
 use crate::config::{ConfigError, StoreConfig};
+use crate::conn::Conn;
 use crate::scripts;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ConnectionAddr, ConnectionInfo, ErrorKind, RedisConnectionInfo, Script};
+use redis::{ErrorKind, Script};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -88,7 +91,7 @@ pub struct Granted {
 /// A connection to the shared store. Cheap to clone (one multiplexed connection underneath).
 #[derive(Clone)]
 pub struct Store {
-    conn: ConnectionManager,
+    conn: Conn,
     timeout: Duration,
     scripts: Arc<Scripts>,
 }
@@ -110,14 +113,7 @@ impl Store {
     /// Validates `config` and returns at once; the connection is made (and remade after a failure) in the
     /// background, and operations fail fast until it is up. For a proxy that must start while the store is down.
     pub fn connect_lazy(config: &StoreConfig) -> Result<Self, StoreError> {
-        let client = redis::Client::open(connection_info(config)?)?;
-        let mgr = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.connect_timeout))
-            .set_response_timeout(Some(config.timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, mgr)?;
+        let conn = Conn::new(config)?;
         Ok(Self {
             conn,
             timeout: config.timeout,
@@ -130,10 +126,19 @@ impl Store {
     }
 
     async fn bounded<T>(&self, f: impl Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, f).await {
+        let result = match tokio::time::timeout(self.timeout, f).await {
             Ok(r) => r.map_err(StoreError::from),
             Err(_) => Err(StoreError::Timeout(self.timeout)),
+        };
+        if let Err(e) = &result {
+            self.conn.failed(e);
         }
+        result
+    }
+
+    /// `"single"`, `"sentinel"` or `"cluster"`.
+    pub fn topology(&self) -> &'static str {
+        self.conn.topology()
     }
 
     /// `PING`: the store is reachable and accepted the credentials.
@@ -143,22 +148,38 @@ impl Store {
         if pong == "PONG" { Ok(()) } else { Err(StoreError::Other(format!("PING answered {pong:?}"))) }
     }
 
-    /// The counts under `keys` (quota keys), in order; a missing key counts 0. One `MGET` (use keys of one
-    /// client per call on Redis Cluster: they share a hash slot).
+    /// The counts under `keys` (quota keys), in order; a missing key counts 0. One `MGET` per call, or on Redis
+    /// Cluster one per hash slot (a slot's keys live on one node: a client's keys share its `{client}` tag), sent
+    /// together on the multiplexed connections.
     pub async fn quota_used(&self, keys: &[String]) -> Result<Vec<u64>, StoreError> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut c = self.conn.clone();
-        let vals: Vec<Option<u64>> = self.bounded(redis::cmd("MGET").arg(keys).query_async(&mut c)).await?;
-        Ok(vals.into_iter().map(|v| v.unwrap_or(0)).collect())
+        let mut out = vec![0; keys.len()];
+        let batches = if self.conn.is_cluster() { per_slot(keys) } else { vec![(0..keys.len()).collect()] };
+        let reads = batches.iter().map(|idx| {
+            let mut c = self.conn.clone();
+            let mut cmd = redis::cmd("MGET");
+            for &i in idx {
+                cmd.arg(&keys[i]);
+            }
+            async move { cmd.query_async::<Vec<Option<u64>>>(&mut c).await }
+        });
+        let results = self.bounded(futures::future::try_join_all(reads)).await?;
+        for (idx, vals) in batches.iter().zip(results) {
+            for (&i, v) in idx.iter().zip(vals) {
+                out[i] = v.unwrap_or(0);
+            }
+        }
+        Ok(out)
     }
 
     /// Takes throttle tokens and quota units in one atomic script ([`scripts::TAKE`]).
     pub async fn take(&self, t: &Take<'_>) -> Result<Granted, StoreError> {
         let mut c = self.conn.clone();
-        let mut inv = self.scripts.take.key(t.throttle_key);
-        inv.key(t.quota_key)
+        let (tk, qk) = same_slot(t.throttle_key, t.quota_key);
+        let mut inv = self.scripts.take.key(tk);
+        inv.key(qk)
             .arg(t.tokens)
             .arg(t.interval_us.max(1))
             .arg(t.burst.max(1))
@@ -179,8 +200,9 @@ impl Store {
         units: u64,
     ) -> Result<(), StoreError> {
         let mut c = self.conn.clone();
-        let mut inv = self.scripts.give_back.key(throttle_key);
-        inv.key(quota_key).arg(tokens).arg(interval_us.max(1)).arg(units);
+        let (tk, qk) = same_slot(throttle_key, quota_key);
+        let mut inv = self.scripts.give_back.key(tk);
+        inv.key(qk).arg(tokens).arg(interval_us.max(1)).arg(units);
         let _: i64 = self.bounded(inv.invoke_async(&mut c)).await?;
         Ok(())
     }
@@ -195,21 +217,47 @@ impl Store {
     }
 }
 
-fn connection_info(config: &StoreConfig) -> Result<ConnectionInfo, StoreError> {
-    let p = config.parsed()?;
-    let addr = if p.tls {
-        ConnectionAddr::TcpTls { host: p.host, port: p.port, insecure: false, tls_params: None }
-    } else {
-        ConnectionAddr::Tcp(p.host, p.port)
-    };
-    let mut redis = RedisConnectionInfo::default().set_db(p.db);
-    if let Some(u) = &config.username {
-        redis = redis.set_username(u);
+/// A script's two keys, where an unused one (empty: no throttle, or no quota) is replaced by the other, so both
+/// name one Redis Cluster slot (the script does not touch an unused key).
+fn same_slot<'a>(throttle_key: &'a str, quota_key: &'a str) -> (&'a str, &'a str) {
+    match (throttle_key.is_empty(), quota_key.is_empty()) {
+        (false, true) => (throttle_key, throttle_key),
+        (true, false) => (quota_key, quota_key),
+        _ => (throttle_key, quota_key),
     }
-    if let Some(pw) = &config.password {
-        redis = redis.set_password(pw);
-    }
-    Ok(addr.into_connection_info()?.set_redis_settings(redis))
 }
 
-use redis::IntoConnectionInfo;
+/// The indices of `keys` grouped by Redis Cluster hash slot, in the order slots first appear.
+fn per_slot(keys: &[String]) -> Vec<Vec<usize>> {
+    let mut slots: HashMap<redis::cluster_routing::Slot, usize> = HashMap::new();
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        let slot = redis::cluster_routing::Slot::for_key(k.as_bytes());
+        let at = *slots.entry(slot).or_insert_with(|| {
+            out.push(Vec::new());
+            out.len() - 1
+        });
+        out[at].push(i);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_batched_per_slot_and_unused_keys_share_the_slot() {
+        let keys: Vec<String> =
+            ["portcullis:{ns/a}:gold:q:d1", "portcullis:{ns/b}:gold:q:d1", "portcullis:{ns/a}:free:q:m3", "other"]
+                .map(String::from)
+                .to_vec();
+        let batches = per_slot(&keys);
+        assert_eq!(batches[0], vec![0, 2], "one client's keys: one slot");
+        assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 4);
+        assert!(batches.iter().all(|b| !b.is_empty()));
+        assert_eq!(same_slot("t", ""), ("t", "t"));
+        assert_eq!(same_slot("", "q"), ("q", "q"));
+        assert_eq!(same_slot("t", "q"), ("t", "q"));
+    }
+}

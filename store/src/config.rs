@@ -15,8 +15,12 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
 /// Settings of the shared store (Redis).
 #[derive(Clone, PartialEq, Eq)]
 pub struct StoreConfig {
-    /// `redis://host:port[/db]` or `rediss://host:port[/db]` (TLS, server certificate checked against the
-    /// system roots). No user information in the URL.
+    /// One of (`rediss…`: TLS, server certificates checked against the system roots; no user information):
+    /// - `redis://host[:6379][/db]`: one server;
+    /// - `redis+sentinel://host[:26379][,host2[:26379]…]/MASTER[/db]`: the master named `MASTER`, found through
+    ///   the listed Sentinels (asked again after a failover);
+    /// - `redis+cluster://host[:6379][,host2[:6379]…]`: a Redis Cluster, from any of the listed seed nodes
+    ///   (database 0 only).
     pub url: String,
     pub username: Option<String>,
     pub password: Option<String>,
@@ -31,17 +35,31 @@ pub enum ConfigError {
     #[error("store URL {0:?} does not parse as a URL: {1}")]
     Parse(String, String),
     #[error(
-        "store URL scheme {0:?} is not supported: use redis:// or rediss:// (TLS); Sentinel and Cluster URLs are not supported by this build"
+        "store URL scheme {0:?} is not supported: use redis://host:6379[/db], rediss:// (TLS), \
+         redis+sentinel://host:26379[,host2:26379]/MASTER[/db] or redis+cluster://host:6379[,host2:6379] \
+         (rediss+sentinel://, rediss+cluster:// for TLS)"
     )]
     Scheme(String),
     #[error("store URL {0:?} has no host")]
     NoHost(String),
+    #[error("store URL {0:?}: {1:?} is not host[:port] ({2})")]
+    Node(String, String, String),
+    #[error(
+        "store URL {0:?} lists several hosts: only redis+sentinel:// (Sentinels) and redis+cluster:// (seed nodes) take a list"
+    )]
+    SeveralHosts(String),
     #[error(
         "store URL embeds credentials: remove them from the URL and set PORTCULLIS_STORE_USERNAME / PORTCULLIS_STORE_PASSWORD (from a Secret) instead"
     )]
     EmbeddedCredentials,
     #[error("store URL path {0:?} is not a database number (redis://host:port/N)")]
     Database(String),
+    #[error("Sentinel URL {0:?} names no master: use redis+sentinel://host:26379[,host2:26379]/MASTER_NAME[/db]")]
+    NoMaster(String),
+    #[error("Sentinel URL path {0:?} is not MASTER_NAME or MASTER_NAME/db")]
+    SentinelPath(String),
+    #[error("Redis Cluster has only database 0: remove the path {0:?} from the redis+cluster:// URL")]
+    ClusterDatabase(String),
     #[error("store URL has query parameters ({0}); settings come from flags and the environment")]
     Query(String),
     #[error("store timeout must be between 1 ms and 10 s, got {0:?}")]
@@ -75,31 +93,62 @@ impl StoreConfig {
         self.parsed().map(|_| ())
     }
 
-    /// The validated parts: (TLS, host, port, database).
+    /// The validated parts.
     pub(crate) fn parsed(&self) -> Result<Parsed, ConfigError> {
-        let u = url::Url::parse(&self.url).map_err(|e| ConfigError::Parse(redact_url(&self.url), e.to_string()))?;
-        if !u.username().is_empty() || u.password().is_some() {
+        let url = self.url.trim();
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(ConfigError::Parse(redact_url(url), "no scheme (redis://…)".into()));
+        };
+        let (base, tls) = match scheme.strip_prefix("rediss") {
+            Some(tail) => (format!("redis{tail}"), true),
+            None => (scheme.to_string(), false),
+        };
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        if authority.contains('@') {
             return Err(ConfigError::EmbeddedCredentials);
         }
-        let tls = match u.scheme() {
-            "redis" => false,
-            "rediss" => true,
-            other => return Err(ConfigError::Scheme(other.to_string())),
-        };
-        let host = match u.host_str() {
-            Some(h) if !h.is_empty() => h.trim_start_matches('[').trim_end_matches(']').to_string(),
-            _ => return Err(ConfigError::NoHost(self.url.clone())),
-        };
-        let port = u.port().unwrap_or(6379);
-        let path = u.path().trim_start_matches('/');
-        let db = if path.is_empty() {
-            0
-        } else {
-            path.parse::<i64>().map_err(|_| ConfigError::Database(path.to_string()))?
-        };
-        if let Some(q) = u.query() {
+        if let Some((_, q)) = path.split_once('?').or_else(|| authority.split_once('?')) {
             return Err(ConfigError::Query(q.to_string()));
         }
+        if authority.contains('#') || path.contains('#') {
+            return Err(ConfigError::Parse(redact_url(url), "a fragment (#…) is not part of a store URL".into()));
+        }
+        let (topology, default_port) = match base.as_str() {
+            "redis" => (Topology::Single, 6379),
+            "redis+sentinel" => (Topology::Sentinel { master: String::new() }, 26379),
+            "redis+cluster" => (Topology::Cluster, 6379),
+            other => return Err(ConfigError::Scheme(other.to_string())),
+        };
+        let nodes = authority.split(',').map(|n| node(url, n, default_port)).collect::<Result<Vec<_>, _>>()?;
+        let path = path.trim_end_matches('/');
+        let database = |p: &str| p.parse::<i64>().map_err(|_| ConfigError::Database(p.to_string()));
+        let (topology, db) = match topology {
+            Topology::Single => {
+                if nodes.len() > 1 {
+                    return Err(ConfigError::SeveralHosts(url.to_string()));
+                }
+                (Topology::Single, if path.is_empty() { 0 } else { database(path)? })
+            }
+            Topology::Sentinel { .. } => {
+                let mut parts = path.split('/');
+                let master = parts.next().unwrap_or_default().to_string();
+                if master.is_empty() {
+                    return Err(ConfigError::NoMaster(url.to_string()));
+                }
+                let db = match (parts.next(), parts.next()) {
+                    (None, _) => 0,
+                    (Some(d), None) => database(d)?,
+                    _ => return Err(ConfigError::SentinelPath(path.to_string())),
+                };
+                (Topology::Sentinel { master }, db)
+            }
+            Topology::Cluster => {
+                if !path.is_empty() && path != "0" {
+                    return Err(ConfigError::ClusterDatabase(path.to_string()));
+                }
+                (Topology::Cluster, 0)
+            }
+        };
         for t in [self.timeout, self.connect_timeout] {
             if t < Duration::from_millis(1) || t > Duration::from_secs(10) {
                 return Err(ConfigError::Timeout(t));
@@ -108,14 +157,44 @@ impl StoreConfig {
         if self.username.as_deref() == Some("") {
             return Err(ConfigError::EmptyUsername);
         }
-        Ok(Parsed { tls, host, port, db })
+        Ok(Parsed { tls, topology, nodes, db })
     }
 }
 
+/// One `host[:port]` of an authority (IPv6 in brackets).
+fn node(url: &str, n: &str, default_port: u16) -> Result<(String, u16), ConfigError> {
+    if n.is_empty() {
+        return Err(ConfigError::NoHost(url.to_string()));
+    }
+    let u = url::Url::parse(&format!("redis://{n}"))
+        .map_err(|e| ConfigError::Node(url.to_string(), n.to_string(), e.to_string()))?;
+    let host = match u.host_str() {
+        Some(h) if !h.is_empty() => h.trim_start_matches('[').trim_end_matches(']').to_string(),
+        _ => return Err(ConfigError::NoHost(url.to_string())),
+    };
+    if u.path() != "" && u.path() != "/" {
+        return Err(ConfigError::Node(url.to_string(), n.to_string(), "unexpected path".into()));
+    }
+    Ok((host, u.port().unwrap_or(default_port)))
+}
+
+/// How the store is deployed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Topology {
+    /// One server (`redis://`).
+    Single,
+    /// A master found through Sentinels (`redis+sentinel://`): the nodes are the Sentinels.
+    Sentinel { master: String },
+    /// A Redis Cluster (`redis+cluster://`): the nodes are seeds.
+    Cluster,
+}
+
+#[derive(Debug)]
 pub(crate) struct Parsed {
     pub tls: bool,
-    pub host: String,
-    pub port: u16,
+    pub topology: Topology,
+    /// (host, port): the server, the Sentinels or the Cluster seeds.
+    pub nodes: Vec<(String, u16)>,
     pub db: i64,
 }
 
@@ -157,7 +236,41 @@ mod tests {
         }
         let p = StoreConfig::new("rediss://redis.example/3").parsed().unwrap();
         assert!(p.tls);
-        assert_eq!((p.host.as_str(), p.port, p.db), ("redis.example", 6379, 3));
+        assert_eq!((p.nodes, p.db, p.topology), (vec![("redis.example".to_string(), 6379)], 3, Topology::Single));
+    }
+
+    #[test]
+    fn accepts_sentinel_and_cluster_urls() {
+        let p = StoreConfig::new("redis+sentinel://s1,s2:26380,[::1]/mymaster/2").parsed().unwrap();
+        assert_eq!(p.topology, Topology::Sentinel { master: "mymaster".into() });
+        let nodes = vec![("s1".to_string(), 26379), ("s2".to_string(), 26380), ("::1".to_string(), 26379)];
+        assert_eq!((p.nodes, p.db, p.tls), (nodes, 2, false));
+        let p = StoreConfig::new("rediss+sentinel://s1/mymaster").parsed().unwrap();
+        assert_eq!((p.db, p.tls), (0, true));
+        let p = StoreConfig::new("redis+cluster://c1:7000,c2:7001/").parsed().unwrap();
+        assert_eq!(p.topology, Topology::Cluster);
+        assert_eq!(p.nodes, vec![("c1".to_string(), 7000), ("c2".to_string(), 7001)]);
+        assert!(StoreConfig::new("rediss+cluster://c1").parsed().unwrap().tls);
+    }
+
+    #[test]
+    fn malformed_sentinel_and_cluster_urls_say_what_to_change() {
+        let err = |u: &str| StoreConfig::new(u).validate().unwrap_err();
+        assert!(matches!(err("redis+sentinel://s1:26379"), ConfigError::NoMaster(_)));
+        assert!(matches!(err("redis+sentinel://s1:26379/"), ConfigError::NoMaster(_)));
+        assert!(matches!(err("redis+sentinel://s1/m/x"), ConfigError::Database(d) if d == "x"));
+        assert!(matches!(err("redis+sentinel://s1/m/1/2"), ConfigError::SentinelPath(_)));
+        assert!(matches!(err("redis+cluster://c1:7000/3"), ConfigError::ClusterDatabase(_)));
+        assert!(matches!(err("redis+cluster://c1:7000,,c2"), ConfigError::NoHost(_)));
+        assert!(matches!(err("redis+cluster://c1:notaport"), ConfigError::Node(..)));
+        assert!(matches!(err("redis://a:6379,b:6379"), ConfigError::SeveralHosts(_)));
+        assert!(matches!(err("redis+sentinel://u:pw@s1/m"), ConfigError::EmbeddedCredentials));
+        assert!(matches!(err("redis+cluster://c1?tls=1"), ConfigError::Query(_)));
+        assert!(matches!(err("redis+clusters://c1"), ConfigError::Scheme(s) if s == "redis+clusters"));
+        let text = err("redis+sentinel://s1:26379").to_string();
+        assert!(text.contains("redis+sentinel://host:26379[,host2:26379]/MASTER_NAME"), "{text}");
+        let text = err("memcached://m").to_string();
+        assert!(text.contains("redis+cluster://") && text.contains("redis+sentinel://"), "{text}");
     }
 
     #[test]
@@ -167,7 +280,6 @@ mod tests {
         assert_eq!(err("redis://alice:hunter2@r:6379"), ConfigError::EmbeddedCredentials);
         assert_eq!(err("redis://alice@r:6379"), ConfigError::EmbeddedCredentials);
         assert!(matches!(err("http://r:6379"), ConfigError::Scheme(s) if s == "http"));
-        assert!(matches!(err("redis+sentinel://r:26379/m"), ConfigError::Scheme(_)));
         assert!(matches!(err("redis://r/x"), ConfigError::Database(_)));
         assert!(matches!(err("redis://r/0?protocol=resp3"), ConfigError::Query(_)));
         assert!(matches!(err("not a url"), ConfigError::Parse(..)));

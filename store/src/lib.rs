@@ -15,6 +15,7 @@
 
 mod client;
 mod config;
+mod conn;
 pub mod scripts;
 
 pub use client::{Granted, Store, StoreError, Take};

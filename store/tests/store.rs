@@ -59,6 +59,52 @@ async fn gcra_grants_the_burst_then_refuses_with_a_wait() {
     assert_eq!(s.take(&take(&tk, 5, "unused", 0, 0, 0)).await.unwrap().tokens, 2);
 }
 
+/// The store's clock in µs.
+async fn server_us(c: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let (secs, us): (u64, u64) = redis::cmd("TIME").query_async(c).await.unwrap();
+    secs * 1_000_000 + us
+}
+
+#[tokio::test]
+async fn a_late_claim_keeps_the_schedule_up_to_the_carry_and_never_more_than_the_burst_at_once() {
+    let r = RedisServer::start();
+    let s = Store::connect(&config(&r)).await.unwrap();
+    let mut c = redis::Client::open(r.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let tk = throttle_key("ns/a", "p");
+    // 1/s, burst 1: carry 5 ms. A long interval, so a slow machine between two commands cannot make a new token due.
+    let t = 1_000_000;
+    assert_eq!(portcullis_store::scripts::carry_us(t), 5_000);
+    let one = |n| Take {
+        throttle_key: &tk,
+        tokens: n,
+        interval_us: t,
+        burst: 1,
+        quota_key: "",
+        units: 0,
+        limit: 0,
+        expires_at: 0,
+    };
+    // A token due 2 ms ago (well within the carry): granted, and the next one is due one interval after the
+    // first was, not one interval after the claim.
+    let due = server_us(&mut c).await - 2_000;
+    let _: () = redis::cmd("SET").arg(&tk).arg(due).query_async(&mut c).await.unwrap();
+    assert_eq!(s.take(&one(1)).await.unwrap().tokens, 1);
+    let tat: u64 = redis::cmd("GET").arg(&tk).query_async(&mut c).await.unwrap();
+    let after = server_us(&mut c).await;
+    assert!(tat == due + t || (after - due > 5_000 && tat <= after + t - 5_000), "tat {tat}, due {due}, now {after}");
+    // Idle for long: the schedule restarts at most the carry behind now, so one claim gets the burst (1) and an
+    // immediate second gets nothing.
+    let before = server_us(&mut c).await;
+    let _: () = redis::cmd("SET").arg(&tk).arg(before - 1_000_000).query_async(&mut c).await.unwrap();
+    assert_eq!(s.take(&one(5)).await.unwrap().tokens, 1);
+    let tat: u64 = redis::cmd("GET").arg(&tk).query_async(&mut c).await.unwrap();
+    let after = server_us(&mut c).await;
+    assert!(tat >= before + t - 5_000 && tat <= after + t - 5_000, "tat {tat} in [{before}, {after}] + 5 ms");
+    let g = s.take(&one(1)).await.unwrap();
+    assert_eq!(g.tokens, 0, "never more than the burst at one instant");
+    assert!(g.wait_us > 900_000 && g.wait_us <= t - 5_000, "{g:?}");
+}
+
 #[tokio::test]
 async fn quota_stops_at_the_limit_expires_with_its_period_and_gives_back() {
     let r = RedisServer::start();

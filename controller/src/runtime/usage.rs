@@ -2,6 +2,10 @@
 //! is counted in the shared store (`quotaScope: Global`) are read in batched MGETs of the keys the proxies write
 //! ([`portcullis_table::store_keys::quota_key`]) and patched into the status where they changed. Quotas counted per
 //! replica are not listed (no single number describes them).
+//!
+//! On Redis Cluster an MGET may only name keys of one hash slot: `Store::quota_used` splits each batch per slot
+//! (a client's keys share its `{namespace/name}` tag, so one MGET per client at most) and sends the per-slot
+//! MGETs together.
 
 use super::Ctx;
 use crate::crd::{ApiClient, UsagePlan, UsageStatus};
@@ -16,7 +20,7 @@ use std::sync::Arc;
 
 pub use super::store_client::StoreClient;
 
-/// Keys read per MGET.
+/// Keys read per call of `Store::quota_used` (one MGET; on Cluster, one per slot among them).
 const BATCH: usize = 500;
 
 /// One usage entry to fill in: the key to read and the entry without its count.

@@ -3,7 +3,10 @@
 //!
 //! A request first spends from the local lease. When the lease is empty it asks the store for a chunk sized to the
 //! client's observed rate (about [`LeaseParams::window`] of its traffic, capped), so a busy client costs one store
-//! round trip per chunk rather than per request, and a quiet one (chunk 1) is counted exactly. What a lease has
+//! round trip per chunk rather than per request, and a quiet one (chunk 1) is counted exactly. A lease whose chunk
+//! is at least 2 is refilled **in the background** once it is spent down to half a chunk ([`Lease::refill`]), so a
+//! busy client's requests find tokens in the lease and do not wait for the store; only a request that finds the
+//! lease empty (a quiet client, a first request, a burst faster than the refill) waits for a round trip. What a lease has
 //! not spent when it expires ([`LeaseParams::ttl`]) goes back to the store (Doorman-style), so nothing leased is
 //! lost for longer than the ttl. A refusal from the store is remembered locally (the throttle's wait, or the
 //! quota's exhaustion for one ttl), so a client far over its limit is refused without a store call.
@@ -96,6 +99,8 @@ pub struct Lease {
     /// Quota used in the store after the last grant (for the `Local` fallback's share).
     pub last_used: Option<(u64, u64)>,
     rate: RateEstimate,
+    /// A background refill is in flight ([`Lease::refill`] … [`Lease::refilled`]).
+    refilling: bool,
 }
 
 impl Lease {
@@ -110,6 +115,7 @@ impl Lease {
             exhausted_until: None,
             last_used: None,
             rate: RateEstimate::new(now),
+            refilling: false,
         }
     }
 
@@ -149,16 +155,100 @@ impl Lease {
             self.spend(needs);
             return Step::Admit;
         }
-        let want = self.rate.chunk(p.window);
-        let tokens = match needs.burst {
-            Some(burst) if need_token => want.min(cap(burst, p.burst_divisor, p.max_chunk)),
-            _ => 0,
-        };
-        let units = match needs.quota {
-            Some((limit, _)) if need_unit => want.min(cap(limit, p.quota_divisor, p.max_chunk)),
-            _ => 0,
-        };
+        let (want_tokens, want_units) = self.chunks(needs, p);
+        let tokens = if need_token { want_tokens } else { 0 };
+        let units = if need_unit { want_units } else { 0 };
         Step::Fetch { tokens, units }
+    }
+
+    /// The chunk sizes for this client now: (tokens, units), 0 for what `needs` does not count.
+    fn chunks(&self, needs: Needs, p: &LeaseParams) -> (u64, u64) {
+        let want = self.rate.chunk(p.window);
+        let tokens = needs.burst.map_or(0, |burst| want.min(cap(burst, p.burst_divisor, p.max_chunk)));
+        let units = needs.quota.map_or(0, |(limit, _)| want.min(cap(limit, p.quota_divisor, p.max_chunk)));
+        (tokens, units)
+    }
+
+    /// After an admitted request: whether to refill in the background, and with what (tokens, units). A resource
+    /// is refilled when its chunk is at least 2 and the lease holds at most half a chunk of it; nothing is asked
+    /// while a refill is in flight or while the store's last refusal holds. Marks the refill as in flight: answer
+    /// with [`Lease::refilled`] or [`Lease::refill_failed`].
+    ///
+    /// A chunk of 1 (a quiet client, or a burst under 4) is never fetched ahead: holding a token another replica
+    /// could use would cost accuracy, and such a client's requests are rare enough to wait.
+    pub fn refill(&mut self, now: Instant, needs: Needs, p: &LeaseParams) -> Option<(u64, u64)> {
+        if self.refilling {
+            return None;
+        }
+        let (want_tokens, want_units) = self.chunks(needs, p);
+        let held_tokens = if self.has_tokens(now) { self.tokens } else { 0 };
+        let tokens =
+            if want_tokens >= 2 && held_tokens * 2 <= want_tokens && self.throttled_until.is_none_or(|u| now >= u) {
+                want_tokens
+            } else {
+                0
+            };
+        let units = match needs.quota {
+            Some((_, period)) => {
+                let held = if self.has_units(now, period) { self.units } else { 0 };
+                let refused = self.exhausted_until.is_some_and(|(u, p)| p == period && now < u);
+                if want_units >= 2 && held * 2 <= want_units && !refused { want_units } else { 0 }
+            }
+            None => 0,
+        };
+        if tokens == 0 && units == 0 {
+            return None;
+        }
+        self.refilling = true;
+        Some((tokens, units))
+    }
+
+    /// The store's answer to a [`Lease::refill`]: add to the lease (nothing is spent). A resource asked for and not
+    /// granted is remembered as a refusal (the throttle's wait, or the quota's exhaustion for one ttl), so when the
+    /// lease runs out the request is refused locally. Returns stale units of a past period, to give back.
+    pub fn refilled(&mut self, now: Instant, needs: Needs, p: &LeaseParams, asked: (u64, u64), g: Grant) -> Leftover {
+        self.refilling = false;
+        let stale = self.add(now, needs, p, g);
+        if asked.0 > 0 && g.tokens == 0 {
+            self.throttled_until = Some(now + g.wait.max(Duration::from_micros(1)));
+        }
+        if let Some((_, period)) = needs.quota
+            && asked.1 > 0
+            && g.units == 0
+        {
+            self.exhausted_until = Some((now + p.ttl, period));
+        }
+        stale
+    }
+
+    /// A [`Lease::refill`] failed (the store did not answer): a later request may ask again.
+    pub fn refill_failed(&mut self) {
+        self.refilling = false;
+    }
+
+    /// Adds a grant to the lease (renewing its ttl); returns units of a past period.
+    fn add(&mut self, now: Instant, needs: Needs, p: &LeaseParams, g: Grant) -> Leftover {
+        let mut stale = Leftover::default();
+        if g.tokens > 0 {
+            if !self.has_tokens(now) {
+                self.tokens = 0;
+            }
+            self.tokens += g.tokens;
+            self.tokens_until = now + p.ttl;
+        }
+        if let Some((limit, period)) = needs.quota {
+            if g.units > 0 || self.units_period != period {
+                if self.units_period != period && self.units > 0 {
+                    stale = Leftover { tokens: 0, units: self.units, period: self.units_period };
+                    self.units = 0;
+                }
+                self.units += g.units;
+                self.units_period = period;
+                self.units_until = now + p.ttl;
+            }
+            self.last_used = Some((g.used.min(limit), period));
+        }
+        stale
     }
 
     /// The store's answer to a [`Step::Fetch`]: add to the lease, then spend for this request.
@@ -176,27 +266,8 @@ impl Lease {
         asked: (u64, u64),
         g: Grant,
     ) -> (Step, Leftover) {
-        let Grant { tokens, wait, units, used } = g;
-        let mut stale = Leftover::default();
-        if tokens > 0 {
-            if !self.has_tokens(now) {
-                self.tokens = 0;
-            }
-            self.tokens += tokens;
-            self.tokens_until = now + p.ttl;
-        }
-        if let Some((limit, period)) = needs.quota {
-            if units > 0 || self.units_period != period {
-                if self.units_period != period && self.units > 0 {
-                    stale = Leftover { tokens: 0, units: self.units, period: self.units_period };
-                    self.units = 0;
-                }
-                self.units += units;
-                self.units_period = period;
-                self.units_until = now + p.ttl;
-            }
-            self.last_used = Some((used.min(limit), period));
-        }
+        let Grant { tokens, wait, units, .. } = g;
+        let stale = self.add(now, needs, p, g);
         if needs.burst.is_some() && !self.has_tokens(now) {
             if asked.0 > 0 && tokens == 0 {
                 self.throttled_until = Some(now + wait.max(Duration::from_micros(1)));
@@ -251,6 +322,7 @@ impl Lease {
     pub fn idle(&self, now: Instant, p: &LeaseParams) -> bool {
         self.tokens == 0
             && self.units == 0
+            && !self.refilling
             && self.throttled_until.is_none_or(|u| now >= u)
             && self.exhausted_until.is_none_or(|(u, _)| now >= u)
             && now.saturating_duration_since(self.rate.last) > p.ttl * 50
@@ -419,6 +491,146 @@ mod tests {
         // Nor is a grant that others spent first.
         let (step, _) = l.granted(t0, b, &P, (0, 1), g(0, Duration::ZERO, 1, 3));
         assert_eq!(step, Step::Admit);
+    }
+
+    /// A simulated 1000 req/s client whose refills answer `rtt` later: how many requests had to fetch themselves.
+    fn run_with_background_refills(needs: Needs, rtt: Duration, requests: u32) -> (u32, u32) {
+        let t0 = Instant::now();
+        let mut l = Lease::new(t0);
+        let (mut foreground, mut background) = (0, 0);
+        let mut in_flight: Option<(Instant, (u64, u64))> = None;
+        for i in 0..requests {
+            let now = t0 + MS * i;
+            if let Some((at, asked)) = in_flight
+                && now >= at
+            {
+                l.refilled(now, needs, &P, asked, g(asked.0, Duration::ZERO, asked.1, 0));
+                in_flight = None;
+            }
+            match l.step(now, needs, &P) {
+                Step::Admit => {}
+                Step::Fetch { tokens, units } => {
+                    foreground += 1;
+                    let (s, _) = l.granted(now, needs, &P, (tokens, units), g(tokens, Duration::ZERO, units, 0));
+                    assert_eq!(s, Step::Admit);
+                }
+                s => panic!("{s:?}"),
+            }
+            if let Some(asked) = l.refill(now, needs, &P) {
+                assert!(in_flight.is_none(), "one refill in flight at a time");
+                background += 1;
+                in_flight = Some((now + rtt, asked));
+            }
+        }
+        (foreground, background)
+    }
+
+    #[test]
+    fn a_busy_client_is_refilled_in_the_background_and_does_not_wait() {
+        // 1000 req/s: chunks of 20 (20 ms), refilled at 10 left; a round trip of 3 ms never empties the lease.
+        let needs = Needs { burst: Some(1000), quota: Some((1_000_000, 1)) };
+        let (foreground, background) = run_with_background_refills(needs, 3 * MS, 2000);
+        eprintln!("3 ms refills: {foreground} fetches on the request path, {background} in the background");
+        assert!(foreground <= 25, "only the first requests (before the rate is known) wait: {foreground}");
+        assert!((80..=250).contains(&background), "about one refill per 10 requests: {background}");
+        // A round trip longer than half a chunk's worth of traffic: some requests find the lease empty.
+        let (slow, _) = run_with_background_refills(needs, 15 * MS, 2000);
+        eprintln!("15 ms refills: {slow} fetches on the request path");
+        assert!(slow > foreground, "{slow} vs {foreground}");
+    }
+
+    #[test]
+    fn a_chunk_of_one_is_never_fetched_ahead() {
+        let t0 = Instant::now();
+        let mut l = Lease::new(t0);
+        // Burst 1 caps the chunk at 1, however busy the client.
+        let needs = Needs { burst: Some(1), quota: None };
+        for i in 0..300u32 {
+            let now = t0 + MS * i;
+            if let Step::Fetch { tokens, .. } = l.step(now, needs, &P) {
+                assert_eq!(tokens, 1);
+                l.granted(now, needs, &P, (1, 0), g(1, Duration::ZERO, 0, 0));
+            }
+            assert_eq!(l.refill(now, needs, &P), None);
+        }
+        // A quiet client neither.
+        let mut quiet = Lease::new(t0);
+        let needs = Needs { burst: Some(100), quota: Some((1000, 1)) };
+        quiet.step(t0, needs, &P);
+        quiet.granted(t0, needs, &P, (1, 1), g(1, Duration::ZERO, 1, 1));
+        assert_eq!(quiet.refill(t0, needs, &P), None);
+    }
+
+    /// Spends from the lease (fetching when empty) until it asks for a refill; returns what it asked.
+    fn spend_to_watermark(l: &mut Lease, now: Instant, needs: Needs) -> (u64, u64) {
+        for _ in 0..1000 {
+            if let Some(asked) = l.refill(now, needs, &P) {
+                return asked;
+            }
+            if let Step::Fetch { tokens, units } = l.step(now, needs, &P) {
+                l.granted(now, needs, &P, (tokens, units), g(tokens, Duration::ZERO, units, 0));
+            }
+        }
+        panic!("never reached the watermark");
+    }
+
+    #[test]
+    fn a_refused_refill_is_remembered_for_when_the_lease_runs_out() {
+        let t0 = Instant::now();
+        let mut l = Lease::new(t0);
+        let needs = throttle_only();
+        // Learn a rate of 1000/s (chunks of 20), then spend down to the watermark.
+        for i in 0..200u32 {
+            let now = t0 + MS * i;
+            if let Step::Fetch { tokens, .. } = l.step(now, needs, &P) {
+                l.granted(now, needs, &P, (tokens, 0), g(tokens, Duration::ZERO, 0, 0));
+            }
+        }
+        let now = t0 + 200 * MS;
+        let asked = spend_to_watermark(&mut l, now, needs);
+        assert_eq!(l.refill(now, needs, &P), None, "in flight");
+        // The store refuses: next token in 30 ms. The lease is spent first, then refused locally.
+        l.refilled(now, needs, &P, asked, g(0, 30 * MS, 0, 0));
+        while l.tokens > 0 {
+            assert_eq!(l.step(now, needs, &P), Step::Admit);
+        }
+        assert_eq!(l.step(now + MS, needs, &P), Step::Throttled(29 * MS));
+        assert_eq!(l.refill(now + MS, needs, &P), None, "no refill while the refusal holds");
+        assert!(matches!(l.step(now + 30 * MS, needs, &P), Step::Fetch { .. }));
+
+        // A failed refill may be retried by a later request.
+        let mut l = Lease::new(t0);
+        let q = Needs { burst: None, quota: Some((1_000_000, 1)) };
+        for i in 0..200u32 {
+            let now = t0 + MS * i;
+            if let Step::Fetch { units, .. } = l.step(now, q, &P) {
+                l.granted(now, q, &P, (0, units), g(0, Duration::ZERO, units, 0));
+            }
+            if l.refill(now, q, &P).is_some() {
+                l.refill_failed();
+            }
+        }
+        let asked = spend_to_watermark(&mut l, now, q);
+        // Refused quota: exhausted for one ttl once the lease is spent.
+        l.refilled(now, q, &P, asked, g(0, Duration::ZERO, 0, 1_000_000));
+        while l.units > 0 {
+            assert_eq!(l.step(now, q, &P), Step::Admit);
+        }
+        assert_eq!(l.step(now + MS, q, &P), Step::QuotaExhausted);
+        assert_eq!(l.refill(now + MS, q, &P), None);
+    }
+
+    #[test]
+    fn refilled_units_keep_the_lease_alive_and_are_given_back_at_expiry() {
+        let t0 = Instant::now();
+        let mut l = Lease::new(t0);
+        let q = Needs { burst: None, quota: Some((1_000_000, 1)) };
+        l.step(t0, q, &P);
+        l.granted(t0, q, &P, (0, 10), g(0, Duration::ZERO, 10, 10));
+        l.refilling = true;
+        assert_eq!(l.refilled(t0 + 100 * MS, q, &P, (0, 10), g(0, Duration::ZERO, 10, 20)), Leftover::default());
+        assert_eq!(l.take_expired(t0 + 250 * MS).units, 0, "the refill renewed the ttl");
+        assert_eq!(l.take_expired(t0 + 300 * MS), Leftover { tokens: 0, units: 19, period: 1 });
     }
 
     #[test]

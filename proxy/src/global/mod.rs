@@ -85,7 +85,7 @@ impl GlobalLimits {
     }
 
     /// Counts one request in the shared store (or its lease), or falls back per the plan's policy.
-    pub async fn admit(&self, ask: &Ask) -> Result<(), Denial> {
+    pub async fn admit(self: &Arc<Self>, ask: &Ask) -> Result<(), Denial> {
         if ask.throttle.is_none() && ask.quota.is_none() {
             return Ok(());
         }
@@ -127,13 +127,8 @@ impl GlobalLimits {
                     return self.fall_back(ask);
                 }
             };
-            let grant = Grant {
-                tokens: granted.tokens,
-                wait: Duration::from_micros(granted.wait_us),
-                units: granted.units,
-                used: granted.used,
-            };
-            let (next, stale) = lock(&lease).lease.granted(Instant::now(), needs, &self.params, (tokens, units), grant);
+            let g = grant(granted, started.elapsed());
+            let (next, stale) = lock(&lease).lease.granted(Instant::now(), needs, &self.params, (tokens, units), g);
             if stale.units > 0 {
                 self.give_back_later(ask, stale);
             }
@@ -147,7 +142,45 @@ impl GlobalLimits {
                 self.outcome(Step::QuotaExhausted, ask)
             };
         }
+        if step == Step::Admit {
+            self.refill_in_background(&lease, ask, needs);
+        }
         self.outcome(step, ask)
+    }
+
+    /// Tops the lease up off the request path when it is spent down to its watermark ([`Lease::refill`]).
+    fn refill_in_background(self: &Arc<Self>, lease: &Arc<Mutex<Entry>>, ask: &Ask, needs: Needs) {
+        let Some((tokens, units)) = lock(lease).lease.refill(Instant::now(), needs, &self.params) else { return };
+        let (this, lease, ask) = (self.clone(), lease.clone(), ask.clone());
+        tokio::spawn(async move {
+            let (tk, qk, interval_us, expires_at) = keys(&ask);
+            let take = Take {
+                throttle_key: &tk,
+                tokens,
+                interval_us,
+                burst: needs.burst.unwrap_or(1),
+                quota_key: &qk,
+                units,
+                limit: ask.quota.map_or(0, |q| q.limit),
+                expires_at,
+            };
+            let started = Instant::now();
+            let result = this.store.take(&take).await;
+            this.observe("refill", started, result.as_ref().err());
+            match result {
+                Ok(g) => {
+                    let g = grant(g, started.elapsed());
+                    let stale = lock(&lease).lease.refilled(Instant::now(), needs, &this.params, (tokens, units), g);
+                    if stale.units > 0 {
+                        this.give_back_later(&ask, stale);
+                    }
+                }
+                Err(e) => {
+                    lock(&lease).lease.refill_failed();
+                    this.store_failed(&e);
+                }
+            }
+        });
     }
 
     fn outcome(&self, step: Step, ask: &Ask) -> Result<(), Denial> {
@@ -383,6 +416,15 @@ impl GiveBack {
     async fn send(&self, store: &Store) -> Result<(), StoreError> {
         store.give_back(&self.throttle_key, self.tokens, self.interval_us, &self.quota_key, self.units).await
     }
+}
+
+/// The store's answer as the lease sees it. The store's wait was measured at the store, about half the round trip
+/// `rtt` ago: shortened by that, the next claim (sent when the wait ends) reaches the store about when the token
+/// falls due rather than a whole round trip later — lateness the store's carry absorbs, but that a loaded machine
+/// would add to.
+fn grant(g: portcullis_store::Granted, rtt: Duration) -> Grant {
+    let wait = Duration::from_micros(g.wait_us).saturating_sub(rtt / 2).max(Duration::from_micros(1));
+    Grant { tokens: g.tokens, wait, units: g.units, used: g.used }
 }
 
 /// GCRA emission interval in µs, rounded up (never admits more than the rate).
