@@ -118,6 +118,15 @@ async fn reconcile_inner(obj: &ApiClient, ctx: &Ctx) -> Result<Action, Error> {
         }
     }
     facts.services = services.into_iter().collect();
+    facts.require_certificate = obj.spec.require_certificate == Some(true);
+    if facts.require_certificate || facts.certificates > 0 {
+        facts.services_without_client_ca = facts
+            .services
+            .iter()
+            .filter(|s| !super::access::sidecars_verify_certificates(ctx, &ns, s))
+            .cloned()
+            .collect();
+    }
 
     let mut decided = client_conditions(&facts);
     decided.push(ctx.enforcement.client_condition(ctx, &ns, &name, generation, &facts.services, &facts.unprogrammed));
