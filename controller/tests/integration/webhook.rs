@@ -483,7 +483,9 @@ async fn bad_per_workload_annotations_are_refused_naming_them() {
     let ns = cp.namespace("wh-bad-settings").await;
     let pods: Api<Pod> = Api::namespaced(cp.admin_client().await, &ns);
     let tls = (ANNOTATION_TLS_SECRET, "orders-tls");
-    let cases: &[(&str, &[(&str, &str)], &str, &str)] = &[
+    // (pod name, annotations added, annotation the refusal names, text it contains)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str, &'a str);
+    let cases: &[Case] = &[
         ("tp", &[(ANNOTATION_TRUSTED_PROXIES, "10.0.0.0/33")], ANNOTATION_TRUSTED_PROXIES, "10.0.0.0/33"),
         ("tp-word", &[(ANNOTATION_TRUSTED_PROXIES, "lb")], ANNOTATION_TRUSTED_PROXIES, "\"lb\""),
         ("pp", &[(ANNOTATION_PROXY_PROTOCOL, "yes")], ANNOTATION_PROXY_PROTOCOL, "\"yes\""),
