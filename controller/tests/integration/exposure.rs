@@ -355,3 +355,29 @@ async fn a_certificate_client_needs_sidecars_with_a_client_ca() {
     wait_client_condition(&env, "partner", "CertificatesVerifiable", "False", Some("ClientCAMissing")).await;
     ctl.stop().await.unwrap();
 }
+
+/// `--sidecar-proxy-port` other than 8443 (chart `sidecar.proxyPort`): `Protected` takes that port as the proxy's
+/// and 8443 as the app's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_proxy_port_is_the_proxy() {
+    let env = env("port").await;
+    let lease = format!("pc-{}", env.ns);
+    let ctl = start_controller_with(&env, "port-1", &lease, None, |c| {
+        c.sidecar_ports = portcullis_controller::network_policy::SidecarPorts { proxy: 7443, admin: 7901 };
+    })
+    .await;
+    create_plan(&env, plan("p", &["web"], false)).await;
+    let _: Service = create(
+        &env,
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+               "spec": {"selector": {"app": "web"}, "ports": [{"name": "https", "port": 443, "targetPort": 7443}]}}),
+    )
+    .await;
+    wait_plan_condition(&env, "p", "Protected", "True", "Internal").await;
+    let svcs: Api<Service> = Api::namespaced(env.admin.clone(), &env.ns);
+    let patch = json!({"spec": {"ports": [{"name": "https", "port": 443, "targetPort": 8443}]}});
+    svcs.patch("web", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+    let msg = wait_plan_condition(&env, "p", "Protected", "False", "TargetPortBypassesProxy").await;
+    assert!(msg.contains("targets 8443") && msg.contains("set its targetPort to 7443"), "{msg}");
+    ctl.stop().await.unwrap();
+}
