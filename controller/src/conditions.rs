@@ -130,8 +130,11 @@ pub struct ClientFacts {
     pub render_failed: Vec<String>,
     /// `spec.requireCertificate: true`.
     pub require_certificate: bool,
-    /// Of `services`, the ones whose sidecars verify no client certificate (no `--client-ca`).
+    /// Of `services`, the ones whose sidecars verify no client certificate (no `--client-ca`; for a Service
+    /// without sidecars yet: the chart-wide default gives none).
     pub services_without_client_ca: Vec<String>,
+    /// Some of those have running sidecars without `--client-ca` (not only the default): requests are refused now.
+    pub client_ca_missing_on_sidecars: bool,
 }
 
 pub fn client_conditions(f: &ClientFacts) -> Vec<Cond> {
@@ -203,9 +206,10 @@ pub fn client_conditions(f: &ClientFacts) -> Vec<Cond> {
         )
     };
     let certs = certificates_verifiable(f);
-    // Part of `Ready` when certificates are the only way in (required, or the client's sole identity): then every
-    // request of the client is refused. Otherwise informational (its keys still work).
-    let blocking = !certs.ok && (f.require_certificate || f.resolved_keys == 0);
+    // Part of `Ready` when sidecars without a client CA exist and certificates are the only way in (required, or the
+    // client's sole identity): then the client's requests there are refused. Otherwise informational (its keys
+    // still work, or no sidecar runs yet and only the chart-wide default was judged).
+    let blocking = !certs.ok && f.client_ca_missing_on_sidecars && (f.require_certificate || f.resolved_keys == 0);
     let mut out = vec![keys, plans, ranges, programmed];
     if blocking {
         out.push(certs);
@@ -390,6 +394,42 @@ mod tests {
         let cs = client_conditions(&good());
         assert!(cs.iter().all(|c| c.ok), "{cs:?}");
         assert_eq!(get(&cs, "Ready").reason, "Ready");
+    }
+
+    #[test]
+    fn certificates_need_a_client_ca_and_block_ready_only_when_they_are_the_only_way_in() {
+        assert_eq!(get(&client_conditions(&good()), "CertificatesVerifiable").reason, "NotNeeded");
+        // Certificates next to a key, sidecars without a CA: said, informational.
+        let mut f = good();
+        f.certificates = 1;
+        f.services_without_client_ca = vec!["orders".into()];
+        f.client_ca_missing_on_sidecars = true;
+        let cs = client_conditions(&f);
+        let c = get(&cs, "CertificatesVerifiable");
+        assert_eq!((c.ok, c.reason), (false, "ClientCAMissing"));
+        assert!(c.message.contains("spec.certificates") && c.message.contains("orders"), "{}", c.message);
+        assert!(get(&cs, "Ready").ok, "the key still works");
+        // Required certificate: every request is refused there, so not Ready.
+        f.require_certificate = true;
+        let cs = client_conditions(&f);
+        assert_eq!((get(&cs, "Ready").ok, get(&cs, "Ready").reason), (false, "ClientCAMissing"));
+        assert!(get(&cs, "CertificatesVerifiable").message.starts_with("spec.requireCertificate"));
+        // Only the chart-wide default judged (no sidecar yet): informational.
+        f.client_ca_missing_on_sidecars = false;
+        assert!(get(&client_conditions(&f), "Ready").ok);
+        // Certificate-only client with CA-less sidecars: not Ready.
+        let f = ClientFacts {
+            certificates: 1,
+            services: vec!["orders".into()],
+            services_without_client_ca: vec!["orders".into()],
+            client_ca_missing_on_sidecars: true,
+            ..Default::default()
+        };
+        assert_eq!(get(&client_conditions(&f), "Ready").reason, "ClientCAMissing");
+        let ok = ClientFacts { services_without_client_ca: vec![], ..f };
+        let cs = client_conditions(&ok);
+        assert_eq!(get(&cs, "CertificatesVerifiable").reason, "ClientCAConfigured");
+        assert!(get(&cs, "Ready").ok);
     }
 
     #[test]

@@ -278,10 +278,9 @@ fn is_ours(meta: &ObjectMeta) -> bool {
     meta.labels.as_ref().and_then(|l| l.get("app.kubernetes.io/managed-by")).map(String::as_str) == Some(MANAGED_BY)
 }
 
-/// Whether the sidecars of Service `service` verify client certificates: every running sidecar pod of it has
-/// `--client-ca` (what the webhook injected, whatever the annotation says now); with none running yet, whether
-/// the webhook's chart-wide default would give them a client CA.
-pub(crate) fn sidecars_verify_certificates(ctx: &Ctx, ns: &str, service: &str) -> bool {
+/// Whether the sidecars of Service `service` verify client certificates: every sidecar pod of it has `--client-ca`
+/// (what the webhook injected, whatever the annotation says now). `None`: no sidecar pod exists yet.
+pub(crate) fn sidecars_verify_certificates(ctx: &Ctx, ns: &str, service: &str) -> Option<bool> {
     let pods: Vec<std::sync::Arc<Pod>> = ctx.pods.state_filter(|p| {
         p.namespace().as_deref() == Some(ns)
             && p.annotations().get(ANNOTATION_SERVICE).map(String::as_str) == Some(service)
@@ -290,12 +289,12 @@ pub(crate) fn sidecars_verify_certificates(ctx: &Ctx, ns: &str, service: &str) -
     let sidecars: Vec<&Container> =
         pods.iter().filter_map(|p| p.spec.as_ref()?.containers.iter().find(|c| c.name == CONTAINER_NAME)).collect();
     if sidecars.is_empty() {
-        return ctx.sidecar_client_ca_default;
+        return None;
     }
-    sidecars.iter().all(|c| {
+    Some(sidecars.iter().all(|c| {
         crate::sidecar_contract::arg_value(c.args.as_deref().unwrap_or_default(), proxy_flag::CLIENT_CA)
             .is_some_and(|v| !v.is_empty())
-    })
+    }))
 }
 
 /// Removes the Role, RoleBinding and NetworkPolicy of a Service no plan grants any more.

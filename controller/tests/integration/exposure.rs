@@ -335,11 +335,11 @@ async fn a_certificate_client_needs_sidecars_with_a_client_ca() {
         disabled: None,
     };
     create_client(&env, "partner", spec).await;
-    // No sidecar runs yet and the controller has no chart-wide client CA.
+    // No sidecar runs yet and the controller has no chart-wide client CA: said, but not (yet) part of `Ready`.
     let c = wait_client_condition(&env, "partner", "CertificatesVerifiable", "False", Some("ClientCAMissing")).await;
     let msg = condition(&c.status.unwrap().conditions, "CertificatesVerifiable").unwrap().message.clone();
     assert!(msg.contains("api") && msg.contains("portcullis.dev/client-ca-secret"), "{msg}");
-    wait_client_condition(&env, "partner", "Ready", "False", Some("ClientCAMissing")).await;
+    wait_client_condition(&env, "partner", "Ready", "True", Some("Ready")).await;
 
     let sidecar_pod = |name: &str, args: serde_json::Value| {
         json!({"apiVersion": "v1", "kind": "Pod",
@@ -353,6 +353,8 @@ async fn a_certificate_client_needs_sidecars_with_a_client_ca() {
     // One sidecar of the Service without a client CA is enough to refuse the client there.
     let _: Pod = create(&env, sidecar_pod("api-1", json!(["--listen=0.0.0.0:8443"]))).await;
     wait_client_condition(&env, "partner", "CertificatesVerifiable", "False", Some("ClientCAMissing")).await;
+    // A running sidecar refuses the certificate-only client: not Ready.
+    wait_client_condition(&env, "partner", "Ready", "False", Some("ClientCAMissing")).await;
     ctl.stop().await.unwrap();
 }
 
