@@ -17,8 +17,15 @@ pub mod types {
     pub const PLAN_RESOLVED: &str = "PlanResolved";
     pub const SOURCE_RANGES_VALID: &str = "SourceRangesValid";
     pub const PROGRAMMED: &str = "Programmed";
-    /// UsagePlan only: can its Services be reached without the proxy? Informational: not part of `Ready`.
+    /// UsagePlan only: True when its Services are reachable only through the proxy and the proxy sees the
+    /// clients' own addresses (no SNAT in front). Informational: not part of `Ready`.
+    pub const PROTECTED: &str = "Protected";
+    /// Deprecated name of [`PROTECTED`] (same status, reason and message), written for one more version so
+    /// alerts and scripts can move; removed in the next minor version.
     pub const EXPOSURE: &str = "Exposure";
+    /// ApiClient only: can every sidecar of every Service it is granted verify client certificates, as its
+    /// `spec.certificates`/`requireCertificate` need? True `NotNeeded` for clients that use neither.
+    pub const CERTIFICATES_VERIFIABLE: &str = "CertificatesVerifiable";
     /// Every running sidecar of every Service concerned serves the current revision ([`crate::enforcement`]).
     /// Informational: not part of `Ready`.
     pub const ENFORCED: &str = "Enforced";
@@ -56,8 +63,12 @@ pub mod reason {
     pub const RENDER_FAILED: &str = "RenderFailed";
     pub const READY: &str = "Ready";
     pub const NOT_READY: &str = "NotReady";
-    /// `Exposure` True: the plan's Services are reachable only through the proxy.
+    /// `Protected` True: the plan's Services are reachable only through the proxy.
     pub const INTERNAL: &str = "Internal";
+    /// `CertificatesVerifiable` True / False.
+    pub const NOT_NEEDED: &str = "NotNeeded";
+    pub const CLIENT_CA_CONFIGURED: &str = "ClientCAConfigured";
+    pub const CLIENT_CA_MISSING: &str = "ClientCAMissing";
     /// `GlobalLimits` True: the plan counts nothing across replicas.
     pub const LOCAL: &str = "Local";
     pub const STORE_REACHABLE: &str = "StoreReachable";
@@ -117,6 +128,13 @@ pub struct ClientFacts {
     pub unprogrammed: Vec<String>,
     /// Tables this client was left out of because it cannot be rendered: "service: reason".
     pub render_failed: Vec<String>,
+    /// `spec.requireCertificate: true`.
+    pub require_certificate: bool,
+    /// Of `services`, the ones whose sidecars verify no client certificate (no `--client-ca`; for a Service
+    /// without sidecars yet: the chart-wide default gives none).
+    pub services_without_client_ca: Vec<String>,
+    /// Some of those have running sidecars without `--client-ca` (not only the default): requests are refused now.
+    pub client_ca_missing_on_sidecars: bool,
 }
 
 pub fn client_conditions(f: &ClientFacts) -> Vec<Cond> {
@@ -187,9 +205,47 @@ pub fn client_conditions(f: &ClientFacts) -> Vec<Cond> {
             format!("in the tables of Service(s) {}", f.services.join(", ")),
         )
     };
+    let certs = certificates_verifiable(f);
+    // Part of `Ready` when sidecars without a client CA exist and certificates are the only way in (required, or the
+    // client's sole identity): then the client's requests there are refused. Otherwise informational (its keys
+    // still work, or no sidecar runs yet and only the chart-wide default was judged).
+    let blocking = !certs.ok && f.client_ca_missing_on_sidecars && (f.require_certificate || f.resolved_keys == 0);
     let mut out = vec![keys, plans, ranges, programmed];
-    out.push(ready(&out));
+    if blocking {
+        out.push(certs);
+        out.push(ready(&out));
+    } else {
+        out.push(ready(&out));
+        out.push(certs);
+    }
     out
+}
+
+/// `CertificatesVerifiable`: a client identified or required to present a certificate needs sidecars that verify
+/// one (`--client-ca`); the proxy refuses its requests (403) otherwise.
+fn certificates_verifiable(f: &ClientFacts) -> Cond {
+    use types::CERTIFICATES_VERIFIABLE as T;
+    if f.certificates == 0 && !f.require_certificate {
+        return Cond::new(T, true, reason::NOT_NEEDED, "the client uses no certificate");
+    }
+    if f.services_without_client_ca.is_empty() {
+        return Cond::new(T, true, reason::CLIENT_CA_CONFIGURED, "every Service's sidecars verify client certificates");
+    }
+    let field = if f.require_certificate { "spec.requireCertificate" } else { "spec.certificates" };
+    Cond::new(
+        T,
+        false,
+        reason::CLIENT_CA_MISSING,
+        format!(
+            "{field} needs client certificates verified, but the sidecars of Service(s) {} have no client CA, so \
+             the proxy refuses this client's certificate requests (403); annotate their pods with \
+             {} (and {}) or set the chart-wide sidecar client CA ({})",
+            f.services_without_client_ca.join(", "),
+            crate::sidecar_contract::ANNOTATION_CLIENT_CA_SECRET,
+            crate::sidecar_contract::ANNOTATION_TLS_SECRET,
+            crate::sidecar_contract::default_flag::CLIENT_CA_SECRET,
+        ),
+    )
 }
 
 /// Facts about one UsagePlan.
@@ -235,7 +291,10 @@ pub fn plan_conditions(f: &PlanFacts) -> Vec<Cond> {
     let mut out = vec![programmed, global];
     out.push(ready(&out));
     // After `Ready`: exposure is a warning for the platform team, the plan works either way.
-    out.push(exposure_condition(&f.exposure));
+    let protected = exposure_condition(&f.exposure);
+    let deprecated = Cond { type_: types::EXPOSURE, ..protected.clone() };
+    out.push(protected);
+    out.push(deprecated);
     out.push(spec_honoured(&f.ineffective));
     out
 }
@@ -249,7 +308,7 @@ pub fn spec_honoured(ineffective: &[(&'static str, &'static str)]) -> Cond {
     Cond::new(types::SPEC_HONOURED, false, reason::INEFFECTIVE_FIELD, msg)
 }
 
-/// The `Exposure` condition of a plan from its Services' findings (`(service, findings)`): True without findings,
+/// The `Protected` condition of a plan from its Services' findings (`(service, findings)`): True without findings,
 /// else the first finding's reason and every finding's message.
 pub fn exposure_condition(services: &[(String, Vec<Finding>)]) -> Cond {
     let findings: Vec<&Finding> = services.iter().flat_map(|(_, f)| f).collect();
@@ -259,19 +318,19 @@ pub fn exposure_condition(services: &[(String, Vec<Finding>)]) -> Cond {
             // True only after both checks: the Service and the pods' NetworkPolicy isolation. What a policy cannot
             // promise (a network plugin that ignores NetworkPolicy) is said, not implied.
             Cond::new(
-                types::EXPOSURE,
+                types::PROTECTED,
                 true,
                 reason::INTERNAL,
                 format!(
                     "Service(s) {} are internal and target only the proxy, and a NetworkPolicy admits ingress to their \
                      pods only on the sidecar's ports: reachable only through the proxy where the network plugin \
-                     enforces NetworkPolicy",
+                     enforces NetworkPolicy, and no node SNAT hides the clients' addresses",
                     names.join(", ")
                 ),
             )
         }
         Some(first) => Cond::new(
-            types::EXPOSURE,
+            types::PROTECTED,
             false,
             first.reason,
             findings.iter().map(|f| f.message.as_str()).collect::<Vec<_>>().join("; "),
@@ -335,6 +394,42 @@ mod tests {
         let cs = client_conditions(&good());
         assert!(cs.iter().all(|c| c.ok), "{cs:?}");
         assert_eq!(get(&cs, "Ready").reason, "Ready");
+    }
+
+    #[test]
+    fn certificates_need_a_client_ca_and_block_ready_only_when_they_are_the_only_way_in() {
+        assert_eq!(get(&client_conditions(&good()), "CertificatesVerifiable").reason, "NotNeeded");
+        // Certificates next to a key, sidecars without a CA: said, informational.
+        let mut f = good();
+        f.certificates = 1;
+        f.services_without_client_ca = vec!["orders".into()];
+        f.client_ca_missing_on_sidecars = true;
+        let cs = client_conditions(&f);
+        let c = get(&cs, "CertificatesVerifiable");
+        assert_eq!((c.ok, c.reason), (false, "ClientCAMissing"));
+        assert!(c.message.contains("spec.certificates") && c.message.contains("orders"), "{}", c.message);
+        assert!(get(&cs, "Ready").ok, "the key still works");
+        // Required certificate: every request is refused there, so not Ready.
+        f.require_certificate = true;
+        let cs = client_conditions(&f);
+        assert_eq!((get(&cs, "Ready").ok, get(&cs, "Ready").reason), (false, "ClientCAMissing"));
+        assert!(get(&cs, "CertificatesVerifiable").message.starts_with("spec.requireCertificate"));
+        // Only the chart-wide default judged (no sidecar yet): informational.
+        f.client_ca_missing_on_sidecars = false;
+        assert!(get(&client_conditions(&f), "Ready").ok);
+        // Certificate-only client with CA-less sidecars: not Ready.
+        let f = ClientFacts {
+            certificates: 1,
+            services: vec!["orders".into()],
+            services_without_client_ca: vec!["orders".into()],
+            client_ca_missing_on_sidecars: true,
+            ..Default::default()
+        };
+        assert_eq!(get(&client_conditions(&f), "Ready").reason, "ClientCAMissing");
+        let ok = ClientFacts { services_without_client_ca: vec![], ..f };
+        let cs = client_conditions(&ok);
+        assert_eq!(get(&cs, "CertificatesVerifiable").reason, "ClientCAConfigured");
+        assert!(get(&cs, "Ready").ok);
     }
 
     #[test]
@@ -409,11 +504,12 @@ mod tests {
     fn exposure_does_not_affect_ready() {
         let f = PlanFacts {
             services: vec!["orders".into()],
-            exposure: vec![("orders".into(), crate::exposure::check_service("orders", None))],
+            exposure: vec![("orders".into(), crate::exposure::check_service("orders", None, 8443))],
             ..Default::default()
         };
         let cs = plan_conditions(&f);
-        assert_eq!(get(&cs, "Exposure").reason, "ServiceNotFound");
+        assert_eq!(get(&cs, "Protected").reason, "ServiceNotFound");
+        assert_eq!(get(&cs, "Exposure"), &Cond { type_: "Exposure", ..get(&cs, "Protected").clone() }, "kept alike");
         assert!(get(&cs, "Ready").ok);
     }
 

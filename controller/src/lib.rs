@@ -12,6 +12,7 @@ pub mod keys;
 pub mod model;
 pub mod network_policy;
 pub mod runtime;
+pub mod sidecar_contract;
 pub mod store;
 
 pub use runtime::{Config, Error, run};

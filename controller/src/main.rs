@@ -4,6 +4,8 @@ use clap::{Parser, ValueEnum};
 use portcullis_controller::network_policy::SidecarPorts;
 use portcullis_controller::runtime::{Config, tables::Debounce};
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -110,13 +112,21 @@ async fn real_main(mut args: Args) -> anyhow::Result<()> {
             proxy: i32::from(args.webhook_args.sidecar_proxy_port),
             admin: i32::from(args.webhook_args.sidecar_admin_port),
         },
+        sidecar_client_ca_default: args
+            .webhook_args
+            .sidecar_client_ca_secret
+            .as_deref()
+            .is_some_and(|s| !s.trim().is_empty()),
+        // `/readyz` follows the webhook (when it runs here), not leadership or cache sync.
+        webhook_ready: args.webhook.then(|| Arc::new(AtomicBool::new(false))),
         enforcement: Default::default(),
         store,
         own_namespace: args.webhook_args.webhook_namespace.clone(),
     };
+    let webhook_ready = config.webhook_ready.clone();
     let controller = async { portcullis_controller::run(client.clone(), config, shutdown_signal()).await };
-    if args.webhook {
-        let webhook = portcullis_controller::webhook::run(args.webhook_args, client.clone(), shutdown_signal());
+    if let Some(ready) = webhook_ready {
+        let webhook = portcullis_controller::webhook::run(args.webhook_args, client.clone(), shutdown_signal(), ready);
         tokio::try_join!(async { webhook.await.map_err(anyhow::Error::from) }, async {
             controller.await.map_err(anyhow::Error::from)
         },)?;

@@ -5,6 +5,7 @@
 use super::{Ctx, Error, FIELD_MANAGER, MANAGED_BY};
 use crate::crd::UsagePlan;
 use crate::network_policy;
+use crate::sidecar_contract::proxy_flag;
 use crate::webhook::inject::{ANNOTATION_APP_LOOPBACK, ANNOTATION_SERVICE, CONTAINER_NAME, INJECT_KEY};
 use k8s_openapi::api::core::v1::{Container, Pod, PodStatus, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -237,7 +238,7 @@ pub(crate) fn exposure_findings(
     svc: Option<&Service>,
     reconciled: bool,
 ) -> Vec<crate::exposure::Finding> {
-    let mut findings = crate::exposure::check_service(service, svc);
+    let mut findings = crate::exposure::check_service(service, svc, ctx.sidecar_ports.proxy);
     if svc.is_none() {
         return findings;
     }
@@ -277,6 +278,25 @@ fn is_ours(meta: &ObjectMeta) -> bool {
     meta.labels.as_ref().and_then(|l| l.get("app.kubernetes.io/managed-by")).map(String::as_str) == Some(MANAGED_BY)
 }
 
+/// Whether the sidecars of Service `service` verify client certificates: every sidecar pod of it has `--client-ca`
+/// (what the webhook injected, whatever the annotation says now). `None`: no sidecar pod exists yet.
+pub(crate) fn sidecars_verify_certificates(ctx: &Ctx, ns: &str, service: &str) -> Option<bool> {
+    let pods: Vec<std::sync::Arc<Pod>> = ctx.pods.state_filter(|p| {
+        p.namespace().as_deref() == Some(ns)
+            && p.annotations().get(ANNOTATION_SERVICE).map(String::as_str) == Some(service)
+            && p.metadata.deletion_timestamp.is_none()
+    });
+    let sidecars: Vec<&Container> =
+        pods.iter().filter_map(|p| p.spec.as_ref()?.containers.iter().find(|c| c.name == CONTAINER_NAME)).collect();
+    if sidecars.is_empty() {
+        return None;
+    }
+    Some(sidecars.iter().all(|c| {
+        crate::sidecar_contract::arg_value(c.args.as_deref().unwrap_or_default(), proxy_flag::CLIENT_CA)
+            .is_some_and(|v| !v.is_empty())
+    }))
+}
+
 /// Removes the Role, RoleBinding and NetworkPolicy of a Service no plan grants any more.
 pub async fn delete_access(ctx: &Ctx, ns: &str, service: &str) -> Result<(), Error> {
     delete_if_ours(&Api::<RoleBinding>::namespaced(ctx.client.clone(), ns), &sidecar_rbac_name(service)).await?;
@@ -286,8 +306,8 @@ pub async fn delete_access(ctx: &Ctx, ns: &str, service: &str) -> Result<(), Err
 }
 
 /// Trims a cached Pod to what is read from it: labels, the service and app-loopback annotations and the
-/// ServiceAccount (sidecar RBAC, isolation check), the sidecar container's name and ports, phase and pod IP
-/// (`Enforced`: which sidecar to ask, where).
+/// ServiceAccount (sidecar RBAC, isolation check), the sidecar container's name, ports and `--client-ca` argument
+/// (`CertificatesVerifiable`), phase and pod IP (`Enforced`: which sidecar to ask, where).
 pub fn trim_pod(p: &mut Pod) {
     p.metadata.managed_fields = None;
     if let Some(a) = p.metadata.annotations.as_mut() {
@@ -297,6 +317,8 @@ pub fn trim_pod(p: &mut Pod) {
     let sidecar = spec.containers.into_iter().find(|c| c.name == CONTAINER_NAME).map(|c| Container {
         name: c.name,
         ports: c.ports,
+        // Whether it verifies client certificates (`CertificatesVerifiable`).
+        args: c.args.map(|a| a.into_iter().filter(|a| a.starts_with(proxy_flag::CLIENT_CA)).collect()),
         ..Default::default()
     });
     p.spec = Some(k8s_openapi::api::core::v1::PodSpec {

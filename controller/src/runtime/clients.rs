@@ -118,6 +118,21 @@ async fn reconcile_inner(obj: &ApiClient, ctx: &Ctx) -> Result<Action, Error> {
         }
     }
     facts.services = services.into_iter().collect();
+    facts.require_certificate = obj.spec.require_certificate == Some(true);
+    if facts.require_certificate || facts.certificates > 0 {
+        for s in &facts.services {
+            // No sidecar yet: the chart-wide default is what the webhook would inject.
+            match super::access::sidecars_verify_certificates(ctx, &ns, s) {
+                Some(true) => {}
+                Some(false) => {
+                    facts.services_without_client_ca.push(s.clone());
+                    facts.client_ca_missing_on_sidecars = true;
+                }
+                None if ctx.sidecar_client_ca_default => {}
+                None => facts.services_without_client_ca.push(s.clone()),
+            }
+        }
+    }
 
     let mut decided = client_conditions(&facts);
     decided.push(ctx.enforcement.client_condition(ctx, &ns, &name, generation, &facts.services, &facts.unprogrammed));

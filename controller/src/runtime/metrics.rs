@@ -144,15 +144,21 @@ impl Metrics {
     }
 }
 
-/// Liveness/readiness flags served by the admin server.
+/// Liveness/readiness flags served by the admin server. `/readyz` is 200 once `ready` is set and the `gate` (the
+/// admission webhook serving, when this process runs one) is open; leadership and cache sync do not enter into it.
 #[derive(Default)]
 pub struct Health {
     pub ready: AtomicBool,
+    pub gate: Option<Arc<AtomicBool>>,
 }
 
 impl Health {
     pub fn set_ready(&self, v: bool) {
         self.ready.store(v, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst) && self.gate.as_ref().is_none_or(|g| g.load(Ordering::SeqCst))
     }
 }
 
@@ -184,7 +190,7 @@ fn respond(path: &str, metrics: &Metrics, health: &Health) -> Response<Full<Byte
     let (status, ctype, body) = match path {
         "/metrics" => (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.encode()),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        "/readyz" if health.ready.load(Ordering::SeqCst) => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+        "/readyz" if health.is_ready() => (StatusCode::OK, "text/plain", "ready\n".to_string()),
         "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".to_string()),
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
     };

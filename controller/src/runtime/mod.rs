@@ -114,6 +114,12 @@ pub struct Config {
     /// The sidecar ports the webhook injects (`--sidecar-proxy-port`, `--sidecar-admin-port`), for pods that do
     /// not declare theirs.
     pub sidecar_ports: crate::network_policy::SidecarPorts,
+    /// Whether the webhook injects a client CA by default (`--sidecar-client-ca-secret`, into pods with a TLS
+    /// Secret): what `CertificatesVerifiable` assumes of a Service none of whose sidecars runs yet.
+    pub sidecar_client_ca_default: bool,
+    /// Set once the admission webhook serves (`None`: no webhook in this process); `/readyz` waits for it and for
+    /// nothing else, so every replica serves admission whether or not it leads or its caches have synced.
+    pub webhook_ready: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// How the sidecars are asked for the `Enforced` condition.
     pub enforcement: crate::enforcement::Settings,
     /// The shared store (Redis) of global limits, if configured (`--store-url`).
@@ -139,6 +145,8 @@ impl Default for Config {
             debounce: Debounce { quiet: Duration::from_millis(100), max_wait: Duration::from_secs(2) },
             network_policy: crate::network_policy::Settings::default(),
             sidecar_ports: crate::network_policy::SidecarPorts::default(),
+            sidecar_client_ca_default: false,
+            webhook_ready: None,
             enforcement: crate::enforcement::Settings::default(),
             store: None,
             own_namespace: "default".into(),
@@ -160,6 +168,7 @@ pub struct Ctx {
     pub network_policies: Store<NetworkPolicy>,
     pub network_policy: crate::network_policy::Settings,
     pub sidecar_ports: crate::network_policy::SidecarPorts,
+    pub sidecar_client_ca_default: bool,
     /// What the sidecars say they serve (`Enforced`).
     pub enforcement: enforcement::Enforcement,
     pub caches: Caches,
@@ -202,6 +211,7 @@ impl Ctx {
             network_policies: caches.network_policies.clone(),
             network_policy: config.network_policy.clone(),
             sidecar_ports: config.sidecar_ports.clone(),
+            sidecar_client_ca_default: config.sidecar_client_ca_default,
             enforcement: enforcement::Enforcement::new(config.enforcement.clone()),
             caches,
             state: RwLock::new(HashMap::new()),
@@ -292,7 +302,9 @@ pub async fn check_crds(client: &kube::Client) -> Result<(), Error> {
 /// Runs the controller until `shutdown` resolves (then `Ok`) or a fatal error (missing CRDs, lost Lease).
 pub async fn run(client: kube::Client, config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
     let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(Health::default());
+    // Ready as soon as the admin server (and the webhook, if any) serves: a replica that waits for the Lease or for
+    // its caches still answers admission requests, so `failurePolicy: Fail` never waits on a leader change.
+    let health = Arc::new(Health { ready: true.into(), gate: config.webhook_ready.clone() });
     check_crds(&client).await?;
     let admin = match config.metrics_listen {
         Some(addr) => {
@@ -320,14 +332,12 @@ pub async fn run(client: kube::Client, config: Config, shutdown: impl Future<Out
     }
     let lease = config.leader_elect.then(|| Arc::new(LeaderLease::new(client.clone(), lease_config)));
     if let Some(lease) = &lease {
-        health.set_ready(true); // a standby replica is healthy and ready; it simply does not write
         tokio::select! {
             _ = lease.acquire() => {}
             _ = &mut shutdown => return Ok(()),
         }
         metrics.leader.set(1);
     }
-    health.set_ready(false);
 
     // Renewal runs from the moment we lead, not only once the caches are synced.
     let lost = async {
@@ -337,7 +347,7 @@ pub async fn run(client: kube::Client, config: Config, shutdown: impl Future<Out
         }
     };
     let result = tokio::select! {
-        r = run_leader(&client, &config, metrics.clone(), health.clone(), lease.clone(), &mut shutdown) => r,
+        r = run_leader(&client, &config, metrics.clone(), lease.clone(), &mut shutdown) => r,
         _ = lost => Err(Error::LostLease(config.lease_name.clone())),
     };
     metrics.leader.set(0);
@@ -363,7 +373,6 @@ async fn run_leader(
     client: &kube::Client,
     config: &Config,
     metrics: Arc<Metrics>,
-    health: Arc<Health>,
     lease: Option<Arc<LeaderLease>>,
     shutdown: &mut (impl Future<Output = ()> + Unpin),
 ) -> Result<(), Error> {
@@ -430,7 +439,6 @@ async fn run_leader(
         _ = &mut *shutdown => { tasks.abort_all(); return Ok(()); }
     }
     tracing::info!("caches synced; reconciling");
-    health.set_ready(true);
 
     tasks.spawn({
         let ctx = ctx.clone();

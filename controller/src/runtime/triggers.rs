@@ -137,7 +137,17 @@ pub fn pod_changed(v: &View, pod: &Pod) -> Triggers {
     if let Some(name) = pod.annotations().get(crate::webhook::inject::ANNOTATION_SERVICE)
         && v.granted_or_rendered(&ns, name)
     {
-        t.services.insert(ServiceKey::new(ns, name.clone()));
+        t.services.insert(ServiceKey::new(ns.clone(), name.clone()));
+        // Clients that need certificates: whether this pod's sidecar verifies them (`CertificatesVerifiable`).
+        for c in v.clients.state() {
+            let needs = !c.spec.certificates.is_empty() || c.spec.require_certificate == Some(true);
+            if needs
+                && c.namespace().as_deref() == Some(ns.as_str())
+                && v.services_of_client(&c).iter().any(|k| &k.name == name)
+            {
+                t.client(&c);
+            }
+        }
     }
     t
 }

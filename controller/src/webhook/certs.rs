@@ -2,6 +2,10 @@
 //! `<service>.<namespace>.svc` (plus `localhost`/`127.0.0.1` for local runs), kept in a Secret (created once,
 //! reused by every replica, re-issued 30 days before expiry), and the CA written into the
 //! MutatingWebhookConfiguration's `caBundle` by server-side apply of only our own webhook entry.
+//!
+//! CA rotation: a new CA keeps the one it replaces in the Secret (`ca-previous.crt`) and the caBundle holds both
+//! ([`CertBundle::ca_bundle_pem`]) until the old CA expires — so a replica still serving a certificate of the old CA
+//! (it re-reads the Secret within the hour) stays trusted while the others serve the new chain.
 
 use super::Error;
 use k8s_openapi::ByteString;
@@ -27,6 +31,8 @@ pub const KEY_TLS_CRT: &str = "tls.crt";
 pub const KEY_TLS_KEY: &str = "tls.key";
 pub const KEY_CA_CRT: &str = "ca.crt";
 pub const KEY_CA_KEY: &str = "ca.key";
+/// The CA a rotation replaced, still in the caBundle until it expires.
+pub const KEY_CA_PREVIOUS: &str = "ca-previous.crt";
 
 /// A serving certificate, its key and the CA that signed it, all PEM.
 #[derive(Clone, PartialEq, Eq)]
@@ -35,6 +41,20 @@ pub struct CertBundle {
     pub key_pem: String,
     pub ca_pem: String,
     ca_key_pem: String,
+    /// The CA this one replaced (rotation), kept in the caBundle until it expires.
+    pub previous_ca_pem: Option<String>,
+}
+
+impl CertBundle {
+    /// What the caBundle must hold: the CA, then the previous one while it is still valid at `now_unix`.
+    pub fn ca_bundle_pem(&self, now_unix: i64) -> String {
+        match &self.previous_ca_pem {
+            Some(prev) if inspect(prev).is_ok_and(|i| i.not_after_unix > now_unix) => {
+                format!("{}\n{}", self.ca_pem.trim_end(), prev.trim_end()) + "\n"
+            }
+            _ => self.ca_pem.clone(),
+        }
+    }
 }
 
 impl std::fmt::Debug for CertBundle {
@@ -147,12 +167,16 @@ pub fn plan(current: Option<&CertBundle>, dns: &[String], now_unix: i64) -> Resu
                 key_pem,
                 ca_pem: c.ca_pem.clone(),
                 ca_key_pem: c.ca_key_pem.clone(),
+                previous_ca_pem: c.previous_ca_pem.clone(),
             }));
         }
     }
     let (ca_pem, ca_key_pem) = generate_ca("portcullis-webhook-ca")?;
     let (cert_pem, key_pem) = issue_serving(&ca_pem, &ca_key_pem, dns)?;
-    Ok(Some(CertBundle { cert_pem, key_pem, ca_pem, ca_key_pem }))
+    // The replaced CA, if it is still a certificate that trusts something (replicas may serve its chain a while).
+    let previous_ca_pem =
+        current.map(|c| c.ca_pem.clone()).filter(|p| inspect(p).is_ok_and(|i| i.not_after_unix > now_unix));
+    Ok(Some(CertBundle { cert_pem, key_pem, ca_pem, ca_key_pem, previous_ca_pem }))
 }
 
 fn from_secret(s: &Secret) -> Option<CertBundle> {
@@ -163,12 +187,14 @@ fn from_secret(s: &Secret) -> Option<CertBundle> {
         key_pem: get(KEY_TLS_KEY)?,
         ca_pem: get(KEY_CA_CRT)?,
         ca_key_pem: get(KEY_CA_KEY)?,
+        previous_ca_pem: get(KEY_CA_PREVIOUS),
     })
 }
 
 fn to_data(b: &CertBundle) -> BTreeMap<String, ByteString> {
     [(KEY_TLS_CRT, &b.cert_pem), (KEY_TLS_KEY, &b.key_pem), (KEY_CA_CRT, &b.ca_pem), (KEY_CA_KEY, &b.ca_key_pem)]
         .into_iter()
+        .chain(b.previous_ca_pem.as_ref().map(|p| (KEY_CA_PREVIOUS, p)))
         .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
         .collect()
 }
@@ -224,6 +250,23 @@ pub async fn ensure_secret(
         }
     }
     Err(Error::Cert(format!("{}: kept conflicting with concurrent writers", what())))
+}
+
+/// The `clientConfig.caBundle` of webhook `webhook_name` in MutatingWebhookConfiguration `config_name` as it is
+/// now (`None`: the configuration or the entry is missing; `Some("")`: no bundle).
+pub async fn live_ca_bundle(
+    client: &kube::Client,
+    config_name: &str,
+    webhook_name: &str,
+) -> Result<Option<String>, Error> {
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let config = api
+        .get_opt(config_name)
+        .await
+        .map_err(|e| Error::Kube(format!("MutatingWebhookConfiguration {config_name}"), e))?;
+    Ok(config
+        .and_then(|c| c.webhooks?.into_iter().find(|w| w.name == webhook_name))
+        .map(|w| w.client_config.ca_bundle.map(|b| String::from_utf8_lossy(&b.0).into_owned()).unwrap_or_default()))
 }
 
 /// Writes `ca_pem` into `clientConfig.caBundle` of webhook `webhook_name` in MutatingWebhookConfiguration
@@ -288,6 +331,31 @@ mod tests {
         let bad_ca = CertBundle { ca_pem: "x".into(), ..b };
         let r = plan(Some(&bad_ca), &dns_names("a", "ns"), now()).unwrap().unwrap();
         assert_ne!(r.ca_pem, "x");
+    }
+
+    /// A new CA keeps the one it replaces in the bundle (both verify) until that one expires; a serving
+    /// certificate re-issued from the same CA keeps the bundle as it is.
+    #[test]
+    fn ca_rotation_publishes_old_and_new_until_the_old_expires() {
+        let dns = dns_names("s", "ns");
+        let first = plan(None, &dns, now()).unwrap().unwrap();
+        assert_eq!(first.ca_bundle_pem(now()), first.ca_pem, "a first CA is alone");
+        let rotated = plan(Some(&first), &dns, now() + 3640 * DAY).unwrap().expect("a new CA");
+        assert_eq!(rotated.previous_ca_pem.as_deref(), Some(first.ca_pem.as_str()));
+        let bundle = rotated.ca_bundle_pem(now() + 3640 * DAY);
+        let certs: Vec<_> =
+            x509_parser::pem::Pem::iter_from_buffer(bundle.as_bytes()).collect::<Result<_, _>>().unwrap();
+        assert_eq!(certs.len(), 2, "new and old CA: {bundle}");
+        assert!(bundle.starts_with(rotated.ca_pem.trim_end()));
+        assert!(bundle.contains(first.ca_pem.trim_end()));
+        // Past the old CA's expiry only the new one is published.
+        assert_eq!(rotated.ca_bundle_pem(now() + 3660 * DAY), rotated.ca_pem);
+        // Through the Secret's data and back.
+        let s = Secret { data: Some(to_data(&rotated)), ..Default::default() };
+        assert_eq!(from_secret(&s).unwrap(), rotated);
+        // A serving re-issue keeps the previous CA in place.
+        let reissued = plan(Some(&rotated), &dns_names("other", "ns"), now()).unwrap().unwrap();
+        assert_eq!(reissued.previous_ca_pem, rotated.previous_ca_pem);
     }
 
     #[test]

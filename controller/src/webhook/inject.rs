@@ -1,8 +1,18 @@
 //! Sidecar injection as a pure function (no I/O): a Pod and the injection settings in, a decision out — leave the
 //! Pod alone, refuse it (naming the bad annotation and value), or an RFC 6902 JSON Patch that adds the
 //! `portcullis-proxy` container (and, for `portcullis.dev/app-loopback: "true"` pods, moves the app's probes onto
-//! the sidecar's admin port: [`super::probes`]).
+//! the sidecar's admin port: [`super::probes`]). The names it writes and reads are the sidecar contract
+//! ([`crate::sidecar_contract`]); per-workload settings come from the pod's annotations, each defaulting to the
+//! controller's chart-wide flag ([`SidecarOptions`]).
 
+pub use crate::sidecar_contract::{
+    ADMIN_PORT_NAME, ANNOTATION_ADMIN_ADDRESS, ANNOTATION_APP_LOOPBACK, ANNOTATION_CLIENT_CA_SECRET,
+    ANNOTATION_CPU_LIMIT, ANNOTATION_CPU_REQUEST, ANNOTATION_MEMORY_LIMIT, ANNOTATION_MEMORY_REQUEST,
+    ANNOTATION_PROXY_PROTOCOL, ANNOTATION_REQUIRE_TLS, ANNOTATION_SERVICE, ANNOTATION_TLS_SECRET,
+    ANNOTATION_TRUSTED_PROXIES, ANNOTATION_UPSTREAM_PORT, ANNOTATION_WORKERS, CONTAINER_NAME, DEFAULT_ADMIN_PORT,
+    DEFAULT_PROXY_PORT, INJECT_KEY, PROXY_PORT_NAME, TLS_MOUNT_PATH, TLS_VOLUME_NAME,
+};
+use crate::sidecar_contract::{CLIENT_CA_KEY, CLIENT_CA_MOUNT_PATH, CLIENT_CA_VOLUME_NAME, arg, proxy_flag};
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
@@ -10,39 +20,15 @@ use k8s_openapi::api::core::v1::{
     Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext, Volume,
     VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 
-/// Label (what the webhook's `objectSelector` matches) and annotation (honoured too) that opt a pod in.
-pub const INJECT_KEY: &str = "portcullis.dev/inject";
-/// Annotation: name of the Service whose table the sidecar enforces (required).
-pub const ANNOTATION_SERVICE: &str = "portcullis.dev/service";
-/// Annotation: the application's port on loopback, where the sidecar forwards admitted requests (required).
-pub const ANNOTATION_UPSTREAM_PORT: &str = "portcullis.dev/upstream-port";
-/// Annotation: a `kubernetes.io/tls` Secret (in the pod's namespace) whose `tls.crt`/`tls.key` the sidecar serves
-/// HTTPS with (optional; without it the sidecar speaks plain HTTP).
-pub const ANNOTATION_TLS_SECRET: &str = "portcullis.dev/tls-secret";
-/// Annotation: `"true"` when the application listens on loopback only (`127.0.0.1`), so nothing reaches it
-/// except through the sidecar. The webhook then rewrites the app's HTTP and TCP probes to go through the sidecar's
-/// admin port (the kubelet probes from the node, which cannot reach a loopback-only app).
-pub const ANNOTATION_APP_LOOPBACK: &str = "portcullis.dev/app-loopback";
-/// Where the TLS Secret is mounted in the sidecar.
-pub const TLS_MOUNT_PATH: &str = "/etc/portcullis/tls";
-/// Name of the volume holding the TLS Secret.
-pub const TLS_VOLUME_NAME: &str = "portcullis-tls";
-/// Name of the injected container.
-pub const CONTAINER_NAME: &str = "portcullis-proxy";
-/// Default port of the proxy (the Service's `targetPort`).
-pub const DEFAULT_PROXY_PORT: u16 = 8443;
-/// Default admin port of the proxy (`/metrics`, `/healthz`, `/readyz`).
-pub const DEFAULT_ADMIN_PORT: u16 = 9901;
-
-/// Names of the sidecar's container ports: the proxy (the Service's `targetPort` may name it) and the admin port
-/// (`/metrics`, `/healthz`, `/readyz`, `/revision`, `/app-health/...`). The NetworkPolicy admits these names.
-pub const PROXY_PORT_NAME: &str = "portcullis";
-pub const ADMIN_PORT_NAME: &str = "portcullis-adm";
 /// UID/GID of the distroless `nonroot` user.
 const NONROOT_ID: i64 = 65532;
+/// Most serving threads a sidecar may be given by annotation.
+pub const MAX_WORKERS: u32 = 256;
 
 /// How the sidecar is built.
 #[derive(Clone, Debug, PartialEq)]
@@ -54,6 +40,26 @@ pub struct InjectSettings {
     pub resources: Option<ResourceRequirements>,
     /// The shared store the sidecars count global limits in (`None`: no store configured).
     pub store: Option<SidecarStore>,
+    /// Chart-wide defaults of the per-workload settings (each overridden by its pod annotation).
+    pub defaults: SidecarOptions,
+}
+
+/// Per-workload sidecar settings: the controller's `--sidecar-*` flags give the defaults, the pod's annotations
+/// ([`crate::sidecar_contract`]) override them one by one.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct SidecarOptions {
+    /// CIDRs (or addresses) whose forwarding headers are believed (`--trusted-proxies`).
+    pub trusted_proxies: Vec<String>,
+    /// Accept PROXY protocol headers from the trusted proxies (`--proxy-protocol`).
+    pub proxy_protocol: bool,
+    /// Secret whose `ca.crt` verifies client certificates (`--client-ca`); only for pods with a TLS Secret.
+    pub client_ca_secret: Option<String>,
+    /// Refuse keys over plain HTTP (`--require-tls`); only for pods with a TLS Secret.
+    pub require_tls: bool,
+    /// Serving threads (`--workers`; `None`: the proxy's default, one per CPU).
+    pub workers: Option<u32>,
+    /// Address the admin listener binds (`None`: `0.0.0.0`).
+    pub admin_address: Option<IpAddr>,
 }
 
 /// What an injected sidecar is told about the shared store: its URL and command timeout as flags, its credentials
@@ -75,6 +81,7 @@ impl InjectSettings {
             admin_port: DEFAULT_ADMIN_PORT,
             resources: None,
             store: None,
+            defaults: SidecarOptions::default(),
         }
     }
 }
@@ -135,6 +142,17 @@ pub enum InjectError {
          port number (1-65535) nor the name of one of the container's ports"
     )]
     ProbePort { container: String, probe: &'static str, port: String },
+    /// A per-workload setting annotation with a value it cannot take.
+    #[error("annotation {annotation}: {value:?} {why}")]
+    BadValue { annotation: &'static str, value: String, why: String },
+    /// A per-workload setting that would change nothing (or stop the sidecar) without another one.
+    #[error("annotation {annotation}: {why}")]
+    Unusable { annotation: &'static str, why: String },
+    #[error(
+        "annotation {ANNOTATION_CLIENT_CA_SECRET}: the pod already has a volume named {CLIENT_CA_VOLUME_NAME:?}, \
+         which the {CONTAINER_NAME} sidecar needs for the client CA Secret"
+    )]
+    ClientCaVolumeTaken,
 }
 
 /// Whether the pod opted in, by label or annotation `portcullis.dev/inject: "true"`.
@@ -154,9 +172,9 @@ pub fn decide(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Decision
     if containers.iter().chain(init).any(|c| c.name == CONTAINER_NAME) {
         return Decision::AlreadyInjected;
     }
-    let parts = sidecar(pod, namespace, settings)
-        .and_then(|c| Ok((c, tls_secret(pod)?, super::probes::rewrite(pod, settings.admin_port)?)));
-    let (mut container, tls_secret, probes) = match parts {
+    let parts = sidecar_with_volumes(pod, namespace, settings)
+        .and_then(|(c, v)| Ok((c, v, super::probes::rewrite(pod, settings.admin_port)?)));
+    let (mut container, volumes, probes) = match parts {
         Ok(v) => v,
         Err(e) => return Decision::Deny(e),
     };
@@ -167,56 +185,267 @@ pub fn decide(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Decision
     }
     let value = serde_json::to_value(container).expect("a Container always serializes");
     ops.push(PatchOperation::Add(AddOperation { path: PointerBuf::from_tokens(["spec", "containers", "-"]), value }));
-    if let Some(secret) = tls_secret {
-        let volume = serde_json::to_value(tls_volume(&secret)).expect("a Volume always serializes");
-        let has_volumes = pod.spec.as_ref().is_some_and(|s| s.volumes.is_some());
+    let mut has_volumes = pod.spec.as_ref().is_some_and(|s| s.volumes.is_some());
+    for volume in volumes {
+        let volume = serde_json::to_value(volume).expect("a Volume always serializes");
         ops.push(PatchOperation::Add(if has_volumes {
             AddOperation { path: PointerBuf::from_tokens(["spec", "volumes", "-"]), value: volume }
         } else {
             AddOperation { path: PointerBuf::from_tokens(["spec", "volumes"]), value: serde_json::json!([volume]) }
         }));
+        has_volumes = true;
     }
     Decision::Inject(Patch(ops))
 }
 
 /// The validated `portcullis.dev/tls-secret` annotation, when present.
 pub fn tls_secret(pod: &Pod) -> Result<Option<String>, InjectError> {
-    let Some(name) = pod.metadata.annotations.as_ref().and_then(|a| a.get(ANNOTATION_TLS_SECRET)).map(|s| s.trim())
-    else {
+    let Some(name) = annotation(pod, ANNOTATION_TLS_SECRET) else {
         return Ok(None);
     };
     if !is_dns_subdomain(name) {
         return Err(InjectError::BadTlsSecret(name.to_string()));
     }
-    let volumes = pod.spec.as_ref().and_then(|s| s.volumes.as_deref()).unwrap_or_default();
-    if volumes.iter().any(|v| v.name == TLS_VOLUME_NAME) {
+    if has_volume(pod, TLS_VOLUME_NAME) {
         return Err(InjectError::TlsVolumeTaken);
     }
     Ok(Some(name.to_string()))
 }
 
-/// The Secret volume: only `tls.crt` and `tls.key` are projected.
-fn tls_volume(secret: &str) -> Volume {
-    let item = |k: &str| KeyToPath { key: k.into(), path: k.into(), ..Default::default() };
+fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+    pod.metadata.annotations.as_ref().and_then(|a| a.get(key)).map(|s| s.trim())
+}
+
+fn has_volume(pod: &Pod, name: &str) -> bool {
+    pod.spec.as_ref().and_then(|s| s.volumes.as_deref()).unwrap_or_default().iter().any(|v| v.name == name)
+}
+
+/// A Secret volume projecting only `keys`.
+fn secret_volume(volume: &str, secret: &str, keys: &[&str]) -> Volume {
+    let item = |k: &&str| KeyToPath { key: k.to_string(), path: k.to_string(), ..Default::default() };
     Volume {
-        name: TLS_VOLUME_NAME.into(),
+        name: volume.into(),
         secret: Some(SecretVolumeSource {
             secret_name: Some(secret.into()),
-            items: Some(vec![item("tls.crt"), item("tls.key")]),
+            items: Some(keys.iter().map(item).collect()),
             ..Default::default()
         }),
         ..Default::default()
     }
 }
 
+fn bad(annotation: &'static str, value: &str, why: impl Into<String>) -> InjectError {
+    InjectError::BadValue { annotation, value: value.to_string(), why: why.into() }
+}
+
+/// `"true"`/`"false"`.
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err("is neither \"true\" nor \"false\"".into()),
+    }
+}
+
+/// Comma-separated CIDRs or addresses, as `--trusted-proxies` reads them (empty entries skipped; `""`: none).
+pub fn parse_trusted_proxies(s: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if part.parse::<ipnet::IpNet>().is_err() && part.parse::<IpAddr>().is_err() {
+            return Err(format!("is not a comma-separated list of CIDRs: {part:?} is neither a CIDR nor an address"));
+        }
+        out.push(part.to_string());
+    }
+    Ok(out)
+}
+
+/// A worker count 0..=[`MAX_WORKERS`], digits only.
+pub fn parse_workers(s: &str) -> Result<u32, String> {
+    let why = || format!("is not a number of workers (0-{MAX_WORKERS}; 0 = one per CPU)");
+    if s.is_empty() || s.len() > 3 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(why());
+    }
+    s.parse::<u32>().ok().filter(|n| *n <= MAX_WORKERS).ok_or_else(why)
+}
+
+/// An address the admin listener can bind and the kubelet can probe: an IP, not loopback or multicast.
+pub fn parse_admin_address(s: &str) -> Result<IpAddr, String> {
+    let ip: IpAddr = s.parse().map_err(|_| "is not an IP address (e.g. 0.0.0.0 or ::)".to_string())?;
+    if ip.is_loopback() || ip.is_multicast() {
+        return Err("cannot be the admin address: the kubelet probes the admin port from the node".into());
+    }
+    Ok(ip)
+}
+
+/// Digits with an optional fraction and a known suffix, e.g. `100m`, `0.5`, `64Mi`, `1e3`.
+pub fn is_quantity(s: &str) -> bool {
+    let num_end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, suffix) = s.split_at(num_end);
+    let num_ok = !num.is_empty() && num != "." && num.matches('.').count() <= 1;
+    let suffix_ok =
+        matches!(suffix, "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei")
+            || (suffix.len() > 1
+                && (suffix.starts_with('e') || suffix.starts_with('E'))
+                && suffix[1..].trim_start_matches(['+', '-']).bytes().all(|b| b.is_ascii_digit()));
+    num_ok && suffix_ok
+}
+
+/// The pod's settings: the chart-wide defaults with every annotation present applied, validated.
+pub fn options(pod: &Pod, defaults: &SidecarOptions) -> Result<SidecarOptions, InjectError> {
+    let mut o = defaults.clone();
+    let tls = tls_secret(pod)?.is_some();
+    if let Some(v) = annotation(pod, ANNOTATION_TRUSTED_PROXIES) {
+        o.trusted_proxies = parse_trusted_proxies(v).map_err(|why| bad(ANNOTATION_TRUSTED_PROXIES, v, why))?;
+    }
+    let proxy_protocol = annotation(pod, ANNOTATION_PROXY_PROTOCOL);
+    if let Some(v) = proxy_protocol {
+        o.proxy_protocol = parse_bool(v).map_err(|why| bad(ANNOTATION_PROXY_PROTOCOL, v, why))?;
+    }
+    if o.proxy_protocol && o.trusted_proxies.is_empty() {
+        let annotation = if proxy_protocol.is_some() { ANNOTATION_PROXY_PROTOCOL } else { ANNOTATION_TRUSTED_PROXIES };
+        return Err(InjectError::Unusable {
+            annotation,
+            why: format!(
+                "PROXY protocol is accepted only from trusted proxies, and none are set; set \
+                 {ANNOTATION_TRUSTED_PROXIES} to the load balancers' addresses (or {ANNOTATION_PROXY_PROTOCOL}: \
+                 \"false\")"
+            ),
+        });
+    }
+    let client_ca = annotation(pod, ANNOTATION_CLIENT_CA_SECRET);
+    match client_ca {
+        Some("") => o.client_ca_secret = None,
+        Some(v) if !is_dns_subdomain(v) => {
+            return Err(bad(ANNOTATION_CLIENT_CA_SECRET, v, "is not a valid Secret name"));
+        }
+        Some(v) if !tls => {
+            return Err(InjectError::Unusable {
+                annotation: ANNOTATION_CLIENT_CA_SECRET,
+                why: format!(
+                    "{v:?} needs {ANNOTATION_TLS_SECRET}: client certificates are verified on the sidecar's TLS \
+                     listener"
+                ),
+            });
+        }
+        Some(v) => o.client_ca_secret = Some(v.to_string()),
+        // The chart-wide CA applies to pods that serve TLS; the others have no listener to verify on.
+        None if !tls => o.client_ca_secret = None,
+        None => {}
+    }
+    if o.client_ca_secret.is_some() && has_volume(pod, CLIENT_CA_VOLUME_NAME) {
+        return Err(InjectError::ClientCaVolumeTaken);
+    }
+    match annotation(pod, ANNOTATION_REQUIRE_TLS) {
+        Some(v) => {
+            o.require_tls = parse_bool(v).map_err(|why| bad(ANNOTATION_REQUIRE_TLS, v, why))?;
+            if o.require_tls && !tls {
+                return Err(InjectError::Unusable {
+                    annotation: ANNOTATION_REQUIRE_TLS,
+                    why: format!("\"true\" needs {ANNOTATION_TLS_SECRET}: without it the sidecar has no TLS listener"),
+                });
+            }
+        }
+        None if !tls => o.require_tls = false,
+        None => {}
+    }
+    if let Some(v) = annotation(pod, ANNOTATION_WORKERS) {
+        o.workers = Some(parse_workers(v).map_err(|why| bad(ANNOTATION_WORKERS, v, why))?);
+    }
+    if let Some(v) = annotation(pod, ANNOTATION_ADMIN_ADDRESS) {
+        o.admin_address = Some(parse_admin_address(v).map_err(|why| bad(ANNOTATION_ADMIN_ADDRESS, v, why))?);
+    }
+    Ok(o)
+}
+
+/// The sidecar's resources: the chart-wide ones with the pod's resource annotations applied.
+pub fn resources(
+    pod: &Pod,
+    defaults: Option<&ResourceRequirements>,
+) -> Result<Option<ResourceRequirements>, InjectError> {
+    let mut r = defaults.cloned().unwrap_or_default();
+    for (key, which, resource) in [
+        (ANNOTATION_CPU_REQUEST, 0, "cpu"),
+        (ANNOTATION_MEMORY_REQUEST, 0, "memory"),
+        (ANNOTATION_CPU_LIMIT, 1, "cpu"),
+        (ANNOTATION_MEMORY_LIMIT, 1, "memory"),
+    ] {
+        let Some(v) = annotation(pod, key) else { continue };
+        if !is_quantity(v) {
+            return Err(bad(key, v, "is not a Kubernetes quantity (e.g. 100m, 0.5, 64Mi)"));
+        }
+        let map = if which == 0 { &mut r.requests } else { &mut r.limits };
+        map.get_or_insert_default().insert(resource.into(), Quantity(v.into()));
+    }
+    let (req, lim) = (r.requests.clone().unwrap_or_default(), r.limits.clone().unwrap_or_default());
+    for resource in ["cpu", "memory"] {
+        if let (Some(q), Some(l)) = (req.get(resource), lim.get(resource))
+            && let (Some(qv), Some(lv)) = (quantity_value(&q.0), quantity_value(&l.0))
+            && qv > lv
+        {
+            let (annotation, value) = if annotation(pod, limit_annotation(resource)).is_some() {
+                (limit_annotation(resource), l.0.clone())
+            } else {
+                (request_annotation(resource), q.0.clone())
+            };
+            return Err(bad(
+                annotation,
+                &value,
+                format!("leaves the {resource} request ({}) above the {resource} limit ({})", q.0, l.0),
+            ));
+        }
+    }
+    Ok((r.requests.is_some() || r.limits.is_some()).then_some(r))
+}
+
+fn limit_annotation(resource: &str) -> &'static str {
+    if resource == "cpu" { ANNOTATION_CPU_LIMIT } else { ANNOTATION_MEMORY_LIMIT }
+}
+
+fn request_annotation(resource: &str) -> &'static str {
+    if resource == "cpu" { ANNOTATION_CPU_REQUEST } else { ANNOTATION_MEMORY_REQUEST }
+}
+
+/// A quantity's value as a float (enough to compare a request with a limit).
+fn quantity_value(s: &str) -> Option<f64> {
+    let num_end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, suffix) = s.split_at(num_end);
+    let n: f64 = num.parse().ok()?;
+    let m = match suffix {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        e => 10f64.powi(e.get(1..)?.parse().ok()?),
+    };
+    Some(n * m)
+}
+
 /// Validates the annotations and builds the sidecar container.
 pub fn sidecar(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<Container, InjectError> {
-    let annotation = |k: &str| pod.metadata.annotations.as_ref().and_then(|a| a.get(k)).map(|s| s.trim());
-    let service = annotation(ANNOTATION_SERVICE).ok_or(InjectError::MissingService)?;
+    sidecar_with_volumes(pod, namespace, settings).map(|(c, _)| c)
+}
+
+/// The sidecar container and the volumes it mounts (TLS Secret, client CA Secret).
+fn sidecar_with_volumes(
+    pod: &Pod,
+    namespace: &str,
+    settings: &InjectSettings,
+) -> Result<(Container, Vec<Volume>), InjectError> {
+    let service = annotation(pod, ANNOTATION_SERVICE).ok_or(InjectError::MissingService)?;
     if !is_dns_label(service) {
         return Err(InjectError::BadService(service.to_string()));
     }
-    let raw_port = annotation(ANNOTATION_UPSTREAM_PORT).ok_or(InjectError::MissingUpstreamPort)?;
+    let raw_port = annotation(pod, ANNOTATION_UPSTREAM_PORT).ok_or(InjectError::MissingUpstreamPort)?;
     let upstream = parse_port(raw_port).ok_or_else(|| InjectError::BadUpstreamPort(raw_port.to_string()))?;
     for (port, which) in [(settings.proxy_port, "proxy"), (settings.admin_port, "admin")] {
         if upstream == port {
@@ -229,22 +458,44 @@ pub fn sidecar(pod: &Pod, namespace: &str, settings: &InjectSettings) -> Result<
             }
         }
     }
-    let mut c = container(namespace, service, upstream, settings);
-    if tls_secret(pod)?.is_some() {
-        c.args
-            .get_or_insert_default()
-            .extend([format!("--tls-cert={TLS_MOUNT_PATH}/tls.crt"), format!("--tls-key={TLS_MOUNT_PATH}/tls.key")]);
-        c.volume_mounts = Some(vec![VolumeMount {
-            name: TLS_VOLUME_NAME.into(),
-            mount_path: TLS_MOUNT_PATH.into(),
-            read_only: Some(true),
-            ..Default::default()
-        }]);
+    let tls = tls_secret(pod)?;
+    let opts = options(pod, &settings.defaults)?;
+    let resources = resources(pod, settings.resources.as_ref())?;
+    let mut c = container(namespace, service, upstream, settings, &opts);
+    c.resources = resources;
+    let mut volumes = Vec::new();
+    let mut mounts = Vec::new();
+    let mount = |name: &str, path: &str| VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(true),
+        ..Default::default()
+    };
+    if let Some(secret) = tls {
+        c.args.get_or_insert_default().extend([
+            arg(proxy_flag::TLS_CERT, format!("{TLS_MOUNT_PATH}/tls.crt")),
+            arg(proxy_flag::TLS_KEY, format!("{TLS_MOUNT_PATH}/tls.key")),
+        ]);
+        mounts.push(mount(TLS_VOLUME_NAME, TLS_MOUNT_PATH));
+        volumes.push(secret_volume(TLS_VOLUME_NAME, &secret, &["tls.crt", "tls.key"]));
+        if let Some(ca) = &opts.client_ca_secret {
+            c.args
+                .get_or_insert_default()
+                .push(arg(proxy_flag::CLIENT_CA, format!("{CLIENT_CA_MOUNT_PATH}/{CLIENT_CA_KEY}")));
+            mounts.push(mount(CLIENT_CA_VOLUME_NAME, CLIENT_CA_MOUNT_PATH));
+            volumes.push(secret_volume(CLIENT_CA_VOLUME_NAME, ca, &[CLIENT_CA_KEY]));
+        }
+        if opts.require_tls {
+            c.args.get_or_insert_default().push(proxy_flag::REQUIRE_TLS.into());
+        }
     }
-    Ok(c)
+    if !mounts.is_empty() {
+        c.volume_mounts = Some(mounts);
+    }
+    Ok((c, volumes))
 }
 
-fn container(namespace: &str, service: &str, upstream: u16, s: &InjectSettings) -> Container {
+fn container(namespace: &str, service: &str, upstream: u16, s: &InjectSettings, o: &SidecarOptions) -> Container {
     let index = portcullis_table::naming::index_name(service);
     let field_env = |name: &str, path: &str| EnvVar {
         name: name.into(),
@@ -263,25 +514,35 @@ fn container(namespace: &str, service: &str, upstream: u16, s: &InjectSettings) 
         period_seconds: Some(period),
         ..Default::default()
     };
+    let admin_ip = o.admin_address.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
     let mut args = vec![
-        format!("--listen=0.0.0.0:{}", s.proxy_port),
-        format!("--admin-listen=0.0.0.0:{}", s.admin_port),
-        format!("--upstream=127.0.0.1:{upstream}"),
-        format!("--tables-from=configmap/{namespace}/{index}"),
-        "--log-format=json".into(),
+        arg(proxy_flag::LISTEN, format!("0.0.0.0:{}", s.proxy_port)),
+        arg(proxy_flag::ADMIN_LISTEN, SocketAddr::new(admin_ip, s.admin_port)),
+        arg(proxy_flag::UPSTREAM, format!("127.0.0.1:{upstream}")),
+        arg(proxy_flag::TABLES_FROM, format!("configmap/{namespace}/{index}")),
+        arg(proxy_flag::LOG_FORMAT, "json"),
     ];
+    if !o.trusted_proxies.is_empty() {
+        args.push(arg(proxy_flag::TRUSTED_PROXIES, o.trusted_proxies.join(",")));
+    }
+    if o.proxy_protocol {
+        args.push(proxy_flag::PROXY_PROTOCOL.into());
+    }
+    if let Some(w) = o.workers {
+        args.push(arg(proxy_flag::WORKERS, w));
+    }
     let mut env = vec![
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
         EnvVar { name: "PORTCULLIS_SERVICE".into(), value: Some(service.into()), ..Default::default() },
     ];
     if let Some(store) = &s.store {
-        args.push(format!("--store-url={}", store.url));
+        args.push(arg(proxy_flag::STORE_URL, &store.url));
         if let Some(t) = store.timeout {
-            args.push(format!("--store-timeout={}ms", t.as_millis()));
+            args.push(arg(proxy_flag::STORE_TIMEOUT, format!("{}ms", t.as_millis())));
         }
         // The pod's name, so each replica counts itself once in the store (`$(POD_NAME)`: the env var above).
-        args.push("--replica-id=$(POD_NAME)".into());
+        args.push(arg(proxy_flag::REPLICA_ID, "$(POD_NAME)"));
         let secret_env = |name: &str, key: &str| EnvVar {
             name: name.into(),
             value_from: Some(EnvVarSource {
@@ -353,7 +614,7 @@ fn is_dns_label(s: &str) -> bool {
 }
 
 /// RFC 1123 subdomain, as Kubernetes requires of Secret names.
-fn is_dns_subdomain(s: &str) -> bool {
+pub fn is_dns_subdomain(s: &str) -> bool {
     let b = s.as_bytes();
     let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
     !b.is_empty()
@@ -655,5 +916,113 @@ mod tests {
         let mut p = with_tls("orders-tls");
         p.spec.as_mut().unwrap().volumes = Some(vec![Volume { name: TLS_VOLUME_NAME.into(), ..Default::default() }]);
         assert_eq!(decide(&p, "ns", &settings()), Decision::Deny(InjectError::TlsVolumeTaken));
+    }
+
+    fn with(extra: &[(&str, &str)]) -> Pod {
+        let mut p = opted_in("orders", "8080");
+        p.metadata.annotations.as_mut().unwrap().extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        p
+    }
+
+    fn args_of(p: &Pod, s: &InjectSettings) -> Vec<String> {
+        let out = patched(p, &decide(p, "ns", s));
+        out.spec.unwrap().containers.into_iter().find(|c| c.name == CONTAINER_NAME).unwrap().args.unwrap()
+    }
+
+    #[test]
+    fn chart_wide_defaults_apply_and_annotations_override_them() {
+        let mut s = settings();
+        s.defaults = SidecarOptions {
+            trusted_proxies: vec!["10.0.0.0/8".into()],
+            proxy_protocol: true,
+            client_ca_secret: Some("org-ca".into()),
+            require_tls: true,
+            workers: Some(4),
+            admin_address: Some("::".parse().unwrap()),
+        };
+        // Without TLS the TLS-only defaults (client CA, require-TLS) do not apply; the others do.
+        let a = args_of(&opted_in("orders", "8080"), &s);
+        for want in ["--trusted-proxies=10.0.0.0/8", "--proxy-protocol", "--workers=4", "--admin-listen=[::]:9901"] {
+            assert!(a.iter().any(|x| x == want), "{want} in {a:?}");
+        }
+        assert!(!a.iter().any(|x| x.starts_with("--client-ca") || x == "--require-tls"), "{a:?}");
+        // With TLS they do.
+        let a = args_of(&with_tls("orders-tls"), &s);
+        assert!(a.contains(&"--client-ca=/etc/portcullis/client-ca/ca.crt".to_string()), "{a:?}");
+        assert!(a.contains(&"--require-tls".to_string()), "{a:?}");
+        // Annotations override each default.
+        let p = with(&[
+            (ANNOTATION_TLS_SECRET, "orders-tls"),
+            (ANNOTATION_TRUSTED_PROXIES, ""),
+            (ANNOTATION_PROXY_PROTOCOL, "false"),
+            (ANNOTATION_CLIENT_CA_SECRET, ""),
+            (ANNOTATION_REQUIRE_TLS, "false"),
+            (ANNOTATION_WORKERS, "0"),
+            (ANNOTATION_ADMIN_ADDRESS, "0.0.0.0"),
+        ]);
+        let a = args_of(&p, &s);
+        for gone in ["--trusted-proxies", "--proxy-protocol", "--client-ca", "--require-tls"] {
+            assert!(!a.iter().any(|x| x.starts_with(gone)), "{gone} in {a:?}");
+        }
+        assert!(a.contains(&"--workers=0".to_string()) && a.contains(&"--admin-listen=0.0.0.0:9901".to_string()));
+    }
+
+    #[test]
+    fn resource_annotations_override_one_by_one() {
+        let mut s = settings();
+        s.resources = Some(ResourceRequirements {
+            requests: Some([("cpu".to_string(), Quantity("50m".into()))].into()),
+            limits: Some([("memory".to_string(), Quantity("128Mi".into()))].into()),
+            ..Default::default()
+        });
+        let p = with(&[(ANNOTATION_CPU_REQUEST, "200m"), (ANNOTATION_CPU_LIMIT, "1")]);
+        let out = patched(&p, &decide(&p, "ns", &s));
+        let r = out.spec.unwrap().containers[1].resources.clone().unwrap();
+        assert_eq!(r.requests.unwrap()["cpu"], Quantity("200m".into()));
+        let l = r.limits.unwrap();
+        assert_eq!((l["cpu"].0.as_str(), l["memory"].0.as_str()), ("1", "128Mi"));
+        let Decision::Deny(e) = decide(&with(&[(ANNOTATION_MEMORY_REQUEST, "1Gi")]), "ns", &s) else { panic!() };
+        assert!(e.to_string().contains(ANNOTATION_MEMORY_REQUEST) && e.to_string().contains("above"), "{e}");
+        assert_eq!(quantity_value("1.5Gi"), Some(1.5 * 1024f64.powi(3)));
+        assert_eq!(quantity_value("2e3"), Some(2000.0));
+        assert_eq!(quantity_value("250m"), Some(0.25));
+    }
+
+    #[test]
+    fn bad_setting_annotations_are_refused_naming_them() {
+        let tls = (ANNOTATION_TLS_SECRET, "orders-tls");
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[(ANNOTATION_TRUSTED_PROXIES, "10.0.0.0/40")], ANNOTATION_TRUSTED_PROXIES),
+            (&[(ANNOTATION_PROXY_PROTOCOL, "on")], ANNOTATION_PROXY_PROTOCOL),
+            (&[(ANNOTATION_PROXY_PROTOCOL, "true")], ANNOTATION_PROXY_PROTOCOL),
+            (&[(ANNOTATION_CLIENT_CA_SECRET, "ca")], ANNOTATION_CLIENT_CA_SECRET),
+            (&[tls, (ANNOTATION_CLIENT_CA_SECRET, "CA!")], ANNOTATION_CLIENT_CA_SECRET),
+            (&[(ANNOTATION_REQUIRE_TLS, "true")], ANNOTATION_REQUIRE_TLS),
+            (&[tls, (ANNOTATION_REQUIRE_TLS, "yes")], ANNOTATION_REQUIRE_TLS),
+            (&[(ANNOTATION_WORKERS, "257")], ANNOTATION_WORKERS),
+            (&[(ANNOTATION_WORKERS, "+2")], ANNOTATION_WORKERS),
+            (&[(ANNOTATION_CPU_REQUEST, "fast")], ANNOTATION_CPU_REQUEST),
+            (&[(ANNOTATION_MEMORY_LIMIT, "1GB")], ANNOTATION_MEMORY_LIMIT),
+            (&[(ANNOTATION_ADMIN_ADDRESS, "::1")], ANNOTATION_ADMIN_ADDRESS),
+            (&[(ANNOTATION_ADMIN_ADDRESS, "0.0.0.0:9901")], ANNOTATION_ADMIN_ADDRESS),
+        ];
+        for (extra, annotation) in cases {
+            match decide(&with(extra), "ns", &settings()) {
+                Decision::Deny(e) => assert!(e.to_string().contains(annotation), "{e} names {annotation}"),
+                other => panic!("{extra:?} should be refused, got {other:?}"),
+            }
+        }
+        let mut p = with(&[tls, (ANNOTATION_CLIENT_CA_SECRET, "ca")]);
+        p.spec.as_mut().unwrap().volumes =
+            Some(vec![Volume { name: CLIENT_CA_VOLUME_NAME.into(), ..Default::default() }]);
+        assert_eq!(decide(&p, "ns", &settings()), Decision::Deny(InjectError::ClientCaVolumeTaken));
+    }
+
+    #[test]
+    fn client_ca_and_tls_volumes_are_both_added() {
+        let p = with(&[(ANNOTATION_TLS_SECRET, "orders-tls"), (ANNOTATION_CLIENT_CA_SECRET, "partners-ca")]);
+        let out = patched(&p, &decide(&p, "ns", &settings()));
+        let names: Vec<String> = out.spec.unwrap().volumes.unwrap().into_iter().map(|v| v.name).collect();
+        assert_eq!(names, [TLS_VOLUME_NAME, CLIENT_CA_VOLUME_NAME]);
     }
 }

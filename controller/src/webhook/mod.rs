@@ -12,7 +12,12 @@
 //! Certificates: with `--webhook-cert-dir` the server uses `tls.crt`/`tls.key` from that directory (e.g. a
 //! cert-manager Secret mounted there) and reloads them when they change; without it the controller keeps its own
 //! CA and serving certificate in the Secret `--webhook-cert-secret`, rotates them 30 days before expiry and writes
-//! the CA into the `caBundle` of its own entry of `--webhook-config-name`.
+//! the CA into the `caBundle` of its own entry of `--webhook-config-name` (with the CA a rotation replaced, until
+//! it expires: [`certs`]). Every replica re-reads the live caBundle every `--webhook-ca-bundle-check-seconds` and
+//! writes it back when it differs (a `helm upgrade --force` or a GitOps sync that cleared it).
+//!
+//! Readiness: [`Webhook::ready_flag`] is set while the server accepts connections; the controller's `/readyz`
+//! follows it (and not leadership or cache sync), so every replica serves admission.
 
 pub mod certs;
 pub mod inject;
@@ -29,6 +34,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
 
@@ -104,6 +110,31 @@ pub struct WebhookArgs {
     /// Memory limit of the sidecar, e.g. `128Mi`.
     #[arg(long, env = "PORTCULLIS_SIDECAR_MEMORY_LIMIT")]
     pub sidecar_memory_limit: Option<String>,
+    /// Chart-wide default of `portcullis.dev/trusted-proxies`: comma-separated CIDRs whose forwarding headers
+    /// (X-Forwarded-For, Forwarded, PROXY) the sidecars believe.
+    #[arg(long, env = "PORTCULLIS_SIDECAR_TRUSTED_PROXIES", default_value = "")]
+    pub sidecar_trusted_proxies: String,
+    /// Chart-wide default of `portcullis.dev/proxy-protocol` (needs trusted proxies).
+    #[arg(long, env = "PORTCULLIS_SIDECAR_PROXY_PROTOCOL", default_value_t = false, action = clap::ArgAction::Set)]
+    pub sidecar_proxy_protocol: bool,
+    /// Chart-wide default of `portcullis.dev/client-ca-secret`: a Secret (in each pod's namespace) whose `ca.crt`
+    /// verifies client certificates; applied to pods with `portcullis.dev/tls-secret`.
+    #[arg(long, env = "PORTCULLIS_SIDECAR_CLIENT_CA_SECRET")]
+    pub sidecar_client_ca_secret: Option<String>,
+    /// Chart-wide default of `portcullis.dev/require-tls`; applied to pods with `portcullis.dev/tls-secret`.
+    #[arg(long, env = "PORTCULLIS_SIDECAR_REQUIRE_TLS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub sidecar_require_tls: bool,
+    /// Chart-wide default of `portcullis.dev/workers` (unset: the proxy's default, one per CPU).
+    #[arg(long, env = "PORTCULLIS_SIDECAR_WORKERS")]
+    pub sidecar_workers: Option<String>,
+    /// Chart-wide default of `portcullis.dev/admin-address`: the IP the sidecars' admin listener binds (unset:
+    /// 0.0.0.0).
+    #[arg(long, env = "PORTCULLIS_SIDECAR_ADMIN_ADDRESS")]
+    pub sidecar_admin_address: Option<String>,
+    /// How often the live MutatingWebhookConfiguration's caBundle is compared with the CA this webhook serves
+    /// (self-managed certificate), and repaired when it differs (e.g. cleared by `helm upgrade --force`).
+    #[arg(long, env = "PORTCULLIS_WEBHOOK_CA_BUNDLE_CHECK_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub webhook_ca_bundle_check_seconds: u64,
     /// The shared store the injected sidecars use (from the controller's `--store-*` flags, not a flag of its own).
     #[arg(skip)]
     pub sidecar_store: Option<inject::SidecarStore>,
@@ -131,7 +162,7 @@ impl WebhookArgs {
         let quantity = |flag: &'static str, v: &Option<String>| -> Result<Option<Quantity>, Error> {
             match v.as_deref().map(str::trim) {
                 None => Ok(None),
-                Some(s) if is_quantity(s) => Ok(Some(Quantity(s.to_string()))),
+                Some(s) if inject::is_quantity(s) => Ok(Some(Quantity(s.to_string()))),
                 Some(s) => Err(Error::Setting { flag, message: format!("{s:?} is not a Kubernetes quantity") }),
             }
         };
@@ -153,7 +184,44 @@ impl WebhookArgs {
             limits,
             ..Default::default()
         });
+        let setting =
+            |flag: &'static str, value: &str, why: String| Error::Setting { flag, message: format!("{value:?} {why}") };
+        use crate::sidecar_contract::default_flag;
+        let trusted_proxies = inject::parse_trusted_proxies(&self.sidecar_trusted_proxies)
+            .map_err(|why| setting(default_flag::TRUSTED_PROXIES, &self.sidecar_trusted_proxies, why))?;
+        if self.sidecar_proxy_protocol && trusted_proxies.is_empty() {
+            return Err(Error::Setting {
+                flag: default_flag::PROXY_PROTOCOL,
+                message: format!(
+                    "PROXY protocol is accepted only from trusted proxies; set {}",
+                    default_flag::TRUSTED_PROXIES
+                ),
+            });
+        }
+        let client_ca_secret = match self.sidecar_client_ca_secret.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(s) if inject::is_dns_subdomain(s) => Some(s.to_string()),
+            Some(s) => return Err(setting(default_flag::CLIENT_CA_SECRET, s, "is not a valid Secret name".into())),
+        };
+        let workers = match self.sidecar_workers.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(s) => Some(inject::parse_workers(s).map_err(|why| setting(default_flag::WORKERS, s, why))?),
+        };
+        let admin_address = match self.sidecar_admin_address.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(s) => {
+                Some(inject::parse_admin_address(s).map_err(|why| setting(default_flag::ADMIN_ADDRESS, s, why))?)
+            }
+        };
         Ok(InjectSettings {
+            defaults: inject::SidecarOptions {
+                trusted_proxies,
+                proxy_protocol: self.sidecar_proxy_protocol,
+                client_ca_secret,
+                require_tls: self.sidecar_require_tls,
+                workers,
+                admin_address,
+            },
             sidecar_image: self.sidecar_image.clone(),
             image_pull_policy: self.sidecar_image_pull_policy.clone(),
             proxy_port: self.sidecar_proxy_port,
@@ -162,19 +230,6 @@ impl WebhookArgs {
             store: self.sidecar_store.clone(),
         })
     }
-}
-
-/// Digits with an optional fraction and a known suffix, e.g. `100m`, `0.5`, `64Mi`, `1e3`.
-fn is_quantity(s: &str) -> bool {
-    let num_end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
-    let (num, suffix) = s.split_at(num_end);
-    let num_ok = !num.is_empty() && num != "." && num.matches('.').count() <= 1;
-    let suffix_ok =
-        matches!(suffix, "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei")
-            || (suffix.len() > 1
-                && (suffix.starts_with('e') || suffix.starts_with('E'))
-                && suffix[1..].trim_start_matches(['+', '-']).bytes().all(|b| b.is_ascii_digit()));
-    num_ok && suffix_ok
 }
 
 /// Where the serving certificate comes from.
@@ -191,9 +246,10 @@ pub struct Webhook {
     resolver: Arc<CertResolver>,
     settings: Arc<InjectSettings>,
     source: Source,
-    /// The CA currently written into the caBundle (self-managed mode), and whether that write succeeded.
+    /// The CA bundle currently written into the caBundle (self-managed mode), and whether that write succeeded.
     ca_pem: Option<String>,
     ca_written: bool,
+    ready: Arc<AtomicBool>,
 }
 
 impl Webhook {
@@ -213,14 +269,36 @@ impl Webhook {
                     &args.webhook_service,
                 )
                 .await?;
-                let written = write_ca_bundle(&client, &args, &b.ca_pem).await;
-                (CertResolver::from_pem(&b.cert_pem, &b.key_pem)?, Source::Secret, Some(b.ca_pem), written)
+                let bundle = b.ca_bundle_pem(jiff::Timestamp::now().as_second());
+                let written = write_ca_bundle(&client, &args, &bundle).await;
+                (CertResolver::from_pem(&b.cert_pem, &b.key_pem)?, Source::Secret, Some(bundle), written)
             }
         };
         let listener = TcpListener::bind(args.webhook_listen)
             .await
             .map_err(|source| Error::Bind { addr: args.webhook_listen, source })?;
-        Ok(Self { args, client, listener, resolver: Arc::new(resolver), settings, source, ca_pem, ca_written })
+        Ok(Self {
+            args,
+            client,
+            listener,
+            resolver: Arc::new(resolver),
+            settings,
+            source,
+            ca_pem,
+            ca_written,
+            ready: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// True while the server accepts admission requests (from [`Webhook::serve`] until shutdown).
+    pub fn ready_flag(&self) -> Arc<AtomicBool> {
+        self.ready.clone()
+    }
+
+    /// Uses `flag` as the ready flag (so a caller can hold it before the webhook is bound).
+    pub fn with_ready_flag(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.ready = flag;
+        self
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, Error> {
@@ -239,15 +317,22 @@ impl Webhook {
             self.ca_pem,
             self.ca_written,
         ));
+        self.ready.store(true, Ordering::SeqCst);
         let result = server::serve(self.listener, config, self.settings, shutdown).await;
+        self.ready.store(false, Ordering::SeqCst);
         reload.abort();
         result
     }
 }
 
-/// Binds and serves the webhook until `shutdown` completes.
-pub async fn run(args: WebhookArgs, client: kube::Client, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    Webhook::bind(args, client).await?.serve(shutdown).await
+/// Binds and serves the webhook until `shutdown` completes; `ready` is set while it serves.
+pub async fn run(
+    args: WebhookArgs,
+    client: kube::Client,
+    shutdown: impl Future<Output = ()>,
+    ready: Arc<AtomicBool>,
+) -> Result<(), Error> {
+    Webhook::bind(args, client).await?.with_ready_flag(ready).serve(shutdown).await
 }
 
 async fn read_dir(dir: &Path) -> Result<(String, String), Error> {
@@ -280,6 +365,8 @@ async fn keep_certificate_fresh(
     mut ca_written: bool,
 ) {
     let mut last_files = None;
+    let check_every = Duration::from_secs(args.webhook_ca_bundle_check_seconds);
+    let mut last_secret_check = tokio::time::Instant::now();
     loop {
         match &source {
             Source::Dir(dir) => {
@@ -298,7 +385,16 @@ async fn keep_certificate_fresh(
                 }
             }
             Source::Secret => {
-                tokio::time::sleep(if ca_written { SECRET_RECHECK_EVERY } else { RETRY_EVERY }).await;
+                tokio::time::sleep(if ca_written { check_every } else { RETRY_EVERY.min(check_every) }).await;
+                if ca_written && last_secret_check.elapsed() < SECRET_RECHECK_EVERY {
+                    // Between Secret checks only the live caBundle is read. When it differs (cleared by a
+                    // `helm upgrade --force`, or another replica rotated the CA) the Secret is read again and
+                    // what it holds is written: replicas never write back an older bundle than the Secret's.
+                    if bundle_is_live(&client, &args, ca_pem.as_deref()).await {
+                        continue;
+                    }
+                    ca_written = false;
+                }
                 let b = match certs::ensure_secret(
                     &client,
                     &args.webhook_namespace,
@@ -314,14 +410,39 @@ async fn keep_certificate_fresh(
                         continue;
                     }
                 };
+                last_secret_check = tokio::time::Instant::now();
                 if let Err(e) = resolver.set_pem(&b.cert_pem, &b.key_pem) {
                     tracing::warn!(error = %Chain(&e), "keeping the previous webhook certificate");
                 }
-                if ca_pem.as_deref() != Some(b.ca_pem.as_str()) || !ca_written {
-                    ca_written = write_ca_bundle(&client, &args, &b.ca_pem).await;
-                    ca_pem = Some(b.ca_pem);
+                let bundle = b.ca_bundle_pem(jiff::Timestamp::now().as_second());
+                if ca_pem.as_deref() != Some(bundle.as_str()) || !ca_written {
+                    ca_written = write_ca_bundle(&client, &args, &bundle).await;
+                    ca_pem = Some(bundle);
                 }
             }
+        }
+    }
+}
+
+/// Whether the live caBundle is `want`; a difference is logged. A failed read counts as live (retried later).
+async fn bundle_is_live(client: &kube::Client, args: &WebhookArgs, want: Option<&str>) -> bool {
+    match certs::live_ca_bundle(client, &args.webhook_config_name, &args.webhook_name).await {
+        Ok(live) if live.as_deref() == want => true,
+        Ok(live) => {
+            let found = match live.as_deref() {
+                None => "no such webhook entry",
+                Some("") => "an empty caBundle",
+                Some(_) => "another caBundle",
+            };
+            tracing::warn!(
+                config = %args.webhook_config_name, webhook = %args.webhook_name, found,
+                "the webhook caBundle drifted; writing it again from the certificate Secret"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %Chain(&e), "could not read the webhook configuration");
+            true
         }
     }
 }
@@ -359,10 +480,10 @@ mod tests {
     #[test]
     fn quantities() {
         for ok in ["1", "0.5", "100m", "64Mi", "1e3", "2E-1", "1.5Gi"] {
-            assert!(is_quantity(ok), "{ok}");
+            assert!(inject::is_quantity(ok), "{ok}");
         }
         for bad in ["", "m", ".", "1.2.3", "64mi", "lots", "1e", "-1"] {
-            assert!(!is_quantity(bad), "{bad}");
+            assert!(!inject::is_quantity(bad), "{bad}");
         }
     }
 }

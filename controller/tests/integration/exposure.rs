@@ -1,6 +1,6 @@
-//! Cluster tests of the per-Service objects beside the tables: the `Exposure` condition (bypass guard), the
-//! sidecar's least-privilege read access (Role + RoleBinding by `resourceNames`), and the NetworkPolicy (on by
-//! default) with the isolation findings of `Exposure`.
+//! Cluster tests of the per-Service objects beside the tables: the `Protected` condition (bypass guard; also
+//! written under its deprecated name `Exposure`), the sidecar's least-privilege read access (Role + RoleBinding by
+//! `resourceNames`), and the NetworkPolicy (on by default) with the isolation findings of `Protected`.
 //! Same setup as `cluster.rs`: real kube-apiserver (RBAC on), controller in-process with the least-privilege token.
 
 use crate::common::*;
@@ -80,8 +80,20 @@ async fn exposure_follows_the_service() {
     let svcs: Api<Service> = Api::namespaced(env.admin.clone(), &env.ns);
     let patch = json!({"spec": {"type": "ClusterIP", "ports": [{"name": "https", "port": 443, "targetPort": 8443}]}});
     svcs.patch("web", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
-    let msg = wait_plan_condition(&env, "p", "Exposure", "True", "Internal").await;
+    let msg = wait_plan_condition(&env, "p", "Protected", "True", "Internal").await;
     assert!(msg.contains("web"), "{msg}");
+    assert_eq!(wait_plan_condition(&env, "p", "Exposure", "True", "Internal").await, msg, "the old name, alike");
+
+    // An internal load balancer with the default externalTrafficPolicy (Cluster): nodes SNAT, sourceRanges see
+    // node addresses — flagged with what to set; `Local` clears it.
+    let patch = json!({"metadata": {"annotations": {"networking.gke.io/load-balancer-type": "Internal"}},
+                       "spec": {"type": "LoadBalancer"}});
+    svcs.patch("web", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+    let msg = wait_plan_condition(&env, "p", "Protected", "False", "ClientAddressHidden").await;
+    assert!(msg.contains("externalTrafficPolicy: Local") && msg.contains("sourceRanges"), "{msg}");
+    let patch = json!({"spec": {"externalTrafficPolicy": "Local"}});
+    svcs.patch("web", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+    wait_plan_condition(&env, "p", "Protected", "True", "Internal").await;
 
     let patch = json!({"spec": {"ports": [{"name": "https", "port": 443, "targetPort": 8080}]}});
     svcs.patch("web", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
@@ -303,5 +315,71 @@ async fn with_the_default_off_plans_opt_in() {
     create_plan(&env, plan_np("fenced", &["api"], Some(true))).await;
     wait_for(T, "NetworkPolicy portcullis-api", || async { nps.get_opt("portcullis-api").await.ok()? }).await;
     wait_plan_condition(&env, "unset", "Exposure", "True", "Internal").await;
+    ctl.stop().await.unwrap();
+}
+
+/// An ApiClient identified by a certificate on a Service whose sidecars verify none (no `--client-ca`): the
+/// condition `CertificatesVerifiable` says so (and `Ready` is False: every request of the client would be 403);
+/// it follows what the webhook injected into the Service's pods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_client_needs_sidecars_with_a_client_ca() {
+    let env = env("certca").await;
+    let ctl = start_controller(&env, "certca-1").await;
+    create_plan(&env, plan("p", &["api"], false)).await;
+    let spec = ApiClientSpec {
+        usage_plans: vec!["p".into()],
+        source_ranges: vec![],
+        keys: vec![],
+        certificates: vec![CertificateSpec { subject: Some("partner".into()), ..Default::default() }],
+        require_certificate: None,
+        disabled: None,
+    };
+    create_client(&env, "partner", spec).await;
+    // No sidecar runs yet and the controller has no chart-wide client CA: said, but not (yet) part of `Ready`.
+    let c = wait_client_condition(&env, "partner", "CertificatesVerifiable", "False", Some("ClientCAMissing")).await;
+    let msg = condition(&c.status.unwrap().conditions, "CertificatesVerifiable").unwrap().message.clone();
+    assert!(msg.contains("api") && msg.contains("portcullis.dev/client-ca-secret"), "{msg}");
+    wait_client_condition(&env, "partner", "Ready", "True", Some("Ready")).await;
+
+    let sidecar_pod = |name: &str, args: serde_json::Value| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "labels": {"portcullis.dev/inject": "true", "app": "api"},
+                            "annotations": {"portcullis.dev/service": "api"}},
+               "spec": {"containers": [{"name": "app", "image": "example.invalid/app"},
+                                       {"name": "portcullis-proxy", "image": "example.invalid/proxy", "args": args}]}})
+    };
+    let _: Pod = create(&env, sidecar_pod("api-0", json!(["--client-ca=/etc/portcullis/client-ca/ca.crt"]))).await;
+    wait_client_condition(&env, "partner", "CertificatesVerifiable", "True", Some("ClientCAConfigured")).await;
+    // One sidecar of the Service without a client CA is enough to refuse the client there.
+    let _: Pod = create(&env, sidecar_pod("api-1", json!(["--listen=0.0.0.0:8443"]))).await;
+    wait_client_condition(&env, "partner", "CertificatesVerifiable", "False", Some("ClientCAMissing")).await;
+    // A running sidecar refuses the certificate-only client: not Ready.
+    wait_client_condition(&env, "partner", "Ready", "False", Some("ClientCAMissing")).await;
+    ctl.stop().await.unwrap();
+}
+
+/// `--sidecar-proxy-port` other than 8443 (chart `sidecar.proxyPort`): `Protected` takes that port as the proxy's
+/// and 8443 as the app's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_proxy_port_is_the_proxy() {
+    let env = env("port").await;
+    let lease = format!("pc-{}", env.ns);
+    let ctl = start_controller_with(&env, "port-1", &lease, None, |c| {
+        c.sidecar_ports = portcullis_controller::network_policy::SidecarPorts { proxy: 7443, admin: 7901 };
+    })
+    .await;
+    create_plan(&env, plan("p", &["web"], false)).await;
+    let _: Service = create(
+        &env,
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+               "spec": {"selector": {"app": "web"}, "ports": [{"name": "https", "port": 443, "targetPort": 7443}]}}),
+    )
+    .await;
+    wait_plan_condition(&env, "p", "Protected", "True", "Internal").await;
+    let svcs: Api<Service> = Api::namespaced(env.admin.clone(), &env.ns);
+    let patch = json!({"spec": {"ports": [{"name": "https", "port": 443, "targetPort": 8443}]}});
+    svcs.patch("web", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+    let msg = wait_plan_condition(&env, "p", "Protected", "False", "TargetPortBypassesProxy").await;
+    assert!(msg.contains("targets 8443") && msg.contains("set its targetPort to 7443"), "{msg}");
     ctl.stop().await.unwrap();
 }

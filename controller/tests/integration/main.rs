@@ -22,6 +22,7 @@ mod global_limits;
 mod lifecycle_keys;
 mod lifecycle_tables;
 mod no_crds;
+mod readiness;
 mod scale;
 mod secret_hygiene;
 mod webhook;

@@ -402,3 +402,197 @@ fn own_cp() -> &'static ControlPlane {
     static CP: portcullis_testkit::OnceCell = portcullis_testkit::OnceCell::new();
     ControlPlane::once(&CP)
 }
+
+/// Every per-workload annotation, set on one pod: the API server stores (and so validates) a sidecar with each
+/// setting as the proxy flag, the resources and the client CA volume; the sidecar contract's unit test parses the
+/// same arguments with the proxy's `Cli`.
+#[tokio::test]
+async fn per_workload_annotations_reach_the_stored_sidecar() {
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use portcullis_controller::sidecar_contract::*;
+    let cp = setup().await;
+    let ns = cp.namespace("wh-settings").await;
+    let pods: Api<Pod> = Api::namespaced(cp.admin_client().await, &ns);
+    let mut p = opted_in("set-0", "orders", "8080");
+    p.metadata.annotations.as_mut().unwrap().extend(
+        [
+            (ANNOTATION_TLS_SECRET, "orders-tls"),
+            (ANNOTATION_TRUSTED_PROXIES, "10.0.0.0/8, 192.168.7.1"),
+            (ANNOTATION_PROXY_PROTOCOL, "true"),
+            (ANNOTATION_CLIENT_CA_SECRET, "partners-ca"),
+            (ANNOTATION_REQUIRE_TLS, "true"),
+            (ANNOTATION_WORKERS, "2"),
+            (ANNOTATION_CPU_REQUEST, "50m"),
+            (ANNOTATION_MEMORY_REQUEST, "32Mi"),
+            (ANNOTATION_CPU_LIMIT, "1"),
+            (ANNOTATION_MEMORY_LIMIT, "128Mi"),
+            (ANNOTATION_ADMIN_ADDRESS, "::"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    pods.create(&PostParams::default(), &p).await.expect("create");
+    let stored = pods.get("set-0").await.unwrap();
+    let c = sidecar(&stored);
+    let args = c.args.clone().unwrap();
+    for want in [
+        "--trusted-proxies=10.0.0.0/8,192.168.7.1",
+        "--proxy-protocol",
+        "--client-ca=/etc/portcullis/client-ca/ca.crt",
+        "--require-tls",
+        "--workers=2",
+        "--admin-listen=[::]:9901",
+        "--tls-cert=/etc/portcullis/tls/tls.crt",
+    ] {
+        assert!(args.iter().any(|a| a == want), "{want} missing from {args:?}");
+    }
+    let r = c.resources.as_ref().expect("resources");
+    let q = |m: &Option<std::collections::BTreeMap<String, Quantity>>, k: &str| m.as_ref().unwrap()[k].0.clone();
+    assert_eq!((q(&r.requests, "cpu"), q(&r.requests, "memory")), ("50m".into(), "32Mi".into()));
+    assert_eq!((q(&r.limits, "cpu"), q(&r.limits, "memory")), ("1".into(), "128Mi".into()));
+    let spec = stored.spec.as_ref().unwrap();
+    let vol = spec.volumes.iter().flatten().find(|v| v.name == CLIENT_CA_VOLUME_NAME).expect("client CA volume");
+    assert_eq!(vol.secret.as_ref().unwrap().secret_name.as_deref(), Some("partners-ca"));
+    let keys: Vec<&str> = vol.secret.as_ref().unwrap().items.iter().flatten().map(|i| i.key.as_str()).collect();
+    assert_eq!(keys, [CLIENT_CA_KEY]);
+    let mount = c.volume_mounts.iter().flatten().find(|m| m.name == CLIENT_CA_VOLUME_NAME).expect("mount");
+    assert_eq!((mount.mount_path.as_str(), mount.read_only), (CLIENT_CA_MOUNT_PATH, Some(true)));
+
+    // "false" and "" turn settings off; without annotations nothing of the above is set.
+    let mut off = opted_in("set-1", "orders", "8080");
+    off.metadata.annotations.as_mut().unwrap().extend(
+        [(ANNOTATION_PROXY_PROTOCOL, "false"), (ANNOTATION_TRUSTED_PROXIES, ""), (ANNOTATION_REQUIRE_TLS, "false")]
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    for p in [off, opted_in("set-2", "orders", "8080")] {
+        let created = pods.create(&PostParams::default(), &p).await.expect("create");
+        let args = sidecar(&created).args.clone().unwrap();
+        for flag in ["--trusted-proxies", "--proxy-protocol", "--client-ca", "--require-tls", "--workers"] {
+            assert!(!args.iter().any(|a| a.starts_with(flag)), "{flag} in {args:?}");
+        }
+        assert!(args.contains(&"--admin-listen=0.0.0.0:9901".to_string()), "{args:?}");
+        assert!(sidecar(&created).resources.as_ref().is_none_or(|r| r.requests.is_none() && r.limits.is_none()));
+    }
+}
+
+/// Each per-workload annotation with a bad value (or one that cannot work without another) is refused by the API
+/// server with the webhook's message naming the annotation.
+#[tokio::test]
+async fn bad_per_workload_annotations_are_refused_naming_them() {
+    use portcullis_controller::sidecar_contract::*;
+    let cp = setup().await;
+    let ns = cp.namespace("wh-bad-settings").await;
+    let pods: Api<Pod> = Api::namespaced(cp.admin_client().await, &ns);
+    let tls = (ANNOTATION_TLS_SECRET, "orders-tls");
+    // (pod name, annotations added, annotation the refusal names, text it contains)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str, &'a str);
+    let cases: &[Case] = &[
+        ("tp", &[(ANNOTATION_TRUSTED_PROXIES, "10.0.0.0/33")], ANNOTATION_TRUSTED_PROXIES, "10.0.0.0/33"),
+        ("tp-word", &[(ANNOTATION_TRUSTED_PROXIES, "lb")], ANNOTATION_TRUSTED_PROXIES, "\"lb\""),
+        ("pp", &[(ANNOTATION_PROXY_PROTOCOL, "yes")], ANNOTATION_PROXY_PROTOCOL, "\"yes\""),
+        ("pp-alone", &[(ANNOTATION_PROXY_PROTOCOL, "true")], ANNOTATION_PROXY_PROTOCOL, ANNOTATION_TRUSTED_PROXIES),
+        ("ca-name", &[tls, (ANNOTATION_CLIENT_CA_SECRET, "Partners_CA")], ANNOTATION_CLIENT_CA_SECRET, "Partners_CA"),
+        (
+            "ca-no-tls",
+            &[(ANNOTATION_CLIENT_CA_SECRET, "partners-ca")],
+            ANNOTATION_CLIENT_CA_SECRET,
+            ANNOTATION_TLS_SECRET,
+        ),
+        ("rt", &[tls, (ANNOTATION_REQUIRE_TLS, "1")], ANNOTATION_REQUIRE_TLS, "\"1\""),
+        ("rt-no-tls", &[(ANNOTATION_REQUIRE_TLS, "true")], ANNOTATION_REQUIRE_TLS, ANNOTATION_TLS_SECRET),
+        ("w", &[(ANNOTATION_WORKERS, "-1")], ANNOTATION_WORKERS, "\"-1\""),
+        ("w-many", &[(ANNOTATION_WORKERS, "5000")], ANNOTATION_WORKERS, "\"5000\""),
+        ("cpu-req", &[(ANNOTATION_CPU_REQUEST, "lots")], ANNOTATION_CPU_REQUEST, "\"lots\""),
+        ("mem-req", &[(ANNOTATION_MEMORY_REQUEST, "32mb")], ANNOTATION_MEMORY_REQUEST, "\"32mb\""),
+        ("cpu-lim", &[(ANNOTATION_CPU_LIMIT, "1 core")], ANNOTATION_CPU_LIMIT, "\"1 core\""),
+        ("mem-lim", &[(ANNOTATION_MEMORY_LIMIT, "-5Mi")], ANNOTATION_MEMORY_LIMIT, "\"-5Mi\""),
+        (
+            "req-over-lim",
+            &[(ANNOTATION_MEMORY_REQUEST, "256Mi"), (ANNOTATION_MEMORY_LIMIT, "128Mi")],
+            ANNOTATION_MEMORY_LIMIT,
+            "above the memory limit",
+        ),
+        ("admin", &[(ANNOTATION_ADMIN_ADDRESS, "localhost")], ANNOTATION_ADMIN_ADDRESS, "\"localhost\""),
+        ("admin-lo", &[(ANNOTATION_ADMIN_ADDRESS, "127.0.0.1")], ANNOTATION_ADMIN_ADDRESS, "kubelet"),
+    ];
+    for (name, extra, annotation, value) in cases {
+        let mut p = opted_in(name, "orders", "8080");
+        p.metadata.annotations.as_mut().unwrap().extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        match pods.create(&PostParams::default(), &p).await {
+            Err(kube::Error::Api(e)) => {
+                assert!(
+                    e.message.contains(annotation) && e.message.contains(value),
+                    "pod {name}: the refusal should name {annotation} and {value}: {}",
+                    e.message
+                );
+                assert!(e.message.contains("inject.portcullis.dev"), "{}", e.message);
+            }
+            other => panic!("pod {name} should have been refused, got {other:?}"),
+        }
+        assert!(pods.get_opt(name).await.unwrap().is_none(), "refused pod {name} must not exist");
+    }
+}
+
+/// A self-managed certificate: the webhook writes its CA into the caBundle, is ready while it serves, and writes
+/// the caBundle again when someone clears it (as `helm upgrade --force` or a GitOps sync does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleared_ca_bundle_is_written_again() {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    use k8s_openapi::api::core::v1::Secret;
+    use std::sync::atomic::Ordering;
+    let cp = own_cp();
+    let client = cp.admin_client().await;
+    let ns = cp.namespace("wh-cabundle").await;
+    let config_name = format!("wh-repair-{}", random_hex(3));
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    // A configuration no pod matches (objectSelector on a label nobody sets; failurePolicy Ignore).
+    let mwc: MutatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": config_name},
+        "webhooks": [{"name": "inject.portcullis.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                      "failurePolicy": "Ignore", "objectSelector": {"matchLabels": {"portcullis.dev/never": "x"}},
+                      "clientConfig": {"url": "https://127.0.0.1:1/mutate"},
+                      "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                                 "resources": ["pods"]}]}]
+    }))
+    .unwrap();
+    configs.create(&PostParams::default(), &mwc).await.unwrap();
+    let mut args = WebhookArgs::defaults();
+    args.webhook_listen = "127.0.0.1:0".parse().unwrap();
+    args.webhook_config_name = config_name.clone();
+    args.webhook_namespace = ns.clone();
+    args.webhook_ca_bundle_check_seconds = 1;
+    let webhook = Webhook::bind(args.clone(), client.clone()).await.expect("webhook binds");
+    let ready = webhook.ready_flag();
+    assert!(!ready.load(Ordering::SeqCst), "not ready before it serves");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(webhook.serve(async move {
+        let _ = stopped.await;
+    }));
+    wait_for(T, "the webhook ready flag", || async { ready.load(Ordering::SeqCst).then_some(()) }).await;
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let secret = secrets.get(&args.webhook_cert_secret).await.expect("the certificate Secret");
+    let ca = secret.data.as_ref().unwrap()["ca.crt"].0.clone();
+    let live = || {
+        let configs = configs.clone();
+        let name = config_name.clone();
+        async move {
+            let c = configs.get(&name).await.ok()?;
+            Some(c.webhooks?.into_iter().next()?.client_config.ca_bundle.map(|b| b.0).unwrap_or_default())
+        }
+    };
+    assert_eq!(live().await.unwrap(), ca, "written at start");
+
+    let clear = serde_json::json!([{"op": "remove", "path": "/webhooks/0/clientConfig/caBundle"}]);
+    let patch: json_patch::Patch = serde_json::from_value(clear).unwrap();
+    configs.patch(&config_name, &PatchParams::default(), &Patch::<()>::Json(patch)).await.expect("clear");
+    assert!(live().await.unwrap().is_empty(), "cleared");
+    let t0 = std::time::Instant::now();
+    wait_for(T, "the caBundle written again", || async { (live().await? == ca).then_some(()) }).await;
+    eprintln!("caBundle repaired {:?} after it was cleared (check every 1 s)", t0.elapsed());
+
+    let _ = stop.send(());
+    task.await.unwrap().expect("serves until stopped");
+    assert!(!ready.load(Ordering::SeqCst), "not ready once stopped");
+    configs.delete(&config_name, &DeleteParams::default()).await.unwrap();
+}

@@ -278,22 +278,22 @@ async fn demo(root: &Path, target: &Path, cp: &ControlPlane) -> Result<()> {
     );
 
     say("bypass guard: kubectl patch service echo -p '{\"spec\":{\"type\":\"NodePort\"}}'");
-    let (status, msg) = plan_condition(cp, "partners", "Exposure").await?;
-    println!("    before: usageplan/partners Exposure={status}: {msg}");
+    let (status, msg) = plan_condition(cp, "partners", "Protected").await?;
+    println!("    before: usageplan/partners Protected={status}: {msg}");
     let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(cp.admin_client().await, NS);
     services
         .patch("echo", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"type": "NodePort"}})))
         .await?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let (status, msg) = plan_condition(cp, "partners", "Exposure").await?;
+        let (status, msg) = plan_condition(cp, "partners", "Protected").await?;
         if status == "False" {
-            println!("    ✔ after:  usageplan/partners Exposure=False: {msg}");
+            println!("    ✔ after:  usageplan/partners Protected=False: {msg}");
             break;
         }
         if Instant::now() > deadline {
             failures += 1;
-            println!("    ✘ Exposure did not turn False for a NodePort Service within 20 s");
+            println!("    ✘ Protected did not turn False for a NodePort Service within 20 s");
             break;
         }
         procs.check()?;
@@ -315,7 +315,9 @@ async fn inject_demo_pod(cp: &ControlPlane, procs: &mut Procs) -> Result<String>
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "echo-0", "labels": {"app": "echo", "portcullis.dev/inject": "true"},
-                     "annotations": {"portcullis.dev/service": "echo", "portcullis.dev/upstream-port": "8080"}},
+                     "annotations": {"portcullis.dev/service": "echo", "portcullis.dev/upstream-port": "8080",
+                                     // A per-workload sidecar setting: the webhook passes it on as `--workers=2`.
+                                     "portcullis.dev/workers": "2"}},
         "spec": {"serviceAccountName": "echo", "containers": [{"name": "app", "image": "example.com/echo:1",
                  "ports": [{"containerPort": 8080}]}]}
     }))?;
@@ -324,12 +326,19 @@ async fn inject_demo_pod(cp: &ControlPlane, procs: &mut Procs) -> Result<String>
         procs.check()?;
         match pods.create(&Default::default(), &pod).await {
             Ok(p) => {
-                let names: Vec<String> =
-                    p.spec.map(|s| s.containers.into_iter().map(|c| c.name).collect()).unwrap_or_default();
-                if !names.iter().any(|n| n == "portcullis-proxy") {
+                let containers = p.spec.map(|s| s.containers).unwrap_or_default();
+                let names: Vec<&str> = containers.iter().map(|c| c.name.as_str()).collect();
+                let Some(sidecar) = containers.iter().find(|c| c.name == "portcullis-proxy") else {
                     bail!("the webhook admitted pod/echo-0 without the sidecar: {names:?}");
+                };
+                let args = sidecar.args.clone().unwrap_or_default();
+                if !args.iter().any(|a| a == "--workers=2") {
+                    bail!("annotation portcullis.dev/workers: \"2\" did not reach the sidecar: {args:?}");
                 }
-                return Ok(names.join(", "));
+                return Ok(format!(
+                    "{} (annotation portcullis.dev/workers: \"2\" → sidecar arg --workers=2)",
+                    names.join(", ")
+                ));
             }
             // Until the controller has written the caBundle the API server cannot call the webhook.
             Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
