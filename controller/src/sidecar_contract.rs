@@ -63,6 +63,14 @@ pub const ANNOTATION_MEMORY_LIMIT: &str = "portcullis.dev/memory-limit";
 /// on IPv6-only clusters or `0.0.0.0` (the default). Not loopback: the kubelet probes the admin port.
 pub const ANNOTATION_ADMIN_ADDRESS: &str = "portcullis.dev/admin-address";
 
+/// Annotation: the sidecar's access log, `json` or `off` (`--access-log`; docs/observability.md).
+pub const ANNOTATION_ACCESS_LOG: &str = "portcullis.dev/access-log";
+/// Annotation: the fraction of allowed requests in the access log, 0 to 1 (`--access-log-sample`; refusals are
+/// always logged).
+pub const ANNOTATION_ACCESS_LOG_SAMPLE: &str = "portcullis.dev/access-log-sample";
+/// Annotation: clients with their own series in the sidecar's per-client metrics (`--client-metrics`, 0 = none).
+pub const ANNOTATION_CLIENT_METRICS: &str = "portcullis.dev/client-metrics";
+
 /// Every per-workload annotation the webhook reads (besides the opt-in [`INJECT_KEY`]).
 pub const ANNOTATIONS: &[&str] = &[
     ANNOTATION_SERVICE,
@@ -79,6 +87,9 @@ pub const ANNOTATIONS: &[&str] = &[
     ANNOTATION_CPU_LIMIT,
     ANNOTATION_MEMORY_LIMIT,
     ANNOTATION_ADMIN_ADDRESS,
+    ANNOTATION_ACCESS_LOG,
+    ANNOTATION_ACCESS_LOG_SAMPLE,
+    ANNOTATION_CLIENT_METRICS,
 ];
 
 /// The `portcullis-proxy` flags the webhook writes (each as `--flag=value`, or alone for booleans).
@@ -98,6 +109,9 @@ pub mod proxy_flag {
     pub const STORE_URL: &str = "--store-url";
     pub const STORE_TIMEOUT: &str = "--store-timeout";
     pub const REPLICA_ID: &str = "--replica-id";
+    pub const ACCESS_LOG: &str = "--access-log";
+    pub const ACCESS_LOG_SAMPLE: &str = "--access-log-sample";
+    pub const CLIENT_METRICS: &str = "--client-metrics";
 }
 
 /// The controller flags holding the chart-wide defaults of the per-workload settings (the chart's
@@ -176,6 +190,9 @@ mod tests {
                 (ANNOTATION_REQUIRE_TLS, "true"),
                 (ANNOTATION_WORKERS, "3"),
                 (ANNOTATION_ADMIN_ADDRESS, "::"),
+                (ANNOTATION_ACCESS_LOG, "off"),
+                (ANNOTATION_ACCESS_LOG_SAMPLE, "0.25"),
+                (ANNOTATION_CLIENT_METRICS, "500"),
             ])
             .collect();
         let mut with_store = InjectSettings::new("proxy:1");
@@ -193,6 +210,7 @@ mod tests {
             require_tls: false,
             workers: Some(2),
             admin_address: Some("0.0.0.0".parse().unwrap()),
+            ..Default::default()
         };
         let cases = [
             (pod(&base), InjectSettings::new("proxy:1")),

@@ -12,7 +12,10 @@ pub use crate::sidecar_contract::{
     ANNOTATION_TRUSTED_PROXIES, ANNOTATION_UPSTREAM_PORT, ANNOTATION_WORKERS, CONTAINER_NAME, DEFAULT_ADMIN_PORT,
     DEFAULT_PROXY_PORT, INJECT_KEY, PROXY_PORT_NAME, TLS_MOUNT_PATH, TLS_VOLUME_NAME,
 };
-use crate::sidecar_contract::{CLIENT_CA_KEY, CLIENT_CA_MOUNT_PATH, CLIENT_CA_VOLUME_NAME, arg, proxy_flag};
+use crate::sidecar_contract::{
+    ANNOTATION_ACCESS_LOG, ANNOTATION_ACCESS_LOG_SAMPLE, ANNOTATION_CLIENT_METRICS, CLIENT_CA_KEY,
+    CLIENT_CA_MOUNT_PATH, CLIENT_CA_VOLUME_NAME, arg, proxy_flag,
+};
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
@@ -29,6 +32,8 @@ use std::net::{IpAddr, SocketAddr};
 const NONROOT_ID: i64 = 65532;
 /// Most serving threads a sidecar may be given by annotation.
 pub const MAX_WORKERS: u32 = 256;
+/// Most clients a sidecar may give their own metric series (`portcullis.dev/client-metrics`).
+pub const MAX_CLIENT_METRICS: u32 = 100_000;
 
 /// How the sidecar is built.
 #[derive(Clone, Debug, PartialEq)]
@@ -60,6 +65,12 @@ pub struct SidecarOptions {
     pub workers: Option<u32>,
     /// Address the admin listener binds (`None`: `0.0.0.0`).
     pub admin_address: Option<IpAddr>,
+    /// `--access-log` (`json`/`off`; `None`: the proxy's default, `json`).
+    pub access_log: Option<&'static str>,
+    /// `--access-log-sample` as written in the annotation (validated: 0 to 1).
+    pub access_log_sample: Option<String>,
+    /// `--client-metrics` (`None`: the proxy's default, 100).
+    pub client_metrics: Option<u32>,
 }
 
 /// What an injected sidecar is told about the shared store: its URL and command timeout as flags, its credentials
@@ -354,6 +365,26 @@ pub fn options(pod: &Pod, defaults: &SidecarOptions) -> Result<SidecarOptions, I
     if let Some(v) = annotation(pod, ANNOTATION_ADMIN_ADDRESS) {
         o.admin_address = Some(parse_admin_address(v).map_err(|why| bad(ANNOTATION_ADMIN_ADDRESS, v, why))?);
     }
+    if let Some(v) = annotation(pod, ANNOTATION_ACCESS_LOG) {
+        o.access_log = Some(match v.trim() {
+            "json" => "json",
+            "off" => "off",
+            _ => return Err(bad(ANNOTATION_ACCESS_LOG, v, "must be \"json\" or \"off\"")),
+        });
+    }
+    if let Some(v) = annotation(pod, ANNOTATION_ACCESS_LOG_SAMPLE) {
+        let ok = v.trim().parse::<f64>().ok().filter(|f| (0.0..=1.0).contains(f));
+        if ok.is_none() {
+            return Err(bad(ANNOTATION_ACCESS_LOG_SAMPLE, v, "must be a number from 0 to 1"));
+        }
+        o.access_log_sample = Some(v.trim().to_string());
+    }
+    if let Some(v) = annotation(pod, ANNOTATION_CLIENT_METRICS) {
+        let n = v.trim().parse::<u32>().ok().filter(|n| *n <= MAX_CLIENT_METRICS && !v.trim().starts_with('+'));
+        o.client_metrics = Some(n.ok_or_else(|| {
+            bad(ANNOTATION_CLIENT_METRICS, v, format!("must be a number of clients from 0 to {MAX_CLIENT_METRICS}"))
+        })?);
+    }
     Ok(o)
 }
 
@@ -530,6 +561,15 @@ fn container(namespace: &str, service: &str, upstream: u16, s: &InjectSettings, 
     }
     if let Some(w) = o.workers {
         args.push(arg(proxy_flag::WORKERS, w));
+    }
+    if let Some(l) = o.access_log {
+        args.push(arg(proxy_flag::ACCESS_LOG, l));
+    }
+    if let Some(f) = &o.access_log_sample {
+        args.push(arg(proxy_flag::ACCESS_LOG_SAMPLE, f));
+    }
+    if let Some(n) = o.client_metrics {
+        args.push(arg(proxy_flag::CLIENT_METRICS, n));
     }
     let mut env = vec![
         field_env("POD_NAME", "metadata.name"),
@@ -939,6 +979,7 @@ mod tests {
             require_tls: true,
             workers: Some(4),
             admin_address: Some("::".parse().unwrap()),
+            ..Default::default()
         };
         // Without TLS the TLS-only defaults (client CA, require-TLS) do not apply; the others do.
         let a = args_of(&opted_in("orders", "8080"), &s);
@@ -965,6 +1006,19 @@ mod tests {
             assert!(!a.iter().any(|x| x.starts_with(gone)), "{gone} in {a:?}");
         }
         assert!(a.contains(&"--workers=0".to_string()) && a.contains(&"--admin-listen=0.0.0.0:9901".to_string()));
+        // The access log and per-client metrics: absent unless annotated (the proxy's defaults apply).
+        assert!(!a.iter().any(|x| x.starts_with("--access-log") || x.starts_with("--client-metrics")), "{a:?}");
+        let a = args_of(
+            &with(&[
+                (ANNOTATION_ACCESS_LOG, "off"),
+                (ANNOTATION_ACCESS_LOG_SAMPLE, "0.05"),
+                (ANNOTATION_CLIENT_METRICS, "0"),
+            ]),
+            &s,
+        );
+        for want in ["--access-log=off", "--access-log-sample=0.05", "--client-metrics=0"] {
+            assert!(a.contains(&want.to_string()), "{want} not in {a:?}");
+        }
     }
 
     #[test]
@@ -993,6 +1047,11 @@ mod tests {
         let tls = (ANNOTATION_TLS_SECRET, "orders-tls");
         let cases: &[(&[(&str, &str)], &str)] = &[
             (&[(ANNOTATION_TRUSTED_PROXIES, "10.0.0.0/40")], ANNOTATION_TRUSTED_PROXIES),
+            (&[(ANNOTATION_ACCESS_LOG, "text")], ANNOTATION_ACCESS_LOG),
+            (&[(ANNOTATION_ACCESS_LOG_SAMPLE, "1.5")], ANNOTATION_ACCESS_LOG_SAMPLE),
+            (&[(ANNOTATION_ACCESS_LOG_SAMPLE, "half")], ANNOTATION_ACCESS_LOG_SAMPLE),
+            (&[(ANNOTATION_CLIENT_METRICS, "100001")], ANNOTATION_CLIENT_METRICS),
+            (&[(ANNOTATION_CLIENT_METRICS, "-1")], ANNOTATION_CLIENT_METRICS),
             (&[(ANNOTATION_PROXY_PROTOCOL, "on")], ANNOTATION_PROXY_PROTOCOL),
             (&[(ANNOTATION_PROXY_PROTOCOL, "true")], ANNOTATION_PROXY_PROTOCOL),
             (&[(ANNOTATION_CLIENT_CA_SECRET, "ca")], ANNOTATION_CLIENT_CA_SECRET),

@@ -221,6 +221,7 @@ impl WebhookArgs {
                 require_tls: self.sidecar_require_tls,
                 workers,
                 admin_address,
+                ..Default::default()
             },
             sidecar_image: self.sidecar_image.clone(),
             image_pull_policy: self.sidecar_image_pull_policy.clone(),
