@@ -48,6 +48,8 @@ pub struct Metrics {
     /// `{service="NAMESPACE/NAME", revision}` = 1 for the revision last written: the same labels as the sidecars'
     /// `portcullis_proxy_table_info`, so a rule can find sidecars on another revision.
     pub table_info: Family<TableLabels, Gauge>,
+    /// Findings of the `Protected` condition (ways past the proxy) per Service.
+    pub bypass_findings: Family<ServiceLabels, Gauge>,
     current_revisions: std::sync::Mutex<std::collections::HashMap<String, String>>,
     pub leader: Gauge,
     /// 1 while the last check of the shared store succeeded (0 when it failed or no store is configured).
@@ -88,6 +90,14 @@ impl Metrics {
              portcullis_proxy_table_info)",
             table_info.clone(),
         );
+        let bypass_findings = Family::<ServiceLabels, Gauge>::default();
+        registry.register(
+            "bypass_findings",
+            "Ways to reach a protected Service's pods past the sidecar (the findings of its UsagePlans' Protected \
+             condition; 0 = protected)",
+            bypass_findings.clone(),
+        );
+        registry.register_collector(Box::new(WebhookCertExpiry));
         registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
         registry.register("store_up", "1 while the shared store answered the last check", store_up.clone());
         Self {
@@ -99,6 +109,7 @@ impl Metrics {
             table_clients,
             table_shards,
             table_info,
+            bypass_findings,
             current_revisions: Default::default(),
             leader,
             store_up,
@@ -126,10 +137,16 @@ impl Metrics {
         self.table_info.get_or_create(&TableLabels { service: id, revision: revision.into() }).set(1);
     }
 
+    pub fn set_bypass_findings(&self, namespace: &str, service: &str, n: usize) {
+        let l = ServiceLabels { namespace: namespace.into(), service: service.into() };
+        self.bypass_findings.get_or_create(&l).set(n as i64);
+    }
+
     pub fn remove_table(&self, namespace: &str, service: &str) {
         let l = ServiceLabels { namespace: namespace.into(), service: service.into() };
         self.table_clients.remove(&l);
         self.table_shards.remove(&l);
+        self.bypass_findings.remove(&l);
         let id = format!("{namespace}/{service}");
         let mut cur = self.current_revisions.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(old) = cur.remove(&id) {
@@ -141,6 +158,29 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encoding to a String");
         out
+    }
+}
+
+/// `portcullis_controller_webhook_certificate_expiry_timestamp_seconds`: read at scrape time from the webhook's
+/// serving certificate (absent until one is loaded).
+#[derive(Debug)]
+struct WebhookCertExpiry;
+
+impl prometheus_client::collector::Collector for WebhookCertExpiry {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let not_after = crate::webhook::server::SERVING_CERT_NOT_AFTER.load(Ordering::Relaxed);
+        if not_after == 0 {
+            return Ok(());
+        }
+        let gauge = prometheus_client::metrics::gauge::ConstGauge::new(not_after);
+        let metric = encoder.encode_descriptor(
+            "webhook_certificate_expiry_timestamp_seconds",
+            "notAfter of the certificate the admission webhook serves, Unix seconds",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric)
     }
 }
 
@@ -213,6 +253,8 @@ mod tests {
         m.observe("table", Duration::from_millis(1), false);
         m.set_table("ns", "svc", 1, 1, "r1");
         m.table_writes.get_or_create(&ServiceLabels { namespace: "ns".into(), service: "svc".into() }).inc();
+        m.set_bypass_findings("ns", "svc", 0);
+        crate::webhook::server::SERVING_CERT_NOT_AFTER.store(1, Ordering::Relaxed);
         let exported = exported_metric_names(&m.encode());
         for (file, text) in chart_monitoring_files() {
             let named = metric_names_in(&text, "portcullis_controller_");

@@ -51,6 +51,7 @@ pub(crate) async fn update_plan_status(ctx: &Ctx, plan: &UsagePlan) -> Result<()
             let svc = ctx.services.get(&ObjectRef::new(&s.name).within(&ns));
             let reconciled = st.is_some() && !facts.render_errors.iter().any(|(n, _)| *n == s.name);
             let findings = super::access::exposure_findings(ctx, &ns, &s.name, svc.as_deref(), reconciled);
+            ctx.metrics.set_bypass_findings(&ns, &s.name, findings.len());
             facts.exposure.push((s.name.clone(), findings));
             match st {
                 Some(st) if st.plans.get(&name) == Some(&(uid.clone(), generation)) => tables.push(TableStatus {

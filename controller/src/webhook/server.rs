@@ -11,6 +11,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
 use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -35,16 +36,29 @@ pub struct CertResolver {
     current: RwLock<Arc<CertifiedKey>>,
 }
 
+/// `notAfter` (Unix seconds) of the certificate this process serves admission with (0: none yet), exported as
+/// `portcullis_controller_webhook_certificate_expiry_timestamp_seconds` for the expiry alert.
+pub static SERVING_CERT_NOT_AFTER: AtomicI64 = AtomicI64::new(0);
+
 impl CertResolver {
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, Error> {
-        Ok(Self { current: RwLock::new(certified_key(cert_pem, key_pem)?) })
+        let r = Self { current: RwLock::new(certified_key(cert_pem, key_pem)?) };
+        note_expiry(cert_pem);
+        Ok(r)
     }
 
     /// Swaps in a new certificate; new handshakes use it, established connections keep theirs.
     pub fn set_pem(&self, cert_pem: &str, key_pem: &str) -> Result<(), Error> {
         let key = certified_key(cert_pem, key_pem)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = key;
+        note_expiry(cert_pem);
         Ok(())
+    }
+}
+
+fn note_expiry(cert_pem: &str) {
+    if let Ok(info) = super::certs::inspect(cert_pem) {
+        SERVING_CERT_NOT_AFTER.store(info.not_after_unix, Ordering::Relaxed);
     }
 }
 
