@@ -142,7 +142,7 @@ fn build_debug(root: &Path) -> Result<()> {
     run(command("cargo").current_dir(root).args(args), "cargo build --workspace --bins --tests")
 }
 
-/// Regenerates every checked-in copy of the CRDs (`crds/` and `charts/portcullis/crds/`) from the Rust types.
+/// Regenerates every checked-in copy of the CRDs (`crds/` and `charts/portcullis/files/crds/`) from the Rust types.
 fn crdgen(root: &Path) -> Result<()> {
     run(
         command("cargo").current_dir(root).args([
