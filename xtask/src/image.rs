@@ -51,7 +51,8 @@ pub fn image(root: &Path, args: &[String]) -> Result<()> {
                 .args(["build", "--quiet", "--timestamp", &epoch, "--platform", &platform, "--target", target])
                 .args(["-t", &tag, "-f"])
                 .arg(context.join("Containerfile"))
-                .arg(&context),
+                .arg(&context)
+                .stdout(Stdio::null()),
             &format!("podman build {tag}"),
         )?;
         let archive = out.join(format!("{bin}-{}.tar", platform.trim_start_matches("linux/")));
@@ -158,7 +159,9 @@ fn check_image(root: &Path, out: &Path, bin: &str, tag: &str, version: &str) -> 
 
     let chroot = || {
         let mut cmd = Command::new("chroot");
+        // A clean environment (no PORTCULLIS_* from the caller); PATH only to find chroot itself.
         cmd.arg(format!("--userspec={user}")).arg(&rootfs).arg(&entrypoint).env_clear();
+        cmd.env("PATH", std::env::var_os("PATH").unwrap_or_default());
         cmd
     };
     let printed = capture(chroot().arg("--version"))?;

@@ -106,7 +106,9 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
         return Ok(());
     }
     if !image::podman_available() {
-        eprintln!("xtask: image test SKIPPED: podman not found (Debian: apt-get install podman); see README, "Images"");
+        eprintln!(
+            "xtask: image test SKIPPED: podman not found (Debian: apt-get install podman); see README, section Images"
+        );
         return Ok(());
     }
     image::image(root, &["--check".to_string()])
