@@ -24,6 +24,7 @@
 //! Proc}`, `super::{Ctx, bar_svg}`.
 
 use super::load::{self, LOADGEN_CPU, OpenLoop, round};
+use super::sched::{Cpu, Threads};
 use super::servers::{self, LIMIT_FREE, Proc, hwm_mib, reset_hwm, rss_mib};
 use super::{Ctx, bar_svg};
 use anyhow::{Context, Result, bail};
@@ -174,7 +175,7 @@ pub fn abuse(ctx: &Ctx, bin: &Path) -> Result<Out> {
         phases.into_iter().filter(|p| only.as_deref().is_none_or(|o| o.split(',').any(|n| n == p.name))).collect();
     let mut rows = Vec::new();
     for p in &phases {
-        let r = run_phase(&proxy, &k, p)?;
+        let r = run_phase(&proxy, up.pid(), &k, p)?;
         eprintln!(
             "  {}: legit {}/{} ok ({:.3} %), p50 {:.3} ms p99 {:.3} ms; proxy peak RSS {:.1} MiB, conns ≤ {}",
             p.name,
@@ -197,6 +198,7 @@ pub fn abuse(ctx: &Ctx, bin: &Path) -> Result<Out> {
         "legit": {"rate_rps": k.legit_rate, "connections": k.legit_conns, "source": "127.0.0.1",
                   "command": load::openloop_cmd(proxy.addr, k.legit_rate, k.secs, k.legit_conns, "bench-key-0")?.join(" ")},
         "proxy_flags": flags,
+        "abuse_generator_sched": if gen_sched_idle() { "idle" } else { "normal" },
         "phases": rows.iter().zip(&phases).map(|(r, p)| r.json(p, quiet_p99)).collect::<Vec<_>>(),
         "growth": growth,
     });
@@ -218,6 +220,8 @@ struct PhaseResult {
     rss_after: f64,
     max_conns: u64,
     abuse: Value,
+    /// Where the time of both cores went while the legitimate client was measured (`sched`).
+    cpu: Value,
 }
 
 impl PhaseResult {
@@ -227,8 +231,13 @@ impl PhaseResult {
                "p99_vs_quiet": round(self.legit.get("p99") / quiet_p99, 3),
                "proxy_rss_mib": {"peak_hwm": round(self.hwm, 2), "max_sampled": round(self.rss_max, 2),
                                  "after": round(self.rss_after, 2)},
-               "proxy_open_connections_max": self.max_conns, "abuse_counts": self.abuse})
+               "proxy_open_connections_max": self.max_conns, "abuse_counts": self.abuse, "cpu": self.cpu})
     }
+}
+
+/// Both cores' counters (`/proc/stat`), by name.
+fn cpus() -> Vec<(String, Cpu)> {
+    [LOADGEN_CPU, load::SERVER_CPU].iter().map(|c| (format!("cpu{c}"), Cpu::read(c))).collect()
 }
 
 fn open_connections(admin: SocketAddr) -> Option<u64> {
@@ -244,9 +253,18 @@ fn open_connections(admin: SocketAddr) -> Option<u64> {
 }
 
 /// The abuse child: `taskset -c 0 bench-abuse ADDR ARGS…`, stdin and stdout piped.
+///
+/// `PORTCULLIS_ABUSE_GEN_SCHED=idle` runs it under `chrt --idle 0` (SCHED_IDLE): it then never delays the measuring
+/// client's generator on the core they share, as an attacker on other machines would not.
 fn spawn_abuse(addr: SocketAddr, args: &[String]) -> Result<std::process::Child> {
-    Command::new("taskset")
-        .args(["-c", LOADGEN_CPU])
+    let mut cmd = if gen_sched_idle() {
+        let mut c = Command::new("chrt");
+        c.args(["--idle", "0", "taskset"]);
+        c
+    } else {
+        Command::new("taskset")
+    };
+    cmd.args(["-c", LOADGEN_CPU])
         .arg(servers::helper_exe("bench-abuse")?)
         .arg(addr.to_string())
         .args(args)
@@ -255,6 +273,10 @@ fn spawn_abuse(addr: SocketAddr, args: &[String]) -> Result<std::process::Child>
         .stderr(Stdio::inherit())
         .spawn()
         .context("starting the abuse generator")
+}
+
+fn gen_sched_idle() -> bool {
+    std::env::var("PORTCULLIS_ABUSE_GEN_SCHED").is_ok_and(|v| v == "idle")
 }
 
 /// Waits for the child's `ready` line; returns the rest of stdout as a reader.
@@ -279,7 +301,7 @@ fn finish_abuse(mut child: std::process::Child, mut out: BufReader<std::process:
     serde_json::from_str(text.trim()).with_context(|| format!("abuse generator printed {text:?}"))
 }
 
-fn run_phase(proxy: &Proc, k: &Knobs, p: &Phase) -> Result<PhaseResult> {
+fn run_phase(proxy: &Proc, upstream_pid: u32, k: &Knobs, p: &Phase) -> Result<PhaseResult> {
     let pid = proxy.pid();
     let admin = proxy.admin.context("admin")?;
     let abuse = match &p.args {
@@ -307,7 +329,15 @@ fn run_phase(proxy: &Proc, k: &Knobs, p: &Phase) -> Result<PhaseResult> {
             (rss, conns)
         })
     };
+    let abuse_pid = abuse.as_ref().map(|(c, _)| c.id());
+    let before = (Threads::read(pid), Threads::read(upstream_pid), abuse_pid.map(Threads::read), cpus());
     let legit = load::openloop(proxy.addr, k.legit_rate, k.secs, k.legit_conns, &servers::key(0));
+    let cpu = json!({
+        "proxy_threads": Threads::read(pid).since(&before.0),
+        "upstream_threads": Threads::read(upstream_pid).since(&before.1),
+        "abuse_threads": abuse_pid.map(|a| Threads::read(a).since(&before.2.clone().unwrap_or_default())),
+        "cpus": cpus().iter().zip(&before.3).map(|((n, now), (_, then))| (n.clone(), now.since(then))).collect::<serde_json::Map<_, _>>(),
+    });
     stop.store(true, Ordering::Relaxed);
     let (rss_max, max_conns) = sampler.join().map_err(|_| anyhow::anyhow!("sampler panicked"))?;
     let hwm = hwm_mib(pid)?;
@@ -330,6 +360,7 @@ fn run_phase(proxy: &Proc, k: &Knobs, p: &Phase) -> Result<PhaseResult> {
         hwm,
         rss_max,
         rss_after,
+        cpu,
         max_conns,
         abuse,
     })
@@ -406,6 +437,7 @@ fn markdown(k: &Knobs, flags: &[String], phases: &[Phase], rows: &[PhaseResult],
             counts
         ));
     }
+    md.push_str(&cpu_table(phases, rows));
     md.push_str(
         "\n**RSS against distinct keys and addresses** (closed loop, 64 connections, as fast as the proxy answers; \
          RSS read 1 s after each step):\n\n| abuse | distinct | proxy RSS MiB | req/s |\n|---|---:|---:|---:|\n",
@@ -420,6 +452,64 @@ fn markdown(k: &Knobs, flags: &[String], phases: &[Phase], rows: &[PhaseResult],
                 s.get("req_per_s").map(|v| v.to_string()).unwrap_or_else(|| "—".into())
             ));
         }
+    }
+    md
+}
+
+/// Where the server core's time went while the legitimate client was measured: each proxy thread's (and the
+/// upstream's) time running and time runnable but waiting for the core, the core's interrupt share, and the abuse
+/// generator's time on the other core.
+fn cpu_table(phases: &[Phase], rows: &[PhaseResult]) -> String {
+    let mut md = format!(
+        "\n**Where the time went** while the legitimate client was measured (ms over the phase; `/proc/PID/task/*/\
+         schedstat` and `/proc/stat`; *wait* = runnable but not running, i.e. lost to whatever else had the core; \
+         comm names are cut at 15 characters):\n\n\
+         | phase | worker run / wait | probation run / wait | main run / wait | upstream run / wait | CPU {srv} user / sys / irq / idle | abuse generator run (CPU {lg}) |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+        srv = load::SERVER_CPU,
+        lg = LOADGEN_CPU,
+    );
+    let rw = |t: &Value, prefix: &str| -> String {
+        let (mut run, mut wait) = (0.0, 0.0);
+        for (name, v) in t.as_object().into_iter().flatten() {
+            if name.starts_with(prefix) {
+                run += v["run_ms"].as_f64().unwrap_or(0.0);
+                wait += v["wait_ms"].as_f64().unwrap_or(0.0);
+            }
+        }
+        format!("{run:.0} / {wait:.0}")
+    };
+    for (r, p) in rows.iter().zip(phases) {
+        let c = &r.cpu;
+        let proxy = &c["proxy_threads"];
+        let main: Value = proxy
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(n, _)| !n.starts_with("portcullis-work") && !n.starts_with("portcullis-prob"))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        let srv = &c["cpus"][format!("cpu{}", load::SERVER_CPU)];
+        let abuse_run: f64 = c["abuse_threads"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(_, v)| v["run_ms"].as_f64().unwrap_or(0.0))
+            .sum();
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} / {} / {} / {} | {:.0} |\n",
+            p.name,
+            rw(proxy, "portcullis-work"),
+            rw(proxy, "portcullis-prob"),
+            rw(&main, ""),
+            rw(&c["upstream_threads"], ""),
+            srv["user_ms"],
+            srv["system_ms"],
+            srv["irq_ms"],
+            srv["idle_ms"],
+            abuse_run
+        ));
     }
     md
 }

@@ -20,6 +20,7 @@ pub mod abuse;
 pub mod global;
 pub mod load;
 mod propagation;
+pub mod sched;
 pub mod servers;
 pub mod suites;
 

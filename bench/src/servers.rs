@@ -65,8 +65,19 @@ pub fn start_proxy(bin: &Path, upstream: SocketAddr, tables: &Path) -> Result<Pr
     start_proxy_with(bin, upstream, tables, &[])
 }
 
-/// [`start_proxy`] with extra arguments (e.g. `--tls-cert=…`).
+/// [`start_proxy`] with extra arguments (e.g. `--tls-cert=…`). No access log (like nginx's `access_log off`
+/// here), unless `extra` turns it on.
 pub fn start_proxy_with(bin: &Path, upstream: SocketAddr, tables: &Path, extra: &[String]) -> Result<Proc> {
+    start_proxy_to(bin, upstream, tables, extra, Stdio::null())
+}
+
+/// P1 with its access log on (JSON, every request), written to `log` as a container runtime would store it.
+pub fn start_proxy_logging(bin: &Path, upstream: SocketAddr, tables: &Path, log: &Path) -> Result<Proc> {
+    let file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    start_proxy_to(bin, upstream, tables, &["--access-log=json".to_string()], Stdio::from(file))
+}
+
+fn start_proxy_to(bin: &Path, upstream: SocketAddr, tables: &Path, extra: &[String], stdout: Stdio) -> Result<Proc> {
     let (port, admin) = (free_port()?, free_port()?);
     let child = Command::new("taskset")
         .args(["-c", SERVER_CPU])
@@ -75,10 +86,11 @@ pub fn start_proxy_with(bin: &Path, upstream: SocketAddr, tables: &Path, extra: 
         .arg(format!("--admin-listen=127.0.0.1:{admin}"))
         .arg(format!("--upstream={upstream}"))
         .arg(format!("--tables={}", tables.display()))
+        .args((!extra.iter().any(|a| a.starts_with("--access-log"))).then_some("--access-log=off"))
         .args(extra)
         .args(["--log-format", "json"])
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .stderr(Stdio::null())
         .spawn()
         .context("starting portcullis-proxy")?;

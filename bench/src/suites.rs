@@ -63,7 +63,9 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
     let n1 = servers::start_nginx(&ctx.tmp, up.addr, true, k.clients)?;
     let p0 = servers::start_proxy(bin, up.addr, &p0t)?;
     let p1 = servers::start_proxy(bin, up.addr, &p1t)?;
-    let arms: [(&str, &Proc); 5] = [("D", &up), ("N0", &n0), ("N1", &n1), ("P0", &p0), ("P1", &p1)];
+    let access_log = ctx.tmp.join("p1l-access.log");
+    let p1l = servers::start_proxy_logging(bin, up.addr, &p1t, &access_log)?;
+    let arms: [(&str, &Proc); 6] = [("D", &up), ("N0", &n0), ("N1", &n1), ("P0", &p0), ("P1", &p1), ("P1L", &p1l)];
     let pids = |name: &str, p: &Proc| if name == "D" { vec![p.pid()] } else { vec![p.pid(), up.pid()] };
     for (name, p) in arms {
         let w = wrk(&url(p.addr), CONNS, 1.0, &servers::key(0), false).with_context(|| format!("warm-up {name}"))?;
@@ -87,8 +89,9 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
     let ratios = json!({
         "P1/N1": round(rps("P1") / rps("N1"), 3), "P1/P0": round(rps("P1") / rps("P0"), 3),
         "P0/D": round(rps("P0") / rps("D"), 3), "N1/N0": round(rps("N1") / rps("N0"), 3),
-        "N0/D": round(rps("N0") / rps("D"), 3),
+        "N0/D": round(rps("N0") / rps("D"), 3), "P1L/P1": round(rps("P1L") / rps("P1"), 3),
     });
+    let log_lines = std::fs::read(&access_log).map(|b| b.iter().filter(|c| **c == b'\n').count()).unwrap_or(0);
     // Open loop at half of N1's peak: latency from the intended send time.
     let rate = ((rps("N1") / 2.0) as u64).max(100);
     let ol_reps = if ctx.smoke { 1 } else { 3 };
@@ -134,7 +137,7 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
         "open_loop": {"rate_rps": rate, "connections": 16, "seconds": k.secs, "runs": ol_reps,
                       "command": load::openloop_cmd(up.addr, rate, k.secs, 16, "bench-key-0")?.join(" "),
                       "latency_ms": Value::Object(ol_abs)},
-        "arms": arms_json, "ratios": ratios, "added_latency_ms": added,
+        "arms": arms_json, "ratios": ratios, "added_latency_ms": added, "access_log_lines": log_lines,
     });
     let desc = [
         "D: direct to the upstream (hyper, 1 KiB body)",
@@ -142,9 +145,10 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
         "N1: nginx with map(key→client) + geo(CIDR→client) + route + limit_req per client",
         "P0: portcullis, 1 client, no throttle/quota",
         "P1: portcullis, full policy, all clients loaded",
+        "P1L: P1 with its access log on (JSON, every request, stdout to a file)",
     ];
     let mut md = format!(
-        "Closed loop: `{}` against each arm, arms interleaved (D N0 N1 P0 P1, D N0 …), {} runs of {} s after a 1 s \
+        "Closed loop: `{}` against each arm, arms interleaved (D N0 N1 P0 P1 P1L, D N0 …), {} runs of {} s after a 1 s \
          warm-up each; the run with the median req/s is shown. N1 and P1 hold {} clients. Server CPU counts the arm's \
          process plus the upstream (D: upstream only).\n\n\
          | arm | req/s (median) | wrk p50 ms | p90 ms | p99 ms | server CPU s / 1 000 req | runs (req/s) |\n|---|---:|---:|---:|---:|---:|---|\n",
@@ -166,8 +170,9 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
         ));
     }
     md.push_str(&format!(
-        "\n**Ratios** (goal in brackets): P1/N1 = {} (≥ 1.5), P1/P0 = {} (≥ 0.95), P0/D = {} (≥ 0.6); N1/N0 = {}, N0/D = {}.\n\n",
-        ratios["P1/N1"], ratios["P1/P0"], ratios["P0/D"], ratios["N1/N0"], ratios["N0/D"]
+        "\n**Ratios** (goal in brackets): P1/N1 = {} (≥ 1.5), P1/P0 = {} (≥ 0.95), P0/D = {} (≥ 0.6); N1/N0 = {}, N0/D = {}; \
+         access log on vs off P1L/P1 = {} (≥ 0.9; {log_lines} lines written).\n\n",
+        ratios["P1/N1"], ratios["P1/P0"], ratios["P0/D"], ratios["N1/N0"], ratios["N0/D"], ratios["P1L/P1"]
     ));
     md.push_str(&format!(
         "**Open loop** at a fixed {rate} req/s (half of N1's median peak), 16 connections, {} s, {ol_reps} run(s) per \

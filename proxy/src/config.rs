@@ -100,6 +100,11 @@ pub struct Config {
     pub store: Option<portcullis_store::StoreConfig>,
     /// This proxy's name among its Service's replicas in the store's heartbeats.
     pub replica_id: String,
+    /// `--access-log`, `--access-log-sample` (off in [`Config::new`]; the CLI's default is JSON).
+    pub access_log: crate::access_log::AccessLogSettings,
+    /// `--client-metrics`: clients given their own label in the per-client metrics (first come); the rest are
+    /// counted as `other`. 0 = no per-client metrics.
+    pub client_metrics: usize,
 }
 
 /// Default for `--replica-id`: `POD_NAME`, else the host name, else the process id.
@@ -147,6 +152,8 @@ impl Config {
             app_probes: Default::default(),
             store: None,
             replica_id: default_replica_id(),
+            access_log: Default::default(),
+            client_metrics: 100,
         }
     }
 }
@@ -283,6 +290,16 @@ pub struct Cli {
     /// This proxy's name in the store's replica heartbeats (default: POD_NAME, else the host name).
     #[arg(long, env = "PORTCULLIS_REPLICA_ID")]
     pub replica_id: Option<String>,
+    /// One line per request on stdout (docs/observability.md): `json`, or `off`.
+    #[arg(long, env = "PORTCULLIS_ACCESS_LOG", value_enum, default_value = "json")]
+    pub access_log: crate::access_log::AccessLogFormat,
+    /// Fraction of allowed requests in the access log (0 to 1); every refusal is logged.
+    #[arg(long, env = "PORTCULLIS_ACCESS_LOG_SAMPLE", default_value = "1", value_parser = crate::access_log::parse_sample)]
+    pub access_log_sample: f64,
+    /// Clients with their own label in portcullis_proxy_client_requests_total (the first this many seen; the rest
+    /// are counted under client="other"). Bounds the metrics' cardinality; 0 = no per-client metrics.
+    #[arg(long, env = "PORTCULLIS_CLIENT_METRICS", default_value_t = 100)]
+    pub client_metrics: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -397,6 +414,8 @@ impl Cli {
         if let Some(id) = self.replica_id.filter(|r| !r.is_empty()) {
             c.replica_id = id;
         }
+        c.access_log = crate::access_log::AccessLogSettings { format: self.access_log, sample: self.access_log_sample };
+        c.client_metrics = self.client_metrics;
         Ok(c)
     }
 }

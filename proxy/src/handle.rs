@@ -2,6 +2,7 @@
 //! application receives → forwarding (and, for an accepted upgrade, the tunnel). Everything about the connection
 //! itself (PROXY header, TLS, HTTP/1.1 vs h2, timeouts, shutdown) is in [`crate::server`].
 
+use crate::access_log::{self, AccessLog};
 use crate::body::{BodyStalled, RequestBody, RequestBodyError};
 use crate::config::Config;
 use crate::decision::client_addr::client_addr;
@@ -24,7 +25,7 @@ use hyper::body::Incoming;
 use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What the connection contributes to each of its requests.
 #[derive(Debug, Clone)]
@@ -51,6 +52,25 @@ pub struct Handler {
     pub upgrade_protocols: UpgradeProtocols,
     pub escaped_slashes: EscapedSlashes,
     pub allow_underscore_headers: bool,
+    /// `--access-log` (`None`: off).
+    pub access_log: Option<Arc<AccessLog>>,
+    /// `--client-metrics` is above zero.
+    pub per_client: bool,
+}
+
+/// What the access log and the per-client metrics learn about a request while it is decided and forwarded.
+#[derive(Default)]
+struct Trail {
+    /// The access log is on: the fields below that cost an allocation are filled in.
+    logging: bool,
+    /// The final outcome as counted in `portcullis_proxy_requests_total` (`None`: allowed).
+    reason: Option<Reason>,
+    client: Option<HeaderValue>,
+    source: Option<IpAddr>,
+    path: Option<String>,
+    upstream: Option<Duration>,
+    /// A labelled client's local quota after this request: (plan, units left).
+    quota_left: Option<(String, u64)>,
 }
 
 impl Handler {
@@ -59,6 +79,7 @@ impl Handler {
         tables: Arc<TableStore>,
         metrics: Arc<Metrics>,
         upstream: Arc<Upstream>,
+        access_log: Option<Arc<AccessLog>>,
     ) -> Result<Self, http::Error> {
         let authority: http::uri::Authority = config.upstream.parse().map_err(http::Error::from)?;
         let upstream_authority = HeaderValue::from_str(authority.as_str()).map_err(http::Error::from)?;
@@ -74,42 +95,109 @@ impl Handler {
             upgrade_protocols: config.upgrade_protocols.clone(),
             escaped_slashes: config.escaped_slashes,
             allow_underscore_headers: config.allow_underscore_headers,
+            access_log,
+            per_client: config.client_metrics > 0,
         })
     }
 
-    /// Decides `req` and forwards it when allowed; every outcome is a response (refusals are JSON).
-    pub async fn handle(&self, slot: &ConnSlot, conn: &ConnFacts, mut req: Request<Incoming>) -> Response<Body> {
+    /// Decides `req` and forwards it when allowed; every outcome is a response (refusals are JSON). Then counts it
+    /// per client and, when logged, wraps the response body so the access-log line is written when it ends.
+    pub async fn handle(&self, slot: &ConnSlot, conn: &ConnFacts, req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
+        let Some(log) = &self.access_log else {
+            if !self.per_client {
+                return self.serve(slot, conn, req, start, &mut Trail::default()).await;
+            }
+            let mut trail = Trail::default();
+            let resp = self.serve(slot, conn, req, start, &mut trail).await;
+            self.count_client(&mut trail);
+            return resp;
+        };
+        let time = jiff::Timestamp::now();
+        let method = req.method().clone();
+        let raw = access_log::raw_path(req.uri().path());
+        let mut trail = Trail { logging: true, ..Default::default() };
+        let resp = self.serve(slot, conn, req, start, &mut trail).await;
+        self.count_client(&mut trail);
+        let reason = trail.reason;
+        if reason.is_none() && !log.sample_allowed() {
+            return resp;
+        }
+        let entry = access_log::Entry {
+            time,
+            start,
+            client: trail.client,
+            source: trail.source.unwrap_or(conn.addr),
+            method,
+            path: trail.path.unwrap_or(raw),
+            status: resp.status().as_u16(),
+            reason,
+            upstream: trail.upstream,
+        };
+        let log = log.clone();
+        resp.map(|b| access_log::Logged::new(b, entry, log).boxed())
+    }
+
+    fn count_client(&self, trail: &mut Trail) {
+        if !self.per_client {
+            return;
+        }
+        let Some(id) = trail.client.as_ref().and_then(|c| c.to_str().ok()) else { return };
+        let per_client = &self.metrics.per_client;
+        per_client.count(id, trail.reason.map_or("allowed", Reason::code));
+        if let Some((plan, left)) = trail.quota_left.take() {
+            per_client.quota_left(id, &plan, left);
+        }
+    }
+
+    /// Counts the request's outcome (`None`: allowed) and remembers it for the access log.
+    fn count(&self, trail: &mut Trail, reason: Option<Reason>, seconds: f64) {
+        trail.reason = reason;
+        self.metrics.count(reason, seconds);
+    }
+
+    async fn serve(
+        &self,
+        slot: &ConnSlot,
+        conn: &ConnFacts,
+        mut req: Request<Incoming>,
+        start: Instant,
+        trail: &mut Trail,
+    ) -> Response<Body> {
         if self.require_tls && !conn.tls && req.headers().contains_key(&self.key_header) {
             // The key has crossed the network in clear already; refusing keeps callers from relying on it working.
-            self.metrics.count(Some(Reason::TlsRequired), start.elapsed().as_secs_f64());
+            self.count(trail, Some(Reason::TlsRequired), start.elapsed().as_secs_f64());
             return denial_response(&Reason::TlsRequired.into());
         }
-        let refuse = |reason: Reason, detail: &str| {
+        let refuse = |trail: &mut Trail, reason: Reason, detail: &str| {
             tracing::debug!(peer = %conn.addr, reason = reason.code(), detail, "refused");
-            self.metrics.count(Some(reason), start.elapsed().as_secs_f64());
+            self.count(trail, Some(reason), start.elapsed().as_secs_f64());
             denial_response(&reason.into())
         };
         // RFC 9112 §3.2: one Host, and a valid one; RFC 9110 §4.2.4: no userinfo in the target.
         let mut hosts = req.headers().get_all(header::HOST).iter();
         match (hosts.next(), hosts.next()) {
-            (Some(_), Some(_)) => return refuse(Reason::BadRequest, "several Host lines"),
-            (Some(h), None) if !valid_host(h.as_bytes()) => return refuse(Reason::BadRequest, "invalid Host"),
+            (Some(_), Some(_)) => return refuse(trail, Reason::BadRequest, "several Host lines"),
+            (Some(h), None) if !valid_host(h.as_bytes()) => return refuse(trail, Reason::BadRequest, "invalid Host"),
             _ => {}
         }
         let authority = req.uri().authority().map(|a| a.as_str());
         if authority.is_some_and(|a| a.contains('@')) {
-            return refuse(Reason::BadRequest, "userinfo in the request target");
+            return refuse(trail, Reason::BadRequest, "userinfo in the request target");
         }
         // The path is normalised once: the decision sees it, and so does the application.
         let target = match origin_target(req.uri(), self.escaped_slashes, self.key_header.as_str()) {
             Ok(t) => t,
-            Err(e) => return refuse(Reason::InvalidPath, e.as_str()),
+            Err(e) => return refuse(trail, Reason::InvalidPath, e.as_str()),
         };
+        if trail.logging {
+            trail.path = Some(target.path().to_owned());
+        }
         let addr = match client_addr(conn.addr, req.headers(), &self.trusted) {
             Ok(a) => a,
-            Err(e) => return refuse(Reason::AmbiguousForwarded, e.as_str()),
+            Err(e) => return refuse(trail, Reason::AmbiguousForwarded, e.as_str()),
         };
+        trail.source = Some(addr);
         let now = jiff::Timestamp::now();
         let mut global_ask: Option<Ask> = None;
         let verdict: Result<HeaderValue, Denial> = {
@@ -128,6 +216,18 @@ impl Handler {
             };
             match decision {
                 Decision::Allow { client, plan } => {
+                    if trail.logging || self.per_client {
+                        trail.client = Some(client.header.clone());
+                    }
+                    if self.per_client
+                        && let Some(q) = plan
+                            .quota
+                            .as_ref()
+                            .filter(|_| !(table.as_deref().is_some_and(|t| t.store_counts) && plan.spec.global_quota))
+                    {
+                        let left = q.spec.limit.saturating_sub(q.used(now.as_second()));
+                        trail.quota_left = Some((plan.spec.name.clone(), left));
+                    }
                     if table.as_deref().is_some_and(|t| t.store_counts) && plan.spec.counts_globally() {
                         let throttle = plan.throttle.as_ref().filter(|_| plan.spec.global_throttle).map(|t| t.spec);
                         let quota = plan.quota.as_ref().filter(|_| plan.spec.global_quota).map(|q| q.spec);
@@ -145,12 +245,19 @@ impl Handler {
                     tracing::debug!(client_addr = %addr, reason = d.reason.code(), "denied");
                     Err(d)
                 }
+                Decision::Refuse { client, denial } => {
+                    tracing::debug!(client_addr = %addr, client = client.id, reason = denial.reason.code(), "denied");
+                    if trail.logging || self.per_client {
+                        trail.client = Some(client.header.clone());
+                    }
+                    Err(denial)
+                }
             }
         };
         let client_header = match verdict {
             Ok(v) => v,
             Err(d) => {
-                self.metrics.count(Some(d.reason), start.elapsed().as_secs_f64());
+                self.count(trail, Some(d.reason), start.elapsed().as_secs_f64());
                 return denial_response(&d);
             }
         };
@@ -159,7 +266,7 @@ impl Handler {
             && let Err(d) = global.admit(&ask).await
         {
             tracing::debug!(client_addr = %addr, reason = d.reason.code(), "denied (shared count)");
-            self.metrics.count(Some(d.reason), start.elapsed().as_secs_f64());
+            self.count(trail, Some(d.reason), start.elapsed().as_secs_f64());
             return denial_response(&d);
         }
         // The authority of an absolute-form (or h2) target wins over the client's Host (RFC 9112 §3.2.2).
@@ -177,7 +284,7 @@ impl Handler {
                 tunnel::Verdict::Pass => true,
                 tunnel::Verdict::Strip => false,
                 tunnel::Verdict::Refuse => {
-                    self.metrics.count(Some(Reason::UpgradeNotAllowed), start.elapsed().as_secs_f64());
+                    self.count(trail, Some(Reason::UpgradeNotAllowed), start.elapsed().as_secs_f64());
                     return denial_response(&Reason::UpgradeNotAllowed.into());
                 }
             };
@@ -200,14 +307,16 @@ impl Handler {
         parts.version = Version::HTTP_11;
 
         let body = RequestBody::new(body, self.body_read_timeout);
+        let sent = Instant::now();
         let result = self.upstream.send(slot, Request::from_parts(parts, body)).await;
+        trail.upstream = Some(sent.elapsed());
         let mut resp = match result {
             Ok(r) => r,
             Err(e) if client_body_failed(&*e) => {
                 // The client's body was malformed (bad chunked framing) or cut short: the client's fault, not the
                 // application's, and not an allowed request.
                 tracing::debug!(error = %e, "request body from the client failed");
-                self.metrics.count(Some(Reason::BadRequest), start.elapsed().as_secs_f64());
+                self.count(trail, Some(Reason::BadRequest), start.elapsed().as_secs_f64());
                 return denial_response(&Reason::BadRequest.into());
             }
             Err(e) => {
@@ -221,7 +330,7 @@ impl Handler {
                     tracing::warn!(error = %e, "upstream request failed");
                     Reason::UpstreamUnavailable.into()
                 };
-                self.metrics.count(Some(denial.reason), start.elapsed().as_secs_f64());
+                self.count(trail, Some(denial.reason), start.elapsed().as_secs_f64());
                 return denial_response(&denial);
             }
         };
@@ -230,16 +339,16 @@ impl Handler {
         {
             if !tunnel::response_allowed(resp.headers(), &self.upgrade_protocols) {
                 tracing::warn!("the application switched to a protocol not in --upgrade-protocols; refused");
-                self.metrics.count(Some(Reason::UpstreamUnavailable), start.elapsed().as_secs_f64());
+                self.count(trail, Some(Reason::UpstreamUnavailable), start.elapsed().as_secs_f64());
                 return denial_response(&Reason::UpstreamUnavailable.into());
             }
-            self.metrics.count(None, start.elapsed().as_secs_f64());
+            self.count(trail, None, start.elapsed().as_secs_f64());
             // The connection runs the tunnel once HTTP/1.1 has handed the socket over (it stays counted).
             slot.set_tunnel(client_upgrade, hyper::upgrade::on(&mut resp));
             let (parts, _) = resp.into_parts();
             return Response::from_parts(parts, http_body_util::Empty::new().map_err(|never| match never {}).boxed());
         }
-        self.metrics.count(None, start.elapsed().as_secs_f64());
+        self.count(trail, None, start.elapsed().as_secs_f64());
         strip_hop_by_hop(resp.headers_mut(), false);
         resp.map(|b| b.boxed())
     }

@@ -5,9 +5,11 @@
 //! [`server`] is the listeners and each connection's lifecycle. [`start`] binds the listeners and returns a [`Running`] proxy whose
 //! bound addresses tests can read; [`run`] is what the binary calls.
 
+pub mod access_log;
 pub mod admin;
 pub mod app_probe;
 pub mod body;
+pub mod client_metrics;
 pub mod config;
 pub mod decision;
 #[cfg(any(test, feature = "fuzzing"))]
@@ -109,6 +111,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     if config.store.is_some() {
         metrics.register_store();
     }
+    metrics.register_clients(config.client_metrics);
+    let access_log = access_log::AccessLog::stdout(config.access_log);
+    if let Some(log) = &access_log {
+        metrics.register_access_log(log.clone());
+    }
     let metrics = Arc::new(metrics);
     let tables = Arc::new(TableStore::new(metrics.clone()));
     let global = match &config.store {
@@ -120,7 +127,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         }
         None => None,
     };
-    let shared = Arc::new(server::Shared::new(&config, tables.clone(), metrics.clone())?);
+    let shared = Arc::new(server::Shared::new(&config, tables.clone(), metrics.clone(), access_log)?);
     if config.tls.is_none() && (config.require_tls || config.plain_listen.is_some()) {
         return Err(StartError::NeedsCert);
     }

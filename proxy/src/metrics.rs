@@ -1,12 +1,18 @@
 //! Prometheus metrics (`portcullis_proxy_*`).
 
+use crate::access_log::AccessLog;
+use crate::client_metrics::ClientMetrics;
 use crate::decision::Reason;
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::Arc;
 use std::sync::Mutex;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -94,6 +100,8 @@ pub struct Metrics {
     pub store_fallbacks: Family<PolicyLabels, Counter>,
     pub store_up: Gauge,
     pub store_replicas: Gauge,
+    /// `portcullis_proxy_client_*` ([`crate::client_metrics`]); registered by [`Metrics::register_clients`].
+    pub per_client: ClientMetrics,
     current_table: Mutex<Option<TableLabels>>,
 }
 
@@ -214,6 +222,7 @@ impl Metrics {
             store_fallbacks: Family::default(),
             store_up: Gauge::default(),
             store_replicas: Gauge::default(),
+            per_client: ClientMetrics::new(0),
             current_table: Mutex::new(None),
         }
     }
@@ -318,6 +327,31 @@ impl Metrics {
         );
     }
 
+    /// Exposes per-client metrics for up to `limit` clients (0: none).
+    pub fn register_clients(&mut self, limit: usize) {
+        self.per_client = ClientMetrics::new(limit);
+        if limit == 0 {
+            return;
+        }
+        self.registry.register(
+            "client_requests",
+            "Requests of identified clients by client and outcome (allowed or the refusal's reason); the first \
+             --client-metrics clients seen have their own label, later ones are counted as client=\"other\"",
+            self.per_client.requests.clone(),
+        );
+        self.registry.register(
+            "client_quota_remaining",
+            "Units left in the current period of a labelled client's plan whose quota this proxy counts (local \
+             quotas; shared ones are in the ApiClient's status.usage), as of its last request",
+            self.per_client.quota_remaining.clone(),
+        );
+    }
+
+    /// Exposes the access log's dropped-lines count.
+    pub fn register_access_log(&mut self, log: Arc<AccessLog>) {
+        self.registry.register_collector(Box::new(AccessLogDropped(log)));
+    }
+
     pub fn connection_closed(&self, reason: &'static str) {
         self.connections_closed.get_or_create(&CloseLabels { reason }).inc();
     }
@@ -334,5 +368,63 @@ impl Metrics {
         let mut s = String::new();
         prometheus_client::encoding::text::encode(&mut s, &self.registry).expect("writing to a String cannot fail");
         s
+    }
+}
+
+/// `portcullis_proxy_access_log_dropped_total`, read from the writer at scrape time.
+#[derive(Debug)]
+struct AccessLogDropped(Arc<AccessLog>);
+
+impl Collector for AccessLogDropped {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counter = ConstCounter::new(self.0.dropped());
+        let metric = encoder.encode_descriptor(
+            "access_log_dropped",
+            "Access-log lines dropped because stdout could not keep up (requests are never slowed by the log)",
+            None,
+            counter.metric_type(),
+        )?;
+        counter.encode(metric)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access_log::{AccessLogFormat, AccessLogSettings};
+    use portcullis_table::test_util::{chart_monitoring_files, exported_metric_names, metric_names_in};
+
+    #[test]
+    fn alert_and_dashboard_metrics_exist() {
+        let mut m = Metrics::new();
+        m.register_tls();
+        m.register_store();
+        m.register_clients(1);
+        let log =
+            AccessLog::to_writer(AccessLogSettings { format: AccessLogFormat::Json, sample: 1.0 }, std::io::sink());
+        m.register_access_log(log.unwrap());
+        // Families appear in the exposition once they have a series: give each one.
+        m.count(None, 0.001);
+        m.count(Some(Reason::InvalidKey), 0.001);
+        m.table_applied("ns/svc", "r1", 1);
+        m.table_rejected("file");
+        m.table_revoked("deleted");
+        m.table_source_error("transient");
+        m.connection_closed("idle");
+        m.tls_handshake("ok");
+        m.tls_reload("ok");
+        m.store_latency.get_or_create(&OpLabels { op: "take" }).observe(0.001);
+        m.store_errors.get_or_create(&KindLabels { kind: "timeout" }).inc();
+        m.store_fallbacks.get_or_create(&PolicyLabels { policy: "Local" }).inc();
+        m.per_client.count("ns/a", "allowed");
+        m.per_client.quota_left("ns/a", "gold", 1);
+        let exported = exported_metric_names(&m.encode());
+        assert!(exported.contains("portcullis_proxy_requests_total"), "{exported:?}");
+        for (file, text) in chart_monitoring_files() {
+            let named = metric_names_in(&text, "portcullis_proxy_");
+            assert!(!named.is_empty(), "{file} names no proxy metric");
+            let missing: Vec<_> = named.difference(&exported).collect();
+            assert!(missing.is_empty(), "{file} names metrics the proxy does not export: {missing:?}");
+        }
     }
 }

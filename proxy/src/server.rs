@@ -12,6 +12,7 @@
 //! - an upgraded tunnel runs in the connection's task (so it keeps its `--max-connections` slot and its per-source
 //!   count) until a side closes, `--tunnel-idle-timeout` passes with no byte either way, or shutdown begins.
 
+use crate::access_log::AccessLog;
 use crate::body::Counted;
 use crate::config::Config;
 use crate::decision::{CidrSet, PeerCert};
@@ -56,10 +57,15 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: &Config, tables: Arc<TableStore>, metrics: Arc<Metrics>) -> Result<Self, http::Error> {
+    pub fn new(
+        config: &Config,
+        tables: Arc<TableStore>,
+        metrics: Arc<Metrics>,
+        access_log: Option<Arc<AccessLog>>,
+    ) -> Result<Self, http::Error> {
         let authority: http::uri::Authority = config.upstream.parse().map_err(http::Error::from)?;
         let upstream = Arc::new(Upstream::new(authority.as_str(), config.max_side_pool_requests));
-        let handler = Handler::new(config, tables, metrics.clone(), upstream.clone())?;
+        let handler = Handler::new(config, tables, metrics.clone(), upstream.clone(), access_log)?;
         Ok(Self {
             handler,
             metrics,

@@ -93,3 +93,50 @@ impl From<ClientBuilder> for Client {
         b.0
     }
 }
+
+/// The chart's alert rules and Grafana dashboard, for tests checking that every metric they name is exported.
+pub fn chart_monitoring_files() -> Vec<(&'static str, String)> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/portcullis/files");
+    ["portcullis-alerts.yaml", "portcullis-dashboard.json"]
+        .into_iter()
+        .map(|f| (f, std::fs::read_to_string(format!("{dir}/{f}")).unwrap_or_else(|e| panic!("{dir}/{f}: {e}"))))
+        .collect()
+}
+
+/// Metric names starting with `prefix` that `text` (a rule or dashboard expression file) mentions.
+pub fn metric_names_in(text: &str, prefix: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find(prefix) {
+        let tail = &rest[i..];
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        out.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// Every series name a Prometheus text exposition can produce, from its `# TYPE` lines (counters gain `_total`,
+/// histograms `_bucket`, `_sum`, `_count`), so families with no series yet count too.
+pub fn exported_metric_names(exposition: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for line in exposition.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else { continue };
+        let mut parts = rest.split_whitespace();
+        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else { continue };
+        match kind {
+            "counter" => {
+                out.insert(format!("{name}_total"));
+            }
+            "histogram" => {
+                for s in ["_bucket", "_sum", "_count"] {
+                    out.insert(format!("{name}{s}"));
+                }
+            }
+            _ => {
+                out.insert(name.to_string());
+            }
+        }
+    }
+    out
+}

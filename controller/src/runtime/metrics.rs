@@ -29,6 +29,12 @@ pub struct ServiceLabels {
     pub service: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabels {
+    pub service: String,
+    pub revision: String,
+}
+
 type HistogramFamily = Family<ControllerLabels, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
@@ -39,6 +45,10 @@ pub struct Metrics {
     pub table_writes: Family<ServiceLabels, Counter>,
     pub table_clients: Family<ServiceLabels, Gauge>,
     pub table_shards: Family<ServiceLabels, Gauge>,
+    /// `{service="NAMESPACE/NAME", revision}` = 1 for the revision last written: the same labels as the sidecars'
+    /// `portcullis_proxy_table_info`, so a rule can find sidecars on another revision.
+    pub table_info: Family<TableLabels, Gauge>,
+    current_revisions: std::sync::Mutex<std::collections::HashMap<String, String>>,
     pub leader: Gauge,
     /// 1 while the last check of the shared store succeeded (0 when it failed or no store is configured).
     pub store_up: Gauge,
@@ -71,9 +81,28 @@ impl Metrics {
         registry.register("table_writes", "Table revisions written per Service", table_writes.clone());
         registry.register("table_clients", "Clients in the current table per Service", table_clients.clone());
         registry.register("table_shards", "Shards of the current table per Service", table_shards.clone());
+        let table_info = Family::<TableLabels, Gauge>::default();
+        registry.register(
+            "table_info",
+            "The table revision last written per Service (value 1; service=NAMESPACE/NAME, as in the sidecars' \
+             portcullis_proxy_table_info)",
+            table_info.clone(),
+        );
         registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
         registry.register("store_up", "1 while the shared store answered the last check", store_up.clone());
-        Self { registry, reconciles, errors, duration, table_writes, table_clients, table_shards, leader, store_up }
+        Self {
+            registry,
+            reconciles,
+            errors,
+            duration,
+            table_writes,
+            table_clients,
+            table_shards,
+            table_info,
+            current_revisions: Default::default(),
+            leader,
+            store_up,
+        }
     }
 
     pub fn observe(&self, controller: &str, elapsed: Duration, ok: bool) {
@@ -85,16 +114,27 @@ impl Metrics {
         self.duration.get_or_create(&l).observe(elapsed.as_secs_f64());
     }
 
-    pub fn set_table(&self, namespace: &str, service: &str, clients: usize, shards: usize) {
+    pub fn set_table(&self, namespace: &str, service: &str, clients: usize, shards: usize, revision: &str) {
         let l = ServiceLabels { namespace: namespace.into(), service: service.into() };
         self.table_clients.get_or_create(&l).set(clients as i64);
         self.table_shards.get_or_create(&l).set(shards as i64);
+        let id = format!("{namespace}/{service}");
+        let mut cur = self.current_revisions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = cur.insert(id.clone(), revision.to_string()).filter(|o| o != revision) {
+            self.table_info.remove(&TableLabels { service: id.clone(), revision: old });
+        }
+        self.table_info.get_or_create(&TableLabels { service: id, revision: revision.into() }).set(1);
     }
 
     pub fn remove_table(&self, namespace: &str, service: &str) {
         let l = ServiceLabels { namespace: namespace.into(), service: service.into() };
         self.table_clients.remove(&l);
         self.table_shards.remove(&l);
+        let id = format!("{namespace}/{service}");
+        let mut cur = self.current_revisions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = cur.remove(&id) {
+            self.table_info.remove(&TableLabels { service: id, revision: old });
+        }
     }
 
     pub fn encode(&self) -> String {
@@ -158,16 +198,38 @@ fn respond(path: &str, metrics: &Metrics, health: &Health) -> Response<Full<Byte
 #[cfg(test)]
 mod tests {
     use super::*;
+    use portcullis_table::test_util::{chart_monitoring_files, exported_metric_names, metric_names_in};
+
+    #[test]
+    fn alert_and_dashboard_metrics_exist() {
+        // Families appear in the exposition once they have a series: give each one.
+        let m = Metrics::new();
+        m.observe("table", Duration::from_millis(1), false);
+        m.set_table("ns", "svc", 1, 1, "r1");
+        m.table_writes.get_or_create(&ServiceLabels { namespace: "ns".into(), service: "svc".into() }).inc();
+        let exported = exported_metric_names(&m.encode());
+        for (file, text) in chart_monitoring_files() {
+            let named = metric_names_in(&text, "portcullis_controller_");
+            assert!(!named.is_empty(), "{file} names no controller metric");
+            let missing: Vec<_> = named.difference(&exported).collect();
+            assert!(missing.is_empty(), "{file} names metrics the controller does not export: {missing:?}");
+        }
+    }
 
     #[test]
     fn metrics_are_prefixed() {
         let m = Metrics::new();
         m.observe("table", Duration::from_millis(3), false);
-        m.set_table("ns", "orders", 10, 1);
+        m.set_table("ns", "orders", 10, 1, "r1");
+        m.set_table("ns", "orders", 11, 1, "r2");
         let text = m.encode();
+        assert!(text.contains("portcullis_controller_table_info{service=\"ns/orders\",revision=\"r2\"} 1"), "{text}");
+        assert!(!text.contains("revision=\"r1\""), "the previous revision's series is gone: {text}");
         assert!(text.contains("portcullis_controller_reconciles_total{controller=\"table\"} 1"), "{text}");
         assert!(text.contains("portcullis_controller_reconcile_errors_total"));
         assert!(text.contains("portcullis_controller_reconcile_duration_seconds_bucket"));
-        assert!(text.contains("portcullis_controller_table_clients{namespace=\"ns\",service=\"orders\"} 10"));
+        assert!(text.contains("portcullis_controller_table_clients{namespace=\"ns\",service=\"orders\"} 11"));
+        m.remove_table("ns", "orders");
+        assert!(!m.encode().contains("revision=\"r2\""));
     }
 }

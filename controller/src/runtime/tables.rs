@@ -280,7 +280,7 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         );
         rendered.shards.len()
     };
-    ctx.metrics.set_table(ns, &key.name, table.clients.len(), shards);
+    ctx.metrics.set_table(ns, &key.name, table.clients.len(), shards, &table.revision);
     // RBAC after the table: a deny-all table stays readable, so sidecars keep their watch and see a later grant.
     let granting: Vec<&UsagePlan> =
         plans.iter().map(|p| &**p).filter(|p| desired.plans.contains_key(&p.name_any())).collect();

@@ -47,15 +47,25 @@ impl From<Reason> for Denial {
 }
 
 pub enum Decision<'t, C: Clock = DefaultClock> {
-    Allow { client: &'t CompiledClient<C>, plan: &'t CompiledPlan<C> },
+    Allow {
+        client: &'t CompiledClient<C>,
+        plan: &'t CompiledPlan<C>,
+    },
+    /// Refused before a client was identified (no table, a missing or unknown key).
     Deny(Denial),
+    /// Refused for a client the key (or certificate) identified: expired key, missing certificate, disabled client,
+    /// source address, route, rate or quota. The client is named in the access log and per-client metrics.
+    Refuse {
+        client: &'t CompiledClient<C>,
+        denial: Denial,
+    },
 }
 
 impl<C: Clock> Decision<'_, C> {
     pub fn reason(&self) -> Option<Reason> {
         match self {
             Decision::Allow { .. } => None,
-            Decision::Deny(d) => Some(d.reason),
+            Decision::Deny(d) | Decision::Refuse { denial: d, .. } => Some(d.reason),
         }
     }
 }
@@ -70,11 +80,12 @@ pub fn decide<'t, C: Clock + Clone>(table: Option<&'t CompiledTable<C>>, req: &R
     let client = match req.key.filter(|k| !k.is_empty()) {
         Some(key) => {
             let Some((client, key_ref)) = table.lookup(&key_digest(key)) else { return deny(Reason::InvalidKey) };
+            let refuse = |r: Reason| Decision::Refuse { client, denial: r.into() };
             if key_ref.expires_at.is_some_and(|exp| req.now >= exp) {
-                return deny(Reason::KeyExpired);
+                return refuse(Reason::KeyExpired);
             }
             if client.require_certificate && !req.cert.is_some_and(|c| table.cert_matches(c, key_ref.client)) {
-                return deny(Reason::CertificateRequired);
+                return refuse(Reason::CertificateRequired);
             }
             client
         }
@@ -84,14 +95,15 @@ pub fn decide<'t, C: Clock + Clone>(table: Option<&'t CompiledTable<C>>, req: &R
             None => return deny(Reason::InvalidKey),
         },
     };
+    let refuse = |denial: Denial| Decision::Refuse { client, denial };
     if client.disabled {
-        return deny(Reason::ClientDisabled);
+        return refuse(Reason::ClientDisabled.into());
     }
     if !client.sources.contains(req.addr) {
-        return deny(Reason::SourceNotAllowed);
+        return refuse(Reason::SourceNotAllowed.into());
     }
     let Some(plan) = client.plans().find(|p| super::route::admits(&p.spec.routes, req.method, req.path)) else {
-        return deny(Reason::RouteNotAllowed);
+        return refuse(Reason::RouteNotAllowed.into());
     };
     // With a shared store, global counts are taken after the decision (crate::global), not here.
     let local_throttle = !(table.store_counts && plan.spec.global_throttle);
@@ -102,12 +114,12 @@ pub fn decide<'t, C: Clock + Clone>(table: Option<&'t CompiledTable<C>>, req: &R
     if let Some(t) = plan.throttle.as_ref().filter(|_| local_throttle)
         && let Err(wait) = t.check()
     {
-        return Decision::Deny(rate_limited(&t.spec, wait));
+        return refuse(rate_limited(&t.spec, wait));
     }
     if let Some(q) = plan.quota.as_ref().filter(|_| local_quota) {
         let now = req.now.as_second();
         if let Err(e) = q.try_acquire(now) {
-            return Decision::Deny(quota_exceeded(&q.spec, now, e.resets_at));
+            return refuse(quota_exceeded(&q.spec, now, e.resets_at));
         }
     }
     Decision::Allow { client, plan }
@@ -207,7 +219,7 @@ pub(crate) mod tests {
     fn allowed_id<C: Clock>(d: Decision<'_, C>) -> Result<String, Reason> {
         match d {
             Decision::Allow { client, .. } => Ok(client.id.clone()),
-            Decision::Deny(d) => Err(d.reason),
+            Decision::Deny(d) | Decision::Refuse { denial: d, .. } => Err(d.reason),
         }
     }
 
@@ -280,11 +292,11 @@ pub(crate) mod tests {
         for _ in 0..5 {
             match decide(Some(&shared), &read) {
                 Decision::Allow { plan, .. } => assert!(plan.spec.global_throttle && !plan.spec.global_quota),
-                Decision::Deny(d) => panic!("{d:?}"),
+                d => panic!("{:?}", d.reason()),
             }
             match decide(Some(&shared), &quota) {
                 Decision::Allow { plan, .. } => assert!(plan.spec.global_quota && !plan.spec.global_throttle),
-                Decision::Deny(d) => panic!("{d:?}"),
+                d => panic!("{:?}", d.reason()),
             }
         }
     }
@@ -300,7 +312,7 @@ pub(crate) mod tests {
                 assert_eq!(client.id, "ns/reader");
                 assert_eq!(plan.spec.name, "read");
             }
-            Decision::Deny(d) => panic!("{d:?}"),
+            d => panic!("{:?}", d.reason()),
         }
         assert_eq!(reason(decide(t, &facts(None, "127.0.0.1", "GET", "/v1"))), Some(Reason::InvalidKey));
         assert_eq!(reason(decide(t, &facts(Some(b""), "127.0.0.1", "GET", "/v1"))), Some(Reason::InvalidKey));
@@ -322,14 +334,15 @@ pub(crate) mod tests {
         );
         // Burst 2: both used above (the first request and the mapped-address one); the next is limited.
         match decide(t, &ok) {
-            Decision::Deny(d) => {
+            Decision::Refuse { client, denial: d } => {
+                assert_eq!(client.id, "ns/reader", "a refusal names the identified client");
                 assert_eq!(d.reason, Reason::RateLimited);
                 assert_eq!(d.retry_after, Some(1));
                 let rl = d.rate_limit.unwrap();
                 assert_eq!(rl.policy, "\"burst\";q=2;w=1");
                 assert_eq!(rl.state, "\"burst\";r=0;t=1");
             }
-            Decision::Allow { .. } => panic!("should be limited"),
+            _ => panic!("should be limited"),
         }
         clock.advance(Duration::from_millis(100));
         assert_eq!(reason(decide(t, &ok)), None);
@@ -338,15 +351,33 @@ pub(crate) mod tests {
         assert_eq!(reason(decide(t, &q)), None);
         assert_eq!(reason(decide(t, &q)), None);
         match decide(t, &q) {
-            Decision::Deny(d) => {
+            Decision::Refuse { denial: d, .. } => {
                 assert_eq!(d.reason, Reason::QuotaExceeded);
                 assert_eq!(d.retry_after, Some(12 * 3600));
                 assert_eq!(d.rate_limit.unwrap().policy, "\"quota\";q=2;w=86400");
             }
-            Decision::Allow { .. } => panic!("should be over quota"),
+            _ => panic!("should be over quota"),
         }
         let none: Option<&CompiledTable<FakeRelativeClock>> = None;
         assert_eq!(reason(decide(none, &ok)), Some(Reason::NoTable));
+    }
+
+    #[test]
+    fn refusals_name_the_client_only_once_one_was_identified() {
+        let t = CompiledTable::compile(&table(), None, FakeRelativeClock::default()).unwrap();
+        let who =
+            |key: Option<&[u8]>, addr: &str, method: &str| match decide(Some(&t), &facts(key, addr, method, "/v1")) {
+                Decision::Refuse { client, denial } => (Some(client.id.clone()), denial.reason),
+                Decision::Deny(d) => (None, d.reason),
+                Decision::Allow { .. } => panic!("allowed"),
+            };
+        assert_eq!(who(None, "127.0.0.1", "GET"), (None, Reason::InvalidKey));
+        assert_eq!(who(Some(b"nope"), "127.0.0.1", "GET"), (None, Reason::InvalidKey));
+        assert_eq!(who(Some(b"k-exp"), "127.0.0.1", "GET"), (Some("ns/expired".into()), Reason::KeyExpired));
+        assert_eq!(who(Some(b"k-dis"), "127.0.0.1", "GET"), (Some("ns/disabled".into()), Reason::ClientDisabled));
+        assert_eq!(who(Some(b"k-strict"), "127.0.0.1", "GET"), (Some("ns/strict".into()), Reason::CertificateRequired));
+        assert_eq!(who(Some(b"k-read"), "127.0.0.9", "GET"), (Some("ns/reader".into()), Reason::SourceNotAllowed));
+        assert_eq!(who(Some(b"k-read"), "127.0.0.1", "PUT"), (Some("ns/reader".into()), Reason::RouteNotAllowed));
     }
 
     #[test]

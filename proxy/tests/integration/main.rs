@@ -7,6 +7,7 @@
 mod common;
 
 mod abuse;
+mod access_log;
 mod admin_endpoints;
 mod api_mode;
 mod client_certs;
