@@ -2,7 +2,7 @@
 # Lints the Helm chart as the ecosystem does: `helm lint --strict`, then kube-score and checkov on `helm template`
 # of the default values and of a values set turning the optional parts on (cert-manager, PodMonitor, ...). Every
 # finding must be fixed or excepted in the chart with its reason (checkov.io/skipN, kube-score/ignore annotations).
-# The linters are built once into a cache outside the clone, keyed like tools/k8s-bins/build.sh:
+# The linters are built once into a cache outside the clone (like tools/k8s-bins/build.sh), keyed by their versions:
 #   kube-score: the Go module pinned in kube-score/go.mod (`go tool` dependency), built with `go build`;
 #   checkov:    the PyPI version below, in a venv.
 set -euo pipefail
@@ -20,7 +20,8 @@ grep -q "github.com/zegl/kube-score $KUBE_SCORE_VERSION" "$here/kube-score/go.mo
   || die "KUBE_SCORE_VERSION ($KUBE_SCORE_VERSION) differs from kube-score/go.mod"
 
 cache_root=${PORTCULLIS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/portcullis}
-key=$(cat "$here/lint.sh" "$here/kube-score/go.mod" "$here/kube-score/go.sum" | sha256sum | cut -c1-16)
+# Keyed by what is installed (not by this script, so editing the checks below reinstalls nothing).
+key=$( (echo "checkov $CHECKOV_VERSION"; cat "$here/kube-score/go.mod" "$here/kube-score/go.sum") | sha256sum | cut -c1-16)
 tools="$cache_root/chart-lint/$key"
 mkdir -p "$cache_root/chart-lint"
 exec 9>"$cache_root/chart-lint/.lock"
@@ -57,6 +58,7 @@ export HELM_CONFIG_HOME="$out/helm" HELM_CACHE_HOME="$out/helm" HELM_DATA_HOME="
 "$helm" template portcullis "$chart" -n portcullis-system --kube-version 1.37.2 > "$out/default.yaml"
 "$helm" template portcullis "$chart" -n portcullis-system --kube-version 1.37.2 \
   --set webhook.certManager.enabled=true --set podMonitor.enabled=true --set serviceMonitor.enabled=true \
+  --set dashboards.enabled=true --set prometheusRule.enabled=true \
   --set store.url=redis://redis.store:6379/0 --set store.existingSecret=redis-auth > "$out/optional.yaml"
 
 status=0
