@@ -360,8 +360,8 @@ pub const API_CLIENTS_CRD_FILE: &str = "portcullis.dev_apiclients.yaml";
 pub const USAGE_PLANS_CRD_FILE: &str = "portcullis.dev_usageplans.yaml";
 
 /// Directories (relative to the workspace root) holding a checked-in copy of every generated CRD file: the one
-/// `kubectl apply -f crds/` reads and the chart's (Helm installs `crds/` of a chart on first install).
-pub const CRD_DIRS: [&str; 2] = ["crds", "charts/portcullis/crds"];
+/// `kubectl apply -f crds/` reads and the chart's (`files/crds/`, rendered by `templates/crds.yaml` when `crds.enabled`).
+pub const CRD_DIRS: [&str; 2] = ["crds", "charts/portcullis/files/crds"];
 
 /// The one command that regenerates every copy.
 pub const REGENERATE: &str = "cargo xtask crdgen";

@@ -6,6 +6,10 @@
 //!   to end on this machine (control plane, chart, controller, proxy, requests).
 //! - `bench`  — builds the `portcullis-bench` crate (release) and runs its driver with the arguments given.
 //! - `crdgen` — regenerates `crds/` and the chart's copy from the Rust types, in one step.
+//! - `image [--check]` — builds both container images with podman, no Docker engine (`image.rs`); `--check` runs
+//!   each image's entry point. `test` runs the check too when podman is installed.
+
+mod image;
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -24,8 +28,11 @@ fn main() -> Result<()> {
         Some("crdgen") => crdgen(&root),
         Some("bench") => bench(&root, &args[1..]),
         Some("demo") => demo(&root),
+        Some("image") => image::image(&root, &args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <test [cargo test args]|demo|bench <suite> [--smoke]|k8s-bins|crdgen>");
+            eprintln!(
+                "usage: cargo xtask <test [cargo test args]|demo|bench <suite> [--smoke]|k8s-bins|crdgen|image [--check]>"
+            );
             std::process::exit(2);
         }
     }
@@ -88,7 +95,23 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
             .args(["test", "--workspace", "--locked"])
             .args(extra),
         "cargo test --workspace",
-    )
+    )?;
+    // The image test: both images built and their entry points run (`cargo xtask image --check`), where podman is
+    // installed (`.ci/run` installs it). Only for a full run: not when cargo test arguments select tests.
+    if !extra.is_empty() {
+        return Ok(());
+    }
+    if std::env::var_os("PORTCULLIS_SKIP_IMAGE_TEST").is_some() {
+        eprintln!("xtask: image test skipped (PORTCULLIS_SKIP_IMAGE_TEST is set)");
+        return Ok(());
+    }
+    if !image::podman_available() {
+        eprintln!(
+            "xtask: image test SKIPPED: podman not found (Debian: apt-get install podman); see README, section Images"
+        );
+        return Ok(());
+    }
+    image::image(root, &["--check".to_string()])
 }
 
 /// The tests of global limits run a real `redis-server` (tests/testkit/src/redis.rs). On a machine without one,
@@ -142,7 +165,7 @@ fn build_debug(root: &Path) -> Result<()> {
     run(command("cargo").current_dir(root).args(args), "cargo build --workspace --bins --tests")
 }
 
-/// Regenerates every checked-in copy of the CRDs (`crds/` and `charts/portcullis/crds/`) from the Rust types.
+/// Regenerates every checked-in copy of the CRDs (`crds/` and `charts/portcullis/files/crds/`) from the Rust types.
 fn crdgen(root: &Path) -> Result<()> {
     run(
         command("cargo").current_dir(root).args([

@@ -59,8 +59,19 @@ app.kubernetes.io/component: controller
 {{- default (printf "%s-webhook-tls" (include "portcullis.fullname" .)) .Values.webhook.existingCertSecret }}
 {{- end }}
 
+{{/* True (non-empty) when the webhook's serving certificate comes from a mounted Secret rather than being managed
+by the controller: `webhook.existingCertSecret` or cert-manager. */}}
+{{- define "portcullis.webhookCertMounted" -}}
+{{- if or .Values.webhook.existingCertSecret .Values.webhook.certManager.enabled }}true{{ end }}
+{{- end }}
+
+{{/* The controller image: `repository@digest` when a digest is set, else `repository:tag` (tag default: appVersion). */}}
 {{- define "portcullis.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
 {{- end }}
 
 {{- define "portcullis.sidecarImage" -}}

@@ -1,5 +1,5 @@
 //! Prints both CRDs as YAML; with `--write`, writes them into every checked-in copy ([`CRD_DIRS`]: `crds/` and
-//! the chart's `crds/`) of the workspace. `cargo xtask crdgen` runs this with `--write`.
+//! the chart's `files/crds/`) of the workspace. `cargo xtask crdgen` runs this with `--write`.
 
 use anyhow::Context;
 use portcullis_controller::crd::{CRD_DIRS, crd_files, crds_yaml};

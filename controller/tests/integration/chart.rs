@@ -3,10 +3,15 @@
 //! real `helm install` whose RBAC is enough for the webhook's self-managed certificate.
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
 use portcullis_controller::webhook::certs;
 use portcullis_testkit::{ControlPlane, random_hex};
@@ -99,13 +104,14 @@ fn chart_crds_are_exact_copies_of_generated_crds() {
             .filter(|n| n.ends_with(".yaml"))
             .collect()
     };
-    let (generated, copied) = (root().join("crds"), chart().join("crds"));
-    assert_eq!(names(&generated), names(&copied), "charts/portcullis/crds/ holds other files than crds/: {fix}");
+    let (generated, copied) = (root().join("crds"), chart().join("files/crds"));
+    assert_eq!(names(&generated), names(&copied), "charts/portcullis/files/crds/ holds other files than crds/: {fix}");
     for name in names(&generated) {
         let a = std::fs::read(generated.join(&name)).unwrap();
         let b = std::fs::read(copied.join(&name)).unwrap();
-        assert!(a == b, "charts/portcullis/crds/{name} differs from crds/{name}: {fix}");
+        assert!(a == b, "charts/portcullis/files/crds/{name} differs from crds/{name}: {fix}");
     }
+    assert!(!chart().join("crds").exists(), "CRDs in the chart's crds/ would bypass crds.enabled and crds.keep");
 }
 
 #[test]
@@ -124,9 +130,30 @@ fn chart_lints_and_its_schema_rejects_wrong_types() {
             "webhook.existingCertSecret=my-cert",
             "webhook.failurePolicy=Ignore",
             "sidecar.proxyPort=7000",
+            "crds.enabled=false",
+            "replicaCount=1",
+            "podDisruptionBudget.enabled=false",
+            "controllerNetworkPolicy.enabled=false",
+            "podMonitor.enabled=true",
+            "image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "extraEnv[0].name=HTTPS_PROXY",
+            "extraEnv[0].value=http://proxy:3128",
+            "strategy.type=Recreate",
+            "strategy.rollingUpdate=null",
         ],
     )
     .expect("non-default values render");
+    template(
+        cp,
+        "portcullis",
+        "portcullis-system",
+        &[
+            "webhook.certManager.enabled=true",
+            "webhook.certManager.issuerRef.name=ca",
+            "podDisruptionBudget.maxUnavailable=50%",
+        ],
+    )
+    .expect("cert-manager values render");
     for bad in [
         "webhook.timeoutSeconds=abc",
         "webhook.failurePolicy=Sometimes",
@@ -140,6 +167,14 @@ fn chart_lints_and_its_schema_rejects_wrong_types() {
         "store.url=http://redis",
         "store.timeout=2",
         "store.usageRefreshSeconds=0",
+        "crds.enabled=yes",
+        "image.digest=latest",
+        "webhook.certManager.enabled=maybe",
+        "webhook.certManager.issuerRef.kind=Vault",
+        "podMonitor.scrapeFrom[0].everyone=true",
+        "extraVolumeMounts[0].name=no-mount-path",
+        "topologySpreadConstraints[0].maxSkew=1",
+        "podDisruptionBudget.maxUnavailable=one",
         "unknownValue=1",
     ] {
         let err = template(cp, "portcullis", "portcullis-system", &[bad]).expect_err(bad);
@@ -195,6 +230,169 @@ fn chart_rendering_is_hardened_and_scoped() {
     assert_eq!(wh["clientConfig"]["caBundle"].as_str(), Some("Zm9v"));
 }
 
+/// `v` with every integral float as an integer: Helm's `fromYaml | toYaml` writes the generated `minimum: 0.0` as
+/// `minimum: 0`, the same number to the API server.
+fn integral(v: &serde_yaml::Value) -> serde_yaml::Value {
+    use serde_yaml::Value;
+    match v {
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() && f.fract() == 0.0 => Value::Number((f as i64).into()),
+            _ => v.clone(),
+        },
+        Value::Sequence(items) => Value::Sequence(items.iter().map(integral).collect()),
+        Value::Mapping(m) => Value::Mapping(m.iter().map(|(k, v)| (k.clone(), integral(v))).collect()),
+        _ => v.clone(),
+    }
+}
+
+/// The chart conventions of docs/chart.md: templated CRDs kept on uninstall, an HA controller (two replicas spread
+/// across nodes, a PDB, a rolling update that never drops below the replica count), overridable security contexts
+/// and probes, the cert-manager path, the extra* hooks, and the PodMonitor's peers admitted by the sidecars' policy.
+#[test]
+fn chart_conventions_render_as_documented() {
+    let cp = own_cp();
+    let render = |set: &[&str]| documents(&template(cp, "portcullis", "portcullis-system", set).unwrap());
+    let pod_spec = |docs: &[serde_yaml::Value]| find(docs, "Deployment", "portcullis-controller")["spec"].clone();
+    let kinds =
+        |docs: &[serde_yaml::Value], kind: &str| docs.iter().filter(|d| d["kind"].as_str() == Some(kind)).count();
+
+    let docs = render(&[]);
+    assert_eq!(kinds(&docs, "CustomResourceDefinition"), 2);
+    for name in ["apiclients.portcullis.dev", "usageplans.portcullis.dev"] {
+        let crd = find(&docs, "CustomResourceDefinition", name);
+        assert_eq!(crd["metadata"]["annotations"]["helm.sh/resource-policy"].as_str(), Some("keep"), "{name}");
+        // The rendered CRD is the generated one (labels and the annotation aside).
+        let file = std::fs::read_to_string(
+            root().join("crds").join(format!("portcullis.dev_{}.yaml", name.split('.').next().unwrap())),
+        )
+        .unwrap();
+        let generated: serde_yaml::Value = serde_yaml::from_str(&file).unwrap();
+        assert_eq!(integral(&crd["spec"]), integral(&generated["spec"]), "{name}: the template changed the CRD's spec");
+    }
+    let spec = pod_spec(&docs);
+    assert_eq!(spec["replicas"].as_i64(), Some(2));
+    assert_eq!(spec["strategy"]["rollingUpdate"]["maxUnavailable"].as_i64(), Some(0));
+    let pod = &spec["template"]["spec"];
+    let anti =
+        &pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"];
+    assert_eq!(anti["topologyKey"].as_str(), Some("kubernetes.io/hostname"));
+    assert_eq!(anti["labelSelector"]["matchLabels"], spec["selector"]["matchLabels"]);
+    let pdb = find(&docs, "PodDisruptionBudget", "portcullis-controller");
+    assert_eq!(pdb["spec"]["maxUnavailable"].as_i64(), Some(1));
+    assert_eq!(pdb["spec"]["selector"]["matchLabels"], spec["selector"]["matchLabels"]);
+    let np = find(&docs, "NetworkPolicy", "portcullis-controller");
+    assert_eq!(np["spec"]["podSelector"]["matchLabels"], spec["selector"]["matchLabels"]);
+    assert_eq!(np["spec"]["ingress"][0]["ports"][0]["port"].as_str(), Some("webhook"));
+    assert!(np["spec"]["ingress"][0]["from"].is_null(), "the API server must reach the webhook from anywhere");
+    assert_eq!(pod["securityContext"]["runAsUser"].as_i64(), Some(65532));
+    assert_eq!(kinds(&docs, "PodMonitor") + kinds(&docs, "Certificate") + kinds(&docs, "Issuer"), 0);
+    assert_eq!(
+        kinds(&docs, "ClusterRole"),
+        2,
+        "the webhook's caBundle ClusterRole is there for the self-managed certificate"
+    );
+
+    // crds.keep=false / crds.enabled=false.
+    let docs = render(&["crds.keep=false"]);
+    assert!(find(&docs, "CustomResourceDefinition", "apiclients.portcullis.dev")["metadata"]["annotations"].is_null());
+    assert_eq!(kinds(&render(&["crds.enabled=false"]), "CustomResourceDefinition"), 0);
+
+    // OpenShift-style UID ranges: the UID/GID can be removed, the rest of the hardening stays; probes overridable.
+    let docs = render(&[
+        "podSecurityContext.runAsUser=null",
+        "podSecurityContext.runAsGroup=null",
+        "readinessProbe.periodSeconds=2",
+        "livenessProbe=null",
+        "extraEnv[0].name=HTTPS_PROXY",
+        "extraEnv[0].value=http://proxy:3128",
+        "extraVolumes[0].name=ca",
+        "extraVolumes[0].configMap.name=corp-ca",
+        "extraVolumeMounts[0].name=ca",
+        "extraVolumeMounts[0].mountPath=/etc/ssl/corp",
+        "topologySpreadConstraints[0].maxSkew=1",
+        "topologySpreadConstraints[0].topologyKey=topology.kubernetes.io/zone",
+        "topologySpreadConstraints[0].whenUnsatisfiable=ScheduleAnyway",
+        "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].key=pool",
+        "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator=Exists",
+    ]);
+    let spec = pod_spec(&docs);
+    let pod = &spec["template"]["spec"];
+    let psc = &pod["securityContext"];
+    assert!(psc["runAsUser"].is_null() && psc["runAsGroup"].is_null(), "{psc:?}");
+    assert_eq!(psc["runAsNonRoot"].as_bool(), Some(true));
+    let c = &pod["containers"][0];
+    assert_eq!(c["readinessProbe"]["periodSeconds"].as_i64(), Some(2));
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"].as_str(), Some("/readyz"), "an override merges with the default");
+    assert!(c["livenessProbe"].is_null());
+    assert!(c["env"].as_sequence().unwrap().iter().any(|e| e["name"].as_str() == Some("HTTPS_PROXY")));
+    assert!(c["volumeMounts"].as_sequence().unwrap().iter().any(|m| m["mountPath"].as_str() == Some("/etc/ssl/corp")));
+    assert!(pod["volumes"].as_sequence().unwrap().iter().any(|v| v["configMap"]["name"].as_str() == Some("corp-ca")));
+    let tsc = &pod["topologySpreadConstraints"][0];
+    assert_eq!(
+        tsc["labelSelector"]["matchLabels"], spec["selector"]["matchLabels"],
+        "labelSelector defaults to the pods"
+    );
+    assert!(pod["affinity"]["podAntiAffinity"].is_null(), "a given affinity replaces the default");
+    assert!(pod["affinity"]["nodeAffinity"].is_mapping());
+
+    // cert-manager: Issuer + Certificate into the Secret the controller mounts, the CA injected by annotation, and no
+    // RBAC for a self-managed certificate.
+    let docs = render(&["webhook.certManager.enabled=true"]);
+    let cert = find(&docs, "Certificate", "portcullis-webhook");
+    assert_eq!(cert["spec"]["secretName"].as_str(), Some("portcullis-webhook-tls"));
+    assert_eq!(cert["spec"]["dnsNames"][0].as_str(), Some("portcullis-webhook.portcullis-system.svc"));
+    assert_eq!(cert["spec"]["issuerRef"]["name"].as_str(), Some("portcullis-webhook-selfsigned"));
+    find(&docs, "Issuer", "portcullis-webhook-selfsigned");
+    let mwc = find(&docs, "MutatingWebhookConfiguration", "portcullis");
+    assert_eq!(
+        mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"].as_str(),
+        Some("portcullis-system/portcullis-webhook")
+    );
+    let pod = &pod_spec(&docs)["template"]["spec"];
+    let args: Vec<&str> =
+        pod["containers"][0]["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert!(args.contains(&"--webhook-cert-dir=/etc/portcullis/webhook-tls"), "{args:?}");
+    assert!(
+        pod["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|v| v["secret"]["secretName"].as_str() == Some("portcullis-webhook-tls"))
+    );
+    assert_eq!(kinds(&docs, "ClusterRole"), 1, "no caBundle-writing ClusterRole with cert-manager");
+    assert!(
+        !docs.iter().any(|d| d["kind"].as_str() == Some("Role")
+            && d["metadata"]["name"].as_str() == Some("portcullis-webhook-certs"))
+    );
+    let docs = render(&[
+        "webhook.certManager.enabled=true",
+        "webhook.certManager.issuerRef.name=corp",
+        "webhook.certManager.issuerRef.kind=ClusterIssuer",
+    ]);
+    assert_eq!(kinds(&docs, "Issuer"), 0);
+    assert_eq!(
+        find(&docs, "Certificate", "portcullis-webhook")["spec"]["issuerRef"]["kind"].as_str(),
+        Some("ClusterIssuer")
+    );
+
+    // PodMonitor: every sidecar's admin port, and Prometheus admitted there by the policies the controller writes.
+    let docs = render(&["podMonitor.enabled=true"]);
+    let pm = find(&docs, "PodMonitor", "portcullis-sidecars");
+    assert_eq!(pm["spec"]["selector"]["matchLabels"]["portcullis.dev/inject"].as_str(), Some("true"));
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"].as_str(), Some("portcullis-adm"));
+    assert_eq!(pm["spec"]["namespaceSelector"]["any"].as_bool(), Some(true));
+    let args = pod_spec(&docs)["template"]["spec"]["containers"][0]["args"].clone();
+    let admin_from = args
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find_map(|a| a.as_str().unwrap().strip_prefix("--network-policy-admin-from="))
+        .unwrap()
+        .to_string();
+    let peers: serde_json::Value = serde_json::from_str(&admin_from).unwrap();
+    assert_eq!(peers[1]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], "monitoring", "{peers}");
+}
+
 #[test]
 fn chart_rbac_is_identical_to_config_rbac() {
     let cp = own_cp();
@@ -243,11 +441,6 @@ async fn rendered_chart_passes_server_side_dry_run() {
     // The one-replica Redis example of docs/global-limits-controller.md is checked the same way.
     yaml.push_str("\n---\n");
     yaml.push_str(&std::fs::read_to_string(root().join("examples/redis/redis.yaml")).unwrap());
-    // `helm template` leaves out crds/; dry-run them too.
-    for entry in std::fs::read_dir(chart().join("crds")).unwrap() {
-        yaml.push_str("\n---\n");
-        yaml.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap());
-    }
     let client = cp.admin_client().await;
     let mut kinds = BTreeSet::new();
     for doc in documents(&yaml) {
@@ -263,7 +456,9 @@ async fn rendered_chart_passes_server_side_dry_run() {
         } else {
             Api::all_with(client.clone(), &ar)
         };
-        api.patch(&name, &PatchParams::apply("portcullis-chart-test").dry_run(), &Patch::Apply(&obj))
+        // Forced: the CRDs may exist already, installed by `helm install` in the test next to this one (same
+        // control plane), whose field manager owns their labels.
+        api.patch(&name, &PatchParams::apply("portcullis-chart-test").dry_run().force(), &Patch::Apply(&obj))
             .await
             .unwrap_or_else(|e| panic!("the API server rejects rendered {} {name}: {e}", tm.kind));
         kinds.insert(tm.kind);
@@ -278,6 +473,8 @@ async fn rendered_chart_passes_server_side_dry_run() {
         "RoleBinding",
         "Service",
         "MutatingWebhookConfiguration",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
     ] {
         assert!(kinds.contains(kind), "no {kind} was rendered and checked: {kinds:?}");
     }
@@ -285,7 +482,9 @@ async fn rendered_chart_passes_server_side_dry_run() {
 
 /// A real `helm install` (no `--wait`: no pods run here) creates everything; then, authenticated as the chart's
 /// ServiceAccount, the webhook's self-managed certificate code creates its Secret, reuses it, and writes the
-/// caBundle of its own webhook entry — proving the chart's RBAC is enough and nothing else is touched.
+/// caBundle of its own webhook entry — proving the chart's RBAC is enough and nothing else is touched. Then
+/// `helm upgrade` (the caBundle survives), `helm upgrade --force` (it does not: the controller must repair it) and
+/// `helm uninstall`, listing what is left behind.
 #[tokio::test]
 async fn helm_install_creates_everything_and_its_rbac_suffices_for_webhook_certs() {
     let cp = own_cp();
@@ -348,8 +547,141 @@ async fn helm_install_creates_everything_and_its_rbac_suffices_for_webhook_certs
     let other = certs::patch_ca_bundle(&as_controller, "someone-elses-webhooks", "x.example.com", &first.ca_pem).await;
     assert!(format!("{:?}", other.expect_err("must be forbidden")).contains("403"), "forbidden by RBAC");
 
+    // Leader election as the chart's ServiceAccount: the Lease a running controller leaves behind.
+    let leases: Api<Lease> = Api::namespaced(as_controller.clone(), &ns);
+    let lease = Lease { metadata: ObjectMeta { name: Some(LEASE.into()), ..Default::default() }, ..Default::default() };
+    leases.create(&PostParams::default(), &lease).await.expect("the chart's Role lets the controller create its Lease");
+
+    // `helm upgrade` with a changed value: the caBundle the controller wrote survives (the chart never renders the
+    // field, so Helm's three-way merge leaves it alone).
+    let ca = wh.client_config.ca_bundle.clone();
+    let upgrade = |force: bool, timeout: &str| {
+        let mut args = vec!["upgrade", &release, chart.to_str().unwrap(), "-n", &ns, "--kubeconfig", &kubeconfig];
+        args.extend(["--set", "webhook.url=https://127.0.0.1:1/mutate", "--set"]);
+        let timeout = format!("webhook.timeoutSeconds={timeout}");
+        args.push(&timeout);
+        if force {
+            args.push("--force");
+        }
+        helm(cp, &args).map(|_| ())
+    };
+    upgrade(false, "7").expect("helm upgrade");
+    let upgraded = mwcs.get(&fullname).await.unwrap().webhooks.unwrap().remove(0);
+    assert_eq!(upgraded.timeout_seconds, Some(7), "the upgrade applied");
+    assert_eq!(upgraded.client_config.ca_bundle, ca, "helm upgrade must keep the caBundle the controller wrote");
+
+    // `helm upgrade --force` replaces each object with the rendered one (PUT), so a field only the controller sets
+    // is cleared: the chart cannot keep it, the controller's caBundle repair has to put it back (its own test). A
+    // caBundle the chart renders (`webhook.caBundle`) or cert-manager injects is not affected this way.
+    upgrade(true, "8").expect("helm upgrade --force");
+    let forced = mwcs.get(&fullname).await.unwrap().webhooks.unwrap().remove(0);
+    assert_eq!(forced.timeout_seconds, Some(8), "the forced upgrade applied");
+    assert_eq!(
+        forced.client_config.ca_bundle, None,
+        "helm upgrade --force is documented (docs/chart.md) to clear the caBundle"
+    );
+
     helm(cp, &["uninstall", &release, "-n", &ns, "--kubeconfig", &kubeconfig]).expect("helm uninstall");
+
+    // What `helm uninstall` leaves behind, as docs/chart.md ("Uninstall") lists it: the CRDs (crds.keep) and the two
+    // objects the controller created at run time, the webhook certificate Secret and the leader Lease. Everything
+    // the chart rendered otherwise is gone.
+    for crd in ["apiclients.portcullis.dev", "usageplans.portcullis.dev"] {
+        assert!(crds.get_opt(crd).await.unwrap().is_some(), "crds.keep: CRD {crd} must survive helm uninstall");
+    }
+    let admin_secrets = Api::<Secret>::namespaced(client.clone(), &ns);
+    assert!(
+        admin_secrets.get_opt(&secret_name).await.unwrap().is_some(),
+        "the webhook Secret is left (controller-made)"
+    );
+    let admin_leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    assert!(admin_leases.get_opt(LEASE).await.unwrap().is_some(), "the Lease is left (controller-made)");
+    assert!(mwcs.get_opt(&fullname).await.unwrap().is_none(), "the webhook configuration is removed");
+    let selector = ListParams::default().labels(&format!("app.kubernetes.io/instance={release}"));
+    let mut left: Vec<String> = Vec::new();
+    for (kind, names) in [
+        (
+            "ClusterRole",
+            Api::<ClusterRole>::all(client.clone())
+                .list(&selector)
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .filter_map(|o| o.metadata.name)
+                .collect::<Vec<_>>(),
+        ),
+        (
+            "CustomResourceDefinition",
+            crds.list(&selector).await.unwrap().items.into_iter().filter_map(|o| o.metadata.name).collect(),
+        ),
+        (
+            "Deployment",
+            Api::<Deployment>::namespaced(client.clone(), &ns)
+                .list(&selector)
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .filter_map(|o| o.metadata.name)
+                .collect(),
+        ),
+        (
+            "Service",
+            Api::<Service>::namespaced(client.clone(), &ns)
+                .list(&selector)
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .filter_map(|o| o.metadata.name)
+                .collect(),
+        ),
+        (
+            "ServiceAccount",
+            Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+                .list(&selector)
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .filter_map(|o| o.metadata.name)
+                .collect(),
+        ),
+        (
+            "PodDisruptionBudget",
+            Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns)
+                .list(&selector)
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .filter_map(|o| o.metadata.name)
+                .collect(),
+        ),
+        (
+            "NetworkPolicy",
+            Api::<NetworkPolicy>::namespaced(client.clone(), &ns)
+                .list(&selector)
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .filter_map(|o| o.metadata.name)
+                .collect(),
+        ),
+    ] {
+        left.extend(names.into_iter().map(|n| format!("{kind}/{n}")));
+    }
+    assert_eq!(
+        left,
+        ["CustomResourceDefinition/apiclients.portcullis.dev", "CustomResourceDefinition/usageplans.portcullis.dev"],
+        "of the chart's own objects only the kept CRDs may outlive helm uninstall"
+    );
 }
+
+/// The leader-election Lease name (the controller's `--lease-name` default).
+const LEASE: &str = "portcullis-controller";
 
 /// The webhook/sidecar flags the chart passes are exactly what `WebhookArgs` (flattened into the controller's
 /// command line) accepts, with the values the chart means.
