@@ -34,12 +34,17 @@ pub fn image(root: &Path, args: &[String]) -> Result<()> {
     let t = Instant::now();
     let version = app_version(root)?;
     let (triple, platform) = host_target()?;
-    build_static(root, &triple)?;
+    // `PORTCULLIS_IMAGE_TARGET_DIR`: where the static release build goes (CI keeps it in its cache, outside the
+    // clone, so a run from a fresh clone rebuilds only what changed); default `target/`.
+    let target_dir = std::env::var_os("PORTCULLIS_IMAGE_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    build_static(root, &triple, &target_dir)?;
     let out = root.join("target/image");
     let context = out.join("context");
     std::fs::create_dir_all(&context)?;
     for (_, bin) in BINARIES {
-        let from = root.join("target").join(&triple).join("release").join(bin);
+        let from = target_dir.join(&triple).join("release").join(bin);
         std::fs::copy(&from, context.join(bin)).with_context(|| format!("copying {}", from.display()))?;
     }
     std::fs::copy(root.join("images/Containerfile"), context.join("Containerfile"))?;
@@ -122,12 +127,14 @@ fn source_date_epoch(root: &Path) -> Result<String> {
     capture(Command::new("git").current_dir(root).args(["log", "-1", "--format=%ct"]))
 }
 
-fn build_static(root: &Path, triple: &str) -> Result<()> {
+fn build_static(root: &Path, triple: &str, target_dir: &Path) -> Result<()> {
     let var = format!("CARGO_TARGET_{}_RUSTFLAGS", triple.to_uppercase().replace('-', "_"));
     run(
         command("cargo")
             .current_dir(root)
             .env(var, "-C target-feature=+crt-static")
+            .arg("--config")
+            .arg(format!("build.target-dir={:?}", target_dir.display().to_string()))
             .args(["build", "--quiet", "--release", "--locked", "--target", triple])
             .args(["-p", "portcullis-controller", "-p", "portcullis-proxy"])
             .args(["--bin", "portcullis-controller", "--bin", "portcullis-proxy"]),

@@ -694,7 +694,18 @@ fn chart_webhook_flags_parse_as_webhook_args() {
         webhook: portcullis_controller::webhook::WebhookArgs,
     }
     let cp = own_cp();
-    for set in [&[][..], &["webhook.existingCertSecret=my-cert", "sidecar.proxyPort=7000"][..]] {
+    let defaults = [
+        "webhook.existingCertSecret=my-cert",
+        "sidecar.proxyPort=7000",
+        "sidecar.trustedProxies={10.0.0.0/8,192.168.0.7}",
+        "sidecar.proxyProtocol=true",
+        "sidecar.clientCASecret=partners-ca",
+        "sidecar.requireTLS=true",
+        "sidecar.workers=3",
+        "sidecar.adminAddress=::",
+        "sidecar.image.pullPolicy=Always",
+    ];
+    for set in [&[][..], &defaults[..]] {
         let docs = documents(&template(cp, "portcullis", "portcullis-system", set).unwrap());
         let c = &find(&docs, "Deployment", "portcullis-controller")["spec"]["template"]["spec"]["containers"][0];
         let args: Vec<&str> = c["args"]
@@ -716,6 +727,19 @@ fn chart_webhook_flags_parse_as_webhook_args() {
         assert_eq!(w.sidecar_image, "ghcr.io/portcullis/portcullis-proxy:0.1.0");
         let s = w.inject_settings().expect("valid sidecar settings");
         assert_eq!(s.proxy_port, if set.is_empty() { 8443 } else { 7000 });
+        // The chart-wide defaults of the per-workload settings reach the webhook's settings.
+        let d = &s.defaults;
+        if set.is_empty() {
+            assert_eq!(d, &Default::default());
+            assert_eq!(s.image_pull_policy, None);
+        } else {
+            assert_eq!(d.trusted_proxies, ["10.0.0.0/8", "192.168.0.7"]);
+            assert!(d.proxy_protocol && d.require_tls);
+            assert_eq!(d.client_ca_secret.as_deref(), Some("partners-ca"));
+            assert_eq!(d.workers, Some(3));
+            assert_eq!(d.admin_address, Some("::".parse().unwrap()));
+            assert_eq!(s.image_pull_policy.as_deref(), Some("Always"));
+        }
         let r = s.resources.expect("the chart's sidecar resources are passed on");
         assert_eq!(r.requests.unwrap()["memory"].0, "32Mi");
         assert_eq!(r.limits.unwrap()["memory"].0, "128Mi");
