@@ -10,6 +10,7 @@
 //!   each image's entry point. `test` runs the check too when podman is installed.
 
 mod image;
+mod playground;
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -29,9 +30,11 @@ fn main() -> Result<()> {
         Some("bench") => bench(&root, &args[1..]),
         Some("demo") => demo(&root),
         Some("image") => image::image(&root, &args[1..]),
+        Some("up") => playground::up(&root),
+        Some("down") => playground::down(&root),
         _ => {
             eprintln!(
-                "usage: cargo xtask <test [cargo test args]|demo|bench <suite> [--smoke]|k8s-bins|crdgen|image [--check]>"
+                "usage: cargo xtask <test [cargo test args]|demo|bench <suite> [--smoke]|k8s-bins|crdgen|image [--check]|up|down>"
             );
             std::process::exit(2);
         }

@@ -60,6 +60,14 @@ fn free_port() -> Result<u16> {
 }
 
 fn main() -> Result<()> {
+    // `--up DIR` (run by `cargo xtask up`): set everything up, write DIR/playground.env, then keep it all running
+    // until SIGTERM/SIGINT (`cargo xtask down`) instead of sending the demo requests.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let up = match args.as_slice() {
+        [] => None,
+        [flag, dir] if flag == "--up" => Some(PathBuf::from(dir)),
+        _ => bail!("usage: portcullis-demo [--up STATE_DIR]"),
+    };
     let root = portcullis_testkit::bins::repo_root();
     let bins = portcullis_testkit::bins::bin_dir()?;
     let exe = std::env::current_exe().context("the demo's own path")?;
@@ -81,13 +89,13 @@ fn main() -> Result<()> {
         cp
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let result = rt.block_on(demo(root, &target, &cp));
+    let result = rt.block_on(demo(root, &target, &cp, up.as_deref()));
     drop(cp);
     println!("\n==> cleaned up: every process stopped, data removed");
     result
 }
 
-async fn demo(root: &Path, target: &Path, cp: &ControlPlane) -> Result<()> {
+async fn demo(root: &Path, target: &Path, cp: &ControlPlane, up: Option<&Path>) -> Result<()> {
     let mut procs = Procs(Vec::new());
     let logs = cp.dir().to_path_buf();
     let admin = cp.admin_client().await;
@@ -162,6 +170,9 @@ async fn demo(root: &Path, target: &Path, cp: &ControlPlane) -> Result<()> {
 
     let acme_key = generated_key(cp, "acme-key-k1", Duration::from_secs(5), &mut procs).await?;
     let globex_key = "globex-demo-key-0123456789abcdef";
+    if let Some(dir) = up {
+        return playground(dir, cp, proxy, admin_port, &acme_key, globex_key, &mut procs).await;
+    }
     let local: IpAddr = Ipv4Addr::new(127, 0, 0, 1).into();
     let other: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
 
@@ -304,6 +315,45 @@ async fn demo(root: &Path, target: &Path, cp: &ControlPlane) -> Result<()> {
         bail!("{failures} demo request(s) got an unexpected answer; logs: {}", logs.display());
     }
     println!("\nAll demo requests answered as expected.");
+    Ok(())
+}
+
+/// `--up`: writes the playground's environment (`DIR/playground.env`: KUBECONFIG, the proxy, the demo keys), marks
+/// it ready (`DIR/ready`) and keeps every process running until SIGTERM or SIGINT; then the caller's drops stop
+/// them and remove the control plane's data.
+async fn playground(
+    dir: &Path,
+    cp: &ControlPlane,
+    proxy: SocketAddr,
+    admin_port: u16,
+    acme_key: &str,
+    globex_key: &str,
+    procs: &mut Procs,
+) -> Result<()> {
+    let env = format!(
+        "# cargo xtask up: the playground (stop it with `cargo xtask down`)\n\
+         export KUBECONFIG={kubeconfig}\n\
+         export PORTCULLIS_PROXY=http://{proxy}\n\
+         export PORTCULLIS_PROXY_ADMIN=http://127.0.0.1:{admin_port}\n\
+         export ACME_KEY={acme_key}\n\
+         export GLOBEX_KEY={globex_key}\n\
+         # logs: {logs}\n",
+        kubeconfig = cp.admin_kubeconfig().display(),
+        logs = cp.dir().display(),
+    );
+    std::fs::write(dir.join("playground.env"), &env)?;
+    std::fs::write(dir.join("ready"), b"")?;
+    say("the playground is up (cargo xtask down stops it)");
+    print!("{env}");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => procs.check()?,
+        }
+    }
+    say("stopping the playground");
     Ok(())
 }
 
