@@ -56,8 +56,15 @@ impl ClientMetrics {
         if self.limit == 0 {
             return None;
         }
-        if let Some(l) = self.labelled.read().unwrap_or_else(|e| e.into_inner()).get(client) {
-            return Some(l.clone());
+        {
+            let r = self.labelled.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(l) = r.get(client) {
+                return Some(l.clone());
+            }
+            // Full: every later client is `other`, decided under the shared lock (no writer per request).
+            if r.len() >= self.limit {
+                return Some(self.other.clone());
+            }
         }
         let mut w = self.labelled.write().unwrap_or_else(|e| e.into_inner());
         if let Some(l) = w.get(client) {
