@@ -25,13 +25,13 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 /// A running `portcullis-proxy` process, killed when dropped.
-struct Sidecar {
+pub(crate) struct Sidecar {
     child: Child,
 }
 
 impl Sidecar {
     /// Starts the proxy with `args` and `env`, logging to `<log_dir>/<name>-<random>.log`.
-    fn start(log_dir: &Path, name: &str, args: &[String], env: &[(&str, String)]) -> Sidecar {
+    pub(crate) fn start(log_dir: &Path, name: &str, args: &[String], env: &[(&str, String)]) -> Sidecar {
         let log = std::fs::File::create(log_dir.join(format!("{name}-{}.log", portcullis_testkit::random_hex(3))))
             .expect("proxy log file");
         let mut cmd = Command::new(proxy_binary());
@@ -43,7 +43,7 @@ impl Sidecar {
         Sidecar { child: cmd.spawn().unwrap_or_else(|e| panic!("starting portcullis-proxy for {name}: {e}")) }
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -55,12 +55,12 @@ impl Drop for Sidecar {
     }
 }
 
-fn ip(last: u8) -> IpAddr {
+pub(crate) fn ip(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
 }
 
 /// A port free on every one of `ips` (the sidecars' admin port is one number for all pods, as in a cluster).
-fn common_free_port(ips: &[IpAddr]) -> u16 {
+pub(crate) fn common_free_port(ips: &[IpAddr]) -> u16 {
     for _ in 0..50 {
         let first = std::net::TcpListener::bind(SocketAddr::new(ips[0], 0)).unwrap();
         let port = first.local_addr().unwrap().port();
@@ -72,7 +72,7 @@ fn common_free_port(ips: &[IpAddr]) -> u16 {
 }
 
 /// An opted-in Pod of `service` (app on `upstream`) as the webhook would store it (sidecar injected with `s`).
-fn injected_pod(
+pub(crate) fn injected_pod(
     name: &str,
     service: &str,
     sa: &str,
@@ -106,12 +106,12 @@ fn injected_pod(
     serde_json::from_value(v).unwrap()
 }
 
-fn app_container() -> Container {
+pub(crate) fn app_container() -> Container {
     Container { name: "app".into(), image: Some("registry.invalid/app:1".into()), ..Default::default() }
 }
 
 /// Creates `pod` and marks it Running at `pod_ip` through the status subresource.
-async fn run_pod(env: &Env, pod: &Pod, pod_ip: IpAddr) {
+pub(crate) async fn run_pod(env: &Env, pod: &Pod, pod_ip: IpAddr) {
     let pods: Api<Pod> = Api::namespaced(env.admin.clone(), &env.ns);
     let name = pod.metadata.name.clone().unwrap();
     pods.create(&PostParams::default(), pod).await.unwrap_or_else(|e| panic!("creating pod {name}: {e}"));

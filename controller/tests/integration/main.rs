@@ -22,6 +22,7 @@ mod global_limits;
 mod lifecycle_keys;
 mod lifecycle_tables;
 mod no_crds;
+mod plugin;
 mod readiness;
 mod scale;
 mod secret_hygiene;

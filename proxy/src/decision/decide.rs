@@ -3,7 +3,7 @@
 //! out.
 
 use super::certs::PeerCert;
-use super::compiled::{CompiledClient, CompiledPlan, CompiledTable};
+use super::compiled::{CompiledClient, CompiledPlan, CompiledTable, KeyRef};
 use super::quota::period_secs;
 use super::reason::Reason;
 use super::throttle::{retry_after_secs, window_secs};
@@ -77,25 +77,38 @@ pub fn decide<'t, C: Clock + Clone>(table: Option<&'t CompiledTable<C>>, req: &R
     if table.deny_all.is_some() {
         return deny(Reason::ServiceNotGranted);
     }
-    let client = match req.key.filter(|k| !k.is_empty()) {
-        Some(key) => {
-            let Some((client, key_ref)) = table.lookup(&key_digest(key)) else { return deny(Reason::InvalidKey) };
-            let refuse = |r: Reason| Decision::Refuse { client, denial: r.into() };
-            if key_ref.expires_at.is_some_and(|exp| req.now >= exp) {
-                return refuse(Reason::KeyExpired);
-            }
-            if client.require_certificate && !req.cert.is_some_and(|c| table.cert_matches(c, key_ref.client)) {
-                return refuse(Reason::CertificateRequired);
-            }
-            client
-        }
+    match req.key.filter(|k| !k.is_empty()) {
+        Some(key) => match table.lookup(&key_digest(key)) {
+            Some((client, key_ref)) => decide_identified(table, client, Some(key_ref), req),
+            None => deny(Reason::InvalidKey),
+        },
         // No key: a certificate naming exactly one client identifies it; anything else reads as a missing key.
         None => match req.cert.and_then(|c| table.lookup_cert(c)) {
-            Some((_, client)) => client,
-            None => return deny(Reason::InvalidKey),
+            Some((_, client)) => decide_identified(table, client, None, req),
+            None => deny(Reason::InvalidKey),
         },
-    };
+    }
+}
+
+/// The rest of [`decide`] once `client` is identified: by the key `key` refers to, or (`None`) by the connection's
+/// certificate. `kubectl portcullis check` starts here, with a key of the client's from the live table (it never
+/// holds the raw key).
+#[inline]
+pub fn decide_identified<'t, C: Clock + Clone>(
+    table: &'t CompiledTable<C>,
+    client: &'t CompiledClient<C>,
+    key: Option<KeyRef>,
+    req: &RequestFacts<'_>,
+) -> Decision<'t, C> {
     let refuse = |denial: Denial| Decision::Refuse { client, denial };
+    if let Some(key_ref) = key {
+        if key_ref.expires_at.is_some_and(|exp| req.now >= exp) {
+            return refuse(Reason::KeyExpired.into());
+        }
+        if client.require_certificate && !req.cert.is_some_and(|c| table.cert_matches(c, key_ref.client)) {
+            return refuse(Reason::CertificateRequired.into());
+        }
+    }
     if client.disabled {
         return refuse(Reason::ClientDisabled.into());
     }
@@ -264,6 +277,34 @@ pub(crate) mod tests {
         assert_eq!(allowed_id(decide(t, &with(Some(b"k-strict"), ambiguous))), Ok("ns/strict".into()));
         assert_eq!(allowed_id(decide(t, &with(None, strict))), Ok("ns/strict".into()), "its certificate alone");
         assert_eq!(Reason::CertificateRequired.status(), 403);
+    }
+
+    #[test]
+    fn deciding_for_an_identified_client_is_decide_after_the_key_lookup() {
+        // Two tables, so throttle state is not shared between the two ways of asking.
+        let (a, b) = (table(), table());
+        let ta = CompiledTable::compile(&a, None, FakeRelativeClock::default()).unwrap();
+        let tb = CompiledTable::compile(&b, None, FakeRelativeClock::default()).unwrap();
+        let keys: [&[u8]; 5] = [b"k-read", b"k-quota", b"k-exp", b"k-dis", b"k-strict"];
+        let requests = [
+            ("127.0.0.1", "GET", "/v1/x"),
+            ("::1", "GET", "/"),
+            ("10.0.0.1", "POST", "/v1"),
+            ("127.0.0.1", "GET", "/v2"),
+        ];
+        for _ in 0..3 {
+            for key in keys {
+                for (addr, method, path) in requests {
+                    let req = facts(Some(key), addr, method, path);
+                    let (client, key_ref) = tb.lookup(&key_digest(key)).unwrap();
+                    assert_eq!(
+                        allowed_id(decide(Some(&ta), &req)),
+                        allowed_id(decide_identified(&tb, client, Some(key_ref), &req)),
+                        "{key:?} {addr} {method} {path}"
+                    );
+                }
+            }
+        }
     }
 
     fn reason<C: Clock>(d: Decision<'_, C>) -> Option<Reason> {

@@ -24,5 +24,5 @@ pub mod throttle;
 pub use certs::PeerCert;
 pub use cidr::CidrSet;
 pub use compiled::{CompiledClient, CompiledPlan, CompiledTable, PlanSpec};
-pub use decide::{Decision, Denial, RequestFacts, decide, quota_exceeded, rate_limited};
+pub use decide::{Decision, Denial, RequestFacts, decide, decide_identified, quota_exceeded, rate_limited};
 pub use reason::Reason;

@@ -21,33 +21,39 @@ use tokio::net::TcpListener;
 /// other features (the proxy's kube without the controller's) and would rebuild kube and the proxy here, and again
 /// for the demo.
 pub fn proxy_binary() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable path");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf();
-        let target_dir = profile_dir.parent().expect("target dir");
-        let mut cmd = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.current_dir(root())
-            .args(["build", "--quiet", "--locked", "--workspace", "--bins", "--tests", "--target-dir"])
-            .arg(target_dir);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
+    workspace_binary("portcullis-proxy")
+}
+
+/// The binary `name` of this workspace (`portcullis-proxy`, `kubectl-portcullis`), built as [`proxy_binary`] says.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    static BIN_DIR: OnceLock<PathBuf> = OnceLock::new();
+    BIN_DIR.get_or_init(build_workspace_binaries).join(name)
+}
+
+fn build_workspace_binaries() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf();
+    let target_dir = profile_dir.parent().expect("target dir");
+    let mut cmd = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root())
+        .args(["build", "--quiet", "--locked", "--workspace", "--bins", "--tests", "--target-dir"])
+        .arg(target_dir);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    // What cargo sets for this test process describes this package; build scripts of the proxy's dependencies
+    // track some of it (ring: CARGO_MANIFEST_DIR), so inheriting it would rebuild them, every time.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        let ours =
+            ["CARGO_MANIFEST", "CARGO_PKG_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_", "CARGO_TARGET_TMPDIR"];
+        if ours.iter().any(|p| k.starts_with(p)) || k == "OUT_DIR" {
+            cmd.env_remove(k);
         }
-        // What cargo sets for this test process describes this package; build scripts of the proxy's dependencies
-        // track some of it (ring: CARGO_MANIFEST_DIR), so inheriting it would rebuild them, every time.
-        for (k, _) in std::env::vars_os() {
-            let k = k.to_string_lossy().into_owned();
-            let ours =
-                ["CARGO_MANIFEST", "CARGO_PKG_", "CARGO_CRATE_", "CARGO_BIN_", "CARGO_PRIMARY_", "CARGO_TARGET_TMPDIR"];
-            if ours.iter().any(|p| k.starts_with(p)) || k == "OUT_DIR" {
-                cmd.env_remove(k);
-            }
-        }
-        let status = cmd.status().expect("running cargo build --workspace --bins --tests");
-        assert!(status.success(), "cargo build --workspace --bins --tests failed");
-        profile_dir.join("portcullis-proxy")
-    })
-    .clone()
+    }
+    let status = cmd.status().expect("running cargo build --workspace --bins --tests");
+    assert!(status.success(), "cargo build --workspace --bins --tests failed");
+    profile_dir
 }
 
 pub const LO: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
