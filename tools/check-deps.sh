@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Holds the crate boundaries of docs/architecture.md with `cargo tree` (no build; a few seconds):
 #   table: no kube, tokio or hyper; store: no kube, hyper, controller or proxy; proxy: kube's client only (no
-#   kube-runtime, kube-derive, schemars); only the controller's own targets and bench/ link the controller library;
+#   kube-runtime, kube-derive, schemars); the plugin: kube's client only, the proxy's decision code, no controller; only the controller's own targets and bench/ link the controller library;
 #   xtask links none of resvg, it, kube, tokio (it only delegates: compiled apart from the workspace build, its
 #   dependencies would compile twice);
 #   one jiff in the tree.
@@ -23,6 +23,7 @@ forbid portcullis-table kube kube-client tokio hyper k8s-openapi
 forbid portcullis-store kube kube-client k8s-openapi hyper portcullis-controller portcullis-proxy
 forbid portcullis-proxy kube-runtime kube-derive schemars portcullis-controller
 forbid portcullis-testkit portcullis-controller kube-runtime
+forbid kubectl-portcullis kube-runtime kube-derive schemars portcullis-controller
 forbid xtask portcullis-controller resvg portcullis-bench portcullis-testkit kube tokio
 users=$(cargo tree --locked -e normal --prefix none --format '{p}' -i portcullis-controller | awk '{print $1}' | sort -u | grep -vx portcullis-controller || true)
 if [ -n "$users" ] && [ "$users" != "portcullis-bench" ]; then

@@ -15,9 +15,9 @@ pub struct ServiceState<'a> {
     pub plans: Vec<&'a Value>,
 }
 
-/// The condition types `status` reports per plan: the table, the sidecars, and the bypass findings.
-const PLAN_CONDITIONS: [&str; 6] =
-    ["Programmed", "Enforced", "Protected", "Exposure", "CertificatesVerifiable", "GlobalLimits"];
+/// The condition types `status` reports per plan: the table, the sidecars, and the bypass findings (`Exposure`, the
+/// deprecated copy of `Protected`, is left out).
+const PLAN_CONDITIONS: [&str; 5] = ["Programmed", "Enforced", "Protected", "CertificatesVerifiable", "GlobalLimits"];
 
 fn name(v: &Value) -> &str {
     v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("?")
@@ -30,12 +30,9 @@ pub fn grants(plan: &Value, service: &str) -> bool {
         .is_some_and(|a| a.iter().any(|s| s.get("name").and_then(Value::as_str) == Some(service)))
 }
 
-/// A condition that is not as it should be, for the summary's "findings".
+/// A condition that is not as it should be (every type `status` shows is good when True).
 fn is_finding(c: &Condition) -> bool {
-    match c.type_.as_str() {
-        "Exposure" => c.status == "True",
-        _ => c.status == "False",
-    }
+    c.status == "False"
 }
 
 pub fn render_status(ns: &str, services: &[ServiceState<'_>]) -> String {

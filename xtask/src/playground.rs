@@ -62,12 +62,18 @@ pub fn up(root: &Path) -> Result<()> {
     }
     let env_file = dir.join("playground.env");
     let mut env = std::fs::read_to_string(&env_file)?;
-    env.push_str(&format!("export PATH={}:$PATH\n", kubectl.display()));
+    // `kubectl portcullis`: kubectl runs `kubectl-portcullis` from PATH (the workspace's debug build, linked here).
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    std::os::unix::fs::symlink(root.join("target/debug/kubectl-portcullis"), bin.join("kubectl-portcullis"))?;
+    env.push_str(&format!("export PATH={}:{}:$PATH\n", kubectl.display(), bin.display()));
     std::fs::write(&env_file, &env)?;
     println!("{env}");
     println!("The playground is up. In a shell:\n");
     println!("  source {}", env_file.display());
     println!("  kubectl get usageplans,apiclients -n demo");
+    println!("  kubectl portcullis status -n demo");
+    println!("  kubectl portcullis check acme --from 127.0.0.2 GET /v1/orders -n demo");
     println!("  curl -s -H \"x-api-key: $ACME_KEY\" $PORTCULLIS_PROXY/v1/orders");
     println!("  curl -s $PORTCULLIS_PROXY_ADMIN/metrics | grep portcullis_proxy_client_requests_total");
     println!("\nStop it with `cargo xtask down`.");

@@ -195,7 +195,7 @@ async fn kubectl_portcullis_end_to_end() {
     assert_eq!(code, 1);
     assert!(err.contains("every key of the client") && err.contains("keys create"), "{err}");
     let (code, _, err) = plugin(&env, &["keys", "revoke", "acme", "k9"]).await;
-    assert!(code == 1 && err.contains("no key named \"k9\" (named keys: k2)"), "{err}");
+    assert!(code == 1 && err.contains("no key named \"k9\" (named keys: k2;"), "{err}");
     let (code, _, err) = plugin(&env, &["check", "nobody", "--from", "127.0.0.1", "GET", "/"]).await;
     assert!(code == 1 && err.contains(&format!("ApiClient {}/nobody not found", env.ns)), "{err}");
     let (code, _, err) = plugin(&env, &["status", "web"]).await;
