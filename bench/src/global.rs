@@ -14,7 +14,7 @@ use super::load::{self, Wrk, openloop, round, wrk};
 use super::servers::{self, LIMIT_FREE, Proc};
 use super::{Ctx, bar_svg};
 use anyhow::Result;
-use portcullis_table::{QuotaScope, Table, Throttle};
+use portcullis_table::{Period, QuotaScope, Table, Throttle, store_keys};
 use portcullis_testkit::redis::RedisServer;
 use serde_json::{Value, json};
 use std::path::Path;
@@ -69,6 +69,26 @@ fn metric_lines(p: &Proc, prefixes: &[&str]) -> Vec<String> {
     text.lines().filter(|l| prefixes.iter().any(|p| l.starts_with(p))).map(str::to_string).collect()
 }
 
+/// The nginx + Redis arm's settings: the TAKE script loaded into `redis`, the same plan as the global arm (throttle
+/// [`LIMIT_FREE`], a quota of 10¹² a month) and the store keys as the proxies name them.
+fn nginx_redis_settings(redis: &RedisServer) -> Result<servers::NginxRedis> {
+    let sha = portcullis_testkit::redis::cli(redis.port(), &["SCRIPT", "LOAD", portcullis_store::scripts::TAKE])?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+    let split = |key: String| -> (String, String) {
+        let (a, b) = key.split_once("@CLIENT@").expect("the placeholder is in the key");
+        (a.to_string(), b.to_string())
+    };
+    Ok(servers::NginxRedis {
+        port: redis.port(),
+        sha: sha.trim().to_string(),
+        throttle: LIMIT_FREE,
+        quota_limit: 1_000_000_000_000,
+        throttle_key: split(store_keys::throttle_key("@CLIENT@", "bench")),
+        quota_key: split(store_keys::quota_key("@CLIENT@", "bench", Period::Month, now)),
+        expires_at: store_keys::quota_key_expires_at(Period::Month, now),
+    })
+}
+
 pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
     let (secs, reps, mut acc_secs) = if ctx.smoke { (1.0, 1, 1.0) } else { (5.0, 3, 10.0) };
     // A longer accuracy run with --smoke (a sanity check of the 100 req/s row, whose 1 % is one token a second).
@@ -83,13 +103,18 @@ pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
     let local = servers::start_proxy(bin, up.addr, &lt)?;
     let global = servers::start_proxy_with(bin, up.addr, &gt, &store_args(&redis, "bench-0"))?;
     wait_store_up(&global)?;
-    let arms: [(&str, &Proc); 2] = [("local", &local), ("global", &global)];
+    // nginx doing the same: N1 (limit_req, per nginx) and N1 counting in Redis with this project's TAKE script.
+    let nginx = servers::start_nginx(&ctx.tmp, up.addr, true, 1)?;
+    let nr = nginx_redis_settings(&redis)?;
+    let nginx_redis = servers::start_nginx_redis(&ctx.tmp, up.addr, 1, &nr)?;
+    let arms: [(&str, &Proc); 4] =
+        [("local", &local), ("global", &global), ("nginx", &nginx), ("nginx+redis", &nginx_redis)];
     let url = |p: &Proc| format!("http://{}/v1/items", p.addr);
     for (name, p) in arms {
         let w = wrk(&url(p), 32, 1.0, &servers::key(0), true)?;
         eprintln!("  warm-up {name}: {:.0} req/s", w.rps);
     }
-    let mut closed: [Vec<Wrk>; 2] = [Vec::new(), Vec::new()];
+    let mut closed: [Vec<Wrk>; 4] = Default::default();
     for r in 0..reps {
         for (i, (name, p)) in arms.iter().enumerate() {
             let w = wrk(&url(p), 32, secs, &servers::key(0), true)?;
@@ -101,7 +126,7 @@ pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
     let ratio = rps(1) / rps(0);
     // Open loop at half the local arm's peak.
     let rate = ((rps(0) / 2.0) as u64).max(100);
-    let mut ol: [Vec<load::OpenLoop>; 2] = [Vec::new(), Vec::new()];
+    let mut ol: [Vec<load::OpenLoop>; 4] = Default::default();
     for _ in 0..reps {
         for (i, (name, p)) in arms.iter().enumerate() {
             let o = openloop(p.addr, rate, secs, 16, &servers::key(0))?;
@@ -121,8 +146,24 @@ pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
         ],
     );
     eprintln!("  global arm: {store_lines:?}");
+    // The nginx + Redis arm really counted in Redis: client c0's quota key holds every request it admitted.
+    let quota_key = format!("{}c0{}", nr.quota_key.0, nr.quota_key.1);
+    let redis_counted: u64 =
+        portcullis_testkit::redis::cli(redis.port(), &["GET", &quota_key])?.trim().parse().unwrap_or(0);
+    let nginx_redis_served: u64 = closed[3].iter().map(|w| w.requests - w.non2xx).sum();
+    anyhow::ensure!(
+        redis_counted >= nginx_redis_served,
+        "the nginx + Redis arm counted {redis_counted} requests in Redis ({quota_key}) but its closed-loop runs alone \
+         admitted {nginx_redis_served}: its Lua stage is not counting"
+    );
+    eprintln!(
+        "  nginx+redis: {redis_counted} requests counted in Redis ({nginx_redis_served} in its closed-loop runs)"
+    );
     let added_p50 = pct(1, "p50") - pct(0, "p50");
     let added_p99 = pct(1, "p99") - pct(0, "p99");
+    let (n_added_p50, n_added_p99, n_ratio) =
+        (pct(3, "p50") - pct(2, "p50"), pct(3, "p99") - pct(2, "p99"), rps(3) / rps(2));
+    let non2xx: Vec<u64> = (0..arms.len()).map(|i| closed[i].iter().map(|w| w.non2xx).sum()).collect();
 
     // Accuracy across three replicas.
     let mut acc_rows = Vec::new();
@@ -164,6 +205,7 @@ pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
                              "admitted": admitted, "expected": round(expected, 1), "error": round(err, 5)}));
     }
 
+    let pg_vs_nr = rps(1) / rps(3);
     let mut md = format!(
         "One client; plan throttle (rate 10⁹/s: never refuses) and quota (10¹² a month: never refuses) counted in \
          Redis (`globalLimits: true`, `quotaScope: Global`, `--store-url` on loopback) vs the same plan counted per \
@@ -177,6 +219,12 @@ pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
     md.push_str(&format!(
         "\nAdded by the store stage: **p50 {added_p50:+.3} ms, p99 {added_p99:+.3} ms**; throughput **{ratio:.3} ×** \
          local (goals: ≤ 0.3 ms at p99, ≥ 0.8 ×).\n\n\
+         nginx beside it (`nginx` = N1 of the throughput suite with `limit_req` counted per nginx; `nginx+redis` = the \
+         same checks, then per request this project's TAKE script by EVALSHA through lua-resty-redis from \
+         `access_by_lua_block`, pooled connections; Debian's `libnginx-mod-http-lua` and `lua-nginx-redis`): Redis \
+         adds **p50 {n_added_p50:+.3} ms, p99 {n_added_p99:+.3} ms** and keeps **{n_ratio:.3} ×** of nginx's \
+         throughput; Portcullis counting in Redis serves **{pg_vs_nr:.2} ×** nginx+redis's req/s. Non-2xx answers \
+         in the closed-loop runs (every arm must answer 200): {non2xx:?} (local, global, nginx, nginx+redis).\n\n\
          Accuracy, 3 replicas sharing one throttle (burst rate/100), each replica offered load by its own `wrk -c 8` \
          for {acc_secs} s at once:\n\n| rate/s | burst | s | offered | admitted | expected | error |\n|---:|---:|---:|---:|---:|---:|---:|\n"
     ));
@@ -194,10 +242,7 @@ pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
     }
     md.push_str(
         "\nError = (admitted − expected) / (rate × duration); goal within 1 %. Negative: leases held back (they never \
-         over-admit beyond one token: the store's GCRA, with its carry, is authoritative). No nginx arm yet: Debian \
-         packages no ready Redis-backed limiter for nginx; one can be assembled from `libnginx-mod-http-lua` + \
-         `lua-nginx-redis` (both in Debian) calling the same TAKE script, which this suite does not do yet (see \
-         docs/global-limits.md).\n",
+         over-admit beyond one token: the store's GCRA, with its carry, is authoritative).\n",
     );
     let data = json!({
         "added_p50_ms": round(added_p50, 4), "added_p99_ms": round(added_p99, 4),
@@ -207,13 +252,19 @@ pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
             "p50_ms": round(pct(i, "p50"), 4), "p99_ms": round(pct(i, "p99"), 4)})).collect::<Vec<_>>(),
         "accuracy": acc_rows,
         "global_arm_metrics": store_lines,
-        "non2xx": arms.iter().enumerate().map(|(i, (n, _))| json!({"arm": n, "non2xx": closed[i].iter().map(|w| w.non2xx).sum::<u64>()})).collect::<Vec<_>>(),
+        "non2xx": arms.iter().enumerate().map(|(i, (n, _))| json!({"arm": n, "non2xx": non2xx[i]})).collect::<Vec<_>>(),
+        "nginx_redis": {"added_p50_ms": round(n_added_p50, 4), "added_p99_ms": round(n_added_p99, 4),
+            "throughput_ratio_vs_nginx": round(n_ratio, 3), "global_rps_vs_nginx_redis": round(pg_vs_nr, 3),
+            "requests_counted_in_redis": redis_counted},
     });
     let svg = bar_svg(
         "Store stage: req/s and p99 vs local",
         "ratio / ms",
         &["req/s ratio", "added p99 ms"],
-        &[("global vs local".to_string(), vec![ratio, added_p99])],
+        &[
+            ("global vs local".to_string(), vec![ratio, added_p99]),
+            ("nginx+redis vs nginx".to_string(), vec![n_ratio, n_added_p99]),
+        ],
     );
     Ok((data, md, Some(svg)))
 }

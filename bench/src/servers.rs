@@ -186,6 +186,53 @@ pub fn write_cert(dir: &Path) -> Result<TlsPair> {
     Ok(pair)
 }
 
+/// nginx + Redis (the `global` suite's N1R): N1's checks, then, per request instead of `limit_req`, this project's
+/// own `TAKE` script (`portcullis_store::scripts::TAKE`: the throttle's GCRA and the quota, atomically) in Redis, by
+/// EVALSHA through lua-resty-redis (Debian: `lua-nginx-redis`) from an `access_by_lua_block`
+/// (`libnginx-mod-http-lua`), connections pooled with `set_keepalive`. A per-request round trip without leases, as
+/// Kong's `redis` rate-limiting policy does.
+pub struct NginxRedis {
+    pub port: u16,
+    /// SHA-1 of the loaded script (`SCRIPT LOAD`).
+    pub sha: String,
+    pub throttle: Throttle,
+    pub quota_limit: u64,
+    /// The store keys of client `X`, split around `X` ([`portcullis_table::store_keys`]).
+    pub throttle_key: (String, String),
+    pub quota_key: (String, String),
+    pub expires_at: i64,
+}
+
+/// The Debian files nginx + Redis needs (`apt-get install libnginx-mod-http-lua lua-nginx-redis`).
+pub const NGINX_LUA_MODULE: &str = "/usr/lib/nginx/modules/ngx_http_lua_module.so";
+pub const NGINX_NDK_MODULE: &str = "/usr/lib/nginx/modules/ndk_http_module.so";
+pub const LUA_NGINX_REDIS: &str = "/usr/share/lua/5.1/nginx/redis.lua";
+
+fn lua_access(r: &NginxRedis) -> String {
+    let t = &r.throttle;
+    let interval_us = (t.per_millis * 1000).div_ceil(u64::from(t.rate).max(1)).max(1);
+    format!(
+        "      access_by_lua_block {{\n        local red = require(\"nginx.redis\"):new()\n        \
+         red:set_timeouts(500, 500, 500)\n        local ok, err = red:connect(\"127.0.0.1\", {port})\n        \
+         if not ok then ngx.log(ngx.ERR, \"redis: \", err) return ngx.exit(503) end\n        \
+         local c = ngx.var.client\n        \
+         local res, err = red:evalsha(\"{sha}\", 2, \"{tp}\" .. c .. \"{ts}\", \"{qp}\" .. c .. \"{qs}\", \
+         1, {interval_us}, {burst}, 1, {limit}, {exp})\n        \
+         if not res then ngx.log(ngx.ERR, \"redis: \", err) red:close() return ngx.exit(503) end\n        \
+         red:set_keepalive(60000, 64)\n        \
+         if res[1] == 0 or res[3] == 0 then return ngx.exit(429) end\n      }}\n",
+        port = r.port,
+        sha = r.sha,
+        tp = r.throttle_key.0,
+        ts = r.throttle_key.1,
+        qp = r.quota_key.0,
+        qs = r.quota_key.1,
+        burst = t.burst.max(1),
+        limit = r.quota_limit,
+        exp = r.expires_at,
+    )
+}
+
 pub fn nginx_conf(
     dir: &Path,
     upstream: SocketAddr,
@@ -193,8 +240,12 @@ pub fn nginx_conf(
     policy: bool,
     clients: usize,
     tls: Option<&TlsPair>,
+    redis: Option<&NginxRedis>,
 ) -> String {
     let mut s = String::new();
+    if redis.is_some() {
+        s.push_str(&format!("load_module {NGINX_NDK_MODULE};\nload_module {NGINX_LUA_MODULE};\n"));
+    }
     s.push_str(&format!(
         "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
          events {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  \
@@ -217,6 +268,9 @@ pub fn nginx_conf(
         );
         s.push_str("  limit_req_zone $client zone=perclient:32m rate=1000000r/s;\n  limit_req_status 429;\n");
     }
+    if redis.is_some() {
+        s.push_str("  lua_package_path \"/usr/share/lua/5.1/?.lua;;\";\n");
+    }
     match tls {
         Some(t) => s.push_str(&format!(
             "  server {{\n    listen 127.0.0.1:{port} ssl;\n    ssl_certificate {};\n    ssl_certificate_key {};\n    \
@@ -229,9 +283,13 @@ pub fn nginx_conf(
     if policy {
         s.push_str(
             "    location /v1 {\n      if ($client = \"\") { return 401; }\n      if ($source_ok = 0) { return 403; }\n      \
-             if ($request_method != GET) { return 403; }\n      limit_req zone=perclient burst=1000 nodelay;\n      \
-             proxy_set_header x-api-key \"\";\n      proxy_set_header x-portcullis-client $client;\n",
+             if ($request_method != GET) { return 403; }\n",
         );
+        match redis {
+            Some(r) => s.push_str(&lua_access(r)),
+            None => s.push_str("      limit_req zone=perclient burst=1000 nodelay;\n"),
+        }
+        s.push_str("      proxy_set_header x-api-key \"\";\n      proxy_set_header x-portcullis-client $client;\n");
     } else {
         s.push_str("    location / {\n");
     }
@@ -256,12 +314,38 @@ pub fn start_nginx_with(
     clients: usize,
     tls: Option<&TlsPair>,
 ) -> Result<Proc> {
-    let name = format!("nginx-{}{}", if policy { "n1" } else { "n0" }, if tls.is_some() { "-tls" } else { "" });
+    start_nginx_conf(dir, upstream, policy, clients, tls, None)
+}
+
+/// N1 with its per-client throttle and quota counted in Redis ([`NginxRedis`]).
+pub fn start_nginx_redis(dir: &Path, upstream: SocketAddr, clients: usize, redis: &NginxRedis) -> Result<Proc> {
+    for f in [NGINX_LUA_MODULE, NGINX_NDK_MODULE, LUA_NGINX_REDIS] {
+        if !Path::new(f).exists() {
+            bail!("{f} is missing: apt-get install -y libnginx-mod-http-lua lua-nginx-redis (the nginx + Redis arm)");
+        }
+    }
+    start_nginx_conf(dir, upstream, true, clients, None, Some(redis))
+}
+
+fn start_nginx_conf(
+    dir: &Path,
+    upstream: SocketAddr,
+    policy: bool,
+    clients: usize,
+    tls: Option<&TlsPair>,
+    redis: Option<&NginxRedis>,
+) -> Result<Proc> {
+    let name = format!(
+        "nginx-{}{}{}",
+        if policy { "n1" } else { "n0" },
+        if tls.is_some() { "-tls" } else { "" },
+        if redis.is_some() { "-redis" } else { "" }
+    );
     let sub = dir.join(name);
     std::fs::create_dir_all(&sub)?;
     let port = free_port()?;
     let conf = sub.join("nginx.conf");
-    std::fs::write(&conf, nginx_conf(&sub, upstream, port, policy, clients, tls))?;
+    std::fs::write(&conf, nginx_conf(&sub, upstream, port, policy, clients, tls, redis))?;
     let child = Command::new("taskset")
         .args(["-c", SERVER_CPU, "nginx", "-p"])
         .arg(&sub)
