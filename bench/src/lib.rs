@@ -175,10 +175,22 @@ fn write_report(ctx: &Ctx, suite: &str, data: Value, md: &str, svg: Option<&str>
     Ok(())
 }
 
-/// Writes `NAME.svg` and `NAME.png` (rendered with resvg, system fonts) and returns the Markdown image line.
+/// Writes `NAME.svg` and, with feature `png` (real runs), `NAME.png` rendered with resvg (system fonts); returns the
+/// Markdown image line.
 pub fn write_plot(dir: &Path, name: &str, svg: &str) -> Result<String> {
-    use resvg::{tiny_skia, usvg};
     std::fs::write(dir.join(format!("{name}.svg")), svg)?;
+    #[cfg(feature = "png")]
+    {
+        write_png(dir, name, svg)?;
+        Ok(format!("\n![{name}]({name}.png) ([SVG]({name}.svg))\n"))
+    }
+    #[cfg(not(feature = "png"))]
+    Ok(format!("\n![{name}]({name}.svg)\n"))
+}
+
+#[cfg(feature = "png")]
+fn write_png(dir: &Path, name: &str, svg: &str) -> Result<()> {
+    use resvg::{tiny_skia, usvg};
     let mut opt = usvg::Options::default();
     opt.fontdb_mut().load_system_fonts();
     // The SVG asks for the generic `sans-serif`; map it to a face that is installed (DejaVu Sans on Debian).
@@ -193,7 +205,7 @@ pub fn write_plot(dir: &Path, name: &str, svg: &str) -> Result<String> {
     let mut pixmap = tiny_skia::Pixmap::new(size.width(), size.height()).context("allocating the plot image")?;
     resvg::render(&tree, tiny_skia::Transform::default(), &mut pixmap.as_mut());
     pixmap.save_png(dir.join(format!("{name}.png"))).with_context(|| format!("writing {name}.png"))?;
-    Ok(format!("\n![{name}]({name}.png) ([SVG]({name}.svg))\n"))
+    Ok(())
 }
 
 /// A plain SVG bar chart (no plotting dependency): one group of bars per label, one bar per series.

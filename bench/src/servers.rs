@@ -125,10 +125,11 @@ pub fn build_proxy(root: &Path, smoke: bool) -> Result<PathBuf> {
     if smoke {
         return helper_exe("portcullis-proxy");
     }
-    eprintln!("bench: cargo build --release -p portcullis-proxy -p portcullis-bench");
+    eprintln!("bench: cargo build --release -p portcullis-proxy -p portcullis-bench --features portcullis-bench/png");
     let st = Command::new("cargo")
         .current_dir(root)
         .args(["build", "--release", "-q", "-p", "portcullis-proxy", "-p", "portcullis-bench"])
+        .args(["--features", "portcullis-bench/png"])
         .status()?;
     if !st.success() {
         bail!("cargo build --release -p portcullis-proxy -p portcullis-bench failed");

@@ -156,8 +156,10 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
         let driver = root.join("target/debug/portcullis-bench");
         return run(command(driver).current_dir(root).args(args), "portcullis-bench (debug, smoke)");
     }
+    // `png`: the plots' PNG copies (resvg), for real runs only.
     let cargo_run = ["run", "--release", "--quiet", "--locked", "-p", "portcullis-bench", "--bin", "portcullis-bench"];
-    run(command("cargo").current_dir(root).args(cargo_run).arg("--").args(args), "portcullis-bench")
+    let features = ["--features", "png"];
+    run(command("cargo").current_dir(root).args(cargo_run).args(features).arg("--").args(args), "portcullis-bench")
 }
 
 /// The workspace's debug binaries, built with the feature set of `cargo xtask test` (every package, test targets
