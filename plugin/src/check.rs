@@ -127,7 +127,9 @@ pub fn check(table: &Table, client_id: &str, req: &Request, usage: &[Usage]) -> 
         return Ok(Verdict::refused(table, Reason::ServiceNotGranted, rule, steps));
     }
     // The sidecar's defaults: escaped slashes refused (`--allow-escaped-slashes` off).
-    let path = match normalize(&req.path, EscapedSlashes::default()) {
+    // The decision sees the path without the query, as the sidecar's does (`uri.path()`).
+    let raw = req.path.split_once('?').map_or(req.path.as_str(), |(p, _)| p);
+    let path = match normalize(raw, EscapedSlashes::default()) {
         Ok(p) => p.into_owned(),
         Err(e) => {
             steps.push(Step { name: "path", mark: Mark::Fail, detail: format!("{:?}: {}", req.path, e.as_str()) });
@@ -135,7 +137,7 @@ pub fn check(table: &Table, client_id: &str, req: &Request, usage: &[Usage]) -> 
             return Ok(Verdict::refused(table, Reason::InvalidPath, rule, steps));
         }
     };
-    let shown = if path == req.path { path.clone() } else { format!("{path} (normalised from {:?})", req.path) };
+    let shown = if path == raw { path.clone() } else { format!("{path} (normalised from {raw:?})") };
     steps.push(Step { name: "path", mark: Mark::Pass, detail: shown });
 
     let Some(index) = table.clients.iter().position(|c| c.id == client_id) else {
@@ -412,6 +414,9 @@ mod tests {
         let v = check(&table(), "shop/acme", &req("127.0.0.1", "GET", "/v2/../v1/./orders"), &[]).unwrap();
         assert!(v.allowed(), "{}", v.render());
         assert!(v.steps[0].detail.contains("normalised"), "{:?}", v.steps[0]);
+        // The query is not part of the path the routes see.
+        let v = check(&table(), "shop/acme", &req("127.0.0.1", "GET", "/v1?next=/admin/../x"), &[]).unwrap();
+        assert!(v.allowed() && v.steps[0].detail == "/v1", "{}", v.render());
     }
 
     #[test]

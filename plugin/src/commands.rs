@@ -126,6 +126,14 @@ async fn keys_command(ctx: &Ctx, cmd: Keys) -> Result<()> {
             say(format!("the new key {chosen} is enforced: {msg}"));
             // The new key goes out before anything is retired, so a caller who loses the rest still has it.
             println!("{key}");
+            let obj = ctx.api_client(&client).await?;
+            let nameless = obj.data.get("spec").map_or(0, keys::unnamed);
+            if nameless > 0 && (remove_old || remove_old_after.is_some()) && old.is_empty() {
+                say(format!(
+                    "note: {nameless} entry(ies) of spec.keys have no name (a secretRef without `name`) and are left \
+                     as they are: give them a name (kubectl edit apiclient {client}) to retire them here"
+                ));
+            }
             if remove_old {
                 let mut removed = Vec::new();
                 let generation = ctx

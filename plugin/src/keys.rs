@@ -138,6 +138,11 @@ pub fn remove(spec: &mut Value, which: &[String], keep: &str, allow_none: bool) 
     Ok(removed)
 }
 
+/// Entries of `spec.keys` without a name (a `secretRef` may have none): the key commands cannot address them.
+pub fn unnamed(spec: &Value) -> usize {
+    spec.get("keys").and_then(Value::as_array).map_or(0, |a| a.iter().filter(|k| k.get("name").is_none()).count())
+}
+
 fn check_named(keys: &[Value], which: &[String]) -> Result<()> {
     let have = names(keys);
     for w in which {
