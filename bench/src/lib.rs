@@ -53,10 +53,10 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     let smoke = args.iter().any(|a| a == "--smoke");
     let suites: Vec<&str> = args.iter().map(String::as_str).filter(|a| !a.starts_with("--")).collect();
     let [suite] = suites.as_slice() else { bail!(USAGE) };
-    for tool in ["wrk", "taskset", "curl", "nginx"] {
+    for tool in ["wrk", "taskset", "curl", "nginx", "haproxy"] {
         let ok = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output()?.status.success();
         if !ok {
-            bail!("{tool} not found (apt-get install -y wrk util-linux curl nginx)");
+            bail!("{tool} not found (apt-get install -y wrk util-linux curl nginx haproxy)");
         }
     }
     let out = if smoke { root.join("target/bench-smoke") } else { root.join("docs/benchmarks") };

@@ -118,6 +118,30 @@ pub fn curl_ok(url: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// The status of `GET url` with `x-api-key: key` (none when `key` is empty).
+pub fn curl_status(url: &str, key: &str) -> Result<u16> {
+    let mut c = Command::new("curl");
+    c.args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"]);
+    if !key.is_empty() {
+        c.args(["-H", &format!("x-api-key: {key}")]);
+    }
+    let out = c.arg(url).output().context("running curl")?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().with_context(|| format!("curl {url}: no status"))
+}
+
+/// An arm doing the policy job (N1, H1, P1) really refuses: an unknown key 401, a route outside the plan 403, and
+/// lets the bench key through.
+pub fn check_policy(name: &str, addr: SocketAddr) -> Result<()> {
+    let cases = [("/v1/items", key(0), 200), ("/v1/items", "not-a-key".to_string(), 401), ("/v2/items", key(0), 403)];
+    for (path, k, want) in cases {
+        let got = curl_status(&format!("http://{addr}{path}"), &k)?;
+        if got != want {
+            bail!("arm {name}: GET {path} with key {k:?} answered {got}, not {want}: it does not do the policy's job");
+        }
+    }
+    Ok(())
+}
+
 /// The proxy binary the suites run: the release build (built here, with this crate's helpers), or for `--smoke`
 /// the debug build next to the running driver (`cargo xtask bench --smoke` builds the workspace's debug binaries,
 /// the same ones `cargo xtask test` builds, so CI compiles nothing for the smoke run).
@@ -361,6 +385,81 @@ fn start_nginx_conf(
     while std::net::TcpStream::connect(p.addr).is_err() {
         if Instant::now() > deadline {
             bail!("nginx did not listen within 60 s; see {}", sub.join("error.log").display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(p)
+}
+
+/// HAProxy config (Debian's 2.6, one thread, pinned like nginx). `policy = false`: H0, plain pass-through with
+/// connection reuse to the upstream. `policy = true`: H1, the same job as N1 and P1 with HAProxy's own tools: a `map`
+/// file of API key → client, a `map_ip` file of source range → client and a check that both name the same client
+/// (each client's own CIDR), a route/method check, and a per-client request rate from a stick table (limit far
+/// above the load, as for N1 and P1); the key header is removed and the client named to the upstream.
+pub fn haproxy_conf(dir: &Path, upstream: SocketAddr, port: u16, policy: bool, clients: usize) -> Result<String> {
+    let mut s = format!(
+        "global\n  nbthread 1\n  maxconn 4096\n  tune.bufsize 16384\n\
+         defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  \
+         option http-keep-alive\n  http-reuse always\n\
+         frontend fe\n  bind 127.0.0.1:{port}\n"
+    );
+    if policy {
+        let (keys, sources) = (dir.join("keys.map"), dir.join("sources.map"));
+        let mut k = String::new();
+        let mut src = String::new();
+        for i in 0..clients.max(1) {
+            k.push_str(&format!("{} c{i}\n", key(i)));
+            src.push_str(&format!("{} c{i}\n", client_cidr(i)));
+        }
+        std::fs::write(&keys, k)?;
+        std::fs::write(&sources, src)?;
+        s.push_str(&format!(
+            "  http-request set-var(txn.client) req.hdr(x-api-key),map({keys})\n  \
+             http-request deny deny_status 401 unless {{ var(txn.client) -m found }}\n  \
+             http-request set-var(txn.src_client) src,map_ip({sources})\n  \
+             http-request deny deny_status 403 unless {{ var(txn.client),strcmp(txn.src_client) eq 0 }}\n  \
+             http-request deny deny_status 403 unless {{ path_beg /v1 }} METH_GET\n  \
+             http-request track-sc0 var(txn.client) table per_client\n  \
+             http-request deny deny_status 429 if {{ sc_http_req_rate(0) gt 1000000000 }}\n  \
+             http-request del-header x-api-key\n  \
+             http-request set-header x-portcullis-client %[var(txn.client)]\n",
+            keys = keys.display(),
+            sources = sources.display()
+        ));
+    }
+    s.push_str(&format!("  default_backend app\nbackend app\n  server app {upstream}\n"));
+    if policy {
+        s.push_str(
+            "backend per_client\n  stick-table type string len 32 size 64k expire 60s store http_req_rate(1s)\n",
+        );
+    }
+    Ok(s)
+}
+
+/// Starts HAProxy (`apt-get install haproxy`) in the foreground (`-db`), pinned to the server CPU.
+pub fn start_haproxy(dir: &Path, upstream: SocketAddr, policy: bool, clients: usize) -> Result<Proc> {
+    let sub = dir.join(if policy { "haproxy-h1" } else { "haproxy-h0" });
+    std::fs::create_dir_all(&sub)?;
+    let port = free_port()?;
+    let conf = sub.join("haproxy.cfg");
+    std::fs::write(&conf, haproxy_conf(&sub, upstream, port, policy, clients)?)?;
+    let log = std::fs::File::create(sub.join("haproxy.log"))?;
+    let child = Command::new("taskset")
+        .args(["-c", SERVER_CPU, "haproxy", "-db", "-f"])
+        .arg(&conf)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting haproxy (apt-get install -y haproxy)")?;
+    let mut p = Proc { child, addr: ([127, 0, 0, 1], port).into(), admin: None };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(p.addr).is_err() {
+        if let Some(st) = p.child.try_wait()? {
+            let log = std::fs::read_to_string(sub.join("haproxy.log")).unwrap_or_default();
+            bail!("haproxy exited ({st}) before listening:\n{log}");
+        }
+        if Instant::now() > deadline {
+            bail!("haproxy did not listen within 60 s; see {}", sub.join("haproxy.log").display());
         }
         std::thread::sleep(Duration::from_millis(20));
     }

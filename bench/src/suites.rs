@@ -61,12 +61,18 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
     let up = servers::start_upstream()?;
     let n0 = servers::start_nginx(&ctx.tmp, up.addr, false, 0)?;
     let n1 = servers::start_nginx(&ctx.tmp, up.addr, true, k.clients)?;
+    let h0 = servers::start_haproxy(&ctx.tmp, up.addr, false, 0)?;
+    let h1 = servers::start_haproxy(&ctx.tmp, up.addr, true, k.clients)?;
     let p0 = servers::start_proxy(bin, up.addr, &p0t)?;
     let p1 = servers::start_proxy(bin, up.addr, &p1t)?;
     let access_log = ctx.tmp.join("p1l-access.log");
     let p1l = servers::start_proxy_logging(bin, up.addr, &p1t, &access_log)?;
-    let arms: [(&str, &Proc); 6] = [("D", &up), ("N0", &n0), ("N1", &n1), ("P0", &p0), ("P1", &p1), ("P1L", &p1l)];
+    let arms: [(&str, &Proc); 8] =
+        [("D", &up), ("N0", &n0), ("N1", &n1), ("H0", &h0), ("H1", &h1), ("P0", &p0), ("P1", &p1), ("P1L", &p1l)];
     let pids = |name: &str, p: &Proc| if name == "D" { vec![p.pid()] } else { vec![p.pid(), up.pid()] };
+    for (name, p) in arms.iter().filter(|(n, _)| ["N1", "H1", "P1", "P1L"].contains(n)) {
+        servers::check_policy(name, p.addr)?;
+    }
     for (name, p) in arms {
         let w = wrk(&url(p.addr), CONNS, 1.0, &servers::key(0), false).with_context(|| format!("warm-up {name}"))?;
         eprintln!("  warm-up {name}: {:.0} req/s", w.rps);
@@ -90,6 +96,8 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
         "P1/N1": round(rps("P1") / rps("N1"), 3), "P1/P0": round(rps("P1") / rps("P0"), 3),
         "P0/D": round(rps("P0") / rps("D"), 3), "N1/N0": round(rps("N1") / rps("N0"), 3),
         "N0/D": round(rps("N0") / rps("D"), 3), "P1L/P1": round(rps("P1L") / rps("P1"), 3),
+        "P0/N0": round(rps("P0") / rps("N0"), 3), "P1/H1": round(rps("P1") / rps("H1"), 3),
+        "H1/H0": round(rps("H1") / rps("H0"), 3), "P0/H0": round(rps("P0") / rps("H0"), 3),
     });
     let log_lines = std::fs::read(&access_log).map(|b| b.iter().filter(|c| **c == b'\n').count()).unwrap_or(0);
     // Open loop at half of N1's peak: latency from the intended send time.
@@ -143,13 +151,15 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
         "D: direct to the upstream (hyper, 1 KiB body)",
         "N0: nginx pass-through, upstream keepalive",
         "N1: nginx with map(key→client) + geo(CIDR→client) + route + limit_req per client",
+        "H0: HAProxy 2.6 pass-through, connection reuse",
+        "H1: HAProxy with map(key→client) + map_ip(CIDR→client) + route + stick-table rate per client",
         "P0: portcullis, 1 client, no throttle/quota",
         "P1: portcullis, full policy, all clients loaded",
         "P1L: P1 with its access log on (JSON, every request, stdout to a file)",
     ];
     let mut md = format!(
-        "Closed loop: `{}` against each arm, arms interleaved (D N0 N1 P0 P1 P1L, D N0 …), {} runs of {} s after a 1 s \
-         warm-up each; the run with the median req/s is shown. N1 and P1 hold {} clients. Server CPU counts the arm's \
+        "Closed loop: `{}` against each arm, arms interleaved (D N0 N1 H0 H1 P0 P1 P1L, D N0 …), {} runs of {} s after a \
+         1 s warm-up each; the run with the median req/s is shown. N1, H1 and P1 hold {} clients. Server CPU counts the arm's \
          process plus the upstream (D: upstream only).\n\n\
          | arm | req/s (median) | wrk p50 ms | p90 ms | p99 ms | server CPU s / 1 000 req | runs (req/s) |\n|---|---:|---:|---:|---:|---:|---|\n",
         load::wrk_cmd("URL", CONNS, k.secs, "bench-key-0").join(" "),
@@ -170,9 +180,19 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
         ));
     }
     md.push_str(&format!(
-        "\n**Ratios** (goal in brackets): P1/N1 = {} (≥ 1.5), P1/P0 = {} (≥ 0.95), P0/D = {} (≥ 0.6); N1/N0 = {}, N0/D = {}; \
-         access log on vs off P1L/P1 = {} (≥ 0.9; {log_lines} lines written).\n\n",
-        ratios["P1/N1"], ratios["P1/P0"], ratios["P0/D"], ratios["N1/N0"], ratios["N0/D"], ratios["P1L/P1"]
+        "\n**Ratios** (goal in brackets): P1/N1 = {} (≥ 1.5), P0/N0 = {} (≥ 1.1), P1/H1 = {} (≥ 1.3), P1/P0 = {} \
+         (≥ 0.95); P0/H0 = {}, H1/H0 = {}, N1/N0 = {}, N0/D = {}, P0/D = {}; access log on vs off P1L/P1 = {} (≥ 0.9; \
+         {log_lines} lines written).\n\n",
+        ratios["P1/N1"],
+        ratios["P0/N0"],
+        ratios["P1/H1"],
+        ratios["P1/P0"],
+        ratios["P0/H0"],
+        ratios["H1/H0"],
+        ratios["N1/N0"],
+        ratios["N0/D"],
+        ratios["P0/D"],
+        ratios["P1L/P1"]
     ));
     md.push_str(&format!(
         "**Open loop** at a fixed {rate} req/s (half of N1's median peak), 16 connections, {} s, {ol_reps} run(s) per \
@@ -202,11 +222,18 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
     let groups2: Vec<(String, Vec<f64>)> = pcts
         .iter()
         .map(|p| {
-            (p.to_string(), ["N1", "P0", "P1"].iter().map(|n| ol_med(ai(n), p) - ol_med(0, p)).collect::<Vec<f64>>())
+            (
+                p.to_string(),
+                ["N1", "H1", "P0", "P1"].iter().map(|n| ol_med(ai(n), p) - ol_med(0, p)).collect::<Vec<f64>>(),
+            )
         })
         .collect();
-    let svg2 =
-        bar_svg(&format!("Added latency vs direct at {rate} req/s (open loop)"), "ms", &["N1", "P0", "P1"], &groups2);
+    let svg2 = bar_svg(
+        &format!("Added latency vs direct at {rate} req/s (open loop)"),
+        "ms",
+        &["N1", "H1", "P0", "P1"],
+        &groups2,
+    );
     md.push_str(&super::write_plot(&ctx.out, "throughput-latency", &svg2)?);
     Ok((data, md, Some(svg1)))
 }
