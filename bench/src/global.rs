@@ -7,7 +7,7 @@
 //!   each offered far more than the whole rate by its own wrk at once; admitted (2xx) summed over the three against
 //!   burst + rate × duration.
 //!
-//! Redis: Debian's `redis-server` on loopback (tests/testkit), not pinned (the proxies are on the server CPU).
+//! Redis: Debian's `redis-server` on loopback (tests/testkit), pinned to the load generator's core ([`pin_redis`]).
 //! `PORTCULLIS_GLOBAL_ACCURACY_SECS` overrides the accuracy runs' length (for a longer sanity run with `--smoke`).
 
 use super::load::{self, Wrk, openloop, round, wrk};
@@ -69,6 +69,22 @@ fn metric_lines(p: &Proc, prefixes: &[&str]) -> Vec<String> {
     text.lines().filter(|l| prefixes.iter().any(|p| l.starts_with(p))).map(str::to_string).collect()
 }
 
+/// Pins `redis` to the load generator's core. In a deployment Redis runs on machines of its own; on this 2-core box,
+/// left to the scheduler it lands on the servers' core (the generator keeps the other busy) and takes CPU from the
+/// proxy or nginx under test — which showed as milliseconds of open-loop p99 in both store arms.
+fn pin_redis(redis: &RedisServer) -> Result<()> {
+    let info = portcullis_testkit::redis::cli(redis.port(), &["INFO", "server"])?;
+    let pid = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("process_id:"))
+        .ok_or_else(|| anyhow::anyhow!("no process_id in INFO server"))?
+        .trim()
+        .to_string();
+    let st = std::process::Command::new("taskset").args(["-a", "-p", "-c", load::LOADGEN_CPU, &pid]).output()?;
+    anyhow::ensure!(st.status.success(), "taskset -a -p -c {} {pid} failed", load::LOADGEN_CPU);
+    Ok(())
+}
+
 /// The nginx + Redis arm's settings: the TAKE script loaded into `redis`, the same plan as the global arm (throttle
 /// [`LIMIT_FREE`], a quota of 10¹² a month) and the store keys as the proxies name them.
 fn nginx_redis_settings(redis: &RedisServer) -> Result<servers::NginxRedis> {
@@ -96,6 +112,7 @@ pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
         acc_secs = s;
     }
     let redis = RedisServer::try_start(None)?;
+    pin_redis(&redis)?;
     let up = servers::start_upstream()?;
     let (lt, gt) = (ctx.tmp.join("local.json"), ctx.tmp.join("global.json"));
     write(&lt, &with_scope(servers::table(1, Some(LIMIT_FREE), true), false))?;
@@ -208,8 +225,9 @@ pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
     let pg_vs_nr = rps(1) / rps(3);
     let mut md = format!(
         "One client; plan throttle (rate 10⁹/s: never refuses) and quota (10¹² a month: never refuses) counted in \
-         Redis (`globalLimits: true`, `quotaScope: Global`, `--store-url` on loopback) vs the same plan counted per \
-         proxy (`quotaScope: Local`, no store). Closed loop: `wrk -c 32` for {secs} s, median of {reps}; open loop at \
+         Redis (`globalLimits: true`, `quotaScope: Global`, `--store-url` on loopback; Redis pinned to CPU 0, the load \
+         generator's core, so it takes no CPU from the server under test) vs the same plan counted per proxy \
+         (`quotaScope: Local`, no store). Closed loop: `wrk -c 32` for {secs} s, median of {reps}; open loop at \
          {rate} req/s (half the local arm's peak), median of {reps}.\n\n\
          | arm | req/s | open-loop p50 ms | p99 ms |\n|---|---:|---:|---:|\n"
     );

@@ -152,7 +152,7 @@ pub fn build_proxy(root: &Path, smoke: bool) -> Result<PathBuf> {
     eprintln!("bench: cargo build --release -p portcullis-proxy -p portcullis-bench --features portcullis-bench/png");
     let st = Command::new("cargo")
         .current_dir(root)
-        .args(["build", "--release", "-q", "-p", "portcullis-proxy", "-p", "portcullis-bench"])
+        .args(["build", "--release", "-q", "--locked", "-p", "portcullis-proxy", "-p", "portcullis-bench"])
         .args(["--features", "portcullis-bench/png"])
         .status()?;
     if !st.success() {
