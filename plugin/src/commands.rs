@@ -99,30 +99,12 @@ async fn wait_enforced(ctx: &Ctx, name: &str, generation: i64, key: Option<&str>
 async fn keys_command(ctx: &Ctx, cmd: Keys) -> Result<()> {
     match cmd {
         Keys::Create { client, name, expires_at, wait } => {
-            let mut chosen = String::new();
-            let generation = ctx
-                .edit_api_client(&client, |spec| {
-                    chosen = name.clone().unwrap_or_else(|| keys::next_name(spec));
-                    keys::add_generated(spec, &chosen, expires_at)
-                })
-                .await?;
-            say(format!("apiclient {}/{client}: key {chosen} added (generation {generation})", ctx.ns));
-            let key = generated_key(ctx, &client, &chosen, wait.timeout).await?;
-            let msg = wait_enforced(ctx, &client, generation, Some(&chosen), &wait).await?;
+            let (_, key, msg) = add_key(ctx, &client, name, expires_at, &wait).await?;
             say(format!("enforced: {msg}"));
             println!("{key}");
         }
         Keys::Rotate { client, name, old, remove_old_after, remove_old, wait } => {
-            let mut chosen = String::new();
-            let generation = ctx
-                .edit_api_client(&client, |spec| {
-                    chosen = name.clone().unwrap_or_else(|| keys::next_name(spec));
-                    keys::add_generated(spec, &chosen, None)
-                })
-                .await?;
-            say(format!("apiclient {}/{client}: new key {chosen} added (generation {generation})", ctx.ns));
-            let key = generated_key(ctx, &client, &chosen, wait.timeout).await?;
-            let msg = wait_enforced(ctx, &client, generation, Some(&chosen), &wait).await?;
+            let (chosen, key, msg) = add_key(ctx, &client, name, None, &wait).await?;
             say(format!("the new key {chosen} is enforced: {msg}"));
             // The new key goes out before anything is retired, so a caller who loses the rest still has it.
             println!("{key}");
@@ -218,6 +200,28 @@ async fn keys_command(ctx: &Ctx, cmd: Keys) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Adds a generated key (`name`, or the next `k<N>`) to `client`, waits for its Secret and for every sidecar to
+/// enforce it; returns its name, the key and the Enforced message.
+async fn add_key(
+    ctx: &Ctx,
+    client: &str,
+    name: Option<String>,
+    expires_at: Option<Timestamp>,
+    wait: &Wait,
+) -> Result<(String, String, String)> {
+    let mut chosen = String::new();
+    let generation = ctx
+        .edit_api_client(client, |spec| {
+            chosen = name.clone().unwrap_or_else(|| keys::next_name(spec));
+            keys::add_generated(spec, &chosen, expires_at)
+        })
+        .await?;
+    say(format!("apiclient {}/{client}: key {chosen} added (generation {generation})", ctx.ns));
+    let key = generated_key(ctx, client, &chosen, wait.timeout).await?;
+    let msg = wait_enforced(ctx, client, generation, Some(&chosen), wait).await?;
+    Ok((chosen, key, msg))
 }
 
 fn list(names: &[String]) -> String {
