@@ -12,7 +12,7 @@
 
 use super::load::{self, Wrk, openloop, round, wrk};
 use super::servers::{self, LIMIT_FREE, Proc};
-use super::{Ctx, bar_svg};
+use super::{Ctx, bar_svg, sched};
 use anyhow::Result;
 use portcullis_table::{Period, QuotaScope, Table, Throttle, store_keys};
 use portcullis_testkit::redis::RedisServer;
@@ -72,17 +72,29 @@ fn metric_lines(p: &Proc, prefixes: &[&str]) -> Vec<String> {
 /// Pins `redis` to the load generator's core. In a deployment Redis runs on machines of its own; on this 2-core box,
 /// left to the scheduler it lands on the servers' core (the generator keeps the other busy) and takes CPU from the
 /// proxy or nginx under test — which showed as milliseconds of open-loop p99 in both store arms.
-fn pin_redis(redis: &RedisServer) -> Result<()> {
+///
+/// `PORTCULLIS_GLOBAL_REDIS_SCHED=fifo` also gives Redis a real-time priority (`chrt -f 1`), so it runs the moment
+/// a command arrives instead of waiting for the generator's time slice (an experiment knob: see docs/global-limits.md).
+fn pin_redis(redis: &RedisServer) -> Result<u32> {
+    let pid = redis_pid(redis)?;
+    let pid_s = pid.to_string();
+    let st = std::process::Command::new("taskset").args(["-a", "-p", "-c", load::LOADGEN_CPU, &pid_s]).output()?;
+    anyhow::ensure!(st.status.success(), "taskset -a -p -c {} {pid} failed", load::LOADGEN_CPU);
+    if std::env::var("PORTCULLIS_GLOBAL_REDIS_SCHED").is_ok_and(|v| v == "fifo") {
+        let st = std::process::Command::new("chrt").args(["-a", "-f", "-p", "1", &pid_s]).output()?;
+        anyhow::ensure!(st.status.success(), "chrt -a -f -p 1 {pid} failed");
+        eprintln!("  redis: SCHED_FIFO 1 (PORTCULLIS_GLOBAL_REDIS_SCHED=fifo)");
+    }
+    Ok(pid)
+}
+
+fn redis_pid(redis: &RedisServer) -> Result<u32> {
     let info = portcullis_testkit::redis::cli(redis.port(), &["INFO", "server"])?;
     let pid = info
         .lines()
         .find_map(|l| l.trim().strip_prefix("process_id:"))
-        .ok_or_else(|| anyhow::anyhow!("no process_id in INFO server"))?
-        .trim()
-        .to_string();
-    let st = std::process::Command::new("taskset").args(["-a", "-p", "-c", load::LOADGEN_CPU, &pid]).output()?;
-    anyhow::ensure!(st.status.success(), "taskset -a -p -c {} {pid} failed", load::LOADGEN_CPU);
-    Ok(())
+        .ok_or_else(|| anyhow::anyhow!("no process_id in INFO server"))?;
+    Ok(pid.trim().parse()?)
 }
 
 /// The nginx + Redis arm's settings: the TAKE script loaded into `redis`, the same plan as the global arm (throttle
@@ -107,12 +119,14 @@ fn nginx_redis_settings(redis: &RedisServer) -> Result<servers::NginxRedis> {
 
 pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
     let (secs, reps, mut acc_secs) = if ctx.smoke { (1.0, 1, 1.0) } else { (5.0, 3, 10.0) };
+    // The open loop's p99 varies more from run to run than its median: five runs per arm.
+    let ol_reps = if ctx.smoke { 1 } else { 5 };
     // A longer accuracy run with --smoke (a sanity check of the 100 req/s row, whose 1 % is one token a second).
     if let Some(s) = std::env::var("PORTCULLIS_GLOBAL_ACCURACY_SECS").ok().and_then(|s| s.parse::<f64>().ok()) {
         acc_secs = s;
     }
     let redis = RedisServer::try_start(None)?;
-    pin_redis(&redis)?;
+    let redis_pid = pin_redis(&redis)?;
     let up = servers::start_upstream()?;
     let (lt, gt) = (ctx.tmp.join("local.json"), ctx.tmp.join("global.json"));
     write(&lt, &with_scope(servers::table(1, Some(LIMIT_FREE), true), false))?;
@@ -127,7 +141,7 @@ pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
     let arms: [(&str, &Proc); 4] =
         [("local", &local), ("global", &global), ("nginx", &nginx), ("nginx+redis", &nginx_redis)];
     let url = |p: &Proc| format!("http://{}/v1/items", p.addr);
-    for (name, p) in arms {
+    for (name, p) in arms.iter().filter(|_| !ctx.smoke) {
         let w = wrk(&url(p), 32, 1.0, &servers::key(0), true)?;
         eprintln!("  warm-up {name}: {:.0} req/s", w.rps);
     }
@@ -144,10 +158,21 @@ pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
     // Open loop at half the local arm's peak.
     let rate = ((rps(0) / 2.0) as u64).max(100);
     let mut ol: [Vec<load::OpenLoop>; 4] = Default::default();
-    for _ in 0..reps {
+    // Redis's own scheduling during each open-loop run: time it was runnable but waiting for CPU 0 is time every
+    // store call of that run waited too.
+    let mut redis_sched: Vec<Value> = Vec::new();
+    for r in 0..ol_reps {
         for (i, (name, p)) in arms.iter().enumerate() {
+            let before = sched::Threads::read(redis_pid);
             let o = openloop(p.addr, rate, secs, 16, &servers::key(0))?;
-            eprintln!("  open loop {name} at {rate}/s: p50 {:.3} p99 {:.3} ms", o.get("p50"), o.get("p99"));
+            let redis_threads = sched::Threads::read(redis_pid).since(&before);
+            eprintln!(
+                "  open loop {name} at {rate}/s: p50 {:.3} p99 {:.3} ms; redis {}",
+                o.get("p50"),
+                o.get("p99"),
+                redis_threads.get("redis-server").map_or_else(String::new, Value::to_string)
+            );
+            redis_sched.push(json!({"run": r, "arm": name, "p99_ms": round(o.get("p99"), 4), "redis": redis_threads}));
             ol[i].push(o);
         }
     }
@@ -160,6 +185,7 @@ pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
             "portcullis_proxy_store_errors_total",
             "portcullis_proxy_store_fallbacks_total",
             "portcullis_proxy_store_request_duration_seconds_count",
+            "portcullis_proxy_store_request_duration_seconds_bucket",
         ],
     );
     eprintln!("  global arm: {store_lines:?}");
@@ -228,7 +254,7 @@ pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
          Redis (`globalLimits: true`, `quotaScope: Global`, `--store-url` on loopback; Redis pinned to CPU 0, the load \
          generator's core, so it takes no CPU from the server under test) vs the same plan counted per proxy \
          (`quotaScope: Local`, no store). Closed loop: `wrk -c 32` for {secs} s, median of {reps}; open loop at \
-         {rate} req/s (half the local arm's peak), median of {reps}.\n\n\
+         {rate} req/s (half the local arm's peak), median of {ol_reps}.\n\n\
          | arm | req/s | open-loop p50 ms | p99 ms |\n|---|---:|---:|---:|\n"
     );
     for (i, (name, _)) in arms.iter().enumerate() {
@@ -270,6 +296,7 @@ pub fn global(ctx: &Ctx, bin: &Path) -> Result<Out> {
             "p50_ms": round(pct(i, "p50"), 4), "p99_ms": round(pct(i, "p99"), 4)})).collect::<Vec<_>>(),
         "accuracy": acc_rows,
         "global_arm_metrics": store_lines,
+        "open_loop_redis_sched": redis_sched,
         "non2xx": arms.iter().enumerate().map(|(i, (n, _))| json!({"arm": n, "non2xx": non2xx[i]})).collect::<Vec<_>>(),
         "nginx_redis": {"added_p50_ms": round(n_added_p50, 4), "added_p99_ms": round(n_added_p99, 4),
             "throughput_ratio_vs_nginx": round(n_ratio, 3), "global_rps_vs_nginx_redis": round(pg_vs_nr, 3),

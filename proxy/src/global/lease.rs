@@ -31,6 +31,11 @@ pub struct LeaseParams {
     pub quota_divisor: u64,
     /// And never more than this.
     pub max_chunk: u64,
+    /// How far ahead of running out a refill must start: about two of the store's recent slow round trips
+    /// ([`StoreLatency::lead`]; zero: the half-chunk watermark alone). A chunk then covers at least twice this much
+    /// traffic and a lease is refilled when it holds no more than this much, so a store that slows down (a loaded
+    /// Redis, a busier network) widens the leases instead of letting requests find them empty and wait.
+    pub lead: Duration,
 }
 
 impl Default for LeaseParams {
@@ -40,8 +45,46 @@ impl Default for LeaseParams {
             ttl: Duration::from_millis(200),
             burst_divisor: 4,
             quota_divisor: 1000,
-            max_chunk: 256,
+            max_chunk: 1024,
+            lead: Duration::ZERO,
         }
+    }
+}
+
+/// The store's recent slow round trip, from which [`LeaseParams::lead`] is derived: the longest round trip seen,
+/// halving for every second since it was seen (one slow call widens leases for a few seconds, not for ever). Pure:
+/// time is passed in.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreLatency {
+    slow: Duration,
+    at: Instant,
+}
+
+/// A lead never exceeds this (a store that takes longer is failing: its timeout and circuit handle it).
+const MAX_LEAD: Duration = Duration::from_millis(50);
+
+impl StoreLatency {
+    pub fn new(now: Instant) -> Self {
+        Self { slow: Duration::ZERO, at: now }
+    }
+
+    /// One store call took `rtt`.
+    pub fn observe(&mut self, now: Instant, rtt: Duration) {
+        let decayed = self.decayed(now);
+        if rtt >= decayed {
+            self.slow = rtt;
+            self.at = now;
+        }
+    }
+
+    fn decayed(&self, now: Instant) -> Duration {
+        let halvings = now.saturating_duration_since(self.at).as_secs_f64();
+        self.slow.mul_f64(0.5f64.powf(halvings))
+    }
+
+    /// Two recent slow round trips, at most [`MAX_LEAD`].
+    pub fn lead(&self, now: Instant) -> Duration {
+        (self.decayed(now) * 2).min(MAX_LEAD)
     }
 }
 
@@ -163,14 +206,15 @@ impl Lease {
 
     /// The chunk sizes for this client now: (tokens, units), 0 for what `needs` does not count.
     fn chunks(&self, needs: Needs, p: &LeaseParams) -> (u64, u64) {
-        let want = self.rate.chunk(p.window);
+        let want = self.rate.chunk(p.window.max(p.lead * 2));
         let tokens = needs.burst.map_or(0, |burst| want.min(cap(burst, p.burst_divisor, p.max_chunk)));
         let units = needs.quota.map_or(0, |(limit, _)| want.min(cap(limit, p.quota_divisor, p.max_chunk)));
         (tokens, units)
     }
 
     /// After an admitted request: whether to refill in the background, and with what (tokens, units). A resource
-    /// is refilled when its chunk is at least 2 and the lease holds at most half a chunk of it; nothing is asked
+    /// is refilled when its chunk is at least 2 and the lease holds at most half a chunk of it, or at most the
+    /// traffic expected within [`LeaseParams::lead`] (a slow store is asked earlier); nothing is asked
     /// while a refill is in flight or while the store's last refusal holds. Marks the refill as in flight: answer
     /// with [`Lease::refilled`] or [`Lease::refill_failed`].
     ///
@@ -181,18 +225,20 @@ impl Lease {
             return None;
         }
         let (want_tokens, want_units) = self.chunks(needs, p);
+        // What the client spends while a refill is on its way: refill before the lease holds less.
+        let in_lead = if p.lead.is_zero() { 0 } else { self.rate.chunk(p.lead) };
+        let low = |held: u64, want: u64| want >= 2 && (held * 2 <= want || held <= in_lead);
         let held_tokens = if self.has_tokens(now) { self.tokens } else { 0 };
-        let tokens =
-            if want_tokens >= 2 && held_tokens * 2 <= want_tokens && self.throttled_until.is_none_or(|u| now >= u) {
-                want_tokens
-            } else {
-                0
-            };
+        let tokens = if low(held_tokens, want_tokens) && self.throttled_until.is_none_or(|u| now >= u) {
+            want_tokens
+        } else {
+            0
+        };
         let units = match needs.quota {
             Some((_, period)) => {
                 let held = if self.has_units(now, period) { self.units } else { 0 };
                 let refused = self.exhausted_until.is_some_and(|(u, p)| p == period && now < u);
-                if want_units >= 2 && held * 2 <= want_units && !refused { want_units } else { 0 }
+                if low(held, want_units) && !refused { want_units } else { 0 }
             }
             None => 0,
         };
@@ -380,6 +426,7 @@ mod tests {
         burst_divisor: 4,
         quota_divisor: 1000,
         max_chunk: 256,
+        lead: Duration::ZERO,
     };
     const MS: Duration = Duration::from_millis(1);
 
@@ -495,6 +542,10 @@ mod tests {
 
     /// A simulated 1000 req/s client whose refills answer `rtt` later: how many requests had to fetch themselves.
     fn run_with_background_refills(needs: Needs, rtt: Duration, requests: u32) -> (u32, u32) {
+        run_with_background_refills_at(needs, rtt, requests, &P)
+    }
+
+    fn run_with_background_refills_at(needs: Needs, rtt: Duration, requests: u32, p: &LeaseParams) -> (u32, u32) {
         let t0 = Instant::now();
         let mut l = Lease::new(t0);
         let (mut foreground, mut background) = (0, 0);
@@ -504,19 +555,19 @@ mod tests {
             if let Some((at, asked)) = in_flight
                 && now >= at
             {
-                l.refilled(now, needs, &P, asked, g(asked.0, Duration::ZERO, asked.1, 0));
+                l.refilled(now, needs, p, asked, g(asked.0, Duration::ZERO, asked.1, 0));
                 in_flight = None;
             }
-            match l.step(now, needs, &P) {
+            match l.step(now, needs, p) {
                 Step::Admit => {}
                 Step::Fetch { tokens, units } => {
                     foreground += 1;
-                    let (s, _) = l.granted(now, needs, &P, (tokens, units), g(tokens, Duration::ZERO, units, 0));
+                    let (s, _) = l.granted(now, needs, p, (tokens, units), g(tokens, Duration::ZERO, units, 0));
                     assert_eq!(s, Step::Admit);
                 }
                 s => panic!("{s:?}"),
             }
-            if let Some(asked) = l.refill(now, needs, &P) {
+            if let Some(asked) = l.refill(now, needs, p) {
                 assert!(in_flight.is_none(), "one refill in flight at a time");
                 background += 1;
                 in_flight = Some((now + rtt, asked));
@@ -537,6 +588,35 @@ mod tests {
         let (slow, _) = run_with_background_refills(needs, 15 * MS, 2000);
         eprintln!("15 ms refills: {slow} fetches on the request path");
         assert!(slow > foreground, "{slow} vs {foreground}");
+    }
+
+    #[test]
+    fn a_slow_store_widens_the_lease_instead_of_making_requests_wait() {
+        // 1000 req/s with 15 ms refills: half a chunk (10 ms) is not enough lead, so requests find the lease empty.
+        let needs = Needs { burst: Some(1000), quota: Some((1_000_000, 1)) };
+        let (fixed, _) = run_with_background_refills(needs, 15 * MS, 2000);
+        // With the lead the store's latency sets (2 × 15 ms), chunks cover 60 ms and refills start 30 ms ahead.
+        let p = LeaseParams { lead: 30 * MS, ..P };
+        let (led, background) = run_with_background_refills_at(needs, 15 * MS, 2000, &p);
+        eprintln!("15 ms refills: {fixed} request-path fetches at a fixed watermark, {led} with the lead");
+        assert!(led <= 25, "only the first requests (before the rate is known) wait: {led}");
+        assert!(led < fixed, "{led} vs {fixed}");
+        assert!(background <= 2000 / 20, "chunks grew rather than refills multiplied: {background}");
+    }
+
+    #[test]
+    fn the_lead_follows_the_slow_round_trips_and_fades() {
+        let t0 = Instant::now();
+        let mut l = StoreLatency::new(t0);
+        assert_eq!(l.lead(t0), Duration::ZERO);
+        l.observe(t0, 4 * MS);
+        l.observe(t0, MS); // a fast call does not hide the slow one
+        assert_eq!(l.lead(t0), 8 * MS);
+        assert_eq!(l.lead(t0 + Duration::from_secs(1)), 4 * MS, "halved a second later");
+        l.observe(t0 + Duration::from_secs(1), 3 * MS); // slower than the decayed 2 ms: taken
+        assert_eq!(l.lead(t0 + Duration::from_secs(1)), 6 * MS);
+        l.observe(t0 + Duration::from_secs(2), Duration::from_secs(1)); // a failing store: capped
+        assert_eq!(l.lead(t0 + Duration::from_secs(2)), MAX_LEAD);
     }
 
     #[test]

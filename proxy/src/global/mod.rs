@@ -18,13 +18,13 @@ use crate::metrics::{KindLabels, Metrics, OpLabels, PolicyLabels};
 use crate::tables::TableStore;
 use fallback::LocalShare;
 use health::{HEARTBEAT_INTERVAL, Health, PROBE_INTERVAL, REPLICA_TTL};
-use lease::{Grant, Lease, LeaseParams, Leftover, Needs, Step};
+use lease::{Grant, Lease, LeaseParams, Leftover, Needs, Step, StoreLatency};
 use portcullis_store::{Store, StoreConfig, StoreError, Take};
 use portcullis_table::period::{period_end, period_number};
 use portcullis_table::store_keys::{quota_key, quota_key_expires_at, quota_key_of_period, replicas_key, throttle_key};
 use portcullis_table::{Quota, StoreFallback, Throttle};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -60,6 +60,10 @@ pub struct GlobalLimits {
     leases: RwLock<LeaseMap>,
     shares: Mutex<HashMap<(String, String), LocalShare>>,
     metrics: Arc<Metrics>,
+    /// The store's recent slow round trip, updated by every store call ([`GlobalLimits::observe`]) …
+    latency: Mutex<StoreLatency>,
+    /// … and the lease lead it gives, in µs, read by every request without a lock ([`LeaseParams::lead`]).
+    lead_us: AtomicU64,
 }
 
 impl GlobalLimits {
@@ -77,7 +81,14 @@ impl GlobalLimits {
             leases: RwLock::new(HashMap::new()),
             shares: Mutex::new(HashMap::new()),
             metrics,
+            latency: Mutex::new(StoreLatency::new(Instant::now())),
+            lead_us: AtomicU64::new(0),
         }))
+    }
+
+    /// The lease parameters with the current lead.
+    fn lease_params(&self) -> LeaseParams {
+        LeaseParams { lead: Duration::from_micros(self.lead_us.load(Ordering::Relaxed)), ..self.params }
     }
 
     pub fn store(&self) -> &Store {
@@ -101,24 +112,16 @@ impl GlobalLimits {
             let mut e = lock(&lease);
             e.throttle = ask.throttle;
             e.quota = ask.quota;
-            e.lease.step(Instant::now(), needs, &self.params)
+            e.lease.step(Instant::now(), needs, &self.lease_params())
         };
-        let (tk, qk, interval_us, expires_at) = keys(ask);
+        // Built only when the store is asked (a request the lease admits formats no key).
+        let mut keys: Option<Keys> = None;
         // Concurrent requests may spend a grant before this one does: ask again, a few times at most.
         for _ in 0..4 {
             let Step::Fetch { tokens, units } = step else { break };
-            let take = Take {
-                throttle_key: &tk,
-                tokens,
-                interval_us,
-                burst: needs.burst.unwrap_or(1),
-                quota_key: &qk,
-                units,
-                limit: ask.quota.map_or(0, |q| q.limit),
-                expires_at,
-            };
+            let keys = keys.get_or_insert_with(|| Keys::of(ask));
             let started = Instant::now();
-            let result = self.store.take(&take).await;
+            let result = self.store.take(&keys.take(ask, needs, tokens, units)).await;
             self.observe("take", started, result.as_ref().err());
             let granted = match result {
                 Ok(g) => g,
@@ -128,7 +131,8 @@ impl GlobalLimits {
                 }
             };
             let g = grant(granted, started.elapsed());
-            let (next, stale) = lock(&lease).lease.granted(Instant::now(), needs, &self.params, (tokens, units), g);
+            let (next, stale) =
+                lock(&lease).lease.granted(Instant::now(), needs, &self.lease_params(), (tokens, units), g);
             if stale.units > 0 {
                 self.give_back_later(ask, stale);
             }
@@ -150,27 +154,20 @@ impl GlobalLimits {
 
     /// Tops the lease up off the request path when it is spent down to its watermark ([`Lease::refill`]).
     fn refill_in_background(self: &Arc<Self>, lease: &Arc<Mutex<Entry>>, ask: &Ask, needs: Needs) {
-        let Some((tokens, units)) = lock(lease).lease.refill(Instant::now(), needs, &self.params) else { return };
+        let Some((tokens, units)) = lock(lease).lease.refill(Instant::now(), needs, &self.lease_params()) else {
+            return;
+        };
         let (this, lease, ask) = (self.clone(), lease.clone(), ask.clone());
         tokio::spawn(async move {
-            let (tk, qk, interval_us, expires_at) = keys(&ask);
-            let take = Take {
-                throttle_key: &tk,
-                tokens,
-                interval_us,
-                burst: needs.burst.unwrap_or(1),
-                quota_key: &qk,
-                units,
-                limit: ask.quota.map_or(0, |q| q.limit),
-                expires_at,
-            };
+            let keys = Keys::of(&ask);
             let started = Instant::now();
-            let result = this.store.take(&take).await;
+            let result = this.store.take(&keys.take(&ask, needs, tokens, units)).await;
             this.observe("refill", started, result.as_ref().err());
             match result {
                 Ok(g) => {
                     let g = grant(g, started.elapsed());
-                    let stale = lock(&lease).lease.refilled(Instant::now(), needs, &this.params, (tokens, units), g);
+                    let stale =
+                        lock(&lease).lease.refilled(Instant::now(), needs, &this.lease_params(), (tokens, units), g);
                     if stale.units > 0 {
                         this.give_back_later(&ask, stale);
                     }
@@ -250,7 +247,14 @@ impl GlobalLimits {
     }
 
     fn observe(&self, op: &'static str, started: Instant, error: Option<&StoreError>) {
-        self.metrics.store_latency.get_or_create(&OpLabels { op }).observe(started.elapsed().as_secs_f64());
+        let rtt = started.elapsed();
+        self.metrics.store_latency.get_or_create(&OpLabels { op }).observe(rtt.as_secs_f64());
+        if error.is_none() {
+            let now = Instant::now();
+            let mut latency = lock(&self.latency);
+            latency.observe(now, rtt);
+            self.lead_us.store(latency.lead(now).as_micros() as u64, Ordering::Relaxed);
+        }
         if let Some(e) = error {
             self.metrics.store_errors.get_or_create(&KindLabels { kind: e.kind() }).inc();
         }
@@ -432,16 +436,43 @@ pub fn interval_us(t: &Throttle) -> u64 {
     (t.per_millis.max(1) * 1000).div_ceil(u64::from(t.rate.max(1))).max(1)
 }
 
-fn keys(ask: &Ask) -> (String, String, u64, i64) {
-    let tk = throttle_key(&ask.client, &ask.plan.name);
-    let (qk, exp) = match ask.quota {
-        Some(q) => (
-            quota_key(&ask.client, &ask.plan.name, q.period, ask.now_unix),
-            quota_key_expires_at(q.period, ask.now_unix),
-        ),
-        None => (String::new(), 0),
-    };
-    (tk, qk, ask.throttle.map_or(1, |t| interval_us(&t)), exp)
+/// The store keys and GCRA interval of one ask, from which every `take` of it is built.
+struct Keys {
+    throttle: String,
+    quota: String,
+    interval_us: u64,
+    expires_at: i64,
+}
+
+impl Keys {
+    fn of(ask: &Ask) -> Self {
+        let (quota, expires_at) = match ask.quota {
+            Some(q) => (
+                quota_key(&ask.client, &ask.plan.name, q.period, ask.now_unix),
+                quota_key_expires_at(q.period, ask.now_unix),
+            ),
+            None => (String::new(), 0),
+        };
+        Self {
+            throttle: throttle_key(&ask.client, &ask.plan.name),
+            quota,
+            interval_us: ask.throttle.map_or(1, |t| interval_us(&t)),
+            expires_at,
+        }
+    }
+
+    fn take(&self, ask: &Ask, needs: Needs, tokens: u64, units: u64) -> Take<'_> {
+        Take {
+            throttle_key: &self.throttle,
+            tokens,
+            interval_us: self.interval_us,
+            burst: needs.burst.unwrap_or(1),
+            quota_key: &self.quota,
+            units,
+            limit: ask.quota.map_or(0, |q| q.limit),
+            expires_at: self.expires_at,
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
