@@ -121,7 +121,7 @@ pub fn curl_ok(url: &str) -> bool {
 /// The status of `GET url` with `x-api-key: key` (none when `key` is empty).
 pub fn curl_status(url: &str, key: &str) -> Result<u16> {
     let mut c = Command::new("curl");
-    c.args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"]);
+    c.args(["-sSk", "-o", "/dev/null", "-w", "%{http_code}"]);
     if !key.is_empty() {
         c.args(["-H", &format!("x-api-key: {key}")]);
     }
@@ -132,9 +132,15 @@ pub fn curl_status(url: &str, key: &str) -> Result<u16> {
 /// An arm doing the policy job (N1, H1, P1) really refuses: an unknown key 401, a route outside the plan 403, and
 /// lets the bench key through.
 pub fn check_policy(name: &str, addr: SocketAddr) -> Result<()> {
+    check_policy_at(name, &format!("http://{addr}"))
+}
+
+/// [`check_policy`] at `base` (`http://…` or `https://…`; the benchmarks' certificate is self-signed, so curl
+/// does not verify it).
+pub fn check_policy_at(name: &str, base: &str) -> Result<()> {
     let cases = [("/v1/items", key(0), 200), ("/v1/items", "not-a-key".to_string(), 401), ("/v2/items", key(0), 403)];
     for (path, k, want) in cases {
-        let got = curl_status(&format!("http://{addr}{path}"), &k)?;
+        let got = curl_status(&format!("{base}{path}"), &k)?;
         if got != want {
             bail!("arm {name}: GET {path} with key {k:?} answered {got}, not {want}: it does not do the policy's job");
         }
@@ -396,12 +402,32 @@ fn start_nginx_conf(
 /// file of API key → client, a `map_ip` file of source range → client and a check that both name the same client
 /// (each client's own CIDR), a route/method check, and a per-client request rate from a stick table (limit far
 /// above the load, as for N1 and P1); the key header is removed and the client named to the upstream.
-pub fn haproxy_conf(dir: &Path, upstream: SocketAddr, port: u16, policy: bool, clients: usize) -> Result<String> {
+///
+/// With `tls`, the frontend terminates TLS with that certificate (`bind … ssl crt`, HAProxy's PEM of certificate
+/// and key together; TLS 1.2 and 1.3, ALPN http/1.1), like nginx's and the proxy's TLS arms.
+pub fn haproxy_conf(
+    dir: &Path,
+    upstream: SocketAddr,
+    port: u16,
+    policy: bool,
+    clients: usize,
+    tls: Option<&TlsPair>,
+) -> Result<String> {
+    let ssl = match tls {
+        Some(pair) => {
+            let pem = dir.join("haproxy.pem");
+            let mut both = std::fs::read_to_string(&pair.cert)?;
+            both.push_str(&std::fs::read_to_string(&pair.key)?);
+            std::fs::write(&pem, both)?;
+            format!(" ssl crt {} alpn http/1.1 ssl-min-ver TLSv1.2", pem.display())
+        }
+        None => String::new(),
+    };
     let mut s = format!(
         "global\n  nbthread 1\n  maxconn 4096\n  tune.bufsize 16384\n\
          defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  \
          option http-keep-alive\n  http-reuse always\n\
-         frontend fe\n  bind 127.0.0.1:{port}\n"
+         frontend fe\n  bind 127.0.0.1:{port}{ssl}\n"
     );
     if policy {
         let (keys, sources) = (dir.join("keys.map"), dir.join("sources.map"));
@@ -438,11 +464,23 @@ pub fn haproxy_conf(dir: &Path, upstream: SocketAddr, port: u16, policy: bool, c
 
 /// Starts HAProxy (`apt-get install haproxy`) in the foreground (`-db`), pinned to the server CPU.
 pub fn start_haproxy(dir: &Path, upstream: SocketAddr, policy: bool, clients: usize) -> Result<Proc> {
-    let sub = dir.join(if policy { "haproxy-h1" } else { "haproxy-h0" });
+    start_haproxy_with(dir, upstream, policy, clients, None)
+}
+
+/// [`start_haproxy`], terminating TLS with `tls` when given.
+pub fn start_haproxy_with(
+    dir: &Path,
+    upstream: SocketAddr,
+    policy: bool,
+    clients: usize,
+    tls: Option<&TlsPair>,
+) -> Result<Proc> {
+    let name = format!("haproxy-h{}{}", u8::from(policy), if tls.is_some() { "-tls" } else { "" });
+    let sub = dir.join(name);
     std::fs::create_dir_all(&sub)?;
     let port = free_port()?;
     let conf = sub.join("haproxy.cfg");
-    std::fs::write(&conf, haproxy_conf(&sub, upstream, port, policy, clients)?)?;
+    std::fs::write(&conf, haproxy_conf(&sub, upstream, port, policy, clients, tls)?)?;
     let log = std::fs::File::create(sub.join("haproxy.log"))?;
     let child = Command::new("taskset")
         .args(["-c", SERVER_CPU, "haproxy", "-db", "-f"])

@@ -73,7 +73,8 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
     for (name, p) in arms.iter().filter(|(n, _)| ["N1", "H1", "P1", "P1L"].contains(n)) {
         servers::check_policy(name, p.addr)?;
     }
-    for (name, p) in arms {
+    // The smoke run (no figures) skips the warm-ups: its one measured second exercises every arm already.
+    for (name, p) in arms.iter().filter(|_| !ctx.smoke) {
         let w = wrk(&url(p.addr), CONNS, 1.0, &servers::key(0), false).with_context(|| format!("warm-up {name}"))?;
         eprintln!("  warm-up {name}: {:.0} req/s", w.rps);
     }
@@ -102,7 +103,12 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
     let log_lines = std::fs::read(&access_log).map(|b| b.iter().filter(|c| **c == b'\n').count()).unwrap_or(0);
     // Open loop at half of N1's peak: latency from the intended send time.
     let rate = ((rps("N1") / 2.0) as u64).max(100);
-    let ol_reps = if ctx.smoke { 1 } else { 3 };
+    // Repeated so that the spread of p99 is a figure of its own (`PORTCULLIS_OPENLOOP_REPS` overrides 10).
+    let ol_reps = if ctx.smoke {
+        1
+    } else {
+        std::env::var("PORTCULLIS_OPENLOOP_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(10usize).max(1)
+    };
     let mut ol: Vec<Vec<load::OpenLoop>> = vec![Vec::new(); arms.len()];
     for _ in 0..ol_reps {
         for (i, (name, p)) in arms.iter().enumerate() {
@@ -130,6 +136,27 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
         }
     }
     let added = Value::Object(added);
+    // The spread of p99 over the repetitions, per arm: min, median, max.
+    let p99_spread = |i: usize| {
+        let mut v: Vec<f64> = ol[i].iter().map(|o| o.get("p99")).filter(|x| x.is_finite()).collect();
+        v.sort_by(f64::total_cmp);
+        let (min, max) = (v.first().copied().unwrap_or(f64::NAN), v.last().copied().unwrap_or(f64::NAN));
+        (min, median(v.clone()), max, v)
+    };
+    let spread_json: serde_json::Map<String, Value> = arms
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| {
+            let (min, med, max, v) = p99_spread(i);
+            let runs: Vec<f64> = v.iter().map(|x| round(*x, 3)).collect();
+            (
+                name.to_string(),
+                json!({"min": round(min, 4), "median": round(med, 4), "max": round(max, 4), "runs": runs}),
+            )
+        })
+        .collect();
+    let med_p99 = |n: &str| p99_spread(arms.iter().position(|(a, _)| *a == n).expect("arm")).1;
+    let p99_goal = med_p99("P1") <= med_p99("N1") && med_p99("P1") <= med_p99("H1");
     let arms_json: Vec<Value> = arms
         .iter()
         .enumerate()
@@ -144,7 +171,8 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
         "wrk_command": load::wrk_cmd("URL", CONNS, k.secs, "bench-key-0").join(" "),
         "open_loop": {"rate_rps": rate, "connections": 16, "seconds": k.secs, "runs": ol_reps,
                       "command": load::openloop_cmd(up.addr, rate, k.secs, 16, "bench-key-0")?.join(" "),
-                      "latency_ms": Value::Object(ol_abs)},
+                      "latency_ms": Value::Object(ol_abs), "p99_spread_ms": Value::Object(spread_json),
+                      "p1_median_p99_at_most_n1_and_h1": p99_goal},
         "arms": arms_json, "ratios": ratios, "added_latency_ms": added, "access_log_lines": log_lines,
     });
     let desc = [
@@ -215,6 +243,16 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
             a("p99"),
             a("p99.9")
         ));
+    }
+    md.push_str(&format!(
+        "\n**p99 over the {ol_reps} open-loop runs** (min / median / max, ms; goal: P1's median ≤ N1's and ≤ H1's — \
+         {}):\n\n| arm | min | median | max | runs |\n|---|---:|---:|---:|---|\n",
+        if p99_goal { "met" } else { "**not met**" }
+    ));
+    for (i, (name, _)) in arms.iter().enumerate() {
+        let (min, med, max, v) = p99_spread(i);
+        let runs = v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(", ");
+        md.push_str(&format!("| {name} | {min:.3} | {med:.3} | {max:.3} | {runs} |\n"));
     }
     let groups: Vec<(String, Vec<f64>)> = arms.iter().map(|(n, _)| (n.to_string(), vec![rps(n)])).collect();
     let svg1 = bar_svg("Throughput, median req/s (wrk, closed loop)", "req/s", &["req/s"], &groups);
@@ -510,8 +548,12 @@ pub fn tls(ctx: &Ctx, bin: &Path) -> Result<Out> {
     let nt = servers::start_nginx_with(&ctx.tmp, up.addr, true, k.clients, Some(&pair))?;
     let tls_args = [format!("--tls-cert={}", pair.cert.display()), format!("--tls-key={}", pair.key.display())];
     let pt = servers::start_proxy_with(bin, up.addr, &table, &tls_args)?;
-    let arms: [(&str, &Proc); 2] = [("N1+TLS", &nt), ("P1+TLS", &pt)];
+    let ht = servers::start_haproxy_with(&ctx.tmp, up.addr, true, k.clients, Some(&pair))?;
+    let arms: [(&str, &Proc); 3] = [("N1+TLS", &nt), ("H1+TLS", &ht), ("P1+TLS", &pt)];
     let https = |a: SocketAddr| format!("https://{a}/v1/items");
+    for (name, p) in arms {
+        servers::check_policy_at(name, &format!("https://{}", p.addr))?;
+    }
     let run = |p: &Proc, close: bool, secs: f64| -> Result<(Wrk, f64)> {
         let pids = [p.pid(), up.pid()];
         let before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<Result<f64>>()?;
@@ -520,14 +562,14 @@ pub fn tls(ctx: &Ctx, bin: &Path) -> Result<Out> {
         let after: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<Result<f64>>()?;
         Ok((w.clone(), (after - before) / w.requests.max(1) as f64 * 1000.0))
     };
-    for (name, p) in arms {
+    for (name, p) in arms.iter().filter(|_| !ctx.smoke) {
         for close in [false, true] {
             let (w, _) = run(p, close, 1.0).with_context(|| format!("warm-up {name}"))?;
             eprintln!("  warm-up {name}{}: {:.0} req/s", if close { " (close)" } else { "" }, w.rps);
         }
     }
     // [arm][keepalive=0 / close=1] → runs
-    let mut runs: Vec<[Vec<(Wrk, f64)>; 2]> = vec![[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+    let mut runs: Vec<[Vec<(Wrk, f64)>; 2]> = vec![[Vec::new(), Vec::new()]; arms.len()];
     for r in 0..k.reps {
         for (i, (name, p)) in arms.iter().enumerate() {
             for (j, close) in [false, true].into_iter().enumerate() {
@@ -544,9 +586,9 @@ pub fn tls(ctx: &Ctx, bin: &Path) -> Result<Out> {
     };
     let mut rows = Vec::new();
     let mut md = format!(
-        "Both arms terminate TLS with the same self-signed ECDSA P-256 certificate (rcgen), TLS 1.2 + 1.3 enabled \
-         (wrk's OpenSSL negotiates TLS 1.3), hold {} clients and enforce the same policy as N1 / P1 (throughput \
-         suite). Keep-alive: `{}`. Handshakes: the same with `-H 'Connection: close'`, so every request is a new TCP \
+        "Every arm terminates TLS with the same self-signed ECDSA P-256 certificate (rcgen), TLS 1.2 + 1.3 enabled \
+         (wrk's OpenSSL negotiates TLS 1.3), holds {} clients and enforces the same policy as N1 / H1 / P1 \
+         (throughput suite). Keep-alive: `{}`. Handshakes: the same with `-H 'Connection: close'`, so every request is a new TCP \
          connection and a full handshake (wrk does not resume sessions); req/s = handshakes/s. Arms interleaved, {} \
          runs of {} s, median. Server CPU counts the arm's process plus the upstream.\n\n\
          | arm | HTTPS keep-alive req/s | p50 ms | p99 ms | CPU s / 1 000 req | handshakes/s | p50 ms | p99 ms | CPU s / 1 000 handshakes |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -566,18 +608,26 @@ pub fn tls(ctx: &Ctx, bin: &Path) -> Result<Out> {
                          "keepalive_runs": runs[i][0].iter().map(|r| round(r.0.rps, 0)).collect::<Vec<_>>(),
                          "handshake_runs": runs[i][1].iter().map(|r| round(r.0.rps, 0)).collect::<Vec<_>>()}));
     }
-    let ratio = |j: usize| round(med(1, j).0.rps / med(0, j).0.rps, 3);
-    let ratios = json!({"keepalive P1+TLS/N1+TLS": ratio(0), "handshakes P1+TLS/N1+TLS": ratio(1)});
+    // Arms: 0 nginx, 1 HAProxy, 2 Portcullis.
+    let ratio = |a: usize, b: usize, j: usize| round(med(a, j).0.rps / med(b, j).0.rps, 3);
+    let ratios = json!({"keepalive P1+TLS/N1+TLS": ratio(2, 0, 0), "handshakes P1+TLS/N1+TLS": ratio(2, 0, 1),
+                        "keepalive P1+TLS/H1+TLS": ratio(2, 1, 0), "handshakes P1+TLS/H1+TLS": ratio(2, 1, 1)});
     md.push_str(&format!(
-        "\n**Ratios**: HTTPS keep-alive P1+TLS / N1+TLS = {}; handshakes/s P1+TLS / N1+TLS = {}.\n",
-        ratio(0),
-        ratio(1)
+        "\n**Ratios**: HTTPS keep-alive P1+TLS / N1+TLS = {}, P1+TLS / H1+TLS = {}; handshakes/s P1+TLS / N1+TLS = {}, \
+         P1+TLS / H1+TLS = {}.\n",
+        ratio(2, 0, 0),
+        ratio(2, 1, 0),
+        ratio(2, 0, 1),
+        ratio(2, 1, 1)
     ));
-    let groups = vec![
-        ("keep-alive req/s".to_string(), vec![med(0, 0).0.rps, med(1, 0).0.rps]),
-        ("handshakes/s".to_string(), vec![med(0, 1).0.rps, med(1, 1).0.rps]),
-    ];
-    let svg = bar_svg("TLS termination: nginx vs Portcullis (same cert)", "per second", &["N1+TLS", "P1+TLS"], &groups);
+    let per_arm = |j: usize| (0..arms.len()).map(|i| med(i, j).0.rps).collect::<Vec<_>>();
+    let groups = vec![("keep-alive req/s".to_string(), per_arm(0)), ("handshakes/s".to_string(), per_arm(1))];
+    let svg = bar_svg(
+        "TLS termination: nginx, HAProxy, Portcullis (same cert)",
+        "per second",
+        &["N1+TLS", "H1+TLS", "P1+TLS"],
+        &groups,
+    );
     let data = json!({"clients": k.clients, "runs": k.reps, "seconds_per_run": k.secs, "wrk_connections": CONNS,
                       "certificate": "self-signed ECDSA P-256 (rcgen)", "arms": rows, "ratios": ratios});
     Ok((data, md, Some(svg)))
@@ -588,6 +638,7 @@ pub fn summary(suite: &str, r: &Value) -> Value {
     match suite {
         "throughput" => json!({"throughput": {"ratios": r["ratios"], "added_latency_ms": r["added_latency_ms"],
                                               "open_loop_rate_rps": r["open_loop"]["rate_rps"],
+                                              "open_loop_p99_spread_ms": r["open_loop"]["p99_spread_ms"],
                                               "rps": r["arms"].as_array().map(|a| a.iter().map(|x| (x["arm"].as_str().unwrap_or("").to_string(), x["median"]["rps"].clone())).collect::<serde_json::Map<_, _>>())}}),
         "memory" => {
             json!({"rss_mb": {"idle": r["rss_mib"]["idle_1_client"], "idle_no_table": r["rss_mib"]["idle_no_table"],
