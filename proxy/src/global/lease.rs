@@ -225,9 +225,10 @@ impl Lease {
             return None;
         }
         let (want_tokens, want_units) = self.chunks(needs, p);
-        // What the client spends while a refill is on its way: refill before the lease holds less.
+        // What the client spends while a refill is on its way: refill before the lease holds less (never more than
+        // a chunk ahead, so a lease holds at most two chunks).
         let in_lead = if p.lead.is_zero() { 0 } else { self.rate.chunk(p.lead) };
-        let low = |held: u64, want: u64| want >= 2 && (held * 2 <= want || held <= in_lead);
+        let low = |held: u64, want: u64| want >= 2 && (held * 2 <= want || held <= in_lead.min(want));
         let held_tokens = if self.has_tokens(now) { self.tokens } else { 0 };
         let tokens = if low(held_tokens, want_tokens) && self.throttled_until.is_none_or(|u| now >= u) {
             want_tokens
