@@ -3,7 +3,7 @@
 
 use crate::check::{Request, Usage, check};
 use crate::cli::{CheckArgs, Cli, Command, Keys, Wait};
-use crate::objects::{Ctx, condition, conditions_line, observed_generation};
+use crate::objects::{Ctx, NotFound, condition, conditions_line, observed_generation};
 use crate::report::{ServiceState, grants, render_status, render_usage, usage_rows};
 use crate::{keys, objects};
 use anyhow::{Context, Result, anyhow, bail};
@@ -219,8 +219,24 @@ async fn add_key(
         })
         .await?;
     say(format!("apiclient {}/{client}: key {chosen} added (generation {generation})", ctx.ns));
-    let key = generated_key(ctx, client, &chosen, wait.timeout).await?;
-    let msg = wait_enforced(ctx, client, generation, Some(&chosen), wait).await?;
+    // From here on the key entry is written: a failure says so, and how to get the key or take it back, so that
+    // running the command again does not add a second key.
+    let written = |e: anyhow::Error| {
+        if e.is::<NotFound>() {
+            return e.context(format!(
+                "ApiClient {}/{client} was deleted while waiting; key {chosen} went with it",
+                ctx.ns
+            ));
+        }
+        e.context(format!(
+            "key {chosen} IS written to ApiClient {ns}/{client} (generation {generation}); once the controller has \
+             generated and programmed it, `kubectl portcullis keys show {client} -n {ns} --reveal {chosen}` prints it, \
+             and `kubectl portcullis keys revoke {client} {chosen} -n {ns}` removes it",
+            ns = ctx.ns
+        ))
+    };
+    let key = generated_key(ctx, client, &chosen, wait.timeout).await.map_err(written)?;
+    let msg = wait_enforced(ctx, client, generation, Some(&chosen), wait).await.map_err(written)?;
     Ok((chosen, key, msg))
 }
 

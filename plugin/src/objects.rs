@@ -33,6 +33,18 @@ pub fn not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
 }
 
+/// An object the plugin reads does not exist (any more): the API server's 404, said for a person.
+#[derive(Debug)]
+pub struct NotFound(pub String);
+
+impl std::fmt::Display for NotFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotFound {}
+
 fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
 }
@@ -49,7 +61,8 @@ impl Ctx {
     fn missing(&self, e: kube::Error, kind: &str, name: &str) -> anyhow::Error {
         let list = format!("{}s", kind.to_ascii_lowercase());
         if not_found(&e) {
-            return anyhow!("{kind} {}/{name} not found: `kubectl get {list} -n {}` lists them", self.ns, self.ns);
+            let msg = format!("{kind} {}/{name} not found: `kubectl get {list} -n {}` lists them", self.ns, self.ns);
+            return anyhow::Error::new(NotFound(msg));
         }
         if let kube::Error::Api(s) = &e
             && s.code == 403

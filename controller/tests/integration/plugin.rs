@@ -250,3 +250,79 @@ async fn raw_status(from: IpAddr, to: SocketAddr, req: &str) -> u16 {
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await.unwrap().unwrap();
     String::from_utf8_lossy(&out).split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap()
 }
+
+/// What the API server and a missing controller can answer the plugin, through the real API server: a user without
+/// RBAC is refused before anything is written; with no controller running, `keys create` writes the key entry, then
+/// times out saying so and how to get the key (so running it again does not add a second one); the ApiClient deleted
+/// while the plugin waits ends the wait at once with "not found" rather than at the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_portcullis_when_refused_or_left_waiting() {
+    let env = env("plugin-refused").await;
+    let generated =
+        |name: &str| KeySpec { name: Some(name.into()), generate: Some(GenerateSpec {}), ..Default::default() };
+    let spec = ApiClientSpec {
+        usage_plans: vec!["partners".into()],
+        source_ranges: vec!["127.0.0.1/32".into()],
+        keys: vec![generated("k1")],
+        ..client_spec(&[], &[], "unused", "unused")
+    };
+    create_client(&env, "acme", spec).await;
+    let clients: Api<ApiClient> = Api::namespaced(env.admin.clone(), &env.ns);
+    let keys_of = |c: &ApiClient| c.spec.keys.iter().filter_map(|k| k.name.clone()).collect::<Vec<_>>();
+
+    // 403: a ServiceAccount with no RBAC at all. Refused on the read, nothing written.
+    let token = env.cp.service_account_token(&env.ns, "nobody").await;
+    let out = tokio::process::Command::new(workspace_binary("kubectl-portcullis"))
+        .arg("--kubeconfig")
+        .arg(env.cp.kubeconfig_for_token(&token))
+        .args(["-n", &env.ns, "keys", "create", "acme", "--timeout", "5s"])
+        .env_remove("KUBECONFIG")
+        .output()
+        .await
+        .expect("running kubectl-portcullis");
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("$ kubectl portcullis keys create acme (as nobody)\n{err}");
+    assert_ne!(out.status.code(), Some(0), "a user without RBAC must fail");
+    assert!(err.contains("forbidden for you"), "the refusal names itself: {err}");
+    assert!(out.stdout.is_empty(), "no key on stdout");
+    assert_eq!(keys_of(&clients.get("acme").await.unwrap()), ["k1"], "nothing written");
+
+    // No controller: the entry is written, the wait times out, and the error says the key exists and how to get it.
+    let started = std::time::Instant::now();
+    let (code, out, err) = plugin(&env, &["keys", "create", "acme", "--name", "late", "--timeout", "2s"]).await;
+    assert_ne!(code, 0, "not generated, not enforced: a failure");
+    assert!(out.is_empty(), "no key on stdout: {out}");
+    assert!(err.contains("not within 2 s"), "the timeout is named: {err}");
+    assert!(err.contains("late IS written"), "the error says the entry exists: {err}");
+    assert!(err.contains("--reveal late") && err.contains("keys revoke acme late"), "and what to do: {err}");
+    assert!(started.elapsed() < Duration::from_secs(20), "bounded by --timeout: {:?}", started.elapsed());
+    assert_eq!(keys_of(&clients.get("acme").await.unwrap()), ["k1", "late"]);
+
+    // The ApiClient deleted while the plugin waits: the wait ends with "not found", long before its timeout.
+    let bin = workspace_binary("kubectl-portcullis");
+    let waiting = tokio::process::Command::new(bin)
+        .arg("--kubeconfig")
+        .arg(env.cp.admin_kubeconfig())
+        .args(["-n", &env.ns, "keys", "create", "acme", "--name", "gone", "--timeout", "120s"])
+        .env_remove("KUBECONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running kubectl-portcullis");
+    wait_for(T, "the plugin's entry written", || async {
+        keys_of(&clients.get("acme").await.ok()?).iter().any(|k| k == "gone").then_some(())
+    })
+    .await;
+    let deleted_at = std::time::Instant::now();
+    clients.delete("acme", &Default::default()).await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), waiting.wait_with_output())
+        .await
+        .expect("the plugin stops waiting once the ApiClient is gone")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("$ kubectl portcullis keys create acme --name gone (deleted while waiting)\n{err}");
+    assert_ne!(out.status.code(), Some(0));
+    assert!(err.contains("was deleted while waiting") && err.contains("not found"), "the deletion is named: {err}");
+    assert!(!err.contains("IS written"), "a deleted client's key is not said to exist: {err}");
+    assert!(deleted_at.elapsed() < Duration::from_secs(10), "ended by the deletion, not the timeout");
+}
