@@ -327,14 +327,18 @@ impl Driver<'_> {
                 }
             }
             let refs: Vec<Option<&str>> = shards.iter().map(|s| s.as_deref()).collect();
-            match assemble(index, &refs) {
+            let assembled = assemble(index, &refs);
+            // The shards' text goes before the compiled table is built (it would add to the swap's peak).
+            drop(refs);
+            drop(shards);
+            match assembled {
                 Ok(table) => {
                     let store = self.store.clone();
                     let what = self.what.to_string();
                     let sequence = index.sequence;
                     let applied = tokio::task::spawn_blocking(move || {
                         let applied = store.apply(&table, &what, Some(sequence));
-                        drop((table, shards));
+                        drop(table);
                         crate::heap::release_free_memory();
                         applied
                     })
