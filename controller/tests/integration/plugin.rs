@@ -35,6 +35,16 @@ async fn plugin(env: &Env, args: &[&str]) -> (i32, String, String) {
     (out.status.code().unwrap_or(-1), o, e)
 }
 
+/// ApiClient acme of both tests: plan `partners`, from 127.0.0.1, one key `k1` the controller generates.
+fn acme() -> ApiClientSpec {
+    ApiClientSpec {
+        usage_plans: vec!["partners".into()],
+        source_ranges: vec!["127.0.0.1/32".into()],
+        keys: vec![KeySpec { name: Some("k1".into()), generate: Some(GenerateSpec {}), ..Default::default() }],
+        ..client_spec(&[], &[], "unused", "unused")
+    }
+}
+
 /// The sidecar's status for `GET /v1/orders` with `key` from `from`.
 async fn status(from: IpAddr, proxy: SocketAddr, key: &str) -> u16 {
     request(from, proxy, key).await.unwrap_or_else(|e| panic!("request through the sidecar: {e}")).status
@@ -86,15 +96,7 @@ async fn kubectl_portcullis_end_to_end() {
         ),
     )
     .await;
-    let generated =
-        |name: &str| KeySpec { name: Some(name.into()), generate: Some(GenerateSpec {}), ..Default::default() };
-    let spec = ApiClientSpec {
-        usage_plans: vec!["partners".into()],
-        source_ranges: vec!["127.0.0.1/32".into()],
-        keys: vec![generated("k1")],
-        ..client_spec(&[], &[], "unused", "unused")
-    };
-    create_client(&env, "acme", spec).await;
+    create_client(&env, "acme", acme()).await;
 
     // One "pod" of Service orders at 127.0.0.2 with its sidecar (table from the API server, counts in Redis).
     let pod_ip = ip(2);
@@ -258,15 +260,7 @@ async fn raw_status(from: IpAddr, to: SocketAddr, req: &str) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_portcullis_when_refused_or_left_waiting() {
     let env = env("plugin-refused").await;
-    let generated =
-        |name: &str| KeySpec { name: Some(name.into()), generate: Some(GenerateSpec {}), ..Default::default() };
-    let spec = ApiClientSpec {
-        usage_plans: vec!["partners".into()],
-        source_ranges: vec!["127.0.0.1/32".into()],
-        keys: vec![generated("k1")],
-        ..client_spec(&[], &[], "unused", "unused")
-    };
-    create_client(&env, "acme", spec).await;
+    create_client(&env, "acme", acme()).await;
     let clients: Api<ApiClient> = Api::namespaced(env.admin.clone(), &env.ns);
     let keys_of = |c: &ApiClient| c.spec.keys.iter().filter_map(|k| k.name.clone()).collect::<Vec<_>>();
 
