@@ -651,7 +651,17 @@ pub fn summary(suite: &str, r: &Value) -> Value {
         "global" => json!({"global": {"added_p50_ms": r["added_p50_ms"], "added_p99_ms": r["added_p99_ms"],
                                       "throughput_ratio_vs_local": r["throughput_ratio_vs_local"],
                                       "accuracy_error_3_replicas": r["accuracy_error_3_replicas"]}}),
-        "propagation" => json!({"propagation_s": r}),
+        "propagation" => {
+            let pick = |v: &Value| {
+                ["create", "cidr_change", "revoke"]
+                    .iter()
+                    .map(|c| (c.to_string(), json!({"p50": v[c]["p50"], "p99": v[c]["p99"]})))
+                    .collect::<serde_json::Map<_, _>>()
+            };
+            let mut large = pick(&r["large"]);
+            large.insert("clients".into(), r["clients_large"].clone());
+            json!({"propagation_s": pick(r), "propagation_s_100k": large})
+        }
         "tls" => {
             json!({"tls": {"ratios": r["ratios"], "arms": r["arms"].as_array().map(|a| a.iter().map(|x| (x["arm"].as_str().unwrap_or("").to_string(), json!({"keepalive_rps": x["keepalive"]["rps"], "handshakes_per_s": x["handshakes"]["rps"]}))).collect::<serde_json::Map<_, _>>())}})
         }
