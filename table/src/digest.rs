@@ -15,12 +15,20 @@ pub fn key_digest(key: &[u8]) -> KeyDigest {
 
 /// Short, non-reversible label for a key, safe for status, logs and Events: `sha256:` + 12 hex digits.
 pub fn fingerprint(d: &KeyDigest) -> String {
-    format!("sha256:{}", &hex::encode(d.0)[..12])
+    let mut buf = [0u8; 64];
+    format!("sha256:{}", &d.hex_into(&mut buf)[..12])
 }
 
 impl KeyDigest {
     pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
+        let mut buf = [0u8; 64];
+        self.hex_into(&mut buf).to_string()
+    }
+
+    /// The 64 hex digits, written into `buf` (no allocation: tables serialise 100 000 of these per render).
+    fn hex_into<'b>(&self, buf: &'b mut [u8; 64]) -> &'b str {
+        hex::encode_to_slice(self.0, buf).expect("64 bytes hold 32 bytes' hex");
+        std::str::from_utf8(buf).expect("hex digits are ASCII")
     }
 
     pub fn from_hex(s: &str) -> Result<Self, String> {
@@ -44,7 +52,8 @@ impl fmt::Display for KeyDigest {
 
 impl Serialize for KeyDigest {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_hex())
+        let mut buf = [0u8; 64];
+        s.serialize_str(self.hex_into(&mut buf))
     }
 }
 

@@ -150,6 +150,14 @@ pub struct CompiledTable<C: Clock = DefaultClock> {
     pub global_plans: usize,
 }
 
+/// A table's parts other than its clients (borrowed from a table, owned or not).
+struct Parts<'a> {
+    service: &'a str,
+    revision: &'a str,
+    plans: &'a std::collections::BTreeMap<String, Plan>,
+    deny_all: Option<&'a portcullis_table::DenyAll>,
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CompileError {
     #[error("client id {0:?} cannot be sent as an HTTP header value")]
@@ -162,8 +170,28 @@ impl<C: Clock + Clone> CompiledTable<C> {
     /// Compiles a validated table. Throttle and quota state of `previous` is carried over for every
     /// (client, plan) whose throttle / quota did not change.
     pub fn compile(table: &Table, previous: Option<&CompiledTable<C>>, clock: C) -> Result<Self, CompileError> {
-        if table.clients.len() > u32::MAX as usize {
-            return Err(CompileError::TooManyClients(table.clients.len()));
+        let Table { schema_version: _, service, revision, plans, clients, deny_all } = table;
+        let parts = Parts { service, revision, plans, deny_all: deny_all.as_ref() };
+        Self::compile_parts(parts, clients.len(), clients.iter().cloned(), previous, clock)
+    }
+
+    /// [`CompiledTable::compile`], consuming the table: each client's parsed form is freed as soon as it is
+    /// compiled, so a large table's parsed and compiled forms do not both stay whole during a swap.
+    pub fn compile_owned(table: Table, previous: Option<&CompiledTable<C>>, clock: C) -> Result<Self, CompileError> {
+        let Table { schema_version: _, service, revision, plans, clients, deny_all } = table;
+        let parts = Parts { service: &service, revision: &revision, plans: &plans, deny_all: deny_all.as_ref() };
+        Self::compile_parts(parts, clients.len(), clients.into_iter(), previous, clock)
+    }
+
+    fn compile_parts(
+        table: Parts<'_>,
+        count: usize,
+        clients_in: impl Iterator<Item = portcullis_table::Client>,
+        previous: Option<&CompiledTable<C>>,
+        clock: C,
+    ) -> Result<Self, CompileError> {
+        if count > u32::MAX as usize {
+            return Err(CompileError::TooManyClients(count));
         }
         let prev_index: HashMap<&str, &CompiledClient<C>> =
             previous.map(|p| p.clients.iter().map(|c| (c.id.as_str(), c)).collect()).unwrap_or_default();
@@ -175,11 +203,11 @@ impl<C: Clock + Clone> CompiledTable<C> {
                 (name.as_str(), Arc::new(spec))
             })
             .collect();
-        let nkeys = table.clients.iter().map(|c| c.keys.len()).sum();
-        let mut keys: DigestMap<KeyRef> = DigestMap::with_capacity_and_hasher(nkeys, Default::default());
+        // Most clients hold one key: the map grows beyond that if needed.
+        let mut keys: DigestMap<KeyRef> = DigestMap::with_capacity_and_hasher(count, Default::default());
         let mut certs = HashMap::new();
-        let mut clients = Vec::with_capacity(table.clients.len());
-        for (i, c) in table.clients.iter().enumerate() {
+        let mut clients = Vec::with_capacity(count);
+        for (i, c) in clients_in.enumerate() {
             let header = HeaderValue::from_str(&c.id).map_err(|_| CompileError::ClientId(c.id.clone()))?;
             let prev = prev_index.get(c.id.as_str());
             let mut plans = Vec::with_capacity(c.plans.len());
@@ -212,13 +240,13 @@ impl<C: Clock + Clone> CompiledTable<C> {
                 first_plan: plans.next(),
                 more_plans: plans.collect(),
                 header,
-                id: c.id.clone(),
+                id: c.id,
             });
         }
         Ok(Self {
-            service: table.service.clone(),
-            revision: table.revision.clone(),
-            deny_all: table.deny_all.as_ref().map(|d| d.reason.clone()),
+            service: table.service.to_string(),
+            revision: table.revision.to_string(),
+            deny_all: table.deny_all.map(|d| d.reason.clone()),
             keys,
             certs,
             clients,

@@ -30,7 +30,7 @@ async fn apply_text(store: &Arc<TableStore>, path: &Path, text: String) -> Resul
         // The text goes before the compiled table is built: at 100 000 clients it is tens of MiB that would
         // otherwise add to the swap's peak (the parsed table, the old and the new compiled table).
         drop(text);
-        let applied = parsed.and_then(|t| store.apply(&t, &what, None));
+        let applied = parsed.and_then(|t| store.apply_owned(t, &what, None));
         // The parsed table and (after a swap) the old compiled table are freed by now.
         crate::heap::release_free_memory();
         applied

@@ -174,6 +174,12 @@ impl TableStore {
     /// Compiles `table` (carrying limiter state over from the current one) and swaps it in. Returns whether
     /// anything changed (the revision in force is not swapped again). `sequence`: of the index it came from.
     pub fn apply(&self, table: &Table, source: &str, sequence: Option<u64>) -> Result<bool, LoadError> {
+        self.apply_owned(table.clone(), source, sequence)
+    }
+
+    /// [`TableStore::apply`], consuming the table: its parsed form is freed client by client while the new one is
+    /// compiled (what the table sources use: it lowers the peak memory of a large swap).
+    pub fn apply_owned(&self, table: Table, source: &str, sequence: Option<u64>) -> Result<bool, LoadError> {
         let previous = self.current.load_full();
         if previous.as_ref().is_some_and(|p| p.revision == table.revision && p.service == table.service) {
             // The same content (e.g. from a recreated index): only the sequence shown may differ.
@@ -184,20 +190,22 @@ impl TableStore {
             return Ok(false);
         }
         let clock = governor::clock::DefaultClock::default();
-        let mut compiled = CompiledTable::compile(table, previous.as_deref(), clock)?;
+        let mut compiled = CompiledTable::compile_owned(table, previous.as_deref(), clock)?;
+        drop(previous);
         compiled.store_counts = self.global.get().is_some();
         let clients = compiled.clients.len();
-        let revision = table.revision.clone();
-        let state = match &table.deny_all {
-            Some(d) => TableState::DenyAll { revision: revision.clone(), sequence, reason: d.reason.clone() },
+        let (service, revision) = (compiled.service.clone(), compiled.revision.clone());
+        let deny_all = compiled.deny_all.clone();
+        let state = match &deny_all {
+            Some(reason) => TableState::DenyAll { revision: revision.clone(), sequence, reason: reason.clone() },
             None => TableState::Serving { revision: revision.clone(), sequence },
         };
         self.current.store(Some(Arc::new(compiled)));
-        self.metrics.table_applied(&table.service, &table.revision, clients);
-        match &table.deny_all {
-            Some(d) => tracing::warn!(%source, service = %table.service, %revision, ?sequence, reason = %d.reason,
+        self.metrics.table_applied(&service, &revision, clients);
+        match &deny_all {
+            Some(reason) => tracing::warn!(%source, %service, %revision, ?sequence, %reason,
                 "deny-all table applied: every request is refused (service_not_granted)"),
-            None => tracing::info!(%source, service = %table.service, %revision, ?sequence, clients, "table applied"),
+            None => tracing::info!(%source, %service, %revision, ?sequence, clients, "table applied"),
         }
         self.set_state(state);
         self.revoked.store(false, Ordering::Release);
