@@ -2,8 +2,7 @@
 //! and with the `fuzzing` feature. Each takes the fuzzer's bytes and panics on a broken property; the corpus
 //! replay test below runs every checked-in input through the same function on stable.
 
-use crate::naming::Slot;
-use crate::shard::{IndexDoc, MAX_SHARD_BYTES, assemble, render};
+use crate::shard::{IndexDoc, MAX_SHARD_BYTES, Previous, assemble, render};
 use crate::{Table, TableError};
 use sha2::{Digest, Sha256};
 
@@ -45,12 +44,12 @@ pub fn table_decode(data: &[u8]) {
     round_trip(&table, MAX_SHARD_BYTES, flags & 4 == 4);
 }
 
-/// `render` (into slot `b` if `slot_b`, else `a`) then read back: the index parses to what was rendered and the
-/// shards assemble to `table`, and not without its last shard. A render may only fail for size (a client larger
-/// than a shard, too many shards).
-pub fn round_trip(table: &Table, max_bytes: usize, slot_b: bool) {
-    let slot = if slot_b { Slot::B } else { Slot::A };
-    let rendered = match render(table, "portcullis-table-fuzz", slot, 7, max_bytes) {
+/// `render` then read back: the index parses to what was rendered and the shards assemble to `table`, and not
+/// without its last shard; rendered again after itself (given the previous table if `with_table`), nothing is
+/// written and the index names the same shards. A render may only fail for size (a client larger than a shard, too
+/// many shards).
+pub fn round_trip(table: &Table, max_bytes: usize, with_table: bool) {
+    let rendered = match render(table, "portcullis-table-fuzz", Previous::NONE, 7, max_bytes) {
         Ok(r) => r,
         Err(
             TableError::ClientTooLarge { .. } | TableError::TooManyShards { .. } | TableError::ShardOverhead { .. },
@@ -67,6 +66,10 @@ pub fn round_trip(table: &Table, max_bytes: usize, slot_b: bool) {
         *last = None;
         assert!(assemble(&rendered.index, &shards).is_err(), "assembled without its last shard");
     }
+    let previous = Previous { index: Some(&rendered.index), table: with_table.then_some(table) };
+    let again = render(table, "portcullis-table-fuzz", previous, 8, max_bytes).expect("rendered before");
+    assert!(again.shards.is_empty(), "an unchanged table rewrote shards");
+    assert_eq!(again.index.shards, rendered.index.shards);
 }
 
 /// The directory of a target's checked-in corpus (`fuzz/corpus/<target>`), for the replay tests.
@@ -103,11 +106,11 @@ mod tests {
     #[test]
     fn render_refuses_a_budget_below_the_shard_overhead() {
         let t = Table::new(format!("team-a/{}", "x".repeat(300)), Default::default(), vec![]);
-        match render(&t, "portcullis-table-x", Slot::A, 1, 232) {
+        match render(&t, "portcullis-table-x", Previous::NONE, 1, 232) {
             Err(TableError::ShardOverhead { bytes, max: 232, .. }) => assert!(bytes > 232),
             other => panic!("{other:?}"),
         }
-        let r = render(&t, "portcullis-table-x", Slot::A, 1, 1000).expect("fits");
+        let r = render(&t, "portcullis-table-x", Previous::NONE, 1, 1000).expect("fits");
         assert!(r.shards.iter().all(|(_, s)| s.len() <= 1000));
     }
 

@@ -330,44 +330,7 @@ impl Table {
         for (name, plan) in &self.plans {
             plan.validate(&format!("{what}: plan {name}"))?;
         }
-        let mut ids = HashSet::with_capacity(self.clients.len());
-        let mut digests = HashSet::new();
-        let mut identities = HashSet::new();
-        for (i, c) in self.clients.iter().enumerate() {
-            if i > 0 && self.clients[i - 1].id >= c.id {
-                return Err(TableError::invalid(what, format!("clients not sorted by id at {:?}", c.id)));
-            }
-            if !ids.insert(c.id.as_str()) {
-                return Err(TableError::invalid(what, format!("client {} appears twice", c.id)));
-            }
-            for p in &c.plans {
-                if !self.plans.contains_key(p) {
-                    return Err(TableError::invalid(what, format!("client {} names unknown plan {p:?}", c.id)));
-                }
-            }
-            if c.plans.is_empty() {
-                return Err(TableError::invalid(what, format!("client {} has no plan", c.id)));
-            }
-            for k in &c.keys {
-                if !digests.insert(k.sha256) {
-                    return Err(TableError::invalid(
-                        what,
-                        format!("key {} is listed twice (client {})", k.sha256, c.id),
-                    ));
-                }
-            }
-            for ci in &c.certificates {
-                if let Some(p) = ci.problem() {
-                    return Err(TableError::invalid(what, format!("client {}: {p}", c.id)));
-                }
-                if !identities.insert(ci) {
-                    return Err(TableError::invalid(
-                        what,
-                        format!("certificate {ci} is listed twice (client {})", c.id),
-                    ));
-                }
-            }
-        }
+        validate_clients(&self.plans, &self.clients, what)?;
         let computed = self.compute_revision();
         if computed != self.revision {
             return Err(TableError::invalid(
@@ -411,6 +374,44 @@ impl RouteScope {
             || (path.starts_with(p) && matches!(path.as_bytes().get(p.len()), None | Some(b'/') | Some(b'?')));
         path_ok && (self.methods.is_empty() || self.methods.iter().any(|m| m == method))
     }
+}
+
+/// Checks a run of clients (a whole table's, or one shard's) against the plans they may name: sorted by id, each id
+/// once, every plan known, at least one plan, every key digest and certificate identity once, certificates valid.
+pub fn validate_clients(plans: &BTreeMap<String, Plan>, clients: &[Client], what: &str) -> Result<(), TableError> {
+    let mut ids = HashSet::with_capacity(clients.len());
+    let mut digests = HashSet::new();
+    let mut identities = HashSet::new();
+    for (i, c) in clients.iter().enumerate() {
+        if i > 0 && clients[i - 1].id >= c.id {
+            return Err(TableError::invalid(what, format!("clients not sorted by id at {:?}", c.id)));
+        }
+        if !ids.insert(c.id.as_str()) {
+            return Err(TableError::invalid(what, format!("client {} appears twice", c.id)));
+        }
+        for p in &c.plans {
+            if !plans.contains_key(p) {
+                return Err(TableError::invalid(what, format!("client {} names unknown plan {p:?}", c.id)));
+            }
+        }
+        if c.plans.is_empty() {
+            return Err(TableError::invalid(what, format!("client {} has no plan", c.id)));
+        }
+        for k in &c.keys {
+            if !digests.insert(k.sha256) {
+                return Err(TableError::invalid(what, format!("key {} is listed twice (client {})", k.sha256, c.id)));
+            }
+        }
+        for ci in &c.certificates {
+            if let Some(p) = ci.problem() {
+                return Err(TableError::invalid(what, format!("client {}: {p}", c.id)));
+            }
+            if !identities.insert(ci) {
+                return Err(TableError::invalid(what, format!("certificate {ci} is listed twice (client {})", c.id)));
+            }
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn check_schema(found: u32, what: &str) -> Result<(), TableError> {

@@ -88,7 +88,7 @@ mod tests {
     fn writer_counts_up_from_the_index_it_replaces() {
         let now: Timestamp = "2026-05-01T00:00:00Z".parse().unwrap();
         assert_eq!(next_sequence(PreviousIndex::Absent, now), 1);
-        let idx = render(&sample(2), "i", Slot::A, 41, MAX_SHARD_BYTES).unwrap().index;
+        let idx = render(&sample(2), "i", crate::shard::Previous::NONE, 41, MAX_SHARD_BYTES).unwrap().index;
         assert_eq!(next_sequence(PreviousIndex::Readable(&idx), now), 42);
         let legacy = IndexDoc { sequence: 0, ..idx.clone() };
         assert_eq!(next_sequence(PreviousIndex::Readable(&legacy), now), 1);
