@@ -8,8 +8,8 @@ use crate::model::build_table;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use portcullis_table::naming::{Slot, index_name};
-use portcullis_table::shard::{MAX_SHARD_BYTES, Rendered, render};
+use portcullis_table::naming::index_name;
+use portcullis_table::shard::{MAX_SHARD_BYTES, Previous, Rendered, render};
 use std::collections::BTreeMap;
 
 /// One plan, `n` clients, and the (opted-in) Secret `keys` their keys live in (data key `k<i>`).
@@ -74,7 +74,7 @@ pub fn build_and_render(plans: &[UsagePlan], clients: &[ApiClient], keys: &Secre
     let built = build_table("shop", "orders", plans, clients, |c| {
         resolve_keys(c, |name| (name == "keys").then_some(keys)).entries
     });
-    render(&built.table, &index_name("orders"), Slot::A, 1, MAX_SHARD_BYTES).expect("renders")
+    render(&built.table, &index_name("orders"), Previous::NONE, 1, MAX_SHARD_BYTES).expect("renders")
 }
 
 #[cfg(test)]

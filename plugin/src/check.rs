@@ -10,7 +10,7 @@
 use governor::clock::DefaultClock;
 use ipnet::IpNet;
 use jiff::Timestamp;
-use portcullis_proxy::decision::compiled::KeyRef;
+use portcullis_proxy::decision::compiled::{ClientRef, KeyRef};
 use portcullis_proxy::decision::path::{EscapedSlashes, normalize};
 use portcullis_proxy::decision::{CompiledTable, Decision, Reason, RequestFacts, decide_identified};
 use portcullis_table::{Client, Plan, Table, fingerprint};
@@ -157,11 +157,13 @@ pub fn check(table: &Table, client_id: &str, req: &Request, usage: &[Usage]) -> 
     let client = &table.clients[index];
     let compiled = CompiledTable::compile(table, None, DefaultClock::default())
         .map_err(|e| CheckError::Compile { service: table.service.clone(), detail: e.to_string() })?;
-    let cc = &compiled.clients[index];
+    // A table compiled whole is one part: the client's position in it is its position in the table.
+    let at = ClientRef { part: 0, index: index as u32 };
+    let cc = compiled.client_at(at);
 
     // A key of the client's: one still valid if it has one (the sidecar would accept any of them the same way).
     let key = client.keys.iter().find(|k| k.expires_at.is_none_or(|e| req.now < e)).or(client.keys.first());
-    let key_ref = key.map(|k| KeyRef { client: index as u32, expires_at: k.expires_at });
+    let key_ref = key.map(|k| KeyRef { client: at, expires_at: k.expires_at });
     match key {
         Some(k) => {
             let valid = client.keys.iter().filter(|k| k.expires_at.is_none_or(|e| req.now < e)).count();

@@ -33,6 +33,11 @@ pub struct TableLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardUseLabels {
+    pub shards: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
     pub source: &'static str,
 }
@@ -83,6 +88,7 @@ pub struct Metrics {
     pub clients: Gauge,
     pub swaps: Counter,
     pub rejected_tables: Family<SourceLabels, Counter>,
+    pub table_shards: Family<ShardUseLabels, Counter>,
     pub table_state: Family<StateLabels, Gauge>,
     pub table_revocations: Family<CauseLabels, Counter>,
     pub tables_out_of_order: Counter,
@@ -122,6 +128,7 @@ impl Metrics {
         let clients = Gauge::default();
         let swaps = Counter::default();
         let rejected_tables = Family::<SourceLabels, Counter>::default();
+        let table_shards = Family::<ShardUseLabels, Counter>::default();
         let proxy_protocol_refused = Counter::default();
         let table_state = Family::<StateLabels, Gauge>::default();
         for state in TABLE_STATES {
@@ -150,6 +157,12 @@ impl Metrics {
             "tables_rejected",
             "Tables refused (invalid, incomplete or corrupt)",
             rejected_tables.clone(),
+        );
+        registry.register(
+            "table_shards",
+            "Shards of stable-layout table revisions applied from the API: read (new or changed) or reused (unchanged \
+             since the table in force)",
+            table_shards.clone(),
         );
         registry.register(
             "table_state",
@@ -203,6 +216,7 @@ impl Metrics {
             clients,
             swaps,
             rejected_tables,
+            table_shards,
             table_state,
             table_revocations,
             tables_out_of_order,
@@ -271,6 +285,12 @@ impl Metrics {
 
     pub fn table_source_error(&self, kind: &'static str) {
         self.table_source_errors.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// A stable-layout revision was read: `read` shards fetched, `reused` shared with the table in force.
+    pub fn table_shards_read(&self, read: usize, reused: usize) {
+        self.table_shards.get_or_create(&ShardUseLabels { shards: "read" }).inc_by(read as u64);
+        self.table_shards.get_or_create(&ShardUseLabels { shards: "reused" }).inc_by(reused as u64);
     }
 
     pub fn table_rejected(&self, source: &'static str) {

@@ -66,7 +66,7 @@ pub fn round_trip(table: &Table, max_bytes: usize, with_table: bool) {
         *last = None;
         assert!(assemble(&rendered.index, &shards).is_err(), "assembled without its last shard");
     }
-    let previous = Previous { index: Some(&rendered.index), table: with_table.then_some(table) };
+    let previous = Previous::of(Some(&rendered.index), with_table.then_some(table));
     let again = render(table, "portcullis-table-fuzz", previous, 8, max_bytes).expect("rendered before");
     assert!(again.shards.is_empty(), "an unchanged table rewrote shards");
     assert_eq!(again.index.shards, rendered.index.shards);

@@ -77,7 +77,6 @@ pub fn judge(last: Option<&Seen>, candidate: &Seen) -> Verdict {
 mod tests {
     use super::*;
     use crate::model::tests::sample;
-    use crate::naming::Slot;
     use crate::shard::{MAX_SHARD_BYTES, render};
 
     fn seen(uid: &str, sequence: u64, revision: &str) -> Seen {

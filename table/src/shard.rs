@@ -101,10 +101,18 @@ pub struct Previous<'a> {
     pub index: Option<&'a IndexDoc>,
     /// Only used if its revision is the index's.
     pub table: Option<&'a Table>,
+    /// Write every shard even where its content is unchanged (e.g. their ConfigMaps' owners change); the layout
+    /// and slots still follow `index`.
+    pub rewrite_all: bool,
 }
 
-impl Previous<'_> {
-    pub const NONE: Previous<'static> = Previous { index: None, table: None };
+impl<'a> Previous<'a> {
+    pub const NONE: Previous<'static> = Previous { index: None, table: None, rewrite_all: false };
+
+    /// Successor of `index`, rendered from `table` if known.
+    pub fn of(index: Option<&'a IndexDoc>, table: Option<&'a Table>) -> Self {
+        Self { index, table, rewrite_all: false }
+    }
 }
 
 /// Renders `table` in the stable layout as a successor of `previous`, in shards of at most `max_bytes` each, named
@@ -231,7 +239,7 @@ fn render_layout(
     let mut written = Vec::new();
     for (i, clients) in groups.iter().enumerate() {
         let prev_ref = prev_index.and_then(|d| d.shards.get(i));
-        if let (Some(r), Some(pg)) = (prev_ref, &prev_groups)
+        if let (Some(r), Some(pg), false) = (prev_ref, &prev_groups, previous.rewrite_all)
             && pg[i] == *clients
         {
             refs.push(r.clone());
@@ -243,7 +251,7 @@ fn render_layout(
             return None;
         }
         let sha256 = hex::encode(Sha256::digest(json.as_bytes()));
-        if let Some(r) = prev_ref.filter(|r| r.sha256 == sha256) {
+        if let Some(r) = prev_ref.filter(|r| r.sha256 == sha256 && !previous.rewrite_all) {
             refs.push(r.clone());
             continue;
         }
@@ -481,7 +489,7 @@ mod tests {
         t2.revision = t2.compute_revision();
         let changed = shard_of(&t2.clients[1234].id, n);
         for prev_table in [Some(&t1), None] {
-            let prev = Previous { index: Some(&r1.index), table: prev_table };
+            let prev = Previous::of(Some(&r1.index), prev_table);
             let r2 = render(&t2, "idx", prev, 2, 64 * 1024).unwrap();
             assert_eq!(r2.index.shards.len(), n, "layout kept");
             assert_eq!(r2.shards.len(), 1, "one shard written ({:?} given the previous table)", prev_table.is_some());
@@ -495,7 +503,7 @@ mod tests {
             assert_eq!(check_shard(&idx, changed, Some(&r2.shards[0].1)).unwrap().len(), idx.shards[changed].clients);
 
             // And back: the shard goes into slot a again; slot b's copy is what the previous index names.
-            let r3 = render(&t1, "idx", Previous { index: Some(&idx), table: Some(&t2) }, 3, 64 * 1024).unwrap();
+            let r3 = render(&t1, "idx", Previous::of(Some(&idx), Some(&t2)), 3, 64 * 1024).unwrap();
             assert_eq!(r3.shards.len(), 1);
             assert_eq!(r3.shards[0].0, shard_name("idx", Slot::A, changed));
             assert_eq!(r3.index.shards, r1.index.shards, "the same content, the same shards");
@@ -509,18 +517,18 @@ mod tests {
         let n = r1.index.shards.len();
         // Growing by a little keeps the layout.
         let t2 = sample(3_300);
-        let r2 = render(&t2, "idx", Previous { index: Some(&r1.index), table: None }, 2, max).unwrap();
+        let r2 = render(&t2, "idx", Previous::of(Some(&r1.index), None), 2, max).unwrap();
         assert_eq!(r2.index.shards.len(), n);
         // Growing far beyond it does not.
         let t3 = sample(12_000);
-        let r3 = render(&t3, "idx", Previous { index: Some(&r2.index), table: Some(&t2) }, 3, max).unwrap();
+        let r3 = render(&t3, "idx", Previous::of(Some(&r2.index), Some(&t2)), 3, max).unwrap();
         assert!(r3.index.shards.len() > n, "{} shards", r3.index.shards.len());
         assert!(r3.shards.iter().all(|(_, s)| s.len() <= max));
         let idx = IndexDoc::parse(&r3.index_json, "i").unwrap();
         assert_eq!(assemble(&idx, &fetch(&idx, &[&r3])).unwrap(), t3);
         // Shrinking to almost nothing goes back to few shards.
         let t4 = sample(10);
-        let r4 = render(&t4, "idx", Previous { index: Some(&r3.index), table: Some(&t3) }, 4, max).unwrap();
+        let r4 = render(&t4, "idx", Previous::of(Some(&r3.index), Some(&t3)), 4, max).unwrap();
         assert_eq!(r4.index.shards.len(), 1);
         let idx = IndexDoc::parse(&r4.index_json, "i").unwrap();
         assert_eq!(assemble(&idx, &fetch(&idx, &[&r4])).unwrap(), t4);
@@ -672,7 +680,7 @@ mod tests {
                 // Determinism: rendering again gives byte-identical output.
                 prop_assert_eq!(render(&t, "i", Previous::NONE, 1, max).unwrap(), r.clone());
                 // Rendering the same table after itself writes nothing.
-                let again = render(&t, "i", Previous { index: Some(&r.index), table: None }, 2, max).unwrap();
+                let again = render(&t, "i", Previous::of(Some(&r.index), None), 2, max).unwrap();
                 prop_assert!(again.shards.is_empty());
                 prop_assert_eq!(again.index.shards, r.index.shards);
             }

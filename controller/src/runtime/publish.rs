@@ -33,9 +33,9 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use kube::runtime::reflector::{ObjectRef, Store};
 use portcullis_table::Table;
-use portcullis_table::naming::{INDEX_DATA_KEY, LABEL_ROLE, LABEL_SERVICE, SHARD_DATA_KEY, Slot, index_name};
+use portcullis_table::naming::{INDEX_DATA_KEY, LABEL_ROLE, LABEL_SERVICE, SHARD_DATA_KEY, index_name};
 use portcullis_table::sequence::{PreviousIndex, next_sequence};
-use portcullis_table::shard::{IndexDoc, Rendered, render};
+use portcullis_table::shard::{IndexDoc, Previous, Rendered, render};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
@@ -130,22 +130,29 @@ impl<'a> Writer<'a> {
         Ok(Live { cm, doc, shards })
     }
 
-    /// Publishes `table` as a new revision replacing `live`; returns the number of shards written.
+    /// Publishes `table` as a new revision replacing `live`: only the shards whose content changed are written
+    /// (`previous`: the table `live`'s index was rendered from, if this replica remembers it — a shortcut, see
+    /// [`Previous`]). Returns what was rendered (`shards`: the shards written).
     pub async fn publish(
         &self,
         live: &Live,
         table: &Table,
+        previous: Option<&Table>,
         owners: &[OwnerReference],
         max_shard_bytes: usize,
     ) -> Result<Rendered, Error> {
-        let slot = live.doc.as_ref().map(|d| d.slot.other()).unwrap_or(Slot::A);
-        let previous = match (&live.cm, &live.doc) {
+        let previous_index = match (&live.cm, &live.doc) {
             (None, _) => PreviousIndex::Absent,
             (Some(_), Some(doc)) => PreviousIndex::Readable(doc),
             (Some(_), None) => PreviousIndex::Unreadable,
         };
-        let sequence = next_sequence(previous, jiff::Timestamp::now());
-        let rendered = render(table, &self.index, slot, sequence, max_shard_bytes)
+        let sequence = next_sequence(previous_index, jiff::Timestamp::now());
+        // Shards are reused only while the owners stay: a new owner set is written everywhere (garbage collection
+        // follows the owners of each ConfigMap).
+        let mut want: Vec<&str> = owners.iter().map(|o| o.uid.as_str()).collect();
+        want.sort();
+        let previous = Previous { rewrite_all: live.owners() != want, ..Previous::of(live.doc.as_ref(), previous) };
+        let rendered = render(table, &self.index, previous, sequence, max_shard_bytes)
             .map_err(|source| Error::Table { service: table.service.clone(), source })?;
         if rendered.index_json.len() > MAX_INDEX_BYTES {
             return Err(Error::IndexTooLarge {
@@ -178,7 +185,7 @@ impl<'a> Writer<'a> {
             }
         };
         let written = written.map_err(|e| self.conflict(e))?;
-        self.prune_slot(slot, rendered.shards.len(), &written).await?;
+        self.prune(live, &rendered, &written).await?;
         Ok(rendered)
     }
 
@@ -276,9 +283,10 @@ impl<'a> Writer<'a> {
         Ok(())
     }
 
-    /// After our index write: deletes shards of `slot` numbered `count` and above (left from an older revision in
-    /// the same slot), unless the index has changed since our write (then they may be another writer's).
-    async fn prune_slot(&self, slot: Slot, count: usize, written: &ConfigMap) -> Result<(), Error> {
+    /// After our index write: deletes the shards neither our index nor the one it replaced names (left from older
+    /// revisions, or beyond a smaller shard count), unless the index has changed since our write (then they may be
+    /// another writer's). The replaced index stays whole for proxies mid-read.
+    async fn prune(&self, live: &Live, rendered: &Rendered, written: &ConfigMap) -> Result<(), Error> {
         let lp = ListParams::default().labels(&format!("{LABEL_SERVICE}={},{LABEL_ROLE}=shard", self.service));
         let listed = self.cms.list_metadata(&lp).await?;
         let still_ours = self.cms.get_opt(&self.index).await?.is_some_and(|cm| {
@@ -287,11 +295,13 @@ impl<'a> Writer<'a> {
         if !still_ours {
             return Ok(());
         }
-        let prefix = format!("{}-{}-", self.index, slot.as_str());
+        let named = |name: &str| {
+            rendered.index.shards.iter().chain(live.doc.iter().flat_map(|d| d.shards.iter())).any(|r| r.name == name)
+        };
         for cm in listed {
             let name = cm.name_any();
-            let beyond = name.strip_prefix(&prefix).and_then(|n| n.parse::<usize>().ok()).is_some_and(|n| n >= count);
-            if beyond && cm.labels().get("app.kubernetes.io/managed-by").map(String::as_str) == Some(MANAGED_BY) {
+            if !named(&name) && cm.labels().get("app.kubernetes.io/managed-by").map(String::as_str) == Some(MANAGED_BY)
+            {
                 self.delete_listed(&name, cm.metadata.resource_version.clone()).await?;
             }
         }

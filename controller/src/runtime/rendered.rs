@@ -21,6 +21,8 @@ impl ServiceKey {
 #[derive(Clone, Debug, Default)]
 pub struct ServiceState {
     pub revision: String,
+    /// The table in force (what the live index was rendered from): the next render skips its unchanged shards.
+    pub table: Option<std::sync::Arc<portcullis_table::Table>>,
     pub shards: usize,
     /// ApiClient name → generation in the table.
     pub clients: HashMap<String, i64>,

@@ -249,7 +249,8 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         v
     };
     let unchanged = match &live.doc {
-        Some(doc) if doc.revision == table.revision && live.owners() == want_owners => {
+        // A schema-1 index (written by an older controller) is rewritten in the stable layout.
+        Some(doc) if doc.revision == table.revision && live.owners() == want_owners && doc.is_stable() => {
             let damaged = writer.damaged(doc).await?;
             if !damaged.is_empty() {
                 tracing::warn!(namespace = ns, service = %key.name, shards = ?damaged, "shards of the current revision are missing or edited; rewriting");
@@ -262,7 +263,8 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         tracing::debug!(namespace = ns, service = %key.name, revision = %table.revision, "table unchanged");
         live.doc.as_ref().map_or(0, |d| d.shards.len())
     } else {
-        let rendered = writer.publish(&live, table, &desired.owners, ctx.max_shard_bytes).await?;
+        let previous = old.as_ref().and_then(|o| o.table.as_deref());
+        let rendered = writer.publish(&live, table, previous, &desired.owners, ctx.max_shard_bytes).await?;
         ctx.metrics
             .table_writes
             .get_or_create(&super::metrics::ServiceLabels { namespace: ns.into(), service: key.name.clone() })
@@ -274,11 +276,12 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
             sequence = rendered.index.sequence,
             slot = rendered.index.slot.as_str(),
             clients = table.clients.len(),
-            shards = rendered.shards.len(),
+            shards = rendered.index.shards.len(),
+            written = rendered.shards.len(),
             deny_all = table.is_deny_all(),
             "table revision written"
         );
-        rendered.shards.len()
+        rendered.index.shards.len()
     };
     ctx.metrics.set_table(ns, &key.name, table.clients.len(), shards, &table.revision);
     // RBAC after the table: a deny-all table stays readable, so sidecars keep their watch and see a later grant.
@@ -288,6 +291,7 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
 
     let new = ServiceState {
         revision: table.revision.clone(),
+        table: Some(Arc::new(desired.table.clone())),
         shards,
         clients: desired.clients,
         plans: desired.plans,
@@ -400,6 +404,6 @@ mod tests {
         assert!(d.excluded["client-000001"].contains("more than a shard holds"), "{:?}", d.excluded);
         assert!(!d.clients.contains_key("client-000001"));
         // The table still renders (the check is conservative).
-        portcullis_table::shard::render(&d.table, "i", portcullis_table::naming::Slot::A, 1, 4096).unwrap();
+        portcullis_table::shard::render(&d.table, "i", portcullis_table::shard::Previous::NONE, 1, 4096).unwrap();
     }
 }

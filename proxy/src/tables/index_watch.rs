@@ -423,14 +423,15 @@ impl IndexWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use portcullis_table::naming::Slot;
     use portcullis_table::shard::{MAX_SHARD_BYTES, render};
     use portcullis_table::{Table, TableError};
     use std::collections::BTreeMap;
 
     fn doc(sequence: u64, tag: &str) -> IndexDoc {
         let t = Table::new(format!("shop/{tag}"), BTreeMap::new(), vec![]);
-        render(&t, "portcullis-table-orders", Slot::A, sequence, MAX_SHARD_BYTES).unwrap().index
+        render(&t, "portcullis-table-orders", portcullis_table::shard::Previous::NONE, sequence, MAX_SHARD_BYTES)
+            .unwrap()
+            .index
     }
 
     fn obj(uid: &str, rv: u32, sequence: u64, tag: &str) -> IndexObject {

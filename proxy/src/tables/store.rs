@@ -1,10 +1,12 @@
 //! The table the request path reads, the atomic swap, and what the proxy is enforcing right now
 //! ([`TableState`]: serving, deny-all, revoked or nothing yet), for `/readyz`, metrics and the deny reason.
 
+use crate::decision::compiled::CompileError;
 use crate::decision::{CompiledTable, Reason};
 use crate::global::GlobalLimits;
 use crate::metrics::Metrics;
 use arc_swap::ArcSwapOption;
+use governor::clock::DefaultClock;
 use portcullis_table::Chain;
 use portcullis_table::{Table, TableError};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -180,8 +182,24 @@ impl TableStore {
     /// [`TableStore::apply`], consuming the table: its parsed form is freed client by client while the new one is
     /// compiled (what the table sources use: it lowers the peak memory of a large swap).
     pub fn apply_owned(&self, table: Table, source: &str, sequence: Option<u64>) -> Result<bool, LoadError> {
+        let (service, revision) = (table.service.clone(), table.revision.clone());
+        self.apply_with(&service, &revision, source, sequence, |previous, clock| {
+            CompiledTable::compile_owned(table, previous, clock)
+        })
+    }
+
+    /// Swaps in the table of `service` at `revision` that `compile` builds from the table in force (carrying its
+    /// limiter state over, or sharing its unchanged parts), unless that revision is in force already.
+    pub fn apply_with(
+        &self,
+        service: &str,
+        revision: &str,
+        source: &str,
+        sequence: Option<u64>,
+        compile: impl FnOnce(Option<&CompiledTable>, DefaultClock) -> Result<CompiledTable, CompileError>,
+    ) -> Result<bool, LoadError> {
         let previous = self.current.load_full();
-        if previous.as_ref().is_some_and(|p| p.revision == table.revision && p.service == table.service) {
+        if previous.as_ref().is_some_and(|p| p.revision == revision && p.service == service) {
             // The same content (e.g. from a recreated index): only the sequence shown may differ.
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             if let TableState::Serving { sequence: s, .. } | TableState::DenyAll { sequence: s, .. } = &mut *state {
@@ -189,11 +207,10 @@ impl TableStore {
             }
             return Ok(false);
         }
-        let clock = governor::clock::DefaultClock::default();
-        let mut compiled = CompiledTable::compile_owned(table, previous.as_deref(), clock)?;
+        let mut compiled = compile(previous.as_deref(), DefaultClock::default())?;
         drop(previous);
         compiled.store_counts = self.global.get().is_some();
-        let clients = compiled.clients.len();
+        let clients = compiled.client_count();
         let (service, revision) = (compiled.service.clone(), compiled.revision.clone());
         let deny_all = compiled.deny_all.clone();
         let state = match &deny_all {

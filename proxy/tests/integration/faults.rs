@@ -10,7 +10,6 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use portcullis_proxy::tables::TableStore;
 use portcullis_table::naming::{INDEX_DATA_KEY, SHARD_DATA_KEY, Slot, index_name, shard_name};
-use portcullis_table::shard::render;
 use portcullis_table::{SCHEMA_VERSION, Table};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -315,7 +314,7 @@ fn steady_probes() -> Vec<Probe> {
 
 /// The index of `table` in `slot` at `sequence` as JSON, edited by `edit`.
 fn index_json(table: &Table, slot: Slot, sequence: u64, edit: impl FnOnce(&mut serde_json::Value)) -> String {
-    let r = render(table, &index_name(SERVICE), slot, sequence, 4096).expect("render");
+    let r = render_in(table, slot, sequence);
     let mut v: serde_json::Value = serde_json::from_str(&r.index_json).unwrap();
     edit(&mut v);
     v.to_string()
@@ -350,7 +349,7 @@ async fn bad_revisions_from_the_api_are_refused_counted_and_the_last_good_table_
     };
 
     // Partial: the index of a new revision whose shards were not all written (only the first one).
-    let r = render(&bad, &index, Slot::B, 2, 4096).unwrap();
+    let r = render_in(&bad, Slot::B, 2);
     assert!(r.shards.len() >= 2, "the table spans several shards: {}", r.shards.len());
     k.put(&r.shards[0].0, SHARD_DATA_KEY, &r.shards[0].1).await;
     k.put(&index, INDEX_DATA_KEY, &r.index_json).await;

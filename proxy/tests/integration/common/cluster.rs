@@ -99,7 +99,7 @@ impl Cluster {
     /// Writes a revision the way the controller does: shards first, then the index. `corrupt_shard` overwrites one
     /// shard with content that does not match the index digest.
     pub async fn publish(&self, table: &Table, slot: Slot, sequence: u64, corrupt_shard: Option<usize>) {
-        let r = render(table, &index_name(SERVICE), slot, sequence, 4096).expect("render");
+        let r = render_in(table, slot, sequence);
         for (i, (name, data)) in r.shards.iter().enumerate() {
             let data = if corrupt_shard == Some(i) { data.replacen("\"t/", "\"x/", 1) } else { data.clone() };
             self.put(name, SHARD_DATA_KEY, &data).await;
@@ -150,4 +150,19 @@ pub fn sharded_table(extra: &[&str], without_reader: bool) -> Table {
         clients.push(client(&format!("t/{k}"), k, &["127.0.0.1/32"], &["open"]));
     }
     Table::new(format!("shop/{SERVICE}"), plans(), clients)
+}
+
+/// `table` rendered whole (every shard written, as a first revision) with all its shards in `slot`, as the
+/// controller would write them into that slot: the tests choose the slot, so a revision never overwrites the shards
+/// of the one before it.
+pub fn render_in(table: &Table, slot: Slot, sequence: u64) -> portcullis_table::shard::Rendered {
+    let index = index_name(SERVICE);
+    let mut r = render(table, &index, portcullis_table::shard::Previous::NONE, sequence, 4096).expect("render");
+    for (i, (name, _)) in r.shards.iter_mut().enumerate() {
+        *name = portcullis_table::naming::shard_name(&index, slot, i);
+        r.index.shards[i].name = name.clone();
+    }
+    r.index.slot = slot;
+    r.index_json = serde_json::to_string(&r.index).expect("serialisable");
+    r
 }
