@@ -3,6 +3,7 @@
 
 use crate::common::cluster::*;
 use crate::common::*;
+use crate::faults::counter;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::Api;
 use portcullis_table::key_digest;
@@ -52,10 +53,21 @@ async fn tables_from_configmaps_with_least_privilege() {
     wait_until("revision 2 applied", || proxy.tables.revision().as_deref() == Some(t2.revision.as_str())).await;
     assert_eq!(get(ip(1), proxy.addr, "/v1/x", &[("x-api-key", "k-reader")]).await.status, 401);
     assert_eq!(get(ip(1), proxy.addr, "/x", &[("x-api-key", "k-fresh")]).await.status, 200);
+    // Only the shards whose content changed were read (the index names each shard's digest); the rest were kept.
+    let (r1, r2) = (render_in(&t1, Slot::A, 1), render_in(&t2, Slot::B, 2));
+    let n = r1.index.shards.len();
+    assert!(n >= 4, "the table spans several shards: {n}");
+    let changed = r1.index.shards.iter().zip(&r2.index.shards).filter(|(a, b)| a.sha256 != b.sha256).count();
+    assert!((1..=2).contains(&changed), "{changed} of {n} shards changed");
+    let m = proxy.metrics.encode();
+    assert_eq!(counter(&m, "portcullis_proxy_table_shards_total{shards=\"read\"} "), (n + changed) as u64, "{m}");
+    assert_eq!(counter(&m, "portcullis_proxy_table_shards_total{shards=\"reused\"} "), (n - changed) as u64, "{m}");
 
     // Revision 3 with a shard that does not match its digest: rejected, revision 2 keeps serving.
     let t3 = sharded_table(&["k-third"], true);
-    k.publish(&t3, Slot::A, 3, Some(1)).await;
+    // (Corrupt a shard the proxy must read: the one that changed.)
+    let changed = portcullis_table::shard::shard_of("t/k-third", n);
+    k.publish(&t3, Slot::A, 3, Some(changed)).await;
     wait_until("corrupt revision rejected", || {
         proxy.metrics.encode().contains("portcullis_proxy_tables_rejected_total{source=\"configmap\"} 1")
     })

@@ -175,7 +175,7 @@ async fn finish(stop: &AtomicBool, tasks: Vec<tokio::task::JoinHandle<Tally>>) -
     sum
 }
 
-fn counter(metrics: &str, line_prefix: &str) -> u64 {
+pub(crate) fn counter(metrics: &str, line_prefix: &str) -> u64 {
     metrics.lines().find_map(|l| l.strip_prefix(line_prefix).and_then(|v| v.trim().parse().ok())).unwrap_or(0)
 }
 
@@ -356,7 +356,10 @@ async fn bad_revisions_from_the_api_are_refused_counted_and_the_last_good_table_
     refuse("partial revision (1 of its shards written)").await;
 
     // Corrupt: every shard written, one of them not matching the index digest.
-    k.publish(&bad, Slot::B, 3, Some(1)).await;
+    // (A shard the proxy must read: one whose content differs from the table in force. It never re-reads a shard
+    // whose digest it has.)
+    let changed = portcullis_table::shard::shard_of("t/k-bad", render_in(&bad, Slot::B, 3).index.shards.len());
+    k.publish(&bad, Slot::B, 3, Some(changed)).await;
     refuse("corrupt revision (a shard not matching its digest)").await;
 
     // Corrupt index: not JSON at all.
