@@ -132,12 +132,14 @@ impl<'a> Writer<'a> {
 
     /// Publishes `table` as a new revision replacing `live`: only the shards whose content changed are written
     /// (`previous`: the table `live`'s index was rendered from, if this replica remembers it — a shortcut, see
-    /// [`Previous`]). Returns what was rendered (`shards`: the shards written).
+    /// [`Previous`]), or every shard if `rewrite_all` (some are missing or edited) or the owners change. Returns
+    /// what was rendered (`shards`: the shards written).
     pub async fn publish(
         &self,
         live: &Live,
         table: &Table,
         previous: Option<&Table>,
+        rewrite_all: bool,
         owners: &[OwnerReference],
         max_shard_bytes: usize,
     ) -> Result<Rendered, Error> {
@@ -151,7 +153,8 @@ impl<'a> Writer<'a> {
         // follows the owners of each ConfigMap).
         let mut want: Vec<&str> = owners.iter().map(|o| o.uid.as_str()).collect();
         want.sort();
-        let previous = Previous { rewrite_all: live.owners() != want, ..Previous::of(live.doc.as_ref(), previous) };
+        let rewrite_all = rewrite_all || live.owners() != want;
+        let previous = Previous { rewrite_all, ..Previous::of(live.doc.as_ref(), previous) };
         let rendered = render(table, &self.index, previous, sequence, max_shard_bytes)
             .map_err(|source| Error::Table { service: table.service.clone(), source })?;
         if rendered.index_json.len() > MAX_INDEX_BYTES {

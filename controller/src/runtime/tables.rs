@@ -248,23 +248,23 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         v.sort();
         v
     };
-    let unchanged = match &live.doc {
+    let (unchanged, damaged) = match &live.doc {
         // A schema-1 index (written by an older controller) is rewritten in the stable layout.
         Some(doc) if doc.revision == table.revision && live.owners() == want_owners && doc.is_stable() => {
             let damaged = writer.damaged(doc).await?;
             if !damaged.is_empty() {
                 tracing::warn!(namespace = ns, service = %key.name, shards = ?damaged, "shards of the current revision are missing or edited; rewriting");
             }
-            damaged.is_empty()
+            (damaged.is_empty(), !damaged.is_empty())
         }
-        _ => false,
+        _ => (false, false),
     };
     let shards = if unchanged {
         tracing::debug!(namespace = ns, service = %key.name, revision = %table.revision, "table unchanged");
         live.doc.as_ref().map_or(0, |d| d.shards.len())
     } else {
         let previous = old.as_ref().and_then(|o| o.table.as_deref());
-        let rendered = writer.publish(&live, table, previous, &desired.owners, ctx.max_shard_bytes).await?;
+        let rendered = writer.publish(&live, table, previous, damaged, &desired.owners, ctx.max_shard_bytes).await?;
         ctx.metrics
             .table_writes
             .get_or_create(&super::metrics::ServiceLabels { namespace: ns.into(), service: key.name.clone() })

@@ -11,7 +11,7 @@ use k8s_openapi::api::rbac::v1::RoleBinding;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use portcullis_controller::crd::*;
 use portcullis_controller::runtime::access::sidecar_rbac_name;
-use portcullis_table::naming::{INDEX_DATA_KEY, index_name};
+use portcullis_table::naming::{INDEX_DATA_KEY, Slot, index_name};
 use portcullis_table::shard::IndexDoc;
 use portcullis_testkit::{ControlPlane, wait_for};
 use serde_json::json;
@@ -476,8 +476,8 @@ async fn a_writer_that_lost_the_index_precondition_publishes_nothing() {
 
     // Both writers find no tables; the first publishes, the second's first shard create is refused.
     let (absent_a, absent_b) = (old.read().await.unwrap(), new.read().await.unwrap());
-    old.publish(&absent_a, &two, None, &[], max).await.expect("first publish");
-    let lost = new.publish(&absent_b, &one, None, &[], max).await;
+    old.publish(&absent_a, &two, None, false, &[], max).await.expect("first publish");
+    let lost = new.publish(&absent_b, &one, None, false, &[], max).await;
     assert!(matches!(lost, Err(Error::Conflict(_))), "a second create must conflict: {:?}", lost.err());
     let (doc, table, _) = read_table(&env, SERVICE).await.expect("the first writer's table, whole");
     assert_eq!((doc.sequence, table.revision.as_str()), (1, two.revision.as_str()));
@@ -485,10 +485,10 @@ async fn a_writer_that_lost_the_index_precondition_publishes_nothing() {
     // Both read revision 1; the new writer revokes a client (sequence 2); the old one, still holding what it read,
     // tries to publish two clients again (a stale table) and then to delete the index: both refused.
     let (stale, fresh) = (old.read().await.unwrap(), new.read().await.unwrap());
-    new.publish(&fresh, &one, None, &[], max).await.expect("the new writer publishes");
+    new.publish(&fresh, &one, None, false, &[], max).await.expect("the new writer publishes");
     let revoked = read_table(&env, SERVICE).await.expect("a readable table");
     assert_eq!((revoked.0.sequence, revoked.1.clients.len()), (2, 1));
-    let refused = old.publish(&stale, &two, None, &[], max).await;
+    let refused = old.publish(&stale, &two, None, false, &[], max).await;
     assert!(matches!(refused, Err(Error::Conflict(_))), "a stale publish must conflict: {:?}", refused.err());
     let refused = old.remove(&stale).await;
     assert!(matches!(refused, Err(Error::Conflict(_))), "a stale delete must conflict: {:?}", refused.err());
@@ -499,7 +499,9 @@ async fn a_writer_that_lost_the_index_precondition_publishes_nothing() {
 
     // A ConfigMap at a shard name that is not ours (no managed-by label) is no writer's: taken over, not a conflict.
     let cms: Api<ConfigMap> = Api::namespaced(env.admin.clone(), &env.ns);
-    let foreign = portcullis_table::naming::shard_name(&index_name(SERVICE), doc.slot.other(), 0);
+    // (Where the next write of shard 0 goes: the slot its current version is not in.)
+    let slot = if doc.shards[0].name.ends_with("-a-0") { Slot::B } else { Slot::A };
+    let foreign = portcullis_table::naming::shard_name(&index_name(SERVICE), slot, 0);
     cms.delete(&foreign, &DeleteParams::default()).await.unwrap();
     let cm = ConfigMap {
         metadata: kube::api::ObjectMeta { name: Some(foreign.clone()), ..Default::default() },
@@ -507,8 +509,9 @@ async fn a_writer_that_lost_the_index_precondition_publishes_nothing() {
     };
     cms.create(&PostParams::default(), &cm).await.unwrap();
     let live = new.read().await.unwrap();
-    new.publish(&live, &one, None, &[], max).await.expect("publish over a foreign ConfigMap");
+    // (A table with other content, so that shard 0 is written.)
+    new.publish(&live, &two, None, false, &[], max).await.expect("publish over a foreign ConfigMap");
     let (doc, t, shards) = read_table(&env, SERVICE).await.expect("a readable table after the takeover");
-    assert_eq!((doc.sequence, t.clients.len()), (3, 1));
+    assert_eq!((doc.sequence, t.clients.len()), (3, 2));
     assert_eq!(shards[0].metadata.name.as_deref(), Some(foreign.as_str()));
 }
