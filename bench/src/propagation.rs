@@ -116,6 +116,15 @@ pub fn propagation(ctx: &Ctx) -> Result<(Value, String, Option<String>)> {
     let large_data = section(&r.large, r.large_clients, &mut md);
     data.insert("clients_large".into(), json!(r.large_clients));
     data.insert("large".into(), Value::Object(large_data));
+    let (swap_mean, swap_p99, swaps) = r.large_swap;
+    let (steady, peak) = r.large_rss;
+    data.insert(
+        "swap_large".into(),
+        json!({"mean_ms": round(swap_mean * 1000.0, 1), "p99_ms_at_most": round(swap_p99 * 1000.0, 1), "swaps": swaps,
+               "rss_steady_mib": round(steady, 1), "rss_peak_mib": round(peak, 1),
+               "peak_rss_ratio": round(peak / steady, 3),
+               "longest_request_ms": round(r.large_longest_request_s * 1000.0, 1)}),
+    );
     data.insert(
         "bulk_load_s".into(),
         json!({"created": round(r.bulk_created_s, 1), "enforced": round(r.bulk_enforced_s, 1)}),
@@ -126,6 +135,17 @@ pub fn propagation(ctx: &Ctx) -> Result<(Value, String, Option<String>)> {
         large - 1,
         r.bulk_created_s,
         r.bulk_enforced_s
+    ));
+    md.push_str(&format!(
+        "\nThe proxy during the {} run's trials ({swaps:.0} revisions applied): table load (shard reads, parse, \
+         compile, swap; `portcullis_proxy_table_load_seconds`) **{:.1} ms** mean, p99 ≤ {:.0} ms (histogram bucket); \
+         RSS {steady:.1} MiB before the trials, peak {peak:.1} MiB during them (**{:.2} ×**; VmHWM reset just \
+         before); the longest of the harness's polling requests (each a new connection) {:.1} ms.\n",
+        r.large_clients,
+        swap_mean * 1000.0,
+        swap_p99 * 1000.0,
+        peak / steady,
+        r.large_longest_request_s * 1000.0,
     ));
     md.push_str(
         "\nGoal: p50 ≤ 0.3 s, p99 ≤ 1 s, also with 100 000 clients. What bounds it: on the controller side its table \
@@ -150,7 +170,8 @@ fn apiclients(client: kube::Client) -> Api<DynamicObject> {
     Api::namespaced_with(client, NS, &ar)
 }
 
-async fn until(proxy: SocketAddr, from: IpAddr, key: &str, want: impl Fn(u16) -> bool, kids: &mut Kids) -> Result<()> {
+/// Polls until the answer for `key` satisfies `want`; returns the longest a request took meanwhile (seconds).
+async fn until(proxy: SocketAddr, from: IpAddr, key: &str, want: impl Fn(u16) -> bool, kids: &mut Kids) -> Result<f64> {
     until_for(proxy, from, key, want, kids, Duration::from_secs(30)).await
 }
 
@@ -161,12 +182,16 @@ async fn until_for(
     want: impl Fn(u16) -> bool,
     kids: &mut Kids,
     timeout: Duration,
-) -> Result<()> {
+) -> Result<f64> {
     let deadline = Instant::now() + timeout;
+    let mut longest: f64 = 0.0;
     loop {
         // Connection errors (the proxy not listening yet) count as "not yet".
-        let last = match get(from, proxy, "/v1/items", Some(key)).await {
-            Ok(r) if want(r.status) => return Ok(()),
+        let sent = Instant::now();
+        let answer = get(from, proxy, "/v1/items", Some(key)).await;
+        longest = longest.max(sent.elapsed().as_secs_f64());
+        let last = match answer {
+            Ok(r) if want(r.status) => return Ok(longest),
             Ok(r) => format!("{} {}", r.status, r.body.trim()),
             Err(e) => format!("{e:#}"),
         };
@@ -180,6 +205,24 @@ async fn until_for(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// The proxy's `portcullis_proxy_table_load_seconds` histogram: (sum, count, cumulative buckets by upper bound).
+async fn table_loads(admin: SocketAddr) -> Result<(f64, f64, Vec<(f64, f64)>)> {
+    let r = get(Ipv4Addr::LOCALHOST.into(), admin, "/metrics", None).await?;
+    let (mut sum, mut count, mut buckets) = (0.0, 0.0, Vec::new());
+    for line in r.body.lines() {
+        let Some(rest) = line.strip_prefix("portcullis_proxy_table_load_seconds_") else { continue };
+        let value = |l: &str| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        if rest.starts_with("sum") {
+            sum = value(rest);
+        } else if rest.starts_with("count") {
+            count = value(rest);
+        } else if let Some(le) = rest.strip_prefix("bucket{le=\"").and_then(|b| b.split('"').next()) {
+            buckets.push((le.parse().unwrap_or(f64::INFINITY), value(rest)));
+        }
+    }
+    Ok((sum, count, buckets))
 }
 
 /// (change, what is polled, API write → enforced, API write → index ConfigMap written) per trial, seconds.
@@ -234,6 +277,11 @@ struct Runs {
     large_clients: usize,
     bulk_created_s: f64,
     bulk_enforced_s: f64,
+    /// Over the large run's trials: the proxy's table loads (mean s, upper bound of p99 s, how many), its RSS
+    /// before them and its peak during them (MiB), the longest request of the polls (s).
+    large_swap: (f64, f64, f64),
+    large_rss: (f64, f64),
+    large_longest_request_s: f64,
 }
 
 /// What every trial needs.
@@ -328,24 +376,51 @@ async fn run(ctx: &Ctx, cp: &ControlPlane, trials: usize, large: usize, large_tr
     eprintln!("  propagation: {} clients enforced after {bulk_enforced_s:.0} s", small_clients + bulk);
     // The controller then writes each new ApiClient's status; the trials measure a steady state, after that.
     wait_idle(kids.0[0].id(), &mut kids).await?;
-    let large = bench.trials(LARGE_BASE, large_trials, &mut kids).await?;
-    Ok(Runs { small, small_clients, large, large_clients: small_clients + bulk, bulk_created_s, bulk_enforced_s })
+    let proxy_pid = kids.0[1].id();
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], ap));
+    let steady = super::servers::rss_mib(proxy_pid)?;
+    super::servers::reset_hwm(proxy_pid);
+    let loads_before = table_loads(admin_addr).await?;
+    let (large, longest) = bench.trials(LARGE_BASE, large_trials, &mut kids).await?;
+    let peak = super::servers::hwm_mib(proxy_pid)?;
+    let loads_after = table_loads(admin_addr).await?;
+    let swaps = loads_after.1 - loads_before.1;
+    let mean = if swaps > 0.0 { (loads_after.0 - loads_before.0) / swaps } else { f64::NAN };
+    let p99 = loads_after
+        .2
+        .iter()
+        .zip(loads_before.2.iter().map(|b| b.1).chain(std::iter::repeat(0.0)))
+        .find(|((_, after), before)| after - before >= 0.99 * swaps)
+        .map_or(f64::NAN, |((le, _), _)| *le);
+    Ok(Runs {
+        small: small.0,
+        small_clients,
+        large,
+        large_clients: small_clients + bulk,
+        bulk_created_s,
+        bulk_enforced_s,
+        large_swap: (mean, p99, swaps),
+        large_rss: (steady, peak),
+        large_longest_request_s: longest,
+    })
 }
 
 impl Bench<'_> {
     /// `n` trials of each change: clients `base + 1 ..= base + n` created, then client 0's CIDRs changed `n` times,
     /// then the clients created revoked.
-    async fn trials(&self, base: usize, n: usize, kids: &mut Kids) -> Result<Series> {
+    /// Returns the series and the longest request of the polls (seconds).
+    async fn trials(&self, base: usize, n: usize, kids: &mut Kids) -> Result<(Series, f64)> {
         let (cp, api, proxy, index_writes) = (self.cp, &self.api, self.proxy, &self.index_writes);
         let lo: IpAddr = Ipv4Addr::LOCALHOST.into();
         let lo2: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
         let (mut create_c, mut cidr_c, mut revoke_c) = (Vec::new(), Vec::new(), Vec::new());
         let mut create = Vec::new();
+        let mut longest: f64 = 0.0;
         for i in base + 1..=base + n {
             cp.apply_yaml(&secret(i), Some(NS)).await?;
             let t = Instant::now();
             api.create(&PostParams::default(), &client_obj(i, &["127.0.0.1/32"])?).await?;
-            until(proxy, lo, &key(i), |s| s == 200, kids).await.context("create")?;
+            longest = longest.max(until(proxy, lo, &key(i), |s| s == 200, kids).await.context("create")?);
             create.push(t.elapsed().as_secs_f64());
             create_c.push(written_after(index_writes, t));
         }
@@ -356,7 +431,8 @@ impl Bench<'_> {
             let ranges: &[&str] = if add { &["127.0.0.1/32", "127.0.0.2/32"] } else { &["127.0.0.1/32"] };
             let t = Instant::now();
             api.patch("c0", &PatchParams::default(), &Patch::Merge(json!({"spec": {"sourceRanges": ranges}}))).await?;
-            until(proxy, lo2, &key(0), |s| if add { s == 200 } else { s == 403 }, kids).await.context("cidr")?;
+            let polled = until(proxy, lo2, &key(0), |s| if add { s == 200 } else { s == 403 }, kids).await;
+            longest = longest.max(polled.context("cidr")?);
             cidr.push(t.elapsed().as_secs_f64());
             cidr_c.push(written_after(index_writes, t));
         }
@@ -384,15 +460,16 @@ impl Bench<'_> {
             let t = Instant::now();
             let patch = json!({"spec": {"keys": [{"secretRef": {"name": format!("r{i}"), "key": "api-key"}}]}});
             api.patch(&format!("c{i}"), &PatchParams::default(), &Patch::Merge(patch)).await?;
-            until(proxy, lo, &key(i), |s| s == 401 || s == 403, kids).await.context("revoke")?;
+            longest = longest.max(until(proxy, lo, &key(i), |s| s == 401 || s == 403, kids).await.context("revoke")?);
             revoke.push(t.elapsed().as_secs_f64());
             revoke_c.push(written_after(index_writes, t));
         }
-        Ok(vec![
+        let series = vec![
             ("create", "new ApiClient (Secret created before) → its key gets 200", create, create_c),
             ("cidr_change", "sourceRanges ± 127.0.0.2/32 → 200 / 403 from 127.0.0.2", cidr, cidr_c),
             ("revoke", "key entry replaced by a new key (Secret created before) → old key 401", revoke, revoke_c),
-        ])
+        ];
+        Ok((series, longest))
     }
 }
 

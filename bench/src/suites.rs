@@ -407,13 +407,13 @@ pub fn scale(ctx: &Ctx, bin: &Path) -> Result<Out> {
     let mut md = format!(
         "P1 (full policy: key, CIDR, route, throttle, quota; limits far above the load) with N clients loaded, one \
          proxy per size, all started up front; `{}` interleaved across sizes, {} runs of {} s, median.\n\n\
-         | clients | startup to ready s | req/s (median) | vs 10 clients | swap s (median) | RSS before swap MiB | peak RSS during swap MiB | controller render s | runs (req/s) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+         | clients | startup to ready s | req/s (median) | vs 10 clients | swap s (median) | RSS before swap MiB | peak RSS during swap MiB | controller build + render s | controller per change s | runs (req/s) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
         load::wrk_cmd("URL", CONNS, k.secs, "bench-key-0").join(" "),
         k.reps,
         k.secs
     );
     let base = median(rps[0].clone());
-    let renders: Vec<f64> = sizes.iter().map(|&n| render_seconds(n)).collect::<Result<_>>()?;
+    let renders: Vec<(f64, f64)> = sizes.iter().map(|&n| render_seconds(n)).collect::<Result<_>>()?;
     for (i, (n, path, p, startup)) in proxies.iter().enumerate() {
         let admin = p.admin.context("admin")?;
         let mut times = Vec::new();
@@ -435,24 +435,27 @@ pub fn scale(ctx: &Ctx, bin: &Path) -> Result<Out> {
         let m = median(rps[i].clone());
         let swap = median(times.clone());
         md.push_str(&format!(
-            "| {n} | {startup:.2} | {m:.0} | {:.3} | {swap:.3} | {before:.1} | {peak:.1} | {:.4} | {} |\n",
+            "| {n} | {startup:.2} | {m:.0} | {:.3} | {swap:.3} | {before:.1} | {peak:.1} | {:.4} | {:.4} | {} |\n",
             m / base,
-            renders[i],
+            renders[i].0,
+            renders[i].1,
             rps[i].iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
         ));
         rows.push(json!({"clients": n, "startup_s": round(*startup, 3), "rps_median": round(m, 0),
                          "rps_vs_10": round(m / base, 3), "rps_runs": rps[i], "swap_s": times.iter().map(|t| round(*t, 4)).collect::<Vec<_>>(),
-                         "swap_s_median": round(swap, 4), "controller_render_s": round(renders[i], 5), "rss_before_swap_mib": round(before, 2), "peak_rss_during_swaps_mib": round(peak, 2)}));
+                         "swap_s_median": round(swap, 4), "controller_render_s": round(renders[i].0, 5), "controller_change_s": round(renders[i].1, 5), "rss_before_swap_mib": round(before, 2), "peak_rss_during_swaps_mib": round(peak, 2)}));
     }
     md.push_str(
         "\nSwap time is from the rename of the new tables file to the first `/metrics` answer showing \
          `portcullis_proxy_table_info{revision=\"<new>\"} 1` (polled every ~2 ms). It includes the proxy's 250 ms \
          file poll interval (docs/proxy.md), so it is bounded below by detection, not by parsing. Goal: throughput \
          within 3 % of the 10-client run at every size. Controller render = what the controller does per reconcile \
-         of a Service with that many clients (resolve each key from the Secret cache and hash it, build the table, \
-         render the sharded ConfigMap data; `portcullis_controller::fixtures::build_and_render`, median of 3, \
-         timed by the release build of `bench-render` between the load runs); `cargo bench -p portcullis-controller --bench \
-         render` measures the same with criterion.\n",
+         of a Service with that many clients, from nothing (resolve each key from the Secret cache and hash it, build the \
+         table, render every shard: `portcullis_controller::fixtures::build_and_render`) and for a change to one \
+         client (the same, plus each client's size check, rendered against the table in force so that only the \
+         changed shard is serialised: `fixtures::Change::reconcile`); medians of 3, timed by the release build of \
+         `bench-render` between the load runs; `cargo bench -p portcullis-controller --bench render` measures both \
+         with criterion.\n",
     );
     let groups: Vec<(String, Vec<f64>)> =
         sizes.iter().enumerate().map(|(i, n)| (format!("{n} clients"), vec![median(rps[i].clone())])).collect();
@@ -463,22 +466,22 @@ pub fn scale(ctx: &Ctx, bin: &Path) -> Result<Out> {
     ))
 }
 
-/// Median of 3 controller build + render runs for `n` clients, in seconds, measured by the release build of
-/// `bench-render`.
-fn render_seconds(n: usize) -> Result<f64> {
+/// Median of 3 controller build + render runs for `n` clients, and of 3 reconciles of a one-client change
+/// (`fixtures::Change`), in seconds, measured by the release build of `bench-render`.
+fn render_seconds(n: usize) -> Result<(f64, f64)> {
     let out = std::process::Command::new(servers::helper_exe("bench-render")?)
         .arg(n.to_string())
         .output()
         .context("running bench-render")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let m: f64 = text.trim().parse().with_context(|| format!("bench-render printed {text:?}"))?;
-    eprintln!("  controller render, {n} clients: {m:.4} s");
-    Ok(m)
+    let parsed: Vec<f64> = text.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    let [full, change] = parsed[..] else { anyhow::bail!("bench-render printed {text:?}") };
+    eprintln!("  controller, {n} clients: build + render {full:.4} s, one change {change:.4} s");
+    Ok((full, change))
 }
 
-/// `bench-render N`: prints the median of 3 build + render runs for N synthetic clients, in seconds.
 pub fn render_main(args: &[String]) -> Result<()> {
-    use portcullis_controller::fixtures::{build_and_render, fixture};
+    use portcullis_controller::fixtures::{Change, build_and_render, fixture};
     let n: usize = args.first().context("usage: bench-render N")?.parse()?;
     let (plans, clients, keys) = fixture(n);
     let times = (0..3)
@@ -488,7 +491,15 @@ pub fn render_main(args: &[String]) -> Result<()> {
             t.elapsed().as_secs_f64()
         })
         .collect();
-    println!("{}", median(times));
+    let change = Change::new(n);
+    let change_times = (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(change.reconcile());
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    println!("{} {}", median(times), median(change_times));
     Ok(())
 }
 
@@ -660,7 +671,10 @@ pub fn summary(suite: &str, r: &Value) -> Value {
             };
             let mut large = pick(&r["large"]);
             large.insert("clients".into(), r["clients_large"].clone());
-            json!({"propagation_s": pick(r), "propagation_s_100k": large})
+            let swap = &r["swap_large"];
+            json!({"propagation_s": pick(r), "propagation_s_100k": large,
+                   "swap_100k": {"ms": swap["mean_ms"], "p99_ms_at_most": swap["p99_ms_at_most"],
+                                 "peak_rss_ratio": swap["peak_rss_ratio"], "clients": r["clients_large"]}})
         }
         "tls" => {
             json!({"tls": {"ratios": r["ratios"], "arms": r["arms"].as_array().map(|a| a.iter().map(|x| (x["arm"].as_str().unwrap_or("").to_string(), json!({"keepalive_rps": x["keepalive"]["rps"], "handshakes_per_s": x["handshakes"]["rps"]}))).collect::<serde_json::Map<_, _>>())}})

@@ -5,12 +5,15 @@
 use crate::crd::*;
 use crate::keys::{LABEL_API_KEY, resolve_keys};
 use crate::model::build_table;
+use crate::runtime::tables::decide;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use portcullis_table::Table;
 use portcullis_table::naming::index_name;
-use portcullis_table::shard::{MAX_SHARD_BYTES, Previous, Rendered, render};
+use portcullis_table::shard::{IndexDoc, MAX_SHARD_BYTES, Previous, Rendered, render};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// One plan, `n` clients, and the (opted-in) Secret `keys` their keys live in (data key `k<i>`).
 pub fn fixture(n: usize) -> (Vec<UsagePlan>, Vec<ApiClient>, Secret) {
@@ -77,9 +80,54 @@ pub fn build_and_render(plans: &[UsagePlan], clients: &[ApiClient], keys: &Secre
     render(&built.table, &index_name("orders"), Previous::NONE, 1, MAX_SHARD_BYTES).expect("renders")
 }
 
+/// One change to one client of `n`, as the controller reconciles it: the table in force was rendered (and is
+/// remembered); client 0's `sourceRanges` then changed. [`Change::reconcile`] is the controller's work for it.
+pub struct Change {
+    plans: Vec<Arc<UsagePlan>>,
+    clients: Vec<Arc<ApiClient>>,
+    keys: Secret,
+    index: IndexDoc,
+    table: Table,
+}
+
+impl Change {
+    pub fn new(n: usize) -> Self {
+        let (plans, mut clients, keys) = fixture(n);
+        let plans: Vec<Arc<UsagePlan>> = plans.into_iter().map(Arc::new).collect();
+        let before: Vec<Arc<ApiClient>> = clients.iter().cloned().map(Arc::new).collect();
+        let built = Self::decide_with(&plans, &before, &keys);
+        let index = render(&built, &index_name("orders"), Previous::NONE, 1, MAX_SHARD_BYTES).expect("renders").index;
+        clients[0].spec.source_ranges = vec!["192.0.2.0/24".into()];
+        clients[0].metadata.generation = Some(2);
+        Self { plans, clients: clients.into_iter().map(Arc::new).collect(), keys, index, table: built }
+    }
+
+    fn decide_with(plans: &[Arc<UsagePlan>], clients: &[Arc<ApiClient>], keys: &Secret) -> Table {
+        let keys_of = |c: &ApiClient| resolve_keys(c, |name| (name == "keys").then_some(keys)).entries;
+        decide("shop", "orders", plans, clients, keys_of, None, false, MAX_SHARD_BYTES, false).expect("granted").table
+    }
+
+    /// Resolve keys, build the table and check each client's size (`decide`), render against the table in force:
+    /// what a reconcile of the Service costs before its API writes. Returns the shards to write.
+    pub fn reconcile(&self) -> Rendered {
+        let table = Self::decide_with(&self.plans, &self.clients, &self.keys);
+        let previous = Previous::of(Some(&self.index), Some(&self.table));
+        render(&table, &index_name("orders"), previous, 2, MAX_SHARD_BYTES).expect("renders")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_to_one_client_writes_one_shard() {
+        let c = Change::new(20_000);
+        let r = c.reconcile();
+        assert!(r.index.shards.len() > 1);
+        assert_eq!(r.shards.len(), 1, "one shard written");
+        assert!(r.shards[0].1.contains("192.0.2.0/24"));
+    }
 
     #[test]
     fn renders_every_client() {

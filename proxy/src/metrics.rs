@@ -89,6 +89,7 @@ pub struct Metrics {
     pub swaps: Counter,
     pub rejected_tables: Family<SourceLabels, Counter>,
     pub table_shards: Family<ShardUseLabels, Counter>,
+    pub table_load: Histogram,
     pub table_state: Family<StateLabels, Gauge>,
     pub table_revocations: Family<CauseLabels, Counter>,
     pub tables_out_of_order: Counter,
@@ -129,6 +130,7 @@ impl Metrics {
         let swaps = Counter::default();
         let rejected_tables = Family::<SourceLabels, Counter>::default();
         let table_shards = Family::<ShardUseLabels, Counter>::default();
+        let table_load = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         let proxy_protocol_refused = Counter::default();
         let table_state = Family::<StateLabels, Gauge>::default();
         for state in TABLE_STATES {
@@ -163,6 +165,12 @@ impl Metrics {
             "Shards of stable-layout table revisions applied from the API: read (new or changed) or reused (unchanged \
              since the table in force)",
             table_shards.clone(),
+        );
+        registry.register(
+            "table_load_seconds",
+            "Time to load a table revision from the API and swap it in (shard reads, parse, compile), for revisions \
+             applied",
+            table_load.clone(),
         );
         registry.register(
             "table_state",
@@ -217,6 +225,7 @@ impl Metrics {
             swaps,
             rejected_tables,
             table_shards,
+            table_load,
             table_state,
             table_revocations,
             tables_out_of_order,

@@ -292,7 +292,11 @@ impl Driver<'_> {
             match effect {
                 Effect::Nothing => {}
                 Effect::Load(object) => {
+                    let started = std::time::Instant::now();
                     let outcome = self.load(&object).await;
+                    if outcome == LoadOutcome::Applied {
+                        self.store.metrics().table_load.observe(started.elapsed().as_secs_f64());
+                    }
                     next = Some(Input::Loaded { object, outcome });
                 }
                 Effect::Revoke { cause, detail } => {

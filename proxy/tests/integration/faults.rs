@@ -367,7 +367,8 @@ async fn bad_revisions_from_the_api_are_refused_counted_and_the_last_good_table_
     refuse("corrupt index (truncated JSON)").await;
 
     // Future schema: an index written by a newer controller.
-    let future = index_json(&bad, Slot::B, 4, |v| v["schemaVersion"] = (SCHEMA_VERSION + 1).into());
+    let future =
+        index_json(&bad, Slot::B, 4, |v| v["schemaVersion"] = (portcullis_table::shard::STABLE_LAYOUT + 1).into());
     k.put(&index, INDEX_DATA_KEY, &future).await;
     refuse("future-schema index").await;
 
