@@ -200,7 +200,7 @@ pub fn render(
 }
 
 /// Bytes of a client's JSON, without building the string.
-fn serialised_len(c: &Client) -> usize {
+pub fn serialised_len(c: &Client) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {

@@ -177,7 +177,7 @@ pub fn decide(
     let budget = max_shard_bytes.saturating_sub(SHARD_ENVELOPE);
     let mut excluded = BTreeMap::new();
     for c in &built.table.clients {
-        let bytes = serde_json::to_string(c).expect("serialisable").len() + 1;
+        let bytes = portcullis_table::shard::serialised_len(c) + 1;
         if bytes > budget {
             let name = c.id.rsplit_once('/').map_or(c.id.as_str(), |(_, n)| n).to_string();
             excluded.insert(name, format!("its table entry is {bytes} bytes, more than a shard holds ({budget})"));
@@ -289,9 +289,13 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         plans.iter().map(|p| &**p).filter(|p| desired.plans.contains_key(&p.name_any())).collect();
     super::access::reconcile_access(ctx, ns, &key.name, &granting, &desired.owners).await?;
 
+    // The table in force, for the next render: the one remembered if unchanged, else this one (moved, not copied:
+    // 100 000 clients are tens of MiB).
+    let revision = table.revision.clone();
+    let remembered = old.as_ref().and_then(|o| o.table.clone()).filter(|t| t.revision == revision);
     let new = ServiceState {
-        revision: table.revision.clone(),
-        table: Some(Arc::new(desired.table.clone())),
+        revision,
+        table: Some(remembered.unwrap_or_else(|| Arc::new(desired.table))),
         shards,
         clients: desired.clients,
         plans: desired.plans,
