@@ -64,6 +64,13 @@ pub fn propagation(ctx: &Ctx) -> Result<(Value, String, Option<String>)> {
     let cp = ControlPlane::start_with_bins(&bins, true)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let r = rt.block_on(run(ctx, &cp, trials, large, large_trials));
+    // The control plane's directory goes with it: keep the controller's and the proxy's logs for a look afterwards.
+    let logs = ctx.root.join("target/bench-logs/propagation");
+    if std::fs::create_dir_all(&logs).is_ok() {
+        for f in ["controller.log", "controller.err", "proxy.log", "proxy.err"] {
+            let _ = std::fs::copy(cp.dir().join(f), logs.join(f));
+        }
+    }
     drop(cp);
     let r = r?;
     let pct = |v: &[f64], q: f64| {
@@ -305,6 +312,7 @@ async fn run(ctx: &Ctx, cp: &ControlPlane, trials: usize, large: usize, large_tr
         Command::new(target.join("portcullis-controller"))
             .env("KUBECONFIG", cp.kubeconfig_for_token(&token))
             .args(["--log-format", "json", "--lease-namespace", RELEASE_NS, "--webhook-namespace", RELEASE_NS])
+            .env("RUST_LOG", "info,portcullis_controller::runtime::tables=debug")
             .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
             .arg(format!("--webhook-listen=127.0.0.1:{webhook_port}"))
             .stdout(std::fs::File::create(logs.join("controller.log"))?)
