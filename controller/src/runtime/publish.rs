@@ -1,17 +1,20 @@
 //! Writing one Service's table ConfigMaps, fenced so that a deposed leader cannot publish.
 //!
-//! Order of a new revision: shards into the slot the live index does not point at (server-side apply), then the
-//! index, then leftovers of the slot just written. Invariants:
+//! Order of a new revision (stable layout, `portcullis_table::shard`): the changed shards, each into the slot its
+//! previous version is not in (server-side apply, four at a time), then the index, then leftovers. Invariants:
 //! - **Fencing.** The index is created with `create` (fails if it exists) or `replace`d with the resourceVersion
 //!   read at the start of the reconcile (fails if anyone wrote it since), and only while this replica's Lease is
 //!   valid ([`Fence::check`]). A writer that loses the precondition gets [`Error::Conflict`]: it
 //!   re-reads and re-decides, or stops if it no longer leads. Deletion of the index carries the same precondition.
 //! - **Sequence.** Every index write carries `sequence` = the replaced index's + 1 (see
 //!   `portcullis_table::sequence`); proxies never go back to a lower one.
-//! - **Shard deletion never hits another writer's shards.** Only shards of the slot this writer has just pointed the
-//!   index at, numbered beyond its own count, are deleted; only after re-reading the index and finding our own
-//!   write still there; and each with the resourceVersion it was listed with. The previous slot stays whole for
-//!   proxies mid-read.
+//! - **Shard deletion.** Only shard ConfigMaps that neither the index just written nor the one it replaced names
+//!   are deleted; only after re-reading the index and finding our own write still there; each with the
+//!   resourceVersion it was listed with (so not one rewritten since the list). The replaced revision stays whole for
+//!   proxies mid-read. What is left: a second writer that read our index and wrote a shard of its next revision
+//!   *before* our list may lose that shard; its index then names a missing shard, proxies keep their table, and
+//!   the deletion event makes that writer find the damage and rewrite every shard (see *Drift*). With leader
+//!   election a second writer is a deposed leader, fenced by its Lease as below.
 //! - **Shards are fenced too.** [`Writer::read`] lists the shards' resourceVersions before it reads the index; each
 //!   shard is replaced with the resourceVersion listed, or created if it was absent. A writer that read before
 //!   another published fails on the first shard the other wrote, before its own index write. What is left: a
@@ -21,7 +24,7 @@
 //!   that read after the new one started publishing, which the Lease check before every write rules out except for
 //!   a process paused between that check and the write.
 //! - **Drift.** A live index whose revision is the desired one is checked against the cached shards' content
-//!   hashes; a missing or edited shard (confirmed with a GET) makes a fresh revision in the other slot.
+//!   hashes; a missing or edited shard (confirmed with a GET) makes a fresh revision with every shard rewritten.
 
 use super::caches::CACHED_DATA_SHA256;
 use super::leader::LeaderLease;
