@@ -336,15 +336,7 @@ impl IndexDoc {
 /// them; [`assemble`] does too).
 pub fn check_shard(index: &IndexDoc, i: usize, data: Option<&str>) -> Result<Vec<Client>, TableError> {
     let shard_err = |detail: String| TableError::Shard { revision: index.revision.clone(), index: i, detail };
-    let r = index.shards.get(i).ok_or_else(|| shard_err(format!("the index names {} shards", index.shards.len())))?;
-    let data = data.ok_or_else(|| shard_err(format!("ConfigMap {} is missing", r.name)))?;
-    if hex::encode(Sha256::digest(data.as_bytes())) != r.sha256 {
-        return Err(shard_err(format!(
-            "ConfigMap {} does not match the index digest (not yet written, or corrupt)",
-            r.name
-        )));
-    }
-    let doc: ShardDoc = parse_json(data, &format!("shard {}", r.name))?;
+    let (r, doc) = read_doc(index, i, data)?;
     if doc.schema_version != index.schema_version || !index.is_stable() {
         return Err(TableError::invalid(
             &r.name,
@@ -372,45 +364,29 @@ pub fn assemble(index: &IndexDoc, shards: &[Option<&str>]) -> Result<Table, Tabl
         ));
     }
     let mut clients = Vec::with_capacity(index.clients);
-    if index.is_stable() {
-        for (i, data) in shards.iter().enumerate() {
+    for (i, data) in shards.iter().enumerate() {
+        if index.is_stable() {
             clients.extend(check_shard(index, i, *data)?);
+            continue;
         }
-        clients.sort_by(|a, b| a.id.cmp(&b.id));
-        let table = Table {
-            schema_version: SCHEMA_VERSION,
-            service: index.service.clone(),
-            revision: index.revision.clone(),
-            plans: index.plans.clone(),
-            clients,
-            deny_all: index.deny_all.clone(),
-        };
-        table.validate(&format!("table {} revision {}", index.service, index.revision))?;
-        return Ok(table);
-    }
-    let shard_err = |i: usize, detail: String| TableError::Shard { revision: index.revision.clone(), index: i, detail };
-    for (i, (r, data)) in index.shards.iter().zip(shards).enumerate() {
-        let data = data.ok_or_else(|| shard_err(i, format!("ConfigMap {} is missing", r.name)))?;
-        let digest = hex::encode(Sha256::digest(data.as_bytes()));
-        if digest != r.sha256 {
-            return Err(shard_err(
-                i,
-                format!("ConfigMap {} does not match the index digest (not yet written, or corrupt)", r.name),
-            ));
-        }
-        let doc: ShardDoc = parse_json(data, &format!("shard {}", r.name))?;
+        let (r, doc) = read_doc(index, i, *data)?;
         check_schema(doc.schema_version, &r.name)?;
         if doc.revision != index.revision
             || doc.shard != i
             || doc.service != index.service
             || doc.clients.len() != r.clients
         {
-            return Err(shard_err(i, format!("ConfigMap {} belongs to another revision or position", r.name)));
+            let detail = format!("ConfigMap {} belongs to another revision or position", r.name);
+            return Err(TableError::Shard { revision: index.revision.clone(), index: i, detail });
         }
         clients.extend(doc.clients);
     }
+    if index.is_stable() {
+        // Shards hold clients by hash; the table holds them in id order.
+        clients.sort_by(|a, b| a.id.cmp(&b.id));
+    }
     let table = Table {
-        schema_version: index.schema_version,
+        schema_version: SCHEMA_VERSION,
         service: index.service.clone(),
         revision: index.revision.clone(),
         plans: index.plans.clone(),
@@ -419,6 +395,20 @@ pub fn assemble(index: &IndexDoc, shards: &[Option<&str>]) -> Result<Table, Tabl
     };
     table.validate(&format!("table {} revision {}", index.service, index.revision))?;
     Ok(table)
+}
+
+/// Shard `i` of `index` from its data string: present, matching the index digest, parsed (nothing more checked).
+fn read_doc<'i>(index: &'i IndexDoc, i: usize, data: Option<&str>) -> Result<(&'i ShardRef, ShardDoc), TableError> {
+    let shard_err = |detail: String| TableError::Shard { revision: index.revision.clone(), index: i, detail };
+    let r = index.shards.get(i).ok_or_else(|| shard_err(format!("the index names {} shards", index.shards.len())))?;
+    let data = data.ok_or_else(|| shard_err(format!("ConfigMap {} is missing", r.name)))?;
+    if hex::encode(Sha256::digest(data.as_bytes())) != r.sha256 {
+        return Err(shard_err(format!(
+            "ConfigMap {} does not match the index digest (not yet written, or corrupt)",
+            r.name
+        )));
+    }
+    Ok((r, parse_json(data, &format!("shard {}", r.name))?))
 }
 
 #[cfg(test)]

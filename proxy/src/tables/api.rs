@@ -322,138 +322,124 @@ impl Driver<'_> {
         }
     }
 
-    /// Fetches the shards `object`'s index names (by name, with `get`), assembles and applies the table.
+    /// Fetches the shards `object`'s index names (by name, with `get`), checks them and applies the table. A shard
+    /// missing or not matching its digest is usually one being written right now: retried with backoff, then the
+    /// revision is incomplete.
     async fn load(&self, object: &IndexObject) -> LoadOutcome {
         let Ok(index) = &object.index else { return LoadOutcome::Invalid("unparsed index".into()) };
-        if index.is_stable() && !index.is_deny_all() {
-            return self.load_stable(index).await;
-        }
+        // Stable layout: the parts the table in force can lend (decided once: the table in force only changes here).
+        let keep: Option<Vec<Option<Arc<Part>>>> = (index.is_stable() && !index.is_deny_all()).then(|| {
+            let current = self.store.current.load_full();
+            (0..index.shards.len()).map(|i| current.as_ref().and_then(|c| c.reusable_part(index, i))).collect()
+        });
         let mut backoff = SHARD_BACKOFF;
         for attempt in 1..=SHARD_ATTEMPTS {
-            // A few reads in flight (in index order): one after another they dominated a 100 000-client load.
-            let reads: Vec<_> = index.shards.iter().map(|r| timed(self.api.get_opt(&r.name))).collect();
-            let fetched: Result<Vec<Option<ConfigMap>>, Failure> = {
-                use futures::{StreamExt, TryStreamExt};
-                futures::stream::iter(reads).buffered(SHARD_READS_IN_FLIGHT).try_collect().await
+            let read = match &keep {
+                Some(keep) => self.read_stable(index, keep).await,
+                None => self.read_whole(index).await,
             };
-            let shards: Vec<Option<String>> = match fetched {
-                Ok(cms) => cms
-                    .into_iter()
-                    .map(|cm| cm.and_then(|c| c.data).and_then(|mut d| d.remove(SHARD_DATA_KEY)))
-                    .collect(),
-                Err(f) => return LoadOutcome::Failed(f),
-            };
-            let refs: Vec<Option<&str>> = shards.iter().map(|s| s.as_deref()).collect();
-            let assembled = assemble(index, &refs);
-            // The shards' text goes before the compiled table is built (it would add to the swap's peak).
-            drop(refs);
-            drop(shards);
-            match assembled {
-                Ok(table) => {
-                    let store = self.store.clone();
-                    let what = self.what.to_string();
-                    let sequence = index.sequence;
-                    let applied = tokio::task::spawn_blocking(move || {
-                        let applied = store.apply_owned(table, &what, Some(sequence));
-                        crate::heap::release_free_memory();
-                        applied
-                    })
-                    .await
-                    .expect("table loading does not panic");
-                    return match applied {
-                        Ok(_) => LoadOutcome::Applied,
-                        Err(e) => LoadOutcome::Invalid(Chain(&e).to_string()),
-                    };
-                }
-                // A shard missing or not matching its digest is usually one being written right now: retry.
-                Err(e @ TableError::Shard { .. }) if attempt < SHARD_ATTEMPTS => {
+            match read {
+                Ok(apply) => return self.apply(apply).await,
+                Err(ReadError::Failed(f)) => return LoadOutcome::Failed(f),
+                Err(ReadError::Table(e @ TableError::Shard { .. })) if attempt < SHARD_ATTEMPTS => {
                     tracing::debug!(what = %self.what, attempt, error = %e, "revision incomplete; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
                 }
-                Err(e @ TableError::Shard { .. }) => return LoadOutcome::Incomplete(e.to_string()),
-                Err(e) => return LoadOutcome::Invalid(e.to_string()),
+                Err(ReadError::Table(e @ TableError::Shard { .. })) => return LoadOutcome::Incomplete(e.to_string()),
+                Err(ReadError::Table(e)) => return LoadOutcome::Invalid(e.to_string()),
             }
         }
         unreachable!("the last attempt returns")
     }
 
-    /// Loads a stable-layout revision: only the shards whose digest the table in force does not have are read
-    /// (checked one by one: [`check_shard`]) and compiled; the others are shared with the table in force.
-    async fn load_stable(&self, index: &IndexDoc) -> LoadOutcome {
-        let current = self.store.current.load_full();
-        let keep: Vec<Option<Arc<Part>>> =
-            (0..index.shards.len()).map(|i| current.as_ref().and_then(|c| c.reusable_part(index, i))).collect();
-        drop(current);
+    /// The data strings of the shards `names`, in order (`None`: not found), a few reads in flight (one after
+    /// another they dominated a 100 000-client load).
+    async fn fetch(&self, names: Vec<&str>) -> Result<Vec<Option<String>>, Failure> {
+        use futures::{StreamExt, TryStreamExt};
+        let reads: Vec<_> = names.into_iter().map(|name| timed(self.api.get_opt(name))).collect();
+        let cms: Vec<Option<ConfigMap>> =
+            futures::stream::iter(reads).buffered(SHARD_READS_IN_FLIGHT).try_collect().await?;
+        Ok(cms.into_iter().map(|cm| cm.and_then(|c| c.data).and_then(|mut d| d.remove(SHARD_DATA_KEY))).collect())
+    }
+
+    /// Schema 1 (or deny-all): every shard, assembled and validated as one table.
+    async fn read_whole(&self, index: &IndexDoc) -> Result<Apply, ReadError> {
+        let shards = self.fetch(index.shards.iter().map(|r| r.name.as_str()).collect()).await?;
+        let refs: Vec<Option<&str>> = shards.iter().map(|s| s.as_deref()).collect();
+        let table = assemble(index, &refs)?;
+        // The shards' text goes before the compiled table is built (it would add to the swap's peak).
+        drop(refs);
+        drop(shards);
+        let (what, sequence) = (self.what.to_string(), index.sequence);
+        Ok(Box::new(move |store: &TableStore| store.apply_owned(table, &what, Some(sequence))))
+    }
+
+    /// Stable layout: only the shards not in `keep` are read (each checked on its own: [`check_shard`]) and
+    /// compiled; the others are shared with the table in force.
+    async fn read_stable(&self, index: &IndexDoc, keep: &[Option<Arc<Part>>]) -> Result<Apply, ReadError> {
         let wanted: Vec<usize> = (0..index.shards.len()).filter(|i| keep[*i].is_none()).collect();
-        let mut backoff = SHARD_BACKOFF;
-        for attempt in 1..=SHARD_ATTEMPTS {
-            let reads: Vec<_> = wanted.iter().map(|i| timed(self.api.get_opt(&index.shards[*i].name))).collect();
-            let fetched: Result<Vec<Option<ConfigMap>>, Failure> = {
-                use futures::{StreamExt, TryStreamExt};
-                futures::stream::iter(reads).buffered(SHARD_READS_IN_FLIGHT).try_collect().await
-            };
-            let fetched = match fetched {
-                Ok(cms) => cms,
-                Err(f) => return LoadOutcome::Failed(f),
-            };
-            // Each shard's text goes as soon as it is parsed.
-            let mut read = Vec::with_capacity(wanted.len());
-            let mut failed = None;
-            for (i, cm) in wanted.iter().zip(fetched) {
-                let text = cm.and_then(|c| c.data).and_then(|mut d| d.remove(SHARD_DATA_KEY));
-                match check_shard(index, *i, text.as_deref()) {
-                    Ok(clients) => read.push((*i, clients)),
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
-                }
-            }
-            match failed {
-                None => {}
-                // A shard missing or not matching its digest is usually one being written right now: retry.
-                Some(e @ TableError::Shard { .. }) if attempt < SHARD_ATTEMPTS => {
-                    tracing::debug!(what = %self.what, attempt, error = %e, "revision incomplete; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
-                    continue;
-                }
-                Some(e @ TableError::Shard { .. }) => return LoadOutcome::Incomplete(e.to_string()),
-                Some(e) => return LoadOutcome::Invalid(e.to_string()),
-            }
-            self.store.metrics().table_shards_read(read.len(), index.shards.len() - read.len());
-            let mut read = read.into_iter().peekable();
-            let mut inputs = Vec::with_capacity(index.shards.len());
-            for (i, kept) in keep.iter().enumerate() {
-                inputs.push(match kept {
-                    Some(part) => ShardInput::Keep(part.clone()),
-                    None => {
-                        let (j, clients) = read.next().expect("every shard not kept was read");
-                        debug_assert_eq!(i, j);
-                        ShardInput::New { digest: index.shards[i].sha256.clone(), clients }
-                    }
-                });
-            }
-            let store = self.store.clone();
-            let what = self.what.to_string();
-            let index = index.clone();
-            let applied = tokio::task::spawn_blocking(move || {
-                let applied =
-                    store.apply_with(&index.service, &index.revision, &what, Some(index.sequence), |prev, clock| {
-                        CompiledTable::compile_stable(&index, inputs, prev, clock)
-                    });
-                crate::heap::release_free_memory();
-                applied
-            })
-            .await
-            .expect("table loading does not panic");
-            return match applied {
-                Ok(_) => LoadOutcome::Applied,
-                Err(e) => LoadOutcome::Invalid(Chain(&e).to_string()),
-            };
+        let texts = self.fetch(wanted.iter().map(|i| index.shards[*i].name.as_str()).collect()).await?;
+        let mut read = std::collections::HashMap::with_capacity(wanted.len());
+        // Each shard's text goes as soon as it is parsed.
+        for (i, text) in wanted.iter().zip(texts) {
+            read.insert(*i, check_shard(index, *i, text.as_deref())?);
         }
-        unreachable!("the last attempt returns")
+        self.store.metrics().table_shards_read(read.len(), index.shards.len() - read.len());
+        let inputs: Vec<ShardInput> = keep
+            .iter()
+            .enumerate()
+            .map(|(i, kept)| match kept {
+                Some(part) => ShardInput::Keep(part.clone()),
+                None => ShardInput::New {
+                    digest: index.shards[i].sha256.clone(),
+                    clients: read.remove(&i).expect("every shard not kept was read"),
+                },
+            })
+            .collect();
+        let (what, index) = (self.what.to_string(), index.clone());
+        Ok(Box::new(move |store: &TableStore| {
+            store.apply_with(&index.service, &index.revision, &what, Some(index.sequence), |prev, clock| {
+                CompiledTable::compile_stable(&index, inputs, prev, clock)
+            })
+        }))
+    }
+
+    /// Compiles and swaps in off the async threads, then returns the freed memory to the system.
+    async fn apply(&self, apply: Apply) -> LoadOutcome {
+        let store = self.store.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            let applied = apply(&store);
+            crate::heap::release_free_memory();
+            applied
+        })
+        .await
+        .expect("table loading does not panic");
+        match applied {
+            Ok(_) => LoadOutcome::Applied,
+            Err(e) => LoadOutcome::Invalid(Chain(&e).to_string()),
+        }
+    }
+}
+
+/// A revision read and checked, ready to be compiled and swapped in.
+type Apply = Box<dyn FnOnce(&TableStore) -> Result<bool, super::store::LoadError> + Send>;
+
+/// Why reading a revision's shards failed: the API request, or the shards themselves.
+enum ReadError {
+    Failed(Failure),
+    Table(TableError),
+}
+
+impl From<Failure> for ReadError {
+    fn from(f: Failure) -> Self {
+        Self::Failed(f)
+    }
+}
+
+impl From<TableError> for ReadError {
+    fn from(e: TableError) -> Self {
+        Self::Table(e)
     }
 }
 
