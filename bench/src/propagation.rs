@@ -134,14 +134,16 @@ pub fn propagation(ctx: &Ctx) -> Result<(Value, String, Option<String>)> {
     );
     data.insert(
         "bulk_load_s".into(),
-        json!({"created": round(r.bulk_created_s, 1), "enforced": round(r.bulk_enforced_s, 1)}),
+        json!({"created": round(r.bulk_created_s, 1), "enforced": round(r.bulk_enforced_s, 1),
+               "statuses": round(r.bulk_statuses_s, 1)}),
     );
     md.push_str(&format!(
         "\nLoading the large table: {} ApiClients created in {:.0} s ({BULK_CONCURRENCY} requests at a time), all \
-         enforced by the proxy {:.0} s after the first create.\n",
+         enforced by the proxy {:.0} s after the first create; every ApiClient's status written by the controller          (`status.observedGeneration`) {:.0} s after it. The large run's trials start after that, once the controller          is idle (a steady state, not the status writes of a bulk load).\n",
         large - 1,
         r.bulk_created_s,
-        r.bulk_enforced_s
+        r.bulk_enforced_s,
+        r.bulk_statuses_s
     ));
     md.push_str(&format!(
         "\nThe proxy during the {} run's trials ({swaps:.0} revisions applied): table load (shard reads, parse, \
@@ -284,6 +286,8 @@ struct Runs {
     large_clients: usize,
     bulk_created_s: f64,
     bulk_enforced_s: f64,
+    /// First create → every ApiClient's status written for its generation (the trials start after that).
+    bulk_statuses_s: f64,
     /// Over the large run's trials: the proxy's table loads (mean s, upper bound of p99 s, how many), its RSS
     /// before them and its peak during them (MiB), the longest request of the polls (s).
     large_swap: (f64, f64, f64),
@@ -382,7 +386,12 @@ async fn run(ctx: &Ctx, cp: &ControlPlane, trials: usize, large: usize, large_tr
     }
     let bulk_enforced_s = started.elapsed().as_secs_f64();
     eprintln!("  propagation: {} clients enforced after {bulk_enforced_s:.0} s", small_clients + bulk);
-    // The controller then writes each new ApiClient's status; the trials measure a steady state, after that.
+    // The controller then writes each new ApiClient's status (≈ 150/s here, minutes for 100 000); the trials measure
+    // a steady state, after that: every status observed, then the controller idle.
+    let statuses_started = Instant::now();
+    wait_statuses(&api, small_clients + bulk, &mut kids).await?;
+    let statuses_s = statuses_started.elapsed().as_secs_f64() + bulk_enforced_s;
+    eprintln!("  propagation: every ApiClient's status written {statuses_s:.0} s after the first create");
     wait_idle(kids.0[0].id(), &mut kids).await?;
     let proxy_pid = kids.0[1].id();
     let admin_addr = SocketAddr::from(([127, 0, 0, 1], ap));
@@ -407,6 +416,7 @@ async fn run(ctx: &Ctx, cp: &ControlPlane, trials: usize, large: usize, large_tr
         large_clients: small_clients + bulk,
         bulk_created_s,
         bulk_enforced_s,
+        bulk_statuses_s: statuses_s,
         large_swap: (mean, p99, swaps),
         large_rss: (steady, peak),
         large_longest_request_s: longest,
@@ -541,6 +551,43 @@ async fn bulk_create(admin: &kube::Client, n: usize) -> Result<()> {
         .collect()
         .await;
     results.into_iter().collect()
+}
+
+/// Waits until at least `want` ApiClients report a status for their current generation (`status.observedGeneration`),
+/// listing them in pages every 10 s (up to 30 minutes).
+async fn wait_statuses(api: &Api<DynamicObject>, want: usize, kids: &mut Kids) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        let mut observed = 0;
+        let mut params = kube::api::ListParams::default().limit(5000);
+        loop {
+            let page = api.list(&params).await?;
+            observed += page
+                .items
+                .iter()
+                .filter(|o| {
+                    let seen = o.data.pointer("/status/observedGeneration").and_then(Value::as_i64);
+                    seen.is_some() && seen == o.metadata.generation
+                })
+                .count();
+            match page.metadata.continue_ {
+                Some(c) if !c.is_empty() => params = params.continue_token(&c),
+                _ => break,
+            }
+        }
+        if observed >= want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{observed} of {want} ApiClients have a current status after 30 minutes");
+        }
+        for c in &mut kids.0 {
+            if let Some(s) = c.try_wait()? {
+                bail!("a child process exited ({s})");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
 }
 
 /// Waits until process `pid` (the controller) has used under 2 % of a core for 3 s in a row (up to 30 minutes).

@@ -4,12 +4,12 @@
 
 use crate::crd::*;
 use crate::keys::{LABEL_API_KEY, resolve_keys};
+use crate::memo::TableMemo;
 use crate::model::build_table;
-use crate::runtime::tables::decide;
+use crate::runtime::tables::{Desired, decide};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use portcullis_table::Table;
 use portcullis_table::naming::index_name;
 use portcullis_table::shard::{IndexDoc, MAX_SHARD_BYTES, Previous, Rendered, render};
 use std::collections::BTreeMap;
@@ -81,38 +81,54 @@ pub fn build_and_render(plans: &[UsagePlan], clients: &[ApiClient], keys: &Secre
 }
 
 /// One change to one client of `n`, as the controller reconciles it: the table in force was rendered (and is
-/// remembered); client 0's `sourceRanges` then changed. [`Change::reconcile`] is the controller's work for it.
+/// remembered, with what its build keeps: [`crate::memo`]); client 0's `sourceRanges` then changed.
+/// [`Change::reconcile`] is the controller's work for it.
 pub struct Change {
     plans: Vec<Arc<UsagePlan>>,
     clients: Vec<Arc<ApiClient>>,
-    keys: Secret,
+    keys: Arc<Secret>,
     index: IndexDoc,
-    table: Table,
+    memo: Arc<TableMemo>,
 }
 
 impl Change {
     pub fn new(n: usize) -> Self {
-        let (plans, mut clients, keys) = fixture(n);
+        let (plans, clients, keys) = fixture(n);
         let plans: Vec<Arc<UsagePlan>> = plans.into_iter().map(Arc::new).collect();
-        let before: Vec<Arc<ApiClient>> = clients.iter().cloned().map(Arc::new).collect();
-        let built = Self::decide_with(&plans, &before, &keys);
-        let index = render(&built, &index_name("orders"), Previous::NONE, 1, MAX_SHARD_BYTES).expect("renders").index;
-        clients[0].spec.source_ranges = vec!["192.0.2.0/24".into()];
-        clients[0].metadata.generation = Some(2);
-        Self { plans, clients: clients.into_iter().map(Arc::new).collect(), keys, index, table: built }
+        let mut clients: Vec<Arc<ApiClient>> = clients.into_iter().map(Arc::new).collect();
+        let keys = Arc::new(keys);
+        let before = Self::decide_with(&plans, &clients, &keys, None);
+        let memo = before.memo.expect("a granted table keeps a memo");
+        let index =
+            render(&memo.table, &index_name("orders"), Previous::NONE, 1, MAX_SHARD_BYTES).expect("renders").index;
+        // The reflector hands out a new object for the changed client; the others stay the same objects.
+        let mut changed = (*clients[0]).clone();
+        changed.spec.source_ranges = vec!["192.0.2.0/24".into()];
+        changed.metadata.generation = Some(2);
+        clients[0] = Arc::new(changed);
+        Self { plans, clients, keys, index, memo }
     }
 
-    fn decide_with(plans: &[Arc<UsagePlan>], clients: &[Arc<ApiClient>], keys: &Secret) -> Table {
-        let keys_of = |c: &ApiClient| resolve_keys(c, |name| (name == "keys").then_some(keys)).entries;
-        decide("shop", "orders", plans, clients, keys_of, None, false, MAX_SHARD_BYTES, false).expect("granted").table
+    fn decide_with(
+        plans: &[Arc<UsagePlan>],
+        clients: &[Arc<ApiClient>],
+        keys: &Arc<Secret>,
+        memo: Option<&TableMemo>,
+    ) -> Desired {
+        let lookup = |name: &str| (name == "keys").then(|| keys.clone());
+        decide("shop", "orders", plans, clients, lookup, memo, None, false, MAX_SHARD_BYTES, false).expect("granted")
     }
 
-    /// Resolve keys, build the table and check each client's size (`decide`), render against the table in force:
-    /// what a reconcile of the Service costs before its API writes. Returns the shards to write.
-    pub fn reconcile(&self) -> Rendered {
-        let table = Self::decide_with(&self.plans, &self.clients, &self.keys);
-        let previous = Previous::of(Some(&self.index), Some(&self.table));
-        render(&table, &index_name("orders"), previous, 2, MAX_SHARD_BYTES).expect("renders")
+    /// Resolve keys, build the table and check each client's size (`decide`, reusing the previous build's memo),
+    /// render against the table in force: what a reconcile of the Service costs before its API writes. Returns the
+    /// shards to write and the new table (the controller keeps it for the next change, and drops the previous
+    /// one only after its writes).
+    pub fn reconcile(&self) -> (Rendered, Desired) {
+        let desired = Self::decide_with(&self.plans, &self.clients, &self.keys, Some(&self.memo));
+        let previous =
+            Previous { changed: desired.changed.as_deref(), ..Previous::of(Some(&self.index), Some(&self.memo.table)) };
+        let rendered = render(&desired.table, &index_name("orders"), previous, 2, MAX_SHARD_BYTES).expect("renders");
+        (rendered, desired)
     }
 }
 
@@ -123,8 +139,11 @@ mod tests {
     #[test]
     fn a_change_to_one_client_writes_one_shard() {
         let c = Change::new(20_000);
-        let r = c.reconcile();
+        let (r, desired) = c.reconcile();
         assert!(r.index.shards.len() > 1);
+        // What the memo reused is what a build from scratch gives.
+        let fresh = Change::decide_with(&c.plans, &c.clients, &c.keys, None);
+        assert_eq!(desired.table, fresh.table);
         assert_eq!(r.shards.len(), 1, "one shard written");
         assert!(r.shards[0].1.contains("192.0.2.0/24"));
     }

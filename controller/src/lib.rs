@@ -9,6 +9,7 @@ pub mod exposure;
 pub mod fixtures;
 pub mod keygen;
 pub mod keys;
+pub mod memo;
 pub mod model;
 pub mod network_policy;
 pub mod runtime;

@@ -10,7 +10,9 @@ use portcullis_table::{
     CertIdentity, Client, KeyDigest, KeyEntry, Period, Plan, Quota, QuotaScope, RouteScope, StoreFallback, Table,
     Throttle,
 };
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -183,6 +185,8 @@ pub fn cert_identity(spec: &CertificateSpec) -> Option<CertIdentity> {
 #[derive(Debug, Clone)]
 pub struct BuiltTable {
     pub table: Table,
+    /// The JSON of each client of `table`, in its order ([`Table::client_json`]).
+    pub client_json: Vec<Arc<str>>,
     /// Granting plans: name → (uid, generation).
     pub plans: BTreeMap<String, (String, i64)>,
     /// Clients in the table: name → generation rendered.
@@ -224,6 +228,22 @@ pub fn build_table_with_store<'a>(
     keys: impl Fn(&ApiClient) -> Vec<KeyEntry>,
     store: bool,
 ) -> BuiltTable {
+    build_table_reusing(namespace, service, plans, clients, |c| (keys(c), ()), |_| None, store).0
+}
+
+/// [`build_table_with_store`] for a builder that keeps what it can between builds (see [`crate::memo`]): `keys`
+/// resolves a client's keys and returns something to keep with them (`X`, given back per table client in table
+/// order), `json_of` the JSON of a client rendered before, if known (else it is serialised here). Both are called
+/// once per table client, in id (table) order.
+pub fn build_table_reusing<'a, A: Borrow<ApiClient> + 'a, X>(
+    namespace: &str,
+    service: &str,
+    plans: impl IntoIterator<Item = &'a UsagePlan>,
+    clients: impl IntoIterator<Item = &'a A>,
+    keys: impl Fn(&'a A) -> (Vec<KeyEntry>, X),
+    json_of: impl Fn(&Client) -> Option<Arc<str>>,
+    store: bool,
+) -> (BuiltTable, Vec<X>) {
     let mut plan_map = BTreeMap::new();
     let mut plan_meta = BTreeMap::new();
     for p in plans {
@@ -237,45 +257,67 @@ pub fn build_table_with_store<'a>(
             plan_map.insert(name, entry);
         }
     }
-    let mut selected: Vec<(String, &ApiClient, Vec<String>)> = Vec::new();
+    let mut selected: Vec<(String, &'a A, Vec<String>)> = Vec::new();
     if !plan_map.is_empty() {
-        for c in clients {
-            let mut seen = HashSet::new();
-            let granted: Vec<String> = c
-                .spec
-                .usage_plans
-                .iter()
-                .filter(|p| plan_map.contains_key(p.as_str()) && seen.insert(p.as_str()))
-                .cloned()
-                .collect();
+        for a in clients {
+            let c: &ApiClient = a.borrow();
+            let mut granted: Vec<String> = Vec::new();
+            for p in &c.spec.usage_plans {
+                if plan_map.contains_key(p.as_str()) && !granted.contains(p) {
+                    granted.push(p.clone());
+                }
+            }
             if !granted.is_empty() {
-                selected.push((format!("{namespace}/{}", c.name_any()), c, granted));
+                let name = c.metadata.name.as_deref().unwrap_or_default();
+                let mut id = String::with_capacity(namespace.len() + 1 + name.len());
+                id.push_str(namespace);
+                id.push('/');
+                id.push_str(name);
+                selected.push((id, a, granted));
             }
         }
     }
-    selected.sort_by(|a, b| a.0.cmp(&b.0));
+    selected.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     // A key (or certificate identity) claimed by several clients goes to the oldest (creationTimestamp, then name),
     // whatever order they come in: a newer ApiClient can never take a key away from an older one.
     let mut order: Vec<usize> = (0..selected.len()).collect();
-    order.sort_by_key(|&i| seniority(selected[i].1));
+    order.sort_by_key(|&i| seniority(selected[i].1.borrow()));
     let mut kept_keys: Vec<Vec<KeyEntry>> = vec![Vec::new(); selected.len()];
     let mut kept_certs: Vec<Vec<CertIdentity>> = vec![Vec::new(); selected.len()];
-    let mut used: HashSet<KeyDigest> = HashSet::with_capacity(selected.len());
+    // Keys are resolved in id order (a builder reusing an earlier build looks them up in that order), then
+    // assigned in order of seniority.
+    let mut resolved: Vec<Option<Vec<KeyEntry>>> = Vec::with_capacity(selected.len());
+    let mut extras: Vec<X> = Vec::with_capacity(selected.len());
+    for (_, a, _) in &selected {
+        let (k, x) = keys(a);
+        resolved.push(Some(k));
+        extras.push(x);
+    }
+    let mut used: foldhash::HashSet<KeyDigest> =
+        foldhash::HashSet::with_capacity_and_hasher(selected.len(), foldhash::fast::RandomState::default());
     let mut duplicate_keys = Vec::new();
     let mut used_certs: HashSet<CertIdentity> = HashSet::new();
     let mut duplicate_certificates = Vec::new();
     for i in order {
-        let c = selected[i].1;
-        for k in keys(c) {
-            if kept_keys[i].iter().any(|e| e.sha256 == k.sha256) {
+        let a = selected[i].1;
+        let c: &ApiClient = a.borrow();
+        // Filtered in place: the first `kept` entries are the keys this client keeps.
+        let mut keys = resolved[i].take().expect("each client's keys are assigned once");
+        let mut kept = 0;
+        for r in 0..keys.len() {
+            let digest = keys[r].sha256;
+            if keys[..kept].iter().any(|e| e.sha256 == digest) {
                 continue; // the same key twice in one client: kept once
             }
-            if used.insert(k.sha256) {
-                kept_keys[i].push(k);
+            if used.insert(digest) {
+                keys.swap(kept, r);
+                kept += 1;
             } else {
-                duplicate_keys.push((c.name_any(), portcullis_table::fingerprint(&k.sha256)));
+                duplicate_keys.push((c.name_any(), portcullis_table::fingerprint(&digest)));
             }
         }
+        keys.truncate(kept);
+        kept_keys[i] = keys;
         for id in c.spec.certificates.iter().filter_map(cert_identity) {
             if kept_certs[i].contains(&id) {
                 continue;
@@ -289,12 +331,14 @@ pub fn build_table_with_store<'a>(
     }
     let mut client_meta = HashMap::with_capacity(selected.len());
     let mut out = Vec::with_capacity(selected.len());
-    for (((id, c, granted), mut entries), certificates) in selected.into_iter().zip(kept_keys).zip(kept_certs) {
+    let mut json = Vec::with_capacity(selected.len());
+    for (((id, a, granted), mut entries), certificates) in selected.into_iter().zip(kept_keys).zip(kept_certs) {
+        let c: &ApiClient = a.borrow();
         // By digest, not spec order: reordering `spec.keys` leaves the table (and its revision) unchanged.
         entries.sort_by_key(|k| k.sha256);
         let (source_ranges, _) = parse_source_ranges(&c.spec.source_ranges);
         client_meta.insert(c.name_any(), c.metadata.generation.unwrap_or(0));
-        out.push(Client {
+        let client = Client {
             id,
             keys: entries,
             source_ranges,
@@ -302,15 +346,20 @@ pub fn build_table_with_store<'a>(
             plans: granted,
             certificates,
             require_certificate: c.spec.require_certificate.unwrap_or(false),
-        });
+        };
+        json.push(json_of(&client).unwrap_or_else(|| Arc::from(Table::client_json(&client))));
+        out.push(client);
     }
-    BuiltTable {
-        table: Table::new(format!("{namespace}/{service}"), plan_map, out),
+    let table = Table::from_serialised_clients(format!("{namespace}/{service}"), plan_map, out, &json);
+    let built = BuiltTable {
+        table,
+        client_json: json,
         plans: plan_meta,
         clients: client_meta,
         duplicate_keys,
         duplicate_certificates,
-    }
+    };
+    (built, extras)
 }
 
 #[cfg(test)]

@@ -104,14 +104,18 @@ pub struct Previous<'a> {
     /// Write every shard even where its content is unchanged (e.g. their ConfigMaps' owners change); the layout
     /// and slots still follow `index`.
     pub rewrite_all: bool,
+    /// The ids of the clients in which the new table differs from `table` (added, removed or changed), if the
+    /// caller knows them: then only their shards are compared and serialised, instead of comparing every client.
+    /// Must be exact (a change left out is a shard not written); only used together with `table`.
+    pub changed: Option<&'a [String]>,
 }
 
 impl<'a> Previous<'a> {
-    pub const NONE: Previous<'static> = Previous { index: None, table: None, rewrite_all: false };
+    pub const NONE: Previous<'static> = Previous { index: None, table: None, rewrite_all: false, changed: None };
 
     /// Successor of `index`, rendered from `table` if known.
     pub fn of(index: Option<&'a IndexDoc>, table: Option<&'a Table>) -> Self {
-        Self { index, table, rewrite_all: false }
+        Self { index, table, rewrite_all: false, changed: None }
     }
 }
 
@@ -228,10 +232,20 @@ fn render_layout(
 ) -> Option<Rendered> {
     let groups = group(&table.clients, n);
     let prev_index = previous.index.filter(|d| d.schema_version == STABLE_LAYOUT);
-    // The previous table's groups, if it is the one the previous index was rendered from, at the same count.
-    let prev_groups = match (prev_index, previous.table) {
+    // Which shards hold the same clients as the previous table's, if it is the one the previous index was rendered
+    // from, at the same count: from the changed ids when given, else by comparing the groups.
+    let unchanged: Option<Vec<bool>> = match (prev_index, previous.table) {
         (Some(d), Some(t)) if d.shards.len() == n && d.revision == t.revision && d.service == table.service => {
-            Some(group(&t.clients, n))
+            Some(match previous.changed {
+                Some(ids) => {
+                    let mut same = vec![true; n];
+                    for id in ids {
+                        same[shard_of(id, n)] = false;
+                    }
+                    same
+                }
+                None => group(&t.clients, n).iter().zip(&groups).map(|(a, b)| a == b).collect(),
+            })
         }
         _ => None,
     };
@@ -239,8 +253,9 @@ fn render_layout(
     let mut written = Vec::new();
     for (i, clients) in groups.iter().enumerate() {
         let prev_ref = prev_index.and_then(|d| d.shards.get(i));
-        if let (Some(r), Some(pg), false) = (prev_ref, &prev_groups, previous.rewrite_all)
-            && pg[i] == *clients
+        if let (Some(r), Some(same), false) = (prev_ref, &unchanged, previous.rewrite_all)
+            && same[i]
+            && r.clients == clients.len()
         {
             refs.push(r.clone());
             continue;
@@ -478,8 +493,14 @@ mod tests {
         t2.clients[1234].source_ranges = vec!["192.0.2.0/24".parse().unwrap()];
         t2.revision = t2.compute_revision();
         let changed = shard_of(&t2.clients[1234].id, n);
-        for prev_table in [Some(&t1), None] {
-            let prev = Previous::of(Some(&r1.index), prev_table);
+        let ids = [t2.clients[1234].id.clone()];
+        let cases = [
+            Previous::of(Some(&r1.index), Some(&t1)),
+            Previous::of(Some(&r1.index), None),
+            Previous { changed: Some(&ids), ..Previous::of(Some(&r1.index), Some(&t1)) },
+        ];
+        for prev in cases {
+            let prev_table = prev.table;
             let r2 = render(&t2, "idx", prev, 2, 64 * 1024).unwrap();
             assert_eq!(r2.index.shards.len(), n, "layout kept");
             assert_eq!(r2.shards.len(), 1, "one shard written ({:?} given the previous table)", prev_table.is_some());
@@ -498,6 +519,20 @@ mod tests {
             assert_eq!(r3.shards[0].0, shard_name("idx", Slot::A, changed));
             assert_eq!(r3.index.shards, r1.index.shards, "the same content, the same shards");
         }
+        // Given changed ids, only their shards are considered: a client removed and one added.
+        let mut t4 = t2.clone();
+        let removed = t4.clients.remove(10);
+        t4.clients.push(Client::builder("team-a/zz-new").key("new").plan("gold").build());
+        t4.revision = t4.compute_revision();
+        let ids = [removed.id.clone(), "team-a/zz-new".to_string()];
+        let r2 = render(&t2, "idx", Previous::of(Some(&r1.index), Some(&t1)), 2, 64 * 1024).unwrap();
+        let by_ids = Previous { changed: Some(&ids), ..Previous::of(Some(&r2.index), Some(&t2)) };
+        let by_compare = Previous::of(Some(&r2.index), Some(&t2));
+        let (a, b) =
+            (render(&t4, "idx", by_ids, 3, 64 * 1024).unwrap(), render(&t4, "idx", by_compare, 3, 64 * 1024).unwrap());
+        assert_eq!(a, b);
+        let want: std::collections::BTreeSet<usize> = ids.iter().map(|id| shard_of(id, n)).collect();
+        assert_eq!(a.shards.len(), want.len());
     }
 
     #[test]

@@ -134,14 +134,14 @@ impl<'a> Writer<'a> {
     }
 
     /// Publishes `table` as a new revision replacing `live`: only the shards whose content changed are written
-    /// (`previous`: the table `live`'s index was rendered from, if this replica remembers it — a shortcut, see
-    /// [`Previous`]), or every shard if `rewrite_all` (some are missing or edited) or the owners change. Returns
+    /// (`previous`: the table `live`'s index was rendered from, if this replica remembers it, and the ids of the
+    /// clients in which `table` differs from it if known — shortcuts, see [`Previous`]), or every shard if `rewrite_all` (some are missing or edited) or the owners change. Returns
     /// what was rendered (`shards`: the shards written).
     pub async fn publish(
         &self,
         live: &Live,
         table: &Table,
-        previous: Option<&Table>,
+        previous: Option<(&Table, Option<&[String]>)>,
         rewrite_all: bool,
         owners: &[OwnerReference],
         max_shard_bytes: usize,
@@ -157,7 +157,11 @@ impl<'a> Writer<'a> {
         let mut want: Vec<&str> = owners.iter().map(|o| o.uid.as_str()).collect();
         want.sort();
         let rewrite_all = rewrite_all || live.owners() != want;
-        let previous = Previous { rewrite_all, ..Previous::of(live.doc.as_ref(), previous) };
+        let previous = Previous {
+            rewrite_all,
+            changed: previous.and_then(|p| p.1),
+            ..Previous::of(live.doc.as_ref(), previous.map(|p| p.0))
+        };
         let rendered = render(table, &self.index, previous, sequence, max_shard_bytes)
             .map_err(|source| Error::Table { service: table.service.clone(), source })?;
         if rendered.index_json.len() > MAX_INDEX_BYTES {

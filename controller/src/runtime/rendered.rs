@@ -23,6 +23,8 @@ pub struct ServiceState {
     pub revision: String,
     /// The table in force (what the live index was rendered from): the next render skips its unchanged shards.
     pub table: Option<std::sync::Arc<portcullis_table::Table>>,
+    /// What the build of `table` keeps for the next build of this Service ([`crate::memo`]).
+    pub memo: Option<std::sync::Arc<crate::memo::TableMemo>>,
     pub shards: usize,
     /// ApiClient name → generation in the table.
     pub clients: HashMap<String, i64>,

@@ -17,13 +17,14 @@ use super::status::update_plan_status;
 use super::{Ctx, Error};
 use crate::crd::{API_VERSION, ApiClient, UsagePlan};
 use crate::keys::{self, resolve_keys};
-use crate::model::{self, build_table_with_store};
-use k8s_openapi::api::core::v1::Service;
+use crate::memo::{KeyMemo, TableMemo};
+use crate::model;
+use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use portcullis_table::Chain;
-use portcullis_table::Table;
+use portcullis_table::{Client, Table};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -123,7 +124,12 @@ pub(crate) fn cached_keys(ctx: &Ctx, client: &ApiClient) -> keys::ResolvedKeys {
 #[derive(Debug)]
 pub struct Desired {
     /// A table of the granted clients, or the deny-all table of a Service no valid UsagePlan grants.
-    pub table: Table,
+    pub table: Arc<Table>,
+    /// What this build keeps for the next one of the same Service (none for a deny-all table).
+    pub memo: Option<Arc<TableMemo>>,
+    /// The ids of the clients in which `table` differs from the table of the memo it was built with (added, changed
+    /// or removed); `None` without a memo.
+    pub changed: Option<Vec<String>>,
     /// Owners of the table ConfigMaps and the sidecar RBAC: the granting UsagePlans; for a deny-all table the Service
     /// (so that deleting the Service removes them), or none when only sidecar Pods still name it.
     pub owners: Vec<OwnerReference>,
@@ -138,22 +144,39 @@ pub struct Desired {
 /// `max_shard_bytes - SHARD_ENVELOPE` is left out rather than failing the whole table.
 const SHARD_ENVELOPE: usize = 1024;
 
-/// Decides the table of Service `service` in `ns` from the namespace's plans and clients. `None`: no plan grants it,
-/// no Service object and no sidecar Pod names it: nothing to keep, remove its tables and RBAC.
+/// Decides the table of Service `service` in `ns` from the namespace's plans, clients and Secrets (`secrets`: by
+/// name), reusing what `memo` (the previous build of this Service) resolved and rendered where it still holds
+/// ([`crate::memo`]). `None`: no plan grants it, no Service object and no sidecar Pod names it: nothing to keep,
+/// remove its tables and RBAC.
 #[allow(clippy::too_many_arguments)]
 pub fn decide(
     ns: &str,
     service: &str,
     plans: &[Arc<UsagePlan>],
     clients: &[Arc<ApiClient>],
-    keys: impl Fn(&ApiClient) -> Vec<portcullis_table::KeyEntry>,
+    secrets: impl Fn(&str) -> Option<Arc<Secret>>,
+    memo: Option<&TableMemo>,
     svc: Option<&Service>,
     sidecars: bool,
     max_shard_bytes: usize,
     store: bool,
 ) -> Option<Desired> {
     let plans = plans.iter().map(|p| &**p);
-    let mut built = build_table_with_store(ns, service, plans.clone(), clients.iter().map(|c| &**c), &keys, store);
+    let build = |keep: &dyn Fn(&ApiClient) -> bool| {
+        // Both are asked in id order (see `build_table_reusing`): each has a cursor into the memo.
+        let (keys_at, json_at) = (memo.map(TableMemo::cursor), memo.map(TableMemo::cursor));
+        let keys = |c: &Arc<ApiClient>| {
+            let k =
+                keys_at.as_ref().and_then(|m| m.keys_of(c, &secrets)).unwrap_or_else(|| KeyMemo::resolve(c, &secrets));
+            (k.entries().to_vec(), k)
+        };
+        let json_of = |c: &Client| json_at.as_ref().and_then(|m| m.json_of(c));
+        let kept = clients.iter().filter(|c| keep(c));
+        let (built, key_memos) = model::build_table_reusing(ns, service, plans.clone(), kept, keys, json_of, store);
+        let changed = json_at.map(|m| m.changed(&built.table));
+        (built, key_memos, changed)
+    };
+    let (mut built, mut key_memos, mut changed) = build(&|_| true);
     if built.plans.is_empty() {
         if svc.is_none() && !sidecars {
             return None;
@@ -165,7 +188,9 @@ pub fn decide(
             vec![o]
         });
         return Some(Desired {
-            table: Table::deny_all(format!("{ns}/{service}"), reason),
+            table: Arc::new(Table::deny_all(format!("{ns}/{service}"), reason)),
+            memo: None,
+            changed: None,
             owners: owners.unwrap_or_default(),
             plans: BTreeMap::new(),
             clients: HashMap::new(),
@@ -176,16 +201,15 @@ pub fn decide(
     // One client that cannot be rendered must not hold back every other client's changes (or revocation).
     let budget = max_shard_bytes.saturating_sub(SHARD_ENVELOPE);
     let mut excluded = BTreeMap::new();
-    for c in &built.table.clients {
-        let bytes = portcullis_table::shard::serialised_len(c) + 1;
+    for (c, json) in built.table.clients.iter().zip(&built.client_json) {
+        let bytes = json.len() + 1;
         if bytes > budget {
             let name = c.id.rsplit_once('/').map_or(c.id.as_str(), |(_, n)| n).to_string();
             excluded.insert(name, format!("its table entry is {bytes} bytes, more than a shard holds ({budget})"));
         }
     }
     if !excluded.is_empty() {
-        let kept = clients.iter().map(|c| &**c).filter(|c| !excluded.contains_key(&c.name_any()));
-        built = build_table_with_store(ns, service, plans, kept, &keys, store);
+        (built, key_memos, changed) = build(&|c| !excluded.contains_key(&c.name_any()));
     }
     let owners = built
         .plans
@@ -202,7 +226,18 @@ pub fn decide(
     for (client, fp) in &built.duplicate_keys {
         duplicates.entry(client.clone()).or_default().push(fp.clone());
     }
-    Some(Desired { table: built.table, owners, plans: built.plans, clients: built.clients, duplicates, excluded })
+    let table = Arc::new(built.table);
+    let memo = Arc::new(TableMemo::new(table.clone(), built.client_json, key_memos));
+    Some(Desired {
+        table,
+        memo: Some(memo),
+        changed,
+        owners,
+        plans: built.plans,
+        clients: built.clients,
+        duplicates,
+        excluded,
+    })
 }
 
 async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
@@ -214,12 +249,14 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         p.namespace().as_deref() == Some(ns)
             && p.annotations().get(crate::webhook::inject::ANNOTATION_SERVICE) == Some(&key.name)
     });
+    let old = ctx.state.read().expect("state lock").get(key).cloned();
     let desired = decide(
         ns,
         &key.name,
         &plans,
         &clients,
-        |c| cached_keys(ctx, c).entries,
+        |name| ctx.secrets.get(&ObjectRef::new(name).within(ns)),
+        old.as_ref().and_then(|o| o.memo.as_deref()),
         svc.as_deref(),
         sidecars,
         ctx.max_shard_bytes,
@@ -227,7 +264,6 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
     );
     let writer = Writer::new(ctx, ns, &key.name);
     let live = writer.read().await?;
-    let old = ctx.state.read().expect("state lock").get(key).cloned();
 
     let Some(desired) = desired else {
         // Nothing protects or reads this Service any more: the index goes first (fenced), then shards, then RBAC.
@@ -263,7 +299,11 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         tracing::debug!(namespace = ns, service = %key.name, revision = %table.revision, "table unchanged");
         live.doc.as_ref().map_or(0, |d| d.shards.len())
     } else {
-        let previous = old.as_ref().and_then(|o| o.table.as_deref());
+        // The changed ids are relative to the memo's table (which is the remembered table).
+        let previous = match (&desired.changed, old.as_ref().and_then(|o| o.memo.as_ref())) {
+            (Some(ids), Some(memo)) => Some((&*memo.table, Some(ids.as_slice()))),
+            _ => old.as_ref().and_then(|o| o.table.as_deref()).map(|t| (t, None)),
+        };
         let rendered = writer.publish(&live, table, previous, damaged, &desired.owners, ctx.max_shard_bytes).await?;
         ctx.metrics
             .table_writes
@@ -289,13 +329,12 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         plans.iter().map(|p| &**p).filter(|p| desired.plans.contains_key(&p.name_any())).collect();
     super::access::reconcile_access(ctx, ns, &key.name, &granting, &desired.owners).await?;
 
-    // The table in force, for the next render: the one remembered if unchanged, else this one (moved, not copied:
-    // 100 000 clients are tens of MiB).
-    let revision = table.revision.clone();
-    let remembered = old.as_ref().and_then(|o| o.table.clone()).filter(|t| t.revision == revision);
+    // The table in force, for the next render (shared, not copied: 100 000 clients are tens of MiB), and what its
+    // build keeps for the next one.
     let new = ServiceState {
-        revision,
-        table: Some(remembered.unwrap_or_else(|| Arc::new(desired.table))),
+        revision: table.revision.clone(),
+        table: Some(desired.table.clone()),
+        memo: desired.memo.clone(),
         shards,
         clients: desired.clients,
         plans: desired.plans,
@@ -337,7 +376,6 @@ fn notify_clients<'a>(ctx: &Ctx, ns: &str, names: impl Iterator<Item = &'a Strin
 mod tests {
     use super::*;
     use crate::fixtures::fixture;
-    use portcullis_table::KeyEntry;
 
     fn decide_with(
         plans: &[UsagePlan],
@@ -347,11 +385,11 @@ mod tests {
         max: usize,
     ) -> Option<Desired> {
         let (_, _, secret) = fixture(clients.len());
+        let secret = Arc::new(secret);
         let plans: Vec<Arc<UsagePlan>> = plans.iter().cloned().map(Arc::new).collect();
         let clients: Vec<Arc<ApiClient>> = clients.iter().cloned().map(Arc::new).collect();
-        let lookup =
-            |c: &ApiClient| -> Vec<KeyEntry> { resolve_keys(c, |name| (name == "keys").then_some(&secret)).entries };
-        decide("shop", "orders", &plans, &clients, lookup, svc, sidecars, max, false)
+        let lookup = |name: &str| (name == "keys").then(|| secret.clone());
+        decide("shop", "orders", &plans, &clients, lookup, None, svc, sidecars, max, false)
     }
 
     fn service() -> Service {
@@ -409,5 +447,110 @@ mod tests {
         assert!(!d.clients.contains_key("client-000001"));
         // The table still renders (the check is conservative).
         portcullis_table::shard::render(&d.table, "i", portcullis_table::shard::Previous::NONE, 1, 4096).unwrap();
+    }
+
+    /// A build reusing the previous build's memo gives exactly the table a build from scratch gives, and names
+    /// exactly the clients that differ, through every kind of change (the reflector hands out a new object for
+    /// each changed ApiClient or Secret; unchanged ones stay the same objects).
+    #[test]
+    fn a_build_from_the_memo_is_a_build_from_scratch() {
+        use k8s_openapi::ByteString;
+        let (plans, clients, secret) = fixture(300);
+        let plans: Vec<Arc<UsagePlan>> = plans.into_iter().map(Arc::new).collect();
+        let mut clients: Vec<Arc<ApiClient>> = clients.into_iter().map(Arc::new).collect();
+        let mut secret = Arc::new(secret);
+        let max = portcullis_table::shard::MAX_SHARD_BYTES;
+        let run = |clients: &[Arc<ApiClient>], secret: &Arc<Secret>, memo: Option<&TableMemo>| {
+            let lookup = |name: &str| (name == "keys").then(|| secret.clone());
+            decide("shop", "orders", &plans, clients, lookup, memo, None, false, max, false).unwrap()
+        };
+        let mut memo = run(&clients, &secret, None).memo.unwrap();
+        let edit = |c: &Arc<ApiClient>, f: &dyn Fn(&mut ApiClient)| {
+            let mut c = (**c).clone();
+            f(&mut c);
+            Arc::new(c)
+        };
+        type Step<'a> = (&'a str, Box<dyn Fn(&mut Vec<Arc<ApiClient>>, &mut Arc<Secret>)>);
+        let steps: Vec<Step> = vec![
+            ("nothing", Box::new(|_, _| {})),
+            (
+                "a CIDR",
+                Box::new(move |c, _| c[7] = edit(&c[7], &|c| c.spec.source_ranges = vec!["192.0.2.0/24".into()])),
+            ),
+            (
+                "a client removed",
+                Box::new(|c, _| {
+                    c.remove(20);
+                }),
+            ),
+            (
+                "a client added",
+                Box::new(move |c, _| {
+                    let mut n = (*c[0]).clone();
+                    n.metadata.name = Some("client-zzz".into());
+                    n.spec.keys[0].secret_ref.as_mut().unwrap().key = "new".into();
+                    c.push(Arc::new(n));
+                }),
+            ),
+            (
+                "the new client's key appears",
+                Box::new(|_, s| {
+                    let mut x = (**s).clone();
+                    x.data.as_mut().unwrap().insert("new".into(), ByteString(b"a-new-key".to_vec()));
+                    *s = Arc::new(x);
+                }),
+            ),
+            (
+                "a key rotated in the Secret",
+                Box::new(|_, s| {
+                    let mut x = (**s).clone();
+                    x.data.as_mut().unwrap().insert("k5".into(), ByteString(b"rotated".to_vec()));
+                    *s = Arc::new(x);
+                }),
+            ),
+            (
+                "a key claimed by a second client",
+                Box::new(move |c, _| {
+                    c[9] = edit(&c[9], &|c| c.spec.keys[0].secret_ref.as_mut().unwrap().key = "k8".into())
+                }),
+            ),
+            (
+                "the claim dropped",
+                Box::new(move |c, _| {
+                    c[9] = edit(&c[9], &|c| c.spec.keys[0].secret_ref.as_mut().unwrap().key = "k9".into())
+                }),
+            ),
+            ("a client disabled", Box::new(move |c, _| c[3] = edit(&c[3], &|c| c.spec.disabled = Some(true)))),
+            ("its plan dropped", Box::new(move |c, _| c[4] = edit(&c[4], &|c| c.spec.usage_plans.clear()))),
+            (
+                "the Secret gone",
+                Box::new(|_, s| {
+                    let mut x = (**s).clone();
+                    x.data = None;
+                    *s = Arc::new(x);
+                }),
+            ),
+        ];
+        for (what, step) in steps {
+            step(&mut clients, &mut secret);
+            let fresh = run(&clients, &secret, None);
+            let reused = run(&clients, &secret, Some(&memo));
+            assert_eq!(reused.table, fresh.table, "{what}");
+            assert_eq!((&reused.clients, &reused.duplicates), (&fresh.clients, &fresh.duplicates), "{what}");
+            // The changed ids are exactly the clients whose table entry differs.
+            let mut want: Vec<String> = Vec::new();
+            let (old, new) = (&memo.table.clients, &reused.table.clients);
+            for c in old {
+                if new.iter().find(|n| n.id == c.id) != Some(c) {
+                    want.push(c.id.clone());
+                }
+            }
+            want.extend(new.iter().filter(|n| !old.iter().any(|c| c.id == n.id)).map(|n| n.id.clone()));
+            let mut got = reused.changed.clone().unwrap();
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "{what}");
+            memo = reused.memo.unwrap();
+        }
     }
 }

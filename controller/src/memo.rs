@@ -1,0 +1,177 @@
+//! What one build of a Service's table keeps for the next, so that a change to one client among 100 000 does not
+//! resolve, hash and serialise every other client again.
+//!
+//! Two things are reused, each only where it is provably what a fresh build would compute:
+//! - **Resolved keys** of a client: reused while its ApiClient is the *same object* the reflector handed out then
+//!   (the reflector replaces an object's `Arc` on every change) and every Secret its keys read is the same object
+//!   (or still absent). Key resolution ([`crate::keys::resolve_keys`]) is a function of exactly those. The memo
+//!   holds those `Arc`s, so an address can never be reused by another object while it is compared.
+//! - **JSON of a table client**: reused when the freshly built client *equals* the one rendered last time (JSON is
+//!   a function of the client alone), so the revision hash and the shard-size check need no serialisation.
+//!
+//! No I/O: lookups come in as closures; everything here is unit-tested.
+
+use crate::crd::ApiClient;
+use crate::keys::resolve_keys;
+use k8s_openapi::api::core::v1::Secret;
+use portcullis_table::{Client, KeyEntry, Table};
+use std::cell::{Cell, RefCell};
+use std::cmp::Ordering;
+use std::sync::Arc;
+
+/// The resolved keys of one client and what they were resolved from (cheap to clone: shared).
+#[derive(Debug, Clone)]
+pub struct KeyMemo(Arc<Resolved>);
+
+#[derive(Debug)]
+struct Resolved {
+    source: Arc<ApiClient>,
+    /// Each Secret name the resolution looked up, and what it found.
+    reads: Vec<(String, Option<Arc<Secret>>)>,
+    entries: Vec<KeyEntry>,
+}
+
+impl KeyMemo {
+    /// Resolves the keys of `client` through `lookup` (Secrets by name in its namespace), recording what was read.
+    pub fn resolve(client: &Arc<ApiClient>, lookup: impl Fn(&str) -> Option<Arc<Secret>>) -> Self {
+        let reads = RefCell::new(Vec::new());
+        let entries = resolve_keys(client, |name| {
+            let found = lookup(name);
+            reads.borrow_mut().push((name.to_string(), found.clone()));
+            found
+        })
+        .entries;
+        Self(Arc::new(Resolved { source: client.clone(), reads: reads.into_inner(), entries }))
+    }
+
+    /// Whether this memo still holds the keys of `client`: the same ApiClient object, and every Secret read the
+    /// same object as then (or still absent).
+    pub fn is_current(&self, client: &Arc<ApiClient>, lookup: impl Fn(&str) -> Option<Arc<Secret>>) -> bool {
+        Arc::ptr_eq(&self.0.source, client)
+            && self.0.reads.iter().all(|(name, then)| match (then, lookup(name)) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, &b),
+                (None, None) => true,
+                _ => false,
+            })
+    }
+
+    pub fn entries(&self) -> &[KeyEntry] {
+        &self.0.entries
+    }
+}
+
+/// What a build of one Service's table keeps: the table, each client's JSON and resolved keys (in table order).
+#[derive(Debug)]
+pub struct TableMemo {
+    pub table: Arc<Table>,
+    json: Vec<Arc<str>>,
+    keys: Vec<KeyMemo>,
+}
+
+impl TableMemo {
+    /// The memo of `table`, whose clients' JSON is `json` and resolved keys `keys` (both in table order).
+    pub fn new(table: Arc<Table>, json: Vec<Arc<str>>, keys: Vec<KeyMemo>) -> Self {
+        assert_eq!(table.clients.len(), keys.len(), "one key memo per client");
+        assert_eq!(table.clients.len(), json.len(), "one JSON string per client");
+        Self { table, json, keys }
+    }
+
+    /// The JSON of each client, in table order.
+    pub fn client_json(&self) -> &[Arc<str>] {
+        &self.json
+    }
+
+    /// Lookups into this memo for one build: they come in id order, so each is tried at the position after the
+    /// previous one before searching.
+    pub fn cursor(&self) -> Cursor<'_> {
+        Cursor { memo: self, next: Cell::new(0), matched: Cell::new(0), changed: RefCell::new(Vec::new()) }
+    }
+}
+
+/// See [`TableMemo::cursor`].
+pub struct Cursor<'m> {
+    memo: &'m TableMemo,
+    next: Cell<usize>,
+    /// [`Cursor::json_of`]: how many clients were found in the memo's table, and the ids of those that were not,
+    /// or differ.
+    matched: Cell<usize>,
+    changed: RefCell<Vec<String>>,
+}
+
+impl Cursor<'_> {
+    /// Position of the client `cmp` finds (it orders a table client's id against the one looked for).
+    fn position(&self, cmp: impl Fn(&str) -> Ordering) -> Option<usize> {
+        let clients = &self.memo.table.clients;
+        let hint = self.next.get();
+        let at = match clients.get(hint) {
+            Some(c) if cmp(&c.id) == Ordering::Equal => hint,
+            _ => clients.binary_search_by(|c| cmp(&c.id)).ok()?,
+        };
+        self.next.set(at + 1);
+        Some(at)
+    }
+
+    /// The JSON rendered last time for a client equal to `client`.
+    pub fn json_of(&self, client: &Client) -> Option<Arc<str>> {
+        let Some(i) = self.position(|id| id.cmp(&client.id)) else {
+            self.changed.borrow_mut().push(client.id.clone());
+            return None;
+        };
+        self.matched.set(self.matched.get() + 1);
+        if self.memo.table.clients[i] == *client {
+            Some(self.memo.json[i].clone())
+        } else {
+            self.changed.borrow_mut().push(client.id.clone());
+            None
+        }
+    }
+
+    /// After [`Cursor::json_of`] was asked for every client of `table` (and only those): the ids of the clients in
+    /// which `table` differs from the memo's table — added, changed or removed.
+    pub fn changed(self, table: &Table) -> Vec<String> {
+        let old = &self.memo.table.clients;
+        let mut changed = self.changed.into_inner();
+        if self.matched.get() < old.len() {
+            // Some are gone: walk both id lists (sorted).
+            let mut new = table.clients.iter().map(|c| c.id.as_str()).peekable();
+            for c in old {
+                while new.next_if(|id| *id < c.id.as_str()).is_some() {}
+                if new.peek() != Some(&c.id.as_str()) {
+                    changed.push(c.id.clone());
+                }
+            }
+        }
+        changed
+    }
+
+    /// The keys of `client` resolved last time, if still current (see [`KeyMemo::is_current`]).
+    pub fn keys_of(&self, client: &Arc<ApiClient>, lookup: impl Fn(&str) -> Option<Arc<Secret>>) -> Option<KeyMemo> {
+        let ns = client.metadata.namespace.as_deref().unwrap_or_default();
+        let name = client.metadata.name.as_deref().unwrap_or_default();
+        let m = &self.memo.keys[self.position(|id| compare_id(id, ns, name))?];
+        m.is_current(client, lookup).then(|| m.clone())
+    }
+}
+
+/// `id` (`namespace/name`) against `ns` + `/` + `name`, without building the latter.
+fn compare_id(id: &str, ns: &str, name: &str) -> Ordering {
+    let (a, b) = id.as_bytes().split_at(id.len().min(ns.len()));
+    a.cmp(ns.as_bytes())
+        .then_with(|| b.first().cmp(&Some(&b'/')).then_with(|| b.get(1..).unwrap_or_default().cmp(name.as_bytes())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_compare_as_the_joined_string_would() {
+        let cases = ["a/b", "a/c", "a/", "ab/c", "a", "b/a", "a/bc", "a-b/c", "a.b/c"];
+        for id in cases {
+            for (ns, name) in [("a", "b"), ("a", "bc"), ("ab", "c"), ("a", ""), ("b", "a"), ("a-b", "c")] {
+                let joined = format!("{ns}/{name}");
+                assert_eq!(compare_id(id, ns, name), id.cmp(joined.as_str()), "{id} vs {joined}");
+            }
+        }
+    }
+}
