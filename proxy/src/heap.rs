@@ -20,6 +20,21 @@ pub fn release_free_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn release_free_memory() {}
 
+/// [`release_free_memory`] on a blocking thread of the current Tokio runtime, not waited for; calls while one is
+/// pending or running are folded into it (a burst of table swaps costs one or two walks, not one each).
+pub fn release_free_memory_soon() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static PENDING: AtomicBool = AtomicBool::new(false);
+    if PENDING.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    tokio::task::spawn_blocking(|| {
+        // Cleared first: a swap that finishes during the walk schedules another one.
+        PENDING.store(false, Ordering::Release);
+        release_free_memory();
+    });
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -284,10 +284,31 @@ impl<C: Clock + Clone> CompiledTable<C> {
             };
             parts.push(part);
         }
-        let nkeys = parts.iter().map(|p| p.keys.len()).sum();
-        let mut keys: DigestMap<KeyRef> = DigestMap::with_capacity_and_hasher(nkeys, Default::default());
-        let mut certs = HashMap::new();
-        for (pi, part) in parts.iter().enumerate() {
+        // The key and certificate maps: with the same layout, the previous table's maps with the entries of the
+        // replaced parts swapped (a copy, then work in proportion to what changed); else built over every part.
+        let (mut keys, mut certs, rebuilt): (DigestMap<KeyRef>, _, Vec<usize>) = match previous {
+            Some(p) if same_layout => {
+                let replaced: Vec<usize> = (0..parts.len()).filter(|&i| !Arc::ptr_eq(&p.parts[i], &parts[i])).collect();
+                let (mut keys, mut certs) = (p.keys.clone(), p.certs.clone());
+                // Every replaced part's entries go before any new one comes in: a key may move between parts.
+                for &i in &replaced {
+                    for (digest, _, _) in &p.parts[i].keys {
+                        keys.remove(digest);
+                    }
+                    for (identity, _) in &p.parts[i].certs {
+                        certs.remove(identity);
+                    }
+                }
+                (keys, certs, replaced)
+            }
+            _ => {
+                let nkeys = parts.iter().map(|p| p.keys.len()).sum();
+                let keys = DigestMap::with_capacity_and_hasher(nkeys, Default::default());
+                (keys, HashMap::new(), (0..parts.len()).collect())
+            }
+        };
+        for pi in rebuilt {
+            let part = &parts[pi];
             let at = |index: u32| ClientRef { part: pi as u32, index };
             for (digest, index, expires_at) in &part.keys {
                 if keys.insert(*digest, KeyRef { client: at(*index), expires_at: *expires_at }).is_some() {
@@ -531,6 +552,91 @@ mod tests {
         let mut idx3 = idx2.clone();
         idx3.plans.get_mut("p").unwrap().throttle = Some(Throttle { rate: 2, per_millis: 60_000, burst: 2 });
         assert!((0..n).all(|i| c2.reusable_part(&idx3, i).is_none()));
+    }
+
+    /// The key map of a revision compiled from the previous one (its entries of the replaced parts swapped) is the
+    /// map a compile from scratch builds, also when a key moves from one part to another; a key that a kept part
+    /// still holds is refused.
+    #[test]
+    fn a_patched_key_map_is_the_map_built_from_scratch() {
+        use portcullis_table::shard::{IndexDoc, Previous, check_shard, render, shard_of};
+        let mut plans = BTreeMap::new();
+        plans.insert("p".to_string(), Plan::default());
+        let client = |i: usize, key: &str| {
+            Client::builder(format!("ns/c{i:04}")).key(key).source("127.0.0.1/32").plan("p").build()
+        };
+        let t1 = Table::new("ns/svc", plans, (0..400).map(|i| client(i, &format!("k{i}"))).collect());
+        let r1 = render(&t1, "i", Previous::NONE, 1, 8 * 1024).unwrap();
+        let idx1 = IndexDoc::parse(&r1.index_json, "i").unwrap();
+        let n = idx1.shards.len();
+        let read = |idx: &IndexDoc, i: usize, texts: &[&[(String, String)]]| {
+            let text = texts
+                .iter()
+                .flat_map(|t| t.iter())
+                .find(|(name, _)| *name == idx.shards[i].name)
+                .map(|(_, t)| t.as_str());
+            ShardInput::New { digest: idx.shards[i].sha256.clone(), clients: check_shard(idx, i, text).unwrap() }
+        };
+        let clock = FakeRelativeClock::default();
+        let c1 = CompiledTable::compile_stable(
+            &idx1,
+            (0..n).map(|i| read(&idx1, i, &[&r1.shards])).collect(),
+            None,
+            clock.clone(),
+        )
+        .unwrap();
+        let entries = |c: &CompiledTable<FakeRelativeClock>| {
+            let mut v: Vec<([u8; 32], u32, u32)> =
+                c.keys.iter().map(|(d, r)| (d.0, r.client.part, r.client.index)).collect();
+            v.sort();
+            v
+        };
+        // Client 3 gives up its key; a client in another shard takes it (dropping its own); client 7's key rotates.
+        let a = 3;
+        let b = (0..400).find(|i| shard_of(&format!("ns/c{i:04}"), n) != shard_of("ns/c0003", n)).unwrap();
+        let mut t2 = t1.clone();
+        t2.clients[a] = client(a, "k3-new");
+        t2.clients[b] = client(b, "k3");
+        t2.clients[7] = client(7, "k7-rotated");
+        t2.revision = t2.compute_revision();
+        let r2 = render(&t2, "i", Previous::of(Some(&idx1), Some(&t1)), 2, 8 * 1024).unwrap();
+        let idx2 = IndexDoc::parse(&r2.index_json, "i").unwrap();
+        let inputs = (0..n)
+            .map(|i| match c1.reusable_part(&idx2, i) {
+                Some(part) => ShardInput::Keep(part),
+                None => read(&idx2, i, &[&r2.shards, &r1.shards]),
+            })
+            .collect();
+        let patched = CompiledTable::compile_stable(&idx2, inputs, Some(&c1), clock.clone()).unwrap();
+        let scratch = CompiledTable::compile_stable(
+            &idx2,
+            (0..n).map(|i| read(&idx2, i, &[&r2.shards, &r1.shards])).collect(),
+            None,
+            clock.clone(),
+        )
+        .unwrap();
+        assert_eq!(entries(&patched), entries(&scratch));
+        assert_eq!(patched.lookup(&key_digest(b"k3")).unwrap().0.id, format!("ns/c{b:04}"));
+        assert!(patched.lookup(&key_digest(b"k7")).is_none(), "the rotated key is gone");
+        assert!(patched.lookup(&key_digest(&format!("k{b}").into_bytes())).is_none());
+
+        // A new part claiming a key a kept part holds: refused, as a compile from scratch refuses it.
+        let holder = (0..400)
+            .find(|i| ![a, b, 7].contains(i) && shard_of(&format!("ns/c{i:04}"), n) != shard_of("ns/c0003", n))
+            .unwrap();
+        let mut t3 = t2.clone();
+        t3.clients[a] = client(a, &format!("k{holder}"));
+        t3.revision = t3.compute_revision();
+        let r3 = render(&t3, "i", Previous::of(Some(&idx2), Some(&t2)), 3, 8 * 1024).unwrap();
+        let idx3 = IndexDoc::parse(&r3.index_json, "i").unwrap();
+        let inputs = (0..n)
+            .map(|i| match patched.reusable_part(&idx3, i) {
+                Some(part) => ShardInput::Keep(part),
+                None => read(&idx3, i, &[&r3.shards, &r2.shards, &r1.shards]),
+            })
+            .collect();
+        let r = CompiledTable::compile_stable(&idx3, inputs, Some(&patched), clock);
+        assert!(matches!(r, Err(CompileError::DuplicateKey(_))), "{:?}", r.err());
     }
 
     #[test]

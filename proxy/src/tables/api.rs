@@ -405,16 +405,12 @@ impl Driver<'_> {
         }))
     }
 
-    /// Compiles and swaps in off the async threads, then returns the freed memory to the system.
+    /// Compiles and swaps in off the async threads; the freed memory goes back to the system after that, off the
+    /// path of this revision (and of the next one: it does not wait for it).
     async fn apply(&self, apply: Apply) -> LoadOutcome {
         let store = self.store.clone();
-        let applied = tokio::task::spawn_blocking(move || {
-            let applied = apply(&store);
-            crate::heap::release_free_memory();
-            applied
-        })
-        .await
-        .expect("table loading does not panic");
+        let applied = tokio::task::spawn_blocking(move || apply(&store)).await.expect("table loading does not panic");
+        crate::heap::release_free_memory_soon();
         match applied {
             Ok(_) => LoadOutcome::Applied,
             Err(e) => LoadOutcome::Invalid(Chain(&e).to_string()),
