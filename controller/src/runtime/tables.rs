@@ -249,14 +249,18 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         p.namespace().as_deref() == Some(ns)
             && p.annotations().get(crate::webhook::inject::ANNOTATION_SERVICE) == Some(&key.name)
     });
-    let old = ctx.state.read().expect("state lock").get(key).cloned();
+    // What the previous build keeps (shared, not copied: the rest of the state is 100 000 entries at scale).
+    let (old_table, old_memo) = match ctx.state.read().expect("state lock").get(key) {
+        Some(o) => (o.table.clone(), o.memo.clone()),
+        None => (None, None),
+    };
     let desired = decide(
         ns,
         &key.name,
         &plans,
         &clients,
         |name| ctx.secrets.get(&ObjectRef::new(name).within(ns)),
-        old.as_ref().and_then(|o| o.memo.as_deref()),
+        old_memo.as_deref(),
         svc.as_deref(),
         sidecars,
         ctx.max_shard_bytes,
@@ -269,7 +273,7 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         // Nothing protects or reads this Service any more: the index goes first (fenced), then shards, then RBAC.
         writer.remove(&live).await?;
         super::access::delete_access(ctx, ns, &key.name).await?;
-        ctx.state.write().expect("state lock").remove(key);
+        let old = ctx.state.write().expect("state lock").remove(key);
         ctx.metrics.remove_table(ns, &key.name);
         if let Some(old) = old {
             tracing::info!(namespace = ns, service = %key.name, "no UsagePlan, Service or sidecar left; tables removed");
@@ -300,9 +304,9 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         live.doc.as_ref().map_or(0, |d| d.shards.len())
     } else {
         // The changed ids are relative to the memo's table (which is the remembered table).
-        let previous = match (&desired.changed, old.as_ref().and_then(|o| o.memo.as_ref())) {
+        let previous = match (&desired.changed, &old_memo) {
             (Some(ids), Some(memo)) => Some((&*memo.table, Some(ids.as_slice()))),
-            _ => old.as_ref().and_then(|o| o.table.as_deref()).map(|t| (t, None)),
+            _ => old_table.as_deref().map(|t| (t, None)),
         };
         let rendered = writer.publish(&live, table, previous, damaged, &desired.owners, ctx.max_shard_bytes).await?;
         ctx.metrics
@@ -344,8 +348,10 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
     for (client, reason) in &new.excluded {
         tracing::warn!(namespace = ns, service = %key.name, client, reason, "ApiClient left out of the table");
     }
-    // Tell the ApiClient reconciler about clients whose presence, generation, duplicates or exclusion changed.
-    let changed: Vec<String> = match &old {
+    // Tell the ApiClient reconciler about clients whose presence, generation, duplicates or exclusion changed
+    // (compared under the read lock: only this worker writes the state).
+    let state = ctx.state.read().expect("state lock");
+    let changed: Vec<String> = match state.get(key) {
         None => new.clients.keys().chain(new.excluded.keys()).cloned().collect(),
         Some(old) => {
             let mut v: Vec<String> = new
@@ -361,6 +367,7 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
             v
         }
     };
+    drop(state);
     ctx.state.write().expect("state lock").insert(key.clone(), new);
     notify_clients(ctx, ns, changed.iter());
     Ok(())
