@@ -10,8 +10,13 @@ fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
+/// Generous timeouts: these tests are about what the store answers, not how fast; the default 50 ms operation
+/// timeout was exceeded by a first connection on a loaded CI machine (`Timeout(50ms)` in `connect`).
 fn config(r: &RedisServer) -> StoreConfig {
-    StoreConfig::new(r.url())
+    let mut c = StoreConfig::new(r.url());
+    c.timeout = Duration::from_secs(2);
+    c.connect_timeout = Duration::from_secs(2);
+    c
 }
 
 fn take<'a>(tk: &'a str, tokens: u64, qk: &'a str, units: u64, limit: u64, exp: i64) -> Take<'a> {

@@ -235,7 +235,10 @@ async fn status_usage_matches_the_counts_in_the_store() {
     wait_client_condition(&env, "acme", "Ready", "True", None).await;
 
     // What a proxy does per admitted request: the store's `take` script on the client's quota key.
-    let s = Store::connect(&StoreConfig::new(redis.url())).await.unwrap();
+    // Generous timeout: a loaded test machine can take longer than the default 50 ms to answer.
+    let mut config = StoreConfig::new(redis.url());
+    (config.timeout, config.connect_timeout) = (Duration::from_secs(2), Duration::from_secs(2));
+    let s = Store::connect(&config).await.unwrap();
     let id = format!("{}/acme", env.ns);
     let now = jiff::Timestamp::now().as_second();
     let (tk, qk) = (throttle_key(&id, "gold"), quota_key(&id, "gold", Period::Day, now));

@@ -257,7 +257,10 @@ async fn a_quota_is_exact_across_three_proxies_and_survives_a_restart() {
     proxies[0] = s.proxy(&redis.url(), "q0");
     proxies[0].ready_with("store: up").await;
     assert_eq!(send_round_robin(&proxies, 20).await, 10, "30 in all across the three and the restart");
-    let store = Store::connect(&StoreConfig::new(redis.url())).await.unwrap();
+    // Generous timeout: a loaded test machine can take longer than the default 50 ms to answer.
+    let mut config = StoreConfig::new(redis.url());
+    (config.timeout, config.connect_timeout) = (Duration::from_secs(2), Duration::from_secs(2));
+    let store = Store::connect(&config).await.unwrap();
     let key = quota_key("t/q", "monthly", Period::Day, unix_now());
     assert_eq!(store.quota_used(&[key]).await.unwrap(), vec![30]);
     proxies[1].ready_with("store: up; 3 replicas known").await;
