@@ -13,6 +13,7 @@
 
 use crate::crd::ApiClient;
 use crate::keys::resolve_keys;
+use crate::model::ResolvedClient;
 use k8s_openapi::api::core::v1::Secret;
 use portcullis_table::{Client, KeyEntry, Table};
 use std::cell::{Cell, RefCell};
@@ -84,7 +85,33 @@ impl TableMemo {
     /// Lookups into this memo for one build: they come in id order, so each is tried at the position after the
     /// previous one before searching.
     pub fn cursor(&self) -> Cursor<'_> {
-        Cursor { memo: self, next: Cell::new(0), matched: Cell::new(0), changed: RefCell::new(Vec::new()) }
+        Cursor { memo: self, next: Cell::new(0) }
+    }
+
+    /// The ids of the clients in which `table` differs from this memo's table: added, changed or removed. Entries
+    /// `table` shares with it (reused by the build, see [`crate::model::ResolvedClient`]) are not compared.
+    pub fn changed(&self, table: &Table) -> Vec<String> {
+        let (old, new) = (&self.table.clients, &table.clients);
+        let (mut i, mut j) = (0, 0);
+        let mut changed = Vec::new();
+        loop {
+            match (old.get(i), new.get(j)) {
+                (Some(a), Some(b)) if Arc::ptr_eq(a, b) => (i, j) = (i + 1, j + 1),
+                (Some(a), Some(b)) => match a.id.cmp(&b.id) {
+                    Ordering::Less => (changed.push(a.id.clone()), i += 1).1,
+                    Ordering::Greater => (changed.push(b.id.clone()), j += 1).1,
+                    Ordering::Equal => {
+                        if a != b {
+                            changed.push(b.id.clone());
+                        }
+                        (i, j) = (i + 1, j + 1);
+                    }
+                },
+                (Some(a), None) => (changed.push(a.id.clone()), i += 1).1,
+                (None, Some(b)) => (changed.push(b.id.clone()), j += 1).1,
+                (None, None) => return changed,
+            }
+        }
     }
 }
 
@@ -92,13 +119,27 @@ impl TableMemo {
 pub struct Cursor<'m> {
     memo: &'m TableMemo,
     next: Cell<usize>,
-    /// [`Cursor::json_of`]: how many clients were found in the memo's table, and the ids of those that were not,
-    /// or differ.
-    matched: Cell<usize>,
-    changed: RefCell<Vec<String>>,
 }
 
-impl Cursor<'_> {
+/// A client as one build resolved it: its keys (from the memo when still current), and the entry and JSON the
+/// memo's table holds for it when the keys were current (same ApiClient object, same Secrets).
+#[derive(Debug, Clone)]
+pub struct Known<'m> {
+    pub keys: KeyMemo,
+    previous: Option<(&'m Arc<Client>, &'m Arc<str>)>,
+}
+
+impl ResolvedClient for Known<'_> {
+    fn keys(&self) -> &[KeyEntry] {
+        self.keys.entries()
+    }
+
+    fn previous(&self) -> Option<(&Arc<Client>, &Arc<str>)> {
+        self.previous
+    }
+}
+
+impl<'m> Cursor<'m> {
     /// Position of the client `cmp` finds (it orders a table client's id against the one looked for).
     fn position(&self, cmp: impl Fn(&str) -> Ordering) -> Option<usize> {
         let clients = &self.memo.table.clients;
@@ -113,44 +154,28 @@ impl Cursor<'_> {
 
     /// The JSON rendered last time for a client equal to `client`.
     pub fn json_of(&self, client: &Client) -> Option<Arc<str>> {
-        let Some(i) = self.position(|id| id.cmp(&client.id)) else {
-            self.changed.borrow_mut().push(client.id.clone());
-            return None;
-        };
-        self.matched.set(self.matched.get() + 1);
-        if self.memo.table.clients[i] == *client {
-            Some(self.memo.json[i].clone())
-        } else {
-            self.changed.borrow_mut().push(client.id.clone());
-            None
-        }
+        let i = self.position(|id| id.cmp(&client.id))?;
+        (*self.memo.table.clients[i] == *client).then(|| self.memo.json[i].clone())
     }
 
-    /// After [`Cursor::json_of`] was asked for every client of `table` (and only those): the ids of the clients in
-    /// which `table` differs from the memo's table — added, changed or removed.
-    pub fn changed(self, table: &Table) -> Vec<String> {
-        let old = &self.memo.table.clients;
-        let mut changed = self.changed.into_inner();
-        if self.matched.get() < old.len() {
-            // Some are gone: walk both id lists (sorted).
-            let mut new = table.clients.iter().map(|c| c.id.as_str()).peekable();
-            for c in old {
-                while new.next_if(|id| *id < c.id.as_str()).is_some() {}
-                if new.peek() != Some(&c.id.as_str()) {
-                    changed.push(c.id.clone());
-                }
-            }
-        }
-        changed
-    }
-
-    /// The keys of `client` resolved last time, if still current (see [`KeyMemo::is_current`]).
-    pub fn keys_of(&self, client: &Arc<ApiClient>, lookup: impl Fn(&str) -> Option<Arc<Secret>>) -> Option<KeyMemo> {
+    /// `client` resolved: from the memo while current (see [`KeyMemo::is_current`]), with the entry built from it;
+    /// else resolved again through `lookup`.
+    pub fn known(&self, client: &Arc<ApiClient>, lookup: impl Fn(&str) -> Option<Arc<Secret>>) -> Known<'m> {
         let ns = client.metadata.namespace.as_deref().unwrap_or_default();
         let name = client.metadata.name.as_deref().unwrap_or_default();
-        let m = &self.memo.keys[self.position(|id| compare_id(id, ns, name))?];
-        m.is_current(client, lookup).then(|| m.clone())
+        let memo = self.memo;
+        if let Some(i) = self.position(|id| compare_id(id, ns, name))
+            && memo.keys[i].is_current(client, &lookup)
+        {
+            return Known { keys: memo.keys[i].clone(), previous: Some((&memo.table.clients[i], &memo.json[i])) };
+        }
+        Known { keys: KeyMemo::resolve(client, lookup), previous: None }
     }
+}
+
+/// `client` resolved without a memo.
+pub fn resolve(client: &Arc<ApiClient>, lookup: impl Fn(&str) -> Option<Arc<Secret>>) -> Known<'static> {
+    Known { keys: KeyMemo::resolve(client, lookup), previous: None }
 }
 
 /// `id` (`namespace/name`) against `ns` + `/` + `name`, without building the latter.

@@ -228,19 +228,41 @@ pub fn build_table_with_store<'a>(
     keys: impl Fn(&ApiClient) -> Vec<KeyEntry>,
     store: bool,
 ) -> BuiltTable {
-    build_table_reusing(namespace, service, plans, clients, |c| (keys(c), ()), |_| None, store).0
+    build_table_reusing(namespace, service, plans, clients, None, keys, |_| None, store).0
+}
+
+/// What a builder knows of one client when it builds a table: its resolved keys and, for a builder that keeps
+/// earlier builds (see [`crate::memo`]), the table entry and JSON built last time from the very same inputs.
+pub trait ResolvedClient {
+    /// The client's resolved keys, before keys claimed by an older client are left out.
+    fn keys(&self) -> &[KeyEntry];
+    /// The entry and its JSON built last time from the *same* ApiClient object and Secrets. The build reuses it
+    /// only when the same plans grant the Service and it keeps the same keys and certificates (which depend on
+    /// other clients); everything else in an entry is a function of the ApiClient and the granting plans' names.
+    fn previous(&self) -> Option<(&Arc<Client>, &Arc<str>)> {
+        None
+    }
+}
+
+impl ResolvedClient for Vec<KeyEntry> {
+    fn keys(&self) -> &[KeyEntry] {
+        self
+    }
 }
 
 /// [`build_table_with_store`] for a builder that keeps what it can between builds (see [`crate::memo`]): `keys`
-/// resolves a client's keys and returns something to keep with them (`X`, given back per table client in table
-/// order), `json_of` the JSON of a client rendered before, if known (else it is serialised here). Both are called
-/// once per table client, in id (table) order.
-pub fn build_table_reusing<'a, A: Borrow<ApiClient> + 'a, X>(
+/// resolves a client (given back per table client, in table order), `previous_plans` are the plans of the table
+/// the resolved clients' [`ResolvedClient::previous`] entries come from, `json_of` the JSON of a client rendered
+/// before, if known (else it is serialised here). `keys` is called once per table client in id (table) order,
+/// `json_of` for each client not reused, in id order.
+#[allow(clippy::too_many_arguments)]
+pub fn build_table_reusing<'a, A: Borrow<ApiClient> + 'a, X: ResolvedClient>(
     namespace: &str,
     service: &str,
     plans: impl IntoIterator<Item = &'a UsagePlan>,
     clients: impl IntoIterator<Item = &'a A>,
-    keys: impl Fn(&'a A) -> (Vec<KeyEntry>, X),
+    previous_plans: Option<&BTreeMap<String, Plan>>,
+    keys: impl Fn(&'a A) -> X,
     json_of: impl Fn(&Client) -> Option<Arc<str>>,
     store: bool,
 ) -> (BuiltTable, Vec<X>) {
@@ -257,67 +279,55 @@ pub fn build_table_reusing<'a, A: Borrow<ApiClient> + 'a, X>(
             plan_map.insert(name, entry);
         }
     }
-    let mut selected: Vec<(String, &'a A, Vec<String>)> = Vec::new();
+    // Entries of an earlier build are reused only while the same plans grant the Service (their names decide each
+    // client's `plans`; what they grant is in the table's plans, not in its clients).
+    let reuse = previous_plans.is_some_and(|p| p.keys().eq(plan_map.keys()));
+    let mut selected: Vec<(&'a str, &'a A)> = Vec::new();
     if !plan_map.is_empty() {
         for a in clients {
-            let c: &ApiClient = a.borrow();
-            let mut granted: Vec<String> = Vec::new();
-            for p in &c.spec.usage_plans {
-                if plan_map.contains_key(p.as_str()) && !granted.contains(p) {
-                    granted.push(p.clone());
-                }
-            }
-            if !granted.is_empty() {
-                let name = c.metadata.name.as_deref().unwrap_or_default();
-                let mut id = String::with_capacity(namespace.len() + 1 + name.len());
-                id.push_str(namespace);
-                id.push('/');
-                id.push_str(name);
-                selected.push((id, a, granted));
+            let c: &'a ApiClient = a.borrow();
+            if c.spec.usage_plans.iter().any(|p| plan_map.contains_key(p.as_str())) {
+                selected.push((c.metadata.name.as_deref().unwrap_or_default(), a));
             }
         }
     }
-    selected.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    // Every id is `namespace/name` with the same namespace: name order is id order.
+    selected.sort_unstable_by(|a, b| a.0.cmp(b.0));
     // A key (or certificate identity) claimed by several clients goes to the oldest (creationTimestamp, then name),
     // whatever order they come in: a newer ApiClient can never take a key away from an older one.
     let mut order: Vec<usize> = (0..selected.len()).collect();
     order.sort_by_key(|&i| seniority(selected[i].1.borrow()));
-    let mut kept_keys: Vec<Vec<KeyEntry>> = vec![Vec::new(); selected.len()];
-    let mut kept_certs: Vec<Vec<CertIdentity>> = vec![Vec::new(); selected.len()];
     // Keys are resolved in id order (a builder reusing an earlier build looks them up in that order), then
     // assigned in order of seniority.
-    let mut resolved: Vec<Option<Vec<KeyEntry>>> = Vec::with_capacity(selected.len());
-    let mut extras: Vec<X> = Vec::with_capacity(selected.len());
-    for (_, a, _) in &selected {
-        let (k, x) = keys(a);
-        resolved.push(Some(k));
-        extras.push(x);
+    let resolved: Vec<X> = selected.iter().map(|(_, a)| keys(a)).collect();
+    // Which resolved keys each client keeps, flat: client i's flags are `kept[offsets[i]..offsets[i + 1]]`.
+    let mut offsets = Vec::with_capacity(selected.len() + 1);
+    offsets.push(0);
+    for x in &resolved {
+        offsets.push(offsets[offsets.len() - 1] + x.keys().len());
     }
+    let mut kept = vec![false; offsets[selected.len()]];
+    let mut kept_certs: Vec<Vec<CertIdentity>> = (0..selected.len()).map(|_| Vec::new()).collect();
     let mut used: foldhash::HashSet<KeyDigest> =
         foldhash::HashSet::with_capacity_and_hasher(selected.len(), foldhash::fast::RandomState::default());
     let mut duplicate_keys = Vec::new();
     let mut used_certs: HashSet<CertIdentity> = HashSet::new();
     let mut duplicate_certificates = Vec::new();
     for i in order {
-        let a = selected[i].1;
-        let c: &ApiClient = a.borrow();
-        // Filtered in place: the first `kept` entries are the keys this client keeps.
-        let mut keys = resolved[i].take().expect("each client's keys are assigned once");
-        let mut kept = 0;
-        for r in 0..keys.len() {
-            let digest = keys[r].sha256;
-            if keys[..kept].iter().any(|e| e.sha256 == digest) {
+        let c: &ApiClient = selected[i].1.borrow();
+        let entries = resolved[i].keys();
+        let flags = &mut kept[offsets[i]..offsets[i + 1]];
+        for (r, entry) in entries.iter().enumerate() {
+            let digest = entry.sha256;
+            if entries[..r].iter().zip(&flags[..r]).any(|(e, &k)| k && e.sha256 == digest) {
                 continue; // the same key twice in one client: kept once
             }
             if used.insert(digest) {
-                keys.swap(kept, r);
-                kept += 1;
+                flags[r] = true;
             } else {
                 duplicate_keys.push((c.name_any(), portcullis_table::fingerprint(&digest)));
             }
         }
-        keys.truncate(kept);
-        kept_keys[i] = keys;
         for id in c.spec.certificates.iter().filter_map(cert_identity) {
             if kept_certs[i].contains(&id) {
                 continue;
@@ -330,17 +340,35 @@ pub fn build_table_reusing<'a, A: Borrow<ApiClient> + 'a, X>(
         }
     }
     let mut client_meta = HashMap::with_capacity(selected.len());
-    let mut out = Vec::with_capacity(selected.len());
+    let mut out: Vec<Arc<Client>> = Vec::with_capacity(selected.len());
     let mut json = Vec::with_capacity(selected.len());
-    for (((id, a, granted), mut entries), certificates) in selected.into_iter().zip(kept_keys).zip(kept_certs) {
+    let mut keys_kept: Vec<KeyEntry> = Vec::new();
+    for (i, ((name, a), certificates)) in selected.into_iter().zip(kept_certs).enumerate() {
         let c: &ApiClient = a.borrow();
+        client_meta.insert(name.to_string(), c.metadata.generation.unwrap_or(0));
+        let x = &resolved[i];
+        keys_kept.clear();
+        keys_kept.extend(
+            x.keys().iter().zip(&kept[offsets[i]..offsets[i + 1]]).filter(|(_, k)| **k).map(|(e, _)| e.clone()),
+        );
         // By digest, not spec order: reordering `spec.keys` leaves the table (and its revision) unchanged.
-        entries.sort_by_key(|k| k.sha256);
+        keys_kept.sort_unstable_by_key(|k| k.sha256);
+        let same = x.previous().filter(|(p, _)| reuse && p.keys == keys_kept && p.certificates == certificates);
+        if let Some((client, client_json)) = same {
+            out.push(client.clone());
+            json.push(client_json.clone());
+            continue;
+        }
+        let mut granted: Vec<String> = Vec::new();
+        for p in &c.spec.usage_plans {
+            if plan_map.contains_key(p.as_str()) && !granted.contains(p) {
+                granted.push(p.clone());
+            }
+        }
         let (source_ranges, _) = parse_source_ranges(&c.spec.source_ranges);
-        client_meta.insert(c.name_any(), c.metadata.generation.unwrap_or(0));
         let client = Client {
-            id,
-            keys: entries,
+            id: format!("{namespace}/{name}"),
+            keys: keys_kept.clone(),
             source_ranges,
             disabled: c.spec.disabled.unwrap_or(false),
             plans: granted,
@@ -348,7 +376,7 @@ pub fn build_table_reusing<'a, A: Borrow<ApiClient> + 'a, X>(
             require_certificate: c.spec.require_certificate.unwrap_or(false),
         };
         json.push(json_of(&client).unwrap_or_else(|| Arc::from(Table::client_json(&client))));
-        out.push(client);
+        out.push(Arc::new(client));
     }
     let table = Table::from_serialised_clients(format!("{namespace}/{service}"), plan_map, out, &json);
     let built = BuiltTable {
@@ -359,7 +387,7 @@ pub fn build_table_reusing<'a, A: Borrow<ApiClient> + 'a, X>(
         duplicate_keys,
         duplicate_certificates,
     };
-    (built, extras)
+    (built, resolved)
 }
 
 #[cfg(test)]

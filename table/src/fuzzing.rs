@@ -105,7 +105,7 @@ mod tests {
     /// service name and revision alone exceed the shard budget rendered one shard over that budget.
     #[test]
     fn render_refuses_a_budget_below_the_shard_overhead() {
-        let t = Table::new(format!("team-a/{}", "x".repeat(300)), Default::default(), vec![]);
+        let t = Table::new(format!("team-a/{}", "x".repeat(300)), Default::default(), Vec::<crate::Client>::new());
         match render(&t, "portcullis-table-x", Previous::NONE, 1, 232) {
             Err(TableError::ShardOverhead { bytes, max: 232, .. }) => assert!(bytes > 232),
             other => panic!("{other:?}"),

@@ -5,7 +5,9 @@ use ipnet::IpNet;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 /// One protected Service's table. Clients are sorted by `id`; `revision` is a hash of the content, so equal
 /// content always has an equal revision and rendering twice gives byte-identical output.
@@ -20,8 +22,10 @@ pub struct Table {
     pub revision: String,
     #[serde(default)]
     pub plans: BTreeMap<String, Plan>,
+    /// Shared, so a build that keeps most clients of the previous table (the controller's, see its `memo`) reuses
+    /// them instead of copying 100 000 clients.
     #[serde(default)]
-    pub clients: Vec<Client>,
+    pub clients: Vec<Arc<Client>>,
     /// Present on a **deny-all table**: no UsagePlan grants the Service, so the proxy refuses every request
     /// (403 `service_not_granted`). Such a table has no plans and no clients. Omitted otherwise (so tables that
     /// do not use it, and their revisions, are unchanged).
@@ -236,7 +240,12 @@ fn is_default<T: Default + PartialEq>(v: &T) -> bool {
 
 impl Table {
     /// A sealed table: clients sorted, revision computed.
-    pub fn new(service: impl Into<String>, plans: BTreeMap<String, Plan>, mut clients: Vec<Client>) -> Self {
+    pub fn new<C: Into<Arc<Client>>>(
+        service: impl Into<String>,
+        plans: BTreeMap<String, Plan>,
+        clients: Vec<C>,
+    ) -> Self {
+        let mut clients: Vec<Arc<Client>> = clients.into_iter().map(Into::into).collect();
         clients.sort_by(|a, b| a.id.cmp(&b.id));
         let mut t = Self {
             schema_version: SCHEMA_VERSION,
@@ -257,7 +266,7 @@ impl Table {
     pub fn from_serialised_clients<S: AsRef<str>>(
         service: impl Into<String>,
         plans: BTreeMap<String, Plan>,
-        clients: Vec<Client>,
+        clients: Vec<Arc<Client>>,
         json: &[S],
     ) -> Self {
         assert_eq!(clients.len(), json.len(), "one JSON string per client");
@@ -331,7 +340,7 @@ impl Table {
             schema_version: u32,
             service: &'a str,
             plans: &'a BTreeMap<String, Plan>,
-            clients: &'a [Client],
+            clients: &'a [Arc<Client>],
             #[serde(skip_serializing_if = "Option::is_none")]
             deny_all: Option<&'a DenyAll>,
         }
@@ -430,12 +439,17 @@ impl RouteScope {
 
 /// Checks a run of clients (a whole table's, or one shard's) against the plans they may name: sorted by id, each id
 /// once, every plan known, at least one plan, every key digest and certificate identity once, certificates valid.
-pub fn validate_clients(plans: &BTreeMap<String, Plan>, clients: &[Client], what: &str) -> Result<(), TableError> {
+pub fn validate_clients<C: Borrow<Client>>(
+    plans: &BTreeMap<String, Plan>,
+    clients: &[C],
+    what: &str,
+) -> Result<(), TableError> {
     let mut ids = HashSet::with_capacity(clients.len());
     let mut digests = HashSet::new();
     let mut identities = HashSet::new();
     for (i, c) in clients.iter().enumerate() {
-        if i > 0 && clients[i - 1].id >= c.id {
+        let c: &Client = c.borrow();
+        if i > 0 && clients[i - 1].borrow().id >= c.id {
             return Err(TableError::invalid(what, format!("clients not sorted by id at {:?}", c.id)));
         }
         if !ids.insert(c.id.as_str()) {
@@ -506,7 +520,12 @@ pub(crate) mod tests {
                 .collect();
             let json: Vec<String> = clients.iter().map(Table::client_json).collect();
             let a = Table::new("ns/svc", plans(nplans), clients.clone());
-            let b = Table::from_serialised_clients("ns/svc", plans(nplans), clients, &json);
+            let b = Table::from_serialised_clients(
+                "ns/svc",
+                plans(nplans),
+                clients.into_iter().map(Arc::new).collect(),
+                &json,
+            );
             assert_eq!(a, b, "{nplans} plans, {nclients} clients");
             assert_eq!(b.revision, b.compute_revision());
         }
@@ -547,7 +566,7 @@ pub(crate) mod tests {
     fn revision_changes_with_content() {
         let mut t = sample(3);
         let before = t.revision.clone();
-        t.clients[0].source_ranges = vec!["192.0.2.0/24".parse().unwrap()];
+        Arc::make_mut(&mut t.clients[0]).source_ranges = vec!["192.0.2.0/24".parse().unwrap()];
         assert_ne!(t.compute_revision(), before);
     }
 
@@ -571,12 +590,12 @@ pub(crate) mod tests {
     #[test]
     fn invalid_tables_are_refused_with_reasons() {
         let mut t = sample(2);
-        t.clients[1].plans = vec!["missing".into()];
+        Arc::make_mut(&mut t.clients[1]).plans = vec!["missing".into()];
         t.revision = t.compute_revision();
         assert!(t.validate("x").unwrap_err().to_string().contains("unknown plan"));
 
         let mut t = sample(2);
-        t.clients[1].keys = t.clients[0].keys.clone();
+        Arc::make_mut(&mut t.clients[1]).keys = t.clients[0].keys.clone();
         t.revision = t.compute_revision();
         assert!(t.validate("x").unwrap_err().to_string().contains("listed twice"));
 
@@ -596,13 +615,13 @@ pub(crate) mod tests {
         assert!(!json.contains("certificates") && !json.contains("requireCertificate"), "unused fields not written");
 
         let mut t = sample(2);
-        t.clients[0].certificates = vec![
+        Arc::make_mut(&mut t.clients[0]).certificates = vec![
             CertIdentity::Subject("Client A".into()),
             CertIdentity::SanDns("a.example".into()),
             CertIdentity::SanUri("spiffe://td/a".into()),
             CertIdentity::Sha256("ab".repeat(32)),
         ];
-        t.clients[0].require_certificate = true;
+        Arc::make_mut(&mut t.clients[0]).require_certificate = true;
         t.revision = t.compute_revision();
         assert_ne!(t.revision, unused.revision);
         let json = t.to_json();
@@ -615,7 +634,7 @@ pub(crate) mod tests {
         assert_eq!(Table::from_json(&json, "f").unwrap(), t);
 
         let mut dup = t.clone();
-        dup.clients[1].certificates = vec![CertIdentity::SanDns("a.example".into())];
+        Arc::make_mut(&mut dup.clients[1]).certificates = vec![CertIdentity::SanDns("a.example".into())];
         dup.revision = dup.compute_revision();
         assert!(dup.validate("x").unwrap_err().to_string().contains("listed twice"));
 
@@ -626,7 +645,7 @@ pub(crate) mod tests {
             CertIdentity::Subject(String::new()),
         ] {
             let mut b = sample(1);
-            b.clients[0].certificates = vec![bad.clone()];
+            Arc::make_mut(&mut b.clients[0]).certificates = vec![bad.clone()];
             b.revision = b.compute_revision();
             assert!(b.validate("x").is_err(), "{bad}");
         }
@@ -642,7 +661,7 @@ pub(crate) mod tests {
         assert_eq!(Table::from_json(&json, "f").unwrap(), t);
         // The reason is content: another reason is another revision; an ordinary empty table differs too.
         assert_ne!(t.revision, Table::deny_all("shop/orders", "other").revision);
-        assert_ne!(t.revision, Table::new("shop/orders", BTreeMap::new(), vec![]).revision);
+        assert_ne!(t.revision, Table::new("shop/orders", BTreeMap::new(), Vec::<Client>::new()).revision);
         // Ordinary tables do not mention it, so their revisions did not change with the field.
         assert!(!sample(1).to_json().contains("denyAll"));
 

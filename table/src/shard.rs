@@ -18,6 +18,7 @@ use crate::{Client, DenyAll, Plan, SCHEMA_VERSION, Table, TableError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Index `schemaVersion` of the stable layout (see the module docs). Shards of such an index carry the same.
 pub const STABLE_LAYOUT: u32 = 2;
@@ -296,7 +297,7 @@ fn render_layout(
 }
 
 /// `clients` (in id order) grouped by [`shard_of`] among `n`, each group still in id order.
-fn group(clients: &[Client], n: usize) -> Vec<Vec<&Client>> {
+fn group(clients: &[Arc<Client>], n: usize) -> Vec<Vec<&Client>> {
     let mut groups: Vec<Vec<&Client>> = (0..n).map(|_| Vec::with_capacity(clients.len() / n + 1)).collect();
     for c in clients {
         groups[shard_of(&c.id, n)].push(c);
@@ -381,7 +382,7 @@ pub fn assemble(index: &IndexDoc, shards: &[Option<&str>]) -> Result<Table, Tabl
     let mut clients = Vec::with_capacity(index.clients);
     for (i, data) in shards.iter().enumerate() {
         if index.is_stable() {
-            clients.extend(check_shard(index, i, *data)?);
+            clients.extend(check_shard(index, i, *data)?.into_iter().map(Arc::new));
             continue;
         }
         let (r, doc) = read_doc(index, i, *data)?;
@@ -394,7 +395,7 @@ pub fn assemble(index: &IndexDoc, shards: &[Option<&str>]) -> Result<Table, Tabl
             let detail = format!("ConfigMap {} belongs to another revision or position", r.name);
             return Err(TableError::Shard { revision: index.revision.clone(), index: i, detail });
         }
-        clients.extend(doc.clients);
+        clients.extend(doc.clients.into_iter().map(Arc::new));
     }
     if index.is_stable() {
         // Shards hold clients by hash; the table holds them in id order.
@@ -473,7 +474,7 @@ mod tests {
 
     #[test]
     fn empty_table_has_one_empty_shard() {
-        let t = Table::new("a/b", BTreeMap::new(), vec![]);
+        let t = Table::new("a/b", BTreeMap::new(), Vec::<Client>::new());
         let (r, back) = round_trip(&t, MAX_SHARD_BYTES);
         assert_eq!(r.shards.len(), 1);
         assert_eq!(back, t);
@@ -490,7 +491,7 @@ mod tests {
 
         // One client's CIDRs change.
         let mut t2 = t1.clone();
-        t2.clients[1234].source_ranges = vec!["192.0.2.0/24".parse().unwrap()];
+        Arc::make_mut(&mut t2.clients[1234]).source_ranges = vec!["192.0.2.0/24".parse().unwrap()];
         t2.revision = t2.compute_revision();
         let changed = shard_of(&t2.clients[1234].id, n);
         let ids = [t2.clients[1234].id.clone()];
@@ -522,7 +523,7 @@ mod tests {
         // Given changed ids, only their shards are considered: a client removed and one added.
         let mut t4 = t2.clone();
         let removed = t4.clients.remove(10);
-        t4.clients.push(Client::builder("team-a/zz-new").key("new").plan("gold").build());
+        t4.clients.push(Arc::new(Client::builder("team-a/zz-new").key("new").plan("gold").build()));
         t4.revision = t4.compute_revision();
         let ids = [removed.id.clone(), "team-a/zz-new".to_string()];
         let r2 = render(&t2, "idx", Previous::of(Some(&r1.index), Some(&t1)), 2, 64 * 1024).unwrap();
@@ -614,13 +615,13 @@ mod tests {
     fn schema_1_indexes_still_assemble() {
         let t = sample(30);
         let (a, b) = t.clients.split_at(10);
-        let shard = |i: usize, clients: &[Client]| {
+        let shard = |i: usize, clients: &[Arc<Client>]| {
             serde_json::to_string(&ShardDoc {
                 schema_version: SCHEMA_VERSION,
                 service: t.service.clone(),
                 revision: t.revision.clone(),
                 shard: i,
-                clients: clients.to_vec(),
+                clients: clients.iter().map(|c| (**c).clone()).collect(),
             })
             .unwrap()
         };

@@ -165,15 +165,17 @@ pub fn decide(
     let build = |keep: &dyn Fn(&ApiClient) -> bool| {
         // Both are asked in id order (see `build_table_reusing`): each has a cursor into the memo.
         let (keys_at, json_at) = (memo.map(TableMemo::cursor), memo.map(TableMemo::cursor));
-        let keys = |c: &Arc<ApiClient>| {
-            let k =
-                keys_at.as_ref().and_then(|m| m.keys_of(c, &secrets)).unwrap_or_else(|| KeyMemo::resolve(c, &secrets));
-            (k.entries().to_vec(), k)
+        let known = |c: &Arc<ApiClient>| match &keys_at {
+            Some(m) => m.known(c, &secrets),
+            None => crate::memo::resolve(c, &secrets),
         };
         let json_of = |c: &Client| json_at.as_ref().and_then(|m| m.json_of(c));
         let kept = clients.iter().filter(|c| keep(c));
-        let (built, key_memos) = model::build_table_reusing(ns, service, plans.clone(), kept, keys, json_of, store);
-        let changed = json_at.map(|m| m.changed(&built.table));
+        let previous_plans = memo.map(|m| &m.table.plans);
+        let (built, known) =
+            model::build_table_reusing(ns, service, plans.clone(), kept, previous_plans, known, json_of, store);
+        let changed = memo.map(|m| m.changed(&built.table));
+        let key_memos: Vec<KeyMemo> = known.into_iter().map(|k| k.keys).collect();
         (built, key_memos, changed)
     };
     let (mut built, mut key_memos, mut changed) = build(&|_| true);
@@ -463,36 +465,37 @@ mod tests {
     fn a_build_from_the_memo_is_a_build_from_scratch() {
         use k8s_openapi::ByteString;
         let (plans, clients, secret) = fixture(300);
-        let plans: Vec<Arc<UsagePlan>> = plans.into_iter().map(Arc::new).collect();
+        let mut plans: Vec<Arc<UsagePlan>> = plans.into_iter().map(Arc::new).collect();
         let mut clients: Vec<Arc<ApiClient>> = clients.into_iter().map(Arc::new).collect();
         let mut secret = Arc::new(secret);
         let max = portcullis_table::shard::MAX_SHARD_BYTES;
-        let run = |clients: &[Arc<ApiClient>], secret: &Arc<Secret>, memo: Option<&TableMemo>| {
-            let lookup = |name: &str| (name == "keys").then(|| secret.clone());
-            decide("shop", "orders", &plans, clients, lookup, memo, None, false, max, false).unwrap()
-        };
-        let mut memo = run(&clients, &secret, None).memo.unwrap();
+        let run =
+            |plans: &[Arc<UsagePlan>], clients: &[Arc<ApiClient>], secret: &Arc<Secret>, memo: Option<&TableMemo>| {
+                let lookup = |name: &str| (name == "keys").then(|| secret.clone());
+                decide("shop", "orders", plans, clients, lookup, memo, None, false, max, false).unwrap()
+            };
+        let mut memo = run(&plans, &clients, &secret, None).memo.unwrap();
         let edit = |c: &Arc<ApiClient>, f: &dyn Fn(&mut ApiClient)| {
             let mut c = (**c).clone();
             f(&mut c);
             Arc::new(c)
         };
-        type Step<'a> = (&'a str, Box<dyn Fn(&mut Vec<Arc<ApiClient>>, &mut Arc<Secret>)>);
+        type Step<'a> = (&'a str, Box<dyn Fn(&mut Vec<Arc<ApiClient>>, &mut Arc<Secret>, &mut Vec<Arc<UsagePlan>>)>);
         let steps: Vec<Step> = vec![
-            ("nothing", Box::new(|_, _| {})),
+            ("nothing", Box::new(|_, _, _| {})),
             (
                 "a CIDR",
-                Box::new(move |c, _| c[7] = edit(&c[7], &|c| c.spec.source_ranges = vec!["192.0.2.0/24".into()])),
+                Box::new(move |c, _, _| c[7] = edit(&c[7], &|c| c.spec.source_ranges = vec!["192.0.2.0/24".into()])),
             ),
             (
                 "a client removed",
-                Box::new(|c, _| {
+                Box::new(|c, _, _| {
                     c.remove(20);
                 }),
             ),
             (
                 "a client added",
-                Box::new(move |c, _| {
+                Box::new(move |c, _, _| {
                     let mut n = (*c[0]).clone();
                     n.metadata.name = Some("client-zzz".into());
                     n.spec.keys[0].secret_ref.as_mut().unwrap().key = "new".into();
@@ -501,7 +504,7 @@ mod tests {
             ),
             (
                 "the new client's key appears",
-                Box::new(|_, s| {
+                Box::new(|_, s, _| {
                     let mut x = (**s).clone();
                     x.data.as_mut().unwrap().insert("new".into(), ByteString(b"a-new-key".to_vec()));
                     *s = Arc::new(x);
@@ -509,7 +512,7 @@ mod tests {
             ),
             (
                 "a key rotated in the Secret",
-                Box::new(|_, s| {
+                Box::new(|_, s, _| {
                     let mut x = (**s).clone();
                     x.data.as_mut().unwrap().insert("k5".into(), ByteString(b"rotated".to_vec()));
                     *s = Arc::new(x);
@@ -517,21 +520,52 @@ mod tests {
             ),
             (
                 "a key claimed by a second client",
-                Box::new(move |c, _| {
+                Box::new(move |c, _, _| {
                     c[9] = edit(&c[9], &|c| c.spec.keys[0].secret_ref.as_mut().unwrap().key = "k8".into())
                 }),
             ),
             (
                 "the claim dropped",
-                Box::new(move |c, _| {
+                Box::new(move |c, _, _| {
                     c[9] = edit(&c[9], &|c| c.spec.keys[0].secret_ref.as_mut().unwrap().key = "k9".into())
                 }),
             ),
-            ("a client disabled", Box::new(move |c, _| c[3] = edit(&c[3], &|c| c.spec.disabled = Some(true)))),
-            ("its plan dropped", Box::new(move |c, _| c[4] = edit(&c[4], &|c| c.spec.usage_plans.clear()))),
+            ("a client disabled", Box::new(move |c, _, _| c[3] = edit(&c[3], &|c| c.spec.disabled = Some(true)))),
+            ("its plan dropped", Box::new(move |c, _, _| c[4] = edit(&c[4], &|c| c.spec.usage_plans.clear()))),
+            (
+                "an older client claims a newer one's key",
+                Box::new(move |c, _, _| {
+                    c[2] = edit(&c[2], &|c| {
+                        let mut k = c.spec.keys[0].clone();
+                        k.secret_ref.as_mut().unwrap().key = "k30".into();
+                        c.spec.keys.push(k);
+                    })
+                }),
+            ),
+            ("and lets it go", Box::new(move |c, _, _| c[2] = edit(&c[2], &|c| c.spec.keys.truncate(1)))),
+            (
+                "the plan's throttle changed",
+                Box::new(|_, _, p| {
+                    let mut x = (*p[0]).clone();
+                    x.spec.throttle.as_mut().unwrap().rate = 7;
+                    p[0] = Arc::new(x);
+                }),
+            ),
+            (
+                "a second plan granted to one client",
+                Box::new(move |c, _, p| {
+                    let mut x = (*p[0]).clone();
+                    x.metadata.name = Some("silver".into());
+                    x.metadata.uid = Some("uid-silver".into());
+                    p.push(Arc::new(x));
+                    c[5] = edit(&c[5], &|c| c.spec.usage_plans.push("silver".into()));
+                }),
+            ),
+            ("the second plan deleted", Box::new(|_, _, p| p.truncate(1))),
+            ("a client renamed nothing, only re-read", Box::new(move |c, _, _| c[6] = edit(&c[6], &|_| {}))),
             (
                 "the Secret gone",
-                Box::new(|_, s| {
+                Box::new(|_, s, _| {
                     let mut x = (**s).clone();
                     x.data = None;
                     *s = Arc::new(x);
@@ -539,9 +573,10 @@ mod tests {
             ),
         ];
         for (what, step) in steps {
-            step(&mut clients, &mut secret);
-            let fresh = run(&clients, &secret, None);
-            let reused = run(&clients, &secret, Some(&memo));
+            let (secret_then, plans_then) = (secret.clone(), plans.clone());
+            step(&mut clients, &mut secret, &mut plans);
+            let fresh = run(&plans, &clients, &secret, None);
+            let reused = run(&plans, &clients, &secret, Some(&memo));
             assert_eq!(reused.table, fresh.table, "{what}");
             assert_eq!((&reused.clients, &reused.duplicates), (&fresh.clients, &fresh.duplicates), "{what}");
             // The changed ids are exactly the clients whose table entry differs.
@@ -557,6 +592,17 @@ mod tests {
             got.sort();
             want.sort();
             assert_eq!(got, want, "{what}");
+            // With the same Secret and plans, clients whose ApiClient did not change are the previous build's
+            // entries, shared, not copied (one client at most is a new object with an equal entry).
+            let same_inputs = Arc::ptr_eq(&secret_then, &secret)
+                && plans_then.len() == plans.len()
+                && plans_then.iter().zip(&plans).all(|(a, b)| Arc::ptr_eq(a, b));
+            let shared = new.iter().filter(|n| old.iter().any(|c| Arc::ptr_eq(c, n))).count();
+            if same_inputs {
+                assert!(shared + want.len() + 1 >= new.len(), "{what}: {shared} of {} shared", new.len());
+            } else {
+                assert!(shared <= new.len() - want.len(), "{what}");
+            }
             memo = reused.memo.unwrap();
         }
     }

@@ -81,7 +81,7 @@ async fn wait_keys(env: &Env, name: &str, status: &str, reason: &str) -> ApiClie
 }
 
 fn client_in<'a>(t: &'a Table, env: &Env, name: &str) -> Option<&'a portcullis_table::Client> {
-    t.clients.iter().find(|c| c.id == format!("{}/{name}", env.ns))
+    t.clients.iter().find(|c| c.id == format!("{}/{name}", env.ns)).map(|c| &**c)
 }
 
 // === The sidecar: a real proxy with its own ServiceAccount token ===

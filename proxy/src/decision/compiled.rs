@@ -202,6 +202,8 @@ impl<C: Clock + Clone> CompiledTable<C> {
     pub fn compile_owned(table: Table, previous: Option<&CompiledTable<C>>, clock: C) -> Result<Self, CompileError> {
         let Table { schema_version: _, service, revision, plans, clients, deny_all } = table;
         let deny_all = deny_all.map(|d| d.reason);
+        // Unshared in a table this proxy parsed: unwrapping moves each client, it copies none.
+        let clients = clients.into_iter().map(std::sync::Arc::unwrap_or_clone).collect();
         let input = ShardInput::New { digest: String::new(), clients };
         Self::compile_parts(service, revision, plans, deny_all, vec![input], previous, clock)
     }
@@ -523,7 +525,7 @@ mod tests {
 
         // Client 7 gets another range: one shard changes.
         let mut t2 = t1.clone();
-        t2.clients[7] = client(7, "127.0.0.2/32");
+        t2.clients[7] = std::sync::Arc::new(client(7, "127.0.0.2/32"));
         t2.revision = t2.compute_revision();
         let r2 = render(&t2, "i", Previous::of(Some(&idx1), Some(&t1)), 2, 8 * 1024).unwrap();
         let idx2 = IndexDoc::parse(&r2.index_json, "i").unwrap();
@@ -595,9 +597,9 @@ mod tests {
         let a = 3;
         let b = (0..400).find(|i| shard_of(&format!("ns/c{i:04}"), n) != shard_of("ns/c0003", n)).unwrap();
         let mut t2 = t1.clone();
-        t2.clients[a] = client(a, "k3-new");
-        t2.clients[b] = client(b, "k3");
-        t2.clients[7] = client(7, "k7-rotated");
+        t2.clients[a] = std::sync::Arc::new(client(a, "k3-new"));
+        t2.clients[b] = std::sync::Arc::new(client(b, "k3"));
+        t2.clients[7] = std::sync::Arc::new(client(7, "k7-rotated"));
         t2.revision = t2.compute_revision();
         let r2 = render(&t2, "i", Previous::of(Some(&idx1), Some(&t1)), 2, 8 * 1024).unwrap();
         let idx2 = IndexDoc::parse(&r2.index_json, "i").unwrap();
@@ -625,7 +627,7 @@ mod tests {
             .find(|i| ![a, b, 7].contains(i) && shard_of(&format!("ns/c{i:04}"), n) != shard_of("ns/c0003", n))
             .unwrap();
         let mut t3 = t2.clone();
-        t3.clients[a] = client(a, &format!("k{holder}"));
+        t3.clients[a] = std::sync::Arc::new(client(a, &format!("k{holder}")));
         t3.revision = t3.compute_revision();
         let r3 = render(&t3, "i", Previous::of(Some(&idx2), Some(&t2)), 3, 8 * 1024).unwrap();
         let idx3 = IndexDoc::parse(&r3.index_json, "i").unwrap();

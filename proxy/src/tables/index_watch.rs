@@ -428,7 +428,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn doc(sequence: u64, tag: &str) -> IndexDoc {
-        let t = Table::new(format!("shop/{tag}"), BTreeMap::new(), vec![]);
+        let t = Table::new(format!("shop/{tag}"), BTreeMap::new(), Vec::<portcullis_table::Client>::new());
         render(&t, "portcullis-table-orders", portcullis_table::shard::Previous::NONE, sequence, MAX_SHARD_BYTES)
             .unwrap()
             .index

@@ -297,7 +297,7 @@ mod tests {
         assert!(s.state().describe().contains("index_not_found"), "{}", s.state().describe());
         assert_eq!(s.missing_reason(), Reason::NoTable);
 
-        let t = Table::new("a/b", BTreeMap::new(), vec![]);
+        let t = Table::new("a/b", BTreeMap::new(), Vec::<portcullis_table::Client>::new());
         assert!(s.apply(&t, "test", Some(3)).unwrap());
         assert!(!s.apply(&t, "test", Some(3)).unwrap(), "same revision: nothing to swap");
         assert!(s.is_ready());

@@ -130,7 +130,7 @@ async fn fail_closed_until_a_table_loads_and_bad_files_are_rejected() {
 
     // A table that parses but fails validation (unknown plan) is rejected; the good one stays.
     let mut bad = standard_table();
-    bad.clients[0].plans = vec!["nope".into()];
+    std::sync::Arc::make_mut(&mut bad.clients[0]).plans = vec!["nope".into()];
     bad.revision = bad.compute_revision();
     let good_rev = proxy.tables.revision().unwrap();
     write_table(&path, &bad);
