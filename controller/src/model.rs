@@ -11,7 +11,7 @@ use portcullis_table::{
     Throttle,
 };
 use std::borrow::Borrow;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use thiserror::Error;
 
@@ -189,8 +189,8 @@ pub struct BuiltTable {
     pub client_json: Vec<Arc<str>>,
     /// Granting plans: name → (uid, generation).
     pub plans: BTreeMap<String, (String, i64)>,
-    /// Clients in the table: name → generation rendered.
-    pub clients: HashMap<String, i64>,
+    /// The ApiClient generation of each client of `table`, in its order.
+    pub generations: Vec<i64>,
     /// Keys left out because an older client (creationTimestamp, then name) in the table already uses the same key:
     /// (client, fingerprint).
     pub duplicate_keys: Vec<(String, String)>,
@@ -282,7 +282,8 @@ pub fn build_table_reusing<'a, A: Borrow<ApiClient> + 'a, X: ResolvedClient>(
     // Entries of an earlier build are reused only while the same plans grant the Service (their names decide each
     // client's `plans`; what they grant is in the table's plans, not in its clients).
     let reuse = previous_plans.is_some_and(|p| p.keys().eq(plan_map.keys()));
-    let mut selected: Vec<(&'a str, &'a A)> = Vec::new();
+    let clients = clients.into_iter();
+    let mut selected: Vec<(&'a str, &'a A)> = Vec::with_capacity(clients.size_hint().1.unwrap_or(0));
     if !plan_map.is_empty() {
         for a in clients {
             let c: &'a ApiClient = a.borrow();
@@ -339,13 +340,13 @@ pub fn build_table_reusing<'a, A: Borrow<ApiClient> + 'a, X: ResolvedClient>(
             }
         }
     }
-    let mut client_meta = HashMap::with_capacity(selected.len());
+    let mut generations = Vec::with_capacity(selected.len());
     let mut out: Vec<Arc<Client>> = Vec::with_capacity(selected.len());
     let mut json = Vec::with_capacity(selected.len());
     let mut keys_kept: Vec<KeyEntry> = Vec::new();
     for (i, ((name, a), certificates)) in selected.into_iter().zip(kept_certs).enumerate() {
         let c: &ApiClient = a.borrow();
-        client_meta.insert(name.to_string(), c.metadata.generation.unwrap_or(0));
+        generations.push(c.metadata.generation.unwrap_or(0));
         let x = &resolved[i];
         keys_kept.clear();
         keys_kept.extend(
@@ -379,14 +380,8 @@ pub fn build_table_reusing<'a, A: Borrow<ApiClient> + 'a, X: ResolvedClient>(
         out.push(Arc::new(client));
     }
     let table = Table::from_serialised_clients(format!("{namespace}/{service}"), plan_map, out, &json);
-    let built = BuiltTable {
-        table,
-        client_json: json,
-        plans: plan_meta,
-        clients: client_meta,
-        duplicate_keys,
-        duplicate_certificates,
-    };
+    let built =
+        BuiltTable { table, client_json: json, plans: plan_meta, generations, duplicate_keys, duplicate_certificates };
     (built, resolved)
 }
 
@@ -396,6 +391,7 @@ pub(crate) mod tests {
     use crate::crd::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use portcullis_table::key_digest;
+    use std::collections::HashMap;
 
     pub fn plan(name: &str, services: &[&str], rate: Option<u32>) -> UsagePlan {
         let mut p = UsagePlan::new(
@@ -511,7 +507,7 @@ pub(crate) mod tests {
             vec!["10.0.0.0/8".parse::<IpNet>().unwrap(), "2001:db8::/32".parse().unwrap()]
         );
         assert_eq!(t.clients[1].keys[0].sha256, key_digest(b"b"));
-        assert_eq!(built.clients["a"], 3);
+        assert_eq!(built.generations[ids.iter().position(|id| *id == "ns/a").unwrap()], 3);
         assert_eq!(built.plans["gold"], ("uid-gold".to_string(), 1));
     }
 

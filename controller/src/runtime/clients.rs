@@ -106,7 +106,7 @@ async fn reconcile_inner(obj: &ApiClient, ctx: &Ctx) -> Result<Action, Error> {
         let state = ctx.state.read().expect("state lock");
         for s in &services {
             let st = state.get(&ServiceKey { namespace: ns.clone(), name: s.clone() });
-            if st.and_then(|st| st.clients.get(&name)) != Some(&generation) {
+            if st.and_then(|st| st.clients.get(&name)) != Some(generation) {
                 facts.unprogrammed.push(s.clone());
             }
             if let Some(r) = st.and_then(|st| st.excluded.get(&name)) {

@@ -14,7 +14,7 @@
 //! laggards at 0.1, 0.2, 0.4 … s), 32 in flight; measured: 1 000 requests and `Enforced=True` 0.4–0.5 s after the
 //! sidecars serve a revision (`docs/ingress.md`, the ignored test `enforced_at_1000_pods`).
 
-use super::tables::ServiceKey;
+use super::tables::{Generations, ServiceKey};
 use super::{Ctx, FIELD_MANAGER};
 use crate::conditions::Cond;
 use crate::enforcement::{HISTORY, PodState, ServiceReport, Settings, Target, condition, service_verdict, targets};
@@ -117,16 +117,17 @@ impl Enforcement {
 
     /// Records which clients' current generation entered the table in `revision`; returns those that changed.
     fn record_revision(&self, ctx: &Ctx, key: &ServiceKey, revision: &str) -> Vec<String> {
-        let clients: HashMap<String, i64> =
+        // Shared with the state, not copied (a table and one generation per client).
+        let clients: Generations =
             ctx.state.read().expect("state lock").get(key).map(|st| st.clients.clone()).unwrap_or_default();
         let mut all = self.introduced.write().expect("introduced lock");
         let map = all.entry(key.clone()).or_default();
-        map.retain(|c, _| clients.contains_key(c));
+        map.retain(|c, _| clients.contains(c));
         let mut changed = Vec::new();
-        for (c, g) in clients {
-            if map.get(&c).is_none_or(|(have, _)| *have != g) {
-                map.insert(c.clone(), (g, revision.to_string()));
-                changed.push(c);
+        for (c, g) in clients.iter() {
+            if map.get(c).is_none_or(|(have, _)| *have != g) {
+                map.insert(c.to_string(), (g, revision.to_string()));
+                changed.push(c.to_string());
             }
         }
         changed

@@ -12,7 +12,7 @@
 //! are its tables (index first) and RBAC removed.
 
 use super::publish::Writer;
-pub use super::rendered::{ServiceKey, ServiceState};
+pub use super::rendered::{Generations, ServiceKey, ServiceState};
 use super::status::update_plan_status;
 use super::{Ctx, Error};
 use crate::crd::{API_VERSION, ApiClient, UsagePlan};
@@ -134,7 +134,7 @@ pub struct Desired {
     /// (so that deleting the Service removes them), or none when only sidecar Pods still name it.
     pub owners: Vec<OwnerReference>,
     pub plans: BTreeMap<String, (String, i64)>,
-    pub clients: HashMap<String, i64>,
+    pub clients: Generations,
     pub duplicates: HashMap<String, Vec<String>>,
     /// ApiClients left out because they cannot be rendered: name → reason.
     pub excluded: BTreeMap<String, String>,
@@ -195,7 +195,7 @@ pub fn decide(
             changed: None,
             owners: owners.unwrap_or_default(),
             plans: BTreeMap::new(),
-            clients: HashMap::new(),
+            clients: Generations::default(),
             duplicates: HashMap::new(),
             excluded: BTreeMap::new(),
         });
@@ -231,12 +231,12 @@ pub fn decide(
     let table = Arc::new(built.table);
     let memo = Arc::new(TableMemo::new(table.clone(), built.client_json, key_memos));
     Some(Desired {
+        clients: Generations::new(table.clone(), built.generations),
         table,
         memo: Some(memo),
         changed,
         owners,
         plans: built.plans,
-        clients: built.clients,
         duplicates,
         excluded,
     })
@@ -279,7 +279,7 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         ctx.metrics.remove_table(ns, &key.name);
         if let Some(old) = old {
             tracing::info!(namespace = ns, service = %key.name, "no UsagePlan, Service or sidecar left; tables removed");
-            notify_clients(ctx, ns, old.clients.keys().chain(old.excluded.keys()));
+            notify_clients(ctx, ns, old.clients.names().chain(old.excluded.keys().map(String::as_str)));
         }
         return Ok(());
     };
@@ -353,29 +353,26 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
     // Tell the ApiClient reconciler about clients whose presence, generation, duplicates or exclusion changed
     // (compared under the read lock: only this worker writes the state).
     let state = ctx.state.read().expect("state lock");
-    let changed: Vec<String> = match state.get(key) {
-        None => new.clients.keys().chain(new.excluded.keys()).cloned().collect(),
+    let mut changed: Vec<String> = match state.get(key) {
+        None => new.clients.names().map(String::from).chain(new.excluded.keys().cloned()).collect(),
         Some(old) => {
-            let mut v: Vec<String> = new
-                .clients
-                .iter()
-                .filter(|(n, g)| old.clients.get(*n) != Some(g) || old.duplicates.get(*n) != new.duplicates.get(*n))
-                .map(|(n, _)| n.clone())
-                .collect();
-            v.extend(old.clients.keys().filter(|n| !new.clients.contains_key(*n)).cloned());
+            let mut v = old.clients.changed(&new.clients);
+            v.extend(new.duplicates.keys().filter(|n| old.duplicates.get(*n) != new.duplicates.get(*n)).cloned());
             v.extend(old.duplicates.keys().filter(|n| !new.duplicates.contains_key(*n)).cloned());
             v.extend(new.excluded.keys().filter(|n| old.excluded.get(*n) != new.excluded.get(*n)).cloned());
             v.extend(old.excluded.keys().filter(|n| !new.excluded.contains_key(*n)).cloned());
             v
         }
     };
+    changed.sort_unstable();
+    changed.dedup();
     drop(state);
     ctx.state.write().expect("state lock").insert(key.clone(), new);
-    notify_clients(ctx, ns, changed.iter());
+    notify_clients(ctx, ns, changed.iter().map(String::as_str));
     Ok(())
 }
 
-fn notify_clients<'a>(ctx: &Ctx, ns: &str, names: impl Iterator<Item = &'a String>) {
+fn notify_clients<'a>(ctx: &Ctx, ns: &str, names: impl Iterator<Item = &'a str>) {
     for n in names {
         let _ = ctx.client_tx.send(ObjectRef::new(n).within(ns));
     }
@@ -453,7 +450,7 @@ mod tests {
         assert_eq!(d.table.clients.len(), 2);
         assert!(d.table.clients.iter().all(|c| !c.id.ends_with("client-000001")));
         assert!(d.excluded["client-000001"].contains("more than a shard holds"), "{:?}", d.excluded);
-        assert!(!d.clients.contains_key("client-000001"));
+        assert!(!d.clients.contains("client-000001"));
         // The table still renders (the check is conservative).
         portcullis_table::shard::render(&d.table, "i", portcullis_table::shard::Previous::NONE, 1, 4096).unwrap();
     }

@@ -67,9 +67,7 @@ impl View<'_> {
         out.extend(
             self.rendered
                 .iter()
-                .filter(|(k, st)| {
-                    k.namespace == ns && (st.clients.contains_key(&name) || st.excluded.contains_key(&name))
-                })
+                .filter(|(k, st)| k.namespace == ns && (st.clients.contains(&name) || st.excluded.contains_key(&name)))
                 .map(|(k, _)| k.clone()),
         );
         out
