@@ -319,7 +319,12 @@ async fn run(ctx: &Ctx, cp: &ControlPlane, trials: usize, large: usize, large_tr
         Command::new(target.join("portcullis-controller"))
             .env("KUBECONFIG", cp.kubeconfig_for_token(&token))
             .args(["--log-format", "json", "--lease-namespace", RELEASE_NS, "--webhook-namespace", RELEASE_NS])
-            .env("RUST_LOG", "info,portcullis_controller::runtime::tables=debug")
+            // `PORTCULLIS_BENCH_CONTROLLER_LOG`: another filter, to look into a run (say, kube_runtime=debug).
+            .env(
+                "RUST_LOG",
+                std::env::var("PORTCULLIS_BENCH_CONTROLLER_LOG")
+                    .unwrap_or_else(|_| "info,portcullis_controller::runtime::tables=debug".into()),
+            )
             .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
             .arg(format!("--webhook-listen=127.0.0.1:{webhook_port}"))
             .stdout(std::fs::File::create(logs.join("controller.log"))?)

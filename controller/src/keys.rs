@@ -343,6 +343,15 @@ impl OrphanCheck {
     }
 }
 
+/// The uids of the ApiClients that own Secret `s`, when it is labelled as a generated key (the candidates of
+/// [`OrphanCheck`], filed under their owners by [`crate::runtime::index`]); empty for every other Secret.
+pub fn generated_secret_owners(s: &Secret) -> BTreeSet<String> {
+    if !opted_in(s) || !s.labels().contains_key(LABEL_KEY_NAME) {
+        return BTreeSet::new();
+    }
+    s.owner_references().iter().map(|o| o.uid.clone()).filter(|u| !u.is_empty()).collect()
+}
+
 /// The orphaned generated key Secrets of `client` among `secrets` (see [`OrphanCheck`]): `(name, uid)` of each, for
 /// a delete with a uid precondition.
 pub fn orphaned_generated_secrets<'a>(
@@ -596,6 +605,19 @@ mod tests {
             orphaned_generated_secrets(&c, &all),
             [("acme-key-k1".to_string(), "uid-secret-acme-key-k1".to_string())]
         );
+        // The index files every orphan under its owner, and nothing the check would never look at.
+        let check = OrphanCheck::new(&c);
+        for s in &all {
+            let owners = generated_secret_owners(s);
+            assert!(
+                !check.is_orphan(s) || owners.contains("u1"),
+                "{:?} is an orphan not filed under u1",
+                s.metadata.name
+            );
+        }
+        let filed: Vec<_> =
+            all.iter().filter(|s| !generated_secret_owners(s).is_empty()).map(|s| s.name_any()).collect();
+        assert_eq!(filed, ["acme-key-k1", "acme-key-k2", "other-key-k1", "acme-key-k3", "byo", "acme-key-k9"]);
     }
 
     #[test]

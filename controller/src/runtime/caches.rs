@@ -25,6 +25,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use super::MANAGED_BY;
+use super::index::Index;
 
 /// The stores every reconcile reads. Cheap to clone (shared stores).
 #[derive(Clone)]
@@ -44,6 +45,10 @@ pub struct Caches {
     pub bindings: Store<RoleBinding>,
     /// NetworkPolicies (ours and others'), for the isolation check of `Exposure`.
     pub network_policies: Store<NetworkPolicy>,
+    /// ApiClients by the Secrets they read keys from (for Secret events).
+    pub secret_readers: Arc<Index<ApiClient>>,
+    /// Generated key Secrets by the uid of the ApiClient owning them (for the orphan check of a reconcile).
+    pub key_secret_owners: Arc<Index<Secret>>,
 }
 
 pub type WatchStream<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
@@ -71,8 +76,12 @@ pub fn table_selector() -> String {
 pub fn start(client: &kube::Client, namespace: &Option<String>) -> (Caches, Watches) {
     let all = watcher::Config::default;
     let (plans, plan_stream) = reflect(api::<UsagePlan>(client, namespace), all(), trim_meta);
-    let (clients, client_stream) = reflect(api::<ApiClient>(client, namespace), all(), trim_meta);
-    let (secrets, secret_stream) = reflect(api::<Secret>(client, namespace), all(), trim_secret);
+    let secret_readers = Arc::new(Index::new(crate::keys::secret_names));
+    let key_secret_owners = Arc::new(Index::new(crate::keys::generated_secret_owners));
+    let (clients, client_stream) =
+        reflect_indexed(api::<ApiClient>(client, namespace), all(), trim_meta, secret_readers.clone());
+    let (secrets, secret_stream) =
+        reflect_indexed(api::<Secret>(client, namespace), all(), trim_secret, key_secret_owners.clone());
     let cm_wc = all().labels(&table_selector());
     let (configmaps, cm_stream) = reflect(api::<ConfigMap>(client, namespace), cm_wc, trim_configmap);
     let (services, service_stream) = reflect(api::<Service>(client, namespace), all(), trim_service);
@@ -83,7 +92,19 @@ pub fn start(client: &kube::Client, namespace: &Option<String>) -> (Caches, Watc
         reflect(api::<RoleBinding>(client, namespace), all().labels(&table_selector()), trim_meta);
     let (network_policies, np_stream) = reflect(api::<NetworkPolicy>(client, namespace), all(), trim_meta);
     (
-        Caches { plans, clients, secrets, configmaps, services, pods, roles, bindings, network_policies },
+        Caches {
+            plans,
+            clients,
+            secrets,
+            configmaps,
+            services,
+            pods,
+            roles,
+            bindings,
+            network_policies,
+            secret_readers,
+            key_secret_owners,
+        },
         Watches {
             plans: plan_stream,
             clients: client_stream,
@@ -131,6 +152,25 @@ where
     let (reader, writer) = reflector::store();
     let stream = reflector::reflector(writer, retrying(watcher(api, wc)).modify(trim)).boxed();
     (reader, stream)
+}
+
+/// [`reflect`], with `index` taking in each event before the store does (so the index is never behind the store).
+fn reflect_indexed<K>(
+    api: Api<K>,
+    wc: watcher::Config,
+    trim: fn(&mut K),
+    index: Arc<Index<K>>,
+) -> (Store<K>, WatchStream<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let events = retrying(watcher(api, wc)).modify(trim).inspect(move |ev| {
+        if let Ok(ev) = ev {
+            index.observe(ev);
+        }
+    });
+    (reader, reflector::reflector(writer, events).boxed())
 }
 
 /// Retry delays of a failing watch: 100 ms, then 200 ms, then every 250 ms, back to 100 ms after an event. kube's

@@ -245,12 +245,20 @@ async fn create_generated_secret(
 /// ApiClient is read fresh first (a cached spec may lag behind one that names the Secret again), and each delete
 /// carries the Secret's uid as a precondition.
 async fn delete_orphaned_secrets(ctx: &Ctx, obj: &ApiClient, ns: &str) -> Result<(), Error> {
-    // The common case (nothing to delete) walks the cache without copying it.
+    // The candidates are the generated key Secrets this ApiClient owns (the index files them by owner uid; a walk
+    // over every Secret per reconcile was quadratic in a namespace of generated keys), each checked from the store.
     let check = keys::OrphanCheck::new(obj);
-    if ctx.secrets.find(|s| check.is_orphan(s)).is_none() {
+    let uid = obj.uid().unwrap_or_default();
+    let secrets: Vec<Arc<Secret>> = ctx
+        .caches
+        .key_secret_owners
+        .lookup(ns, &uid)
+        .iter()
+        .filter_map(|name| ctx.secrets.get(&ObjectRef::new(name).within(ns)))
+        .collect();
+    if !secrets.iter().any(|s| check.is_orphan(s)) {
         return Ok(());
     }
-    let secrets = ctx.secrets.state();
     let Some(fresh) = Api::<ApiClient>::namespaced(ctx.client.clone(), ns).get_opt(&obj.name_any()).await? else {
         return Ok(()); // deleted: the garbage collector takes its Secrets
     };

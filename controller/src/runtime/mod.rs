@@ -16,6 +16,7 @@ pub mod access;
 pub mod caches;
 pub mod clients;
 pub mod enforcement;
+pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod publish;
@@ -236,7 +237,12 @@ impl Ctx {
     /// Computes the triggers of an event over the caches and the rendered state.
     pub(crate) fn triggers(&self, f: impl FnOnce(&View) -> Triggers) -> Triggers {
         let rendered = self.state.read().expect("state lock");
-        f(&View { plans: &self.plans, clients: &self.clients, rendered: &rendered })
+        f(&View {
+            plans: &self.plans,
+            clients: &self.clients,
+            secret_readers: &self.caches.secret_readers,
+            rendered: &rendered,
+        })
     }
 
     /// The fence of this replica's writes: its Lease.

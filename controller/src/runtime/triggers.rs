@@ -8,6 +8,7 @@
 //! back as watch events and must not re-render every client of a plan.
 
 use super::caches::Change;
+use super::index::Index;
 use super::rendered::{Rendered, ServiceKey};
 use crate::crd::{ApiClient, UsagePlan};
 use crate::model::grants;
@@ -44,6 +45,8 @@ impl Triggers {
 pub struct View<'a> {
     pub plans: &'a Store<UsagePlan>,
     pub clients: &'a Store<ApiClient>,
+    /// ApiClients by the Secrets they read (never behind `clients`).
+    pub secret_readers: &'a Index<ApiClient>,
     pub rendered: &'a Rendered,
 }
 
@@ -99,13 +102,17 @@ pub fn client_changed(v: &View, client: &ApiClient) -> Triggers {
     t
 }
 
-/// A Secret changed: every ApiClient that reads a key from it, and their Services.
+/// A Secret changed: every ApiClient that reads a key from it, and their Services. The index names them (a walk
+/// over every ApiClient per Secret event was quadratic in a namespace of generated keys); each is read from the
+/// store and checked again.
 pub fn secret_changed(v: &View, secret: &Secret) -> Triggers {
     let ns = secret.namespace().unwrap_or_default();
     let name = secret.name_any();
     let mut t = Triggers::default();
-    for c in v.clients.state() {
-        if c.namespace().as_deref() == Some(ns.as_str()) && uses_secret(&c, &name) {
+    for reader in v.secret_readers.lookup(&ns, &name) {
+        if let Some(c) = v.clients.get(&ObjectRef::new(&reader).within(&ns))
+            && uses_secret(&c, &name)
+        {
             t.services.extend(v.services_of_client(&c));
             t.client(&c);
         }
@@ -248,6 +255,15 @@ mod tests {
         c
     }
 
+    /// The index of who reads which Secret, as the watch would have filled it for `clients`.
+    fn readers(clients: &Store<ApiClient>) -> Index<ApiClient> {
+        let ix = Index::new(crate::keys::secret_names);
+        for c in clients.state() {
+            ix.observe(&kube::runtime::watcher::Event::Apply((*c).clone()));
+        }
+        ix
+    }
+
     fn store<K>(objs: Vec<K>) -> Store<K>
     where
         K: kube::Resource<DynamicType = ()> + Clone + 'static,
@@ -288,7 +304,8 @@ mod tests {
         let plans = store(vec![plan("gold", &["orders"])]);
         let cls = store(vec![client("acme", &["gold"], "s"), client("other", &["silver"], "s")]);
         let r = rendered(&[("orders", &["gold"], &["acme"]), ("billing", &["gold"], &["acme"]), ("x", &["p"], &[])]);
-        let v = View { plans: &plans, clients: &cls, rendered: &r };
+        let ix = readers(&cls);
+        let v = View { plans: &plans, clients: &cls, secret_readers: &ix, rendered: &r };
         let t = plan_changed(&v, &plan("gold", &["orders"]));
         assert_eq!(services(&t), ["billing", "orders"]);
         assert_eq!(clients(&t), ["acme"]);
@@ -302,7 +319,8 @@ mod tests {
         let plans = store(vec![plan("gold", &["orders", "billing"]), plan("silver", &["search"])]);
         let cls = store(vec![]);
         let r = rendered(&[("legacy", &["old"], &["acme"]), ("search", &["silver"], &[])]);
-        let v = View { plans: &plans, clients: &cls, rendered: &r };
+        let ix = readers(&cls);
+        let v = View { plans: &plans, clients: &cls, secret_readers: &ix, rendered: &r };
         let t = client_changed(&v, &client("acme", &["gold", "missing"], "s"));
         assert_eq!(services(&t), ["billing", "legacy", "orders"]);
         assert_eq!(clients(&t), ["acme"]);
@@ -313,7 +331,8 @@ mod tests {
         let plans = store(vec![plan("gold", &["orders"]), plan("silver", &["search"])]);
         let cls = store(vec![client("acme", &["gold"], "acme-key"), client("beta", &["silver"], "beta-key")]);
         let r = Rendered::new();
-        let v = View { plans: &plans, clients: &cls, rendered: &r };
+        let ix = readers(&cls);
+        let v = View { plans: &plans, clients: &cls, secret_readers: &ix, rendered: &r };
         let mut s = Secret::default();
         s.metadata.name = Some("acme-key".into());
         s.metadata.namespace = Some(NS.into());
@@ -322,6 +341,14 @@ mod tests {
         assert_eq!(clients(&t), ["acme"]);
         s.metadata.namespace = Some("elsewhere".into());
         assert!(secret_changed(&v, &s).is_empty());
+        // The index ahead of the store (acme's new spec filed, not yet stored): the stored object decides.
+        ix.observe(&kube::runtime::watcher::Event::Apply(client("beta", &["silver"], "acme-key")));
+        s.metadata.namespace = Some(NS.into());
+        assert_eq!(clients(&secret_changed(&v, &s)), ["acme"], "beta's stored spec reads beta-key");
+        let beta_moved = store(vec![client("acme", &["gold"], "acme-key"), client("beta", &["silver"], "acme-key")]);
+        let v = View { plans: &plans, clients: &beta_moved, secret_readers: &ix, rendered: &r };
+        assert_eq!(clients(&secret_changed(&v, &s)), ["acme", "beta"]);
+        assert_eq!(services(&secret_changed(&v, &s)), ["orders", "search"]);
     }
 
     #[test]
@@ -329,7 +356,8 @@ mod tests {
         let plans = store(vec![plan("gold", &["orders"])]);
         let cls = store(vec![]);
         let r = rendered(&[("revoked", &[], &[])]);
-        let v = View { plans: &plans, clients: &cls, rendered: &r };
+        let ix = readers(&cls);
+        let v = View { plans: &plans, clients: &cls, secret_readers: &ix, rendered: &r };
         let svc = |n: &str| {
             let mut s = Service::default();
             s.metadata.name = Some(n.into());
