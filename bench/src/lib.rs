@@ -6,7 +6,8 @@
 //! idle / 10 000 clients / under load, CPU seconds per 1 000 requests), `scale` (P1 at 10 … 100 000 clients, table
 //! swap time and peak RSS), `limiter` (admitted vs configured rate), `propagation` (API write → enforced, on the
 //! local control plane), `abuse` (a legitimate client measured while the proxy is abused), `global` (the shared store's added latency,
-//! throughput and accuracy across 3 replicas: docs/global-limits.md), `all`. `--smoke`: 1 s runs, one repetition,
+//! throughput and accuracy across 3 replicas: docs/global-limits.md), `all`; `profile` (instructions and syscalls per
+//! request of the pass-through and policy arms under callgrind and strace; run only when named). `--smoke`: 1 s runs, one repetition,
 //! small tables, written to `target/bench-smoke/` instead (proves the code still works; no figures to publish).
 //!
 //! The load generator is pinned to CPU 0 and every server process (upstream, proxy, nginx) to CPU 1 (`taskset`).
@@ -19,6 +20,7 @@
 pub mod abuse;
 pub mod global;
 pub mod load;
+mod profile;
 mod propagation;
 pub mod sched;
 pub mod servers;
@@ -46,8 +48,11 @@ impl Drop for Ctx {
 /// Every suite, in the order `all` runs them.
 pub const ALL: [&str; 8] = ["throughput", "tls", "memory", "scale", "limiter", "propagation", "abuse", "global"];
 
+/// Suites run only when named (not by `all`).
+pub const EXTRA: [&str; 1] = ["profile"];
+
 const USAGE: &str =
-    "usage: cargo xtask bench <throughput|tls|memory|scale|limiter|propagation|abuse|global|all> [--smoke]";
+    "usage: cargo xtask bench <throughput|tls|memory|scale|limiter|propagation|abuse|global|all|profile> [--smoke]";
 
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
     let smoke = args.iter().any(|a| a == "--smoke");
@@ -67,7 +72,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         Ctx { root: root.to_path_buf(), smoke, out, tmp, command: format!("cargo xtask bench {}", args.join(" ")) };
     let list: Vec<&str> = match *suite {
         "all" => ALL.to_vec(),
-        s if ALL.contains(&s) => vec![s],
+        s if ALL.contains(&s) || EXTRA.contains(&s) => vec![s],
         _ => bail!(USAGE),
     };
     let bin = servers::build_proxy(root, smoke)?;
@@ -82,6 +87,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
             "propagation" => propagation::propagation(&ctx)?,
             "abuse" => abuse::abuse(&ctx, &bin)?,
             "global" => global::global(&ctx, &bin)?,
+            "profile" => profile::profile(&ctx, &bin)?,
             _ => suites::limiter(&ctx, &bin)?,
         };
         write_report(&ctx, s, data, &md, svg.as_deref(), t.elapsed().as_secs_f64())?;

@@ -159,6 +159,20 @@ pub fn propagation(ctx: &Ctx) -> Result<(Value, String, Option<String>)> {
         peak / steady,
         r.large_longest_request_s * 1000.0,
     ));
+    md.push_str(&format!(
+        "\nAPI server requests (`apiserver_request_total`, every client: the controller, the proxy, this harness, the \
+         API server's own controllers and kube-controller-manager) while the statuses of the bulk load were written: \
+         {}. Per trial of the {}-client run:\n\n",
+        top_requests(&r.status_requests, 1.0, 8),
+        r.large_clients
+    ));
+    for (change, req) in &r.large_requests {
+        md.push_str(&format!("- {change}: {}\n", top_requests(req, large_trials as f64, 8)));
+    }
+    data.insert(
+        "api_requests".into(),
+        json!({"statuses": r.status_requests, "large_trials": r.large_requests.iter().map(|(c, q)| (c.to_string(), json!(q))).collect::<serde_json::Map<_, _>>()}),
+    );
     md.push_str(
         "\nGoal: p50 ≤ 0.3 s, p99 ≤ 1 s, also with 100 000 clients. What bounds it: on the controller side its table \
          debounce (quiet 100 ms, at most 2 s: `controller/src/runtime/mod.rs`) is the largest fixed part; then the \
@@ -296,11 +310,58 @@ struct Runs {
     large_swap: (f64, f64, f64),
     large_rss: (f64, f64),
     large_longest_request_s: f64,
+    /// API server requests from the end of the bulk creates until every status was written.
+    status_requests: Requests,
+    /// API server requests during each change's trials of the large run (every client of the API server).
+    large_requests: Vec<(&'static str, Requests)>,
+}
+
+/// `verb resource[/subresource]` → requests served (`apiserver_request_total`).
+type Requests = std::collections::BTreeMap<String, f64>;
+
+/// The API server's request counters (its `/metrics`, read with the admin client).
+async fn api_requests(admin: &kube::Client) -> Result<Requests> {
+    let req = hyper::Request::get("/metrics").body(Vec::new())?;
+    let text = admin.request_text(req).await.context("GET /metrics of the API server")?;
+    let mut out = Requests::new();
+    for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
+        let Some((labels, value)) = line.rsplit_once(' ') else { continue };
+        let label = |k: &str| {
+            let at = labels.find(&format!("{k}=\""))? + k.len() + 2;
+            labels[at..].split('"').next()
+        };
+        let (Some(verb), Some(resource)) = (label("verb"), label("resource")) else { continue };
+        let key = match label("subresource").filter(|s| !s.is_empty()) {
+            Some(sub) => format!("{verb} {resource}/{sub}"),
+            None => format!("{verb} {resource}"),
+        };
+        *out.entry(key).or_default() += value.parse::<f64>().unwrap_or(0.0);
+    }
+    Ok(out)
+}
+
+fn diff(after: &Requests, before: &Requests) -> Requests {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .filter(|(_, v)| *v > 0.0)
+        .collect()
+}
+
+/// The `n` most frequent requests of `r`, divided by `per`: "`GET configmaps` 2.0, …".
+fn top_requests(r: &Requests, per: f64, n: usize) -> String {
+    let mut v: Vec<(&String, &f64)> = r.iter().collect();
+    v.sort_by(|a, b| b.1.total_cmp(a.1));
+    let total: f64 = r.values().sum();
+    let shown: Vec<String> = v.iter().take(n).map(|(k, c)| format!("`{k}` {:.1}", *c / per)).collect();
+    format!("{:.1} in all: {}", total / per, shown.join(", "))
 }
 
 /// What every trial needs.
 struct Bench<'a> {
     cp: &'a ControlPlane,
+    /// For the API server's request counters ([`api_requests`]).
+    admin: kube::Client,
     api: Api<DynamicObject>,
     proxy: SocketAddr,
     index_writes: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
@@ -375,8 +436,9 @@ async fn run(ctx: &Ctx, cp: &ControlPlane, trials: usize, large: usize, large_tr
     }
     eprintln!("  propagation: control plane, controller and proxy up");
     let (index_writes, _index_watch) = watch_index(admin.clone());
-    let bench = Bench { cp, api: api.clone(), proxy, index_writes };
-    let small = bench.trials(1, trials, &mut kids).await?;
+    let bench = Bench { cp, admin: admin.clone(), api: api.clone(), proxy, index_writes };
+    let (small, small_longest, _) = bench.trials(1, trials, &mut kids).await?;
+    let small = (small, small_longest);
     let small_clients = 1 + trials;
 
     // The large table: `large` clients in all when its trials start.
@@ -385,6 +447,7 @@ async fn run(ctx: &Ctx, cp: &ControlPlane, trials: usize, large: usize, large_tr
     let started = Instant::now();
     bulk_create(&admin, bulk).await?;
     let bulk_created_s = started.elapsed().as_secs_f64();
+    let after_creates = api_requests(&admin).await?;
     eprintln!("  propagation: {bulk} created in {bulk_created_s:.0} s; waiting for the proxy to enforce them all");
     wait_index_clients(&admin, small_clients + bulk, &mut kids).await?;
     if bulk > 0 {
@@ -399,6 +462,7 @@ async fn run(ctx: &Ctx, cp: &ControlPlane, trials: usize, large: usize, large_tr
     let statuses_started = Instant::now();
     wait_statuses(&api, small_clients + bulk, &mut kids).await?;
     let statuses_s = statuses_started.elapsed().as_secs_f64() + bulk_enforced_s;
+    let status_requests = diff(&api_requests(&admin).await?, &after_creates);
     eprintln!("  propagation: every ApiClient's status written {statuses_s:.0} s after the first create");
     wait_idle(kids.0[0].id(), &mut kids).await?;
     let proxy_pid = kids.0[1].id();
@@ -406,7 +470,7 @@ async fn run(ctx: &Ctx, cp: &ControlPlane, trials: usize, large: usize, large_tr
     let steady = super::servers::rss_mib(proxy_pid)?;
     super::servers::reset_hwm(proxy_pid);
     let loads_before = table_loads(admin_addr).await?;
-    let (large, longest) = bench.trials(LARGE_BASE, large_trials, &mut kids).await?;
+    let (large, longest, large_requests) = bench.trials(LARGE_BASE, large_trials, &mut kids).await?;
     let peak = super::servers::hwm_mib(proxy_pid)?;
     let loads_after = table_loads(admin_addr).await?;
     let swaps = loads_after.1 - loads_before.1;
@@ -428,6 +492,8 @@ async fn run(ctx: &Ctx, cp: &ControlPlane, trials: usize, large: usize, large_tr
         large_swap: (mean, p99, swaps),
         large_rss: (steady, peak),
         large_longest_request_s: longest,
+        status_requests,
+        large_requests,
     })
 }
 
@@ -435,8 +501,15 @@ impl Bench<'_> {
     /// `n` trials of each change: clients `base + 1 ..= base + n` created, then client 0's CIDRs changed `n` times,
     /// then the clients created revoked.
     /// Returns the series and the longest request of the polls (seconds).
-    async fn trials(&self, base: usize, n: usize, kids: &mut Kids) -> Result<(Series, f64)> {
+    async fn trials(
+        &self,
+        base: usize,
+        n: usize,
+        kids: &mut Kids,
+    ) -> Result<(Series, f64, Vec<(&'static str, Requests)>)> {
         let (cp, api, proxy, index_writes) = (self.cp, &self.api, self.proxy, &self.index_writes);
+        let mut requests = Vec::new();
+        let mut mark = api_requests(&self.admin).await?;
         let lo: IpAddr = Ipv4Addr::LOCALHOST.into();
         let lo2: IpAddr = Ipv4Addr::new(127, 0, 0, 2).into();
         let (mut create_c, mut cidr_c, mut revoke_c) = (Vec::new(), Vec::new(), Vec::new());
@@ -450,6 +523,9 @@ impl Bench<'_> {
             create.push(t.elapsed().as_secs_f64());
             create_c.push(written_after(index_writes, t));
         }
+        let now = api_requests(&self.admin).await?;
+        requests.push(("create", diff(&now, &mark)));
+        mark = now;
         let mut cidr = Vec::new();
         for i in 0..n {
             // Alternately allow and remove 127.0.0.2 for client 0; time until a request from 127.0.0.2 reflects it.
@@ -472,6 +548,9 @@ impl Bench<'_> {
             .await?;
             until(proxy, lo2, &key(0), |s| s == 403, kids).await.context("cidr reset")?;
         }
+        let now = api_requests(&self.admin).await?;
+        requests.push(("cidr_change", diff(&now, &mark)));
+        mark = now;
         let mut revoke = Vec::new();
         for i in base + 1..=base + n {
             // Revoke = remove the key's entry: the client's keys now list only a new Secret (created before the clock).
@@ -490,12 +569,13 @@ impl Bench<'_> {
             revoke.push(t.elapsed().as_secs_f64());
             revoke_c.push(written_after(index_writes, t));
         }
+        requests.push(("revoke", diff(&api_requests(&self.admin).await?, &mark)));
         let series = vec![
             ("create", "new ApiClient (Secret created before) → its key gets 200", create, create_c),
             ("cidr_change", "sourceRanges ± 127.0.0.2/32 → 200 / 403 from 127.0.0.2", cidr, cidr_c),
             ("revoke", "key entry replaced by a new key (Secret created before) → old key 401", revoke, revoke_c),
         ];
-        Ok((series, longest))
+        Ok((series, longest, requests))
     }
 }
 

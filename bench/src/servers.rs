@@ -31,6 +31,21 @@ impl Drop for Proc {
     }
 }
 
+/// A command before the proxy, nginx and HAProxy started from now on (after `taskset`): the profile suite runs them
+/// under `valgrind --tool=callgrind`. Empty: none.
+static WRAPPER: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+pub fn set_wrapper(argv: &[&str]) {
+    *WRAPPER.lock().unwrap_or_else(|p| p.into_inner()) = argv.iter().map(|s| s.to_string()).collect();
+}
+
+/// `taskset -c SERVER_CPU [wrapper…] program`.
+fn server_command(program: &str) -> Command {
+    let mut c = Command::new("taskset");
+    c.args(["-c", SERVER_CPU]).args(WRAPPER.lock().unwrap_or_else(|p| p.into_inner()).iter()).arg(program);
+    c
+}
+
 pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -79,9 +94,7 @@ pub fn start_proxy_logging(bin: &Path, upstream: SocketAddr, tables: &Path, log:
 
 fn start_proxy_to(bin: &Path, upstream: SocketAddr, tables: &Path, extra: &[String], stdout: Stdio) -> Result<Proc> {
     let (port, admin) = (free_port()?, free_port()?);
-    let child = Command::new("taskset")
-        .args(["-c", SERVER_CPU])
-        .arg(bin)
+    let child = server_command(&bin.display().to_string())
         .arg(format!("--listen=127.0.0.1:{port}"))
         .arg(format!("--admin-listen=127.0.0.1:{admin}"))
         .arg(format!("--upstream={upstream}"))
@@ -377,8 +390,8 @@ fn start_nginx_conf(
     let port = free_port()?;
     let conf = sub.join("nginx.conf");
     std::fs::write(&conf, nginx_conf(&sub, upstream, port, policy, clients, tls, redis))?;
-    let child = Command::new("taskset")
-        .args(["-c", SERVER_CPU, "nginx", "-p"])
+    let child = server_command("nginx")
+        .arg("-p")
         .arg(&sub)
         .arg("-c")
         .arg(&conf)
@@ -482,8 +495,8 @@ pub fn start_haproxy_with(
     let conf = sub.join("haproxy.cfg");
     std::fs::write(&conf, haproxy_conf(&sub, upstream, port, policy, clients, tls)?)?;
     let log = std::fs::File::create(sub.join("haproxy.log"))?;
-    let child = Command::new("taskset")
-        .args(["-c", SERVER_CPU, "haproxy", "-db", "-f"])
+    let child = server_command("haproxy")
+        .args(["-db", "-f"])
         .arg(&conf)
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -662,6 +662,10 @@ pub fn summary(suite: &str, r: &Value) -> Value {
         }
         "scale" => json!({"scale": r["sizes"]}),
         "limiter" => json!({"limiter": r["rates"]}),
+        "profile" => {
+            json!({"profile": {"instructions_per_request": r["instructions_per_request"], "ratios": r["ratios"],
+                                        "syscalls_per_request_total": r["syscalls_per_request"].as_object().map(|m| m.iter().map(|(k, v)| (k.clone(), v["total"].clone())).collect::<serde_json::Map<_, _>>())}})
+        }
         "global" => json!({"global": {"added_p50_ms": r["added_p50_ms"], "added_p99_ms": r["added_p99_ms"],
                                       "throughput_ratio_vs_local": r["throughput_ratio_vs_local"],
                                       "accuracy_error_3_replicas": r["accuracy_error_3_replicas"]}}),
