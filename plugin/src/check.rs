@@ -193,7 +193,15 @@ pub fn check(table: &Table, client_id: &str, req: &Request, usage: &[Usage]) -> 
         }),
     }
 
-    let facts = RequestFacts { addr: req.addr, method: &req.method, path: &path, key: None, cert: None, now: req.now };
+    let facts = RequestFacts {
+        addr: req.addr,
+        method: &req.method,
+        path: &path,
+        key: None,
+        digest: None,
+        cert: None,
+        now: req.now,
+    };
     let decision = decide_identified(&compiled, cc, key_ref, &facts);
     let mut verdict = match decision {
         Decision::Allow { plan, .. } => Verdict {

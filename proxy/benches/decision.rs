@@ -81,6 +81,7 @@ fn bench_clients(c: &mut Criterion) {
                     method: "GET",
                     path: "/v1/orders/42",
                     key: Some(&k),
+                    digest: None,
                     cert: None,
                     now,
                 };
@@ -110,6 +111,7 @@ fn bench_prefixes(c: &mut Criterion) {
                 method: "POST",
                 path: "/v1/orders",
                 key: Some(key.as_bytes()),
+                digest: None,
                 cert: None,
                 now,
             };

@@ -437,6 +437,7 @@ pub fn table_decide(data: &[u8]) {
             method: req.method,
             path: &req.path,
             key: req.key.as_deref(),
+            digest: None,
             cert: cert.as_ref(),
             now: req.now,
         };

@@ -12,7 +12,8 @@ use crate::global::Ask;
 use crate::metrics::Metrics;
 use crate::respond::{Body, denial_response};
 use crate::rewrite::{
-    CLIENT_HEADER, Proto, is_upgrade, scrub_client_headers, set_forwarding_headers, strip_hop_by_hop, strip_key_param,
+    CLIENT_HEADER, Forwarding, Proto, is_upgrade, scrub_client_headers, set_forwarding_headers, strip_hop_by_hop,
+    strip_key_param,
 };
 use crate::tables::TableStore;
 use crate::tunnel::{self, UpgradeProtocols};
@@ -22,13 +23,14 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use portcullis_table::{KeyDigest, key_digest};
 use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What the connection contributes to each of its requests.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ConnFacts {
     /// The socket peer, or the source of a trusted PROXY header.
     pub addr: IpAddr,
@@ -36,6 +38,33 @@ pub struct ConnFacts {
     pub tls: bool,
     /// The connection's verified client certificate.
     pub cert: Option<Arc<PeerCert>>,
+    /// The forwarding headers of the connection's first admitted request, reused by the next ones for the same
+    /// address and scheme (all of them, unless a trusted proxy forwards for many clients).
+    pub forwarding: std::sync::OnceLock<Forwarding>,
+    /// The key the connection's last request presented, with its digest: a kept-alive client sends the same key
+    /// request after request, and its SHA-256 is the largest single cost of a decision.
+    last_key: std::sync::Mutex<Option<(Box<[u8]>, KeyDigest)>>,
+}
+
+impl ConnFacts {
+    pub fn new(addr: IpAddr, tls: bool, cert: Option<Arc<PeerCert>>) -> Self {
+        Self { addr, tls, cert, forwarding: std::sync::OnceLock::new(), last_key: std::sync::Mutex::new(None) }
+    }
+
+    /// `key_digest(key)`, from the connection's memo when `key` is the key its last request presented (compared in
+    /// constant time, as the table's digests are).
+    pub fn key_digest(&self, key: &[u8]) -> KeyDigest {
+        use subtle::ConstantTimeEq;
+        let mut last = self.last_key.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((raw, digest)) = last.as_ref()
+            && bool::from(raw.as_ref().ct_eq(key))
+        {
+            return *digest;
+        }
+        let digest = key_digest(key);
+        *last = Some((key.into(), digest));
+        digest
+    }
 }
 
 /// The request path's settings and shared state.
@@ -201,11 +230,13 @@ impl Handler {
         let now = jiff::Timestamp::now();
         let mut global_ask: Option<Ask> = None;
         let verdict: Result<HeaderValue, Denial> = {
+            let key = single_header(req.headers(), &self.key_header);
             let facts = RequestFacts {
                 addr,
                 method: req.method().as_str(),
                 path: target.path(),
-                key: single_header(req.headers(), &self.key_header),
+                key,
+                digest: key.filter(|k| !k.is_empty()).map(|k| conn.key_digest(k)),
                 cert: conn.cert.as_deref(),
                 now,
             };
@@ -293,7 +324,10 @@ impl Handler {
         strip_hop_by_hop(&mut parts.headers, upgrade);
         scrub_client_headers(&mut parts.headers, &self.key_header, self.allow_underscore_headers);
         parts.headers.insert(CLIENT_HEADER, client_header);
-        set_forwarding_headers(&mut parts.headers, addr, proto);
+        match conn.forwarding.get_or_init(|| Forwarding::new(addr, proto)) {
+            cached if cached.is_for(addr, proto) => cached.apply(&mut parts.headers),
+            _ => set_forwarding_headers(&mut parts.headers, addr, proto),
+        }
         match host {
             Some(h) => {
                 parts.headers.insert(header::HOST, h);
@@ -406,6 +440,14 @@ mod tests {
 
     fn target(u: &str) -> Result<String, PathError> {
         origin_target(&u.parse().unwrap(), EscapedSlashes::Reject, "x-api-key").map(|u| u.to_string())
+    }
+
+    #[test]
+    fn a_connection_s_key_memo_gives_every_key_its_own_digest() {
+        let conn = ConnFacts::new("127.0.0.1".parse().unwrap(), false, None);
+        for key in [&b"k-1"[..], b"k-1", b"k-2", b"k-1", b"k-10", b"k-1\0", b"", b"k-1"] {
+            assert_eq!(conn.key_digest(key), key_digest(key), "{key:?}");
+        }
     }
 
     #[test]

@@ -106,14 +106,41 @@ impl Proto {
 /// Writes the decided client address: `X-Forwarded-For: <addr>`, `Forwarded: for=<addr>;proto=<proto>` and
 /// `X-Forwarded-Proto: <proto>`, replacing anything of those names.
 pub fn set_forwarding_headers(h: &mut HeaderMap, addr: IpAddr, proto: Proto) {
-    let (xff, fwd) = match addr {
-        IpAddr::V4(a) => (a.to_string(), format!("for={a};proto={}", proto.as_str())),
-        IpAddr::V6(a) => (a.to_string(), format!("for=\"[{a}]\";proto={}", proto.as_str())),
-    };
-    // Addresses and the fixed text are ASCII: always a valid value.
-    h.insert(HeaderName::from_static("x-forwarded-for"), HeaderValue::try_from(xff).expect("ASCII"));
-    h.insert(header::FORWARDED, HeaderValue::try_from(fwd).expect("ASCII"));
-    h.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(proto.as_str()));
+    Forwarding::new(addr, proto).apply(h);
+}
+
+/// The forwarding header values for one client address and scheme, formatted once: a connection keeps them for its
+/// requests (formatting an address costs more than the rest of the rewrite).
+#[derive(Debug, Clone)]
+pub struct Forwarding {
+    addr: IpAddr,
+    proto: Proto,
+    xff: HeaderValue,
+    fwd: HeaderValue,
+}
+
+impl Forwarding {
+    pub fn new(addr: IpAddr, proto: Proto) -> Self {
+        let (xff, fwd) = match addr {
+            IpAddr::V4(a) => (a.to_string(), format!("for={a};proto={}", proto.as_str())),
+            IpAddr::V6(a) => (a.to_string(), format!("for=\"[{a}]\";proto={}", proto.as_str())),
+        };
+        // Addresses and the fixed text are ASCII: always a valid value.
+        let (xff, fwd) = (HeaderValue::try_from(xff).expect("ASCII"), HeaderValue::try_from(fwd).expect("ASCII"));
+        Self { addr, proto, xff, fwd }
+    }
+
+    /// Whether these are the values for `addr` and `proto`.
+    pub fn is_for(&self, addr: IpAddr, proto: Proto) -> bool {
+        self.addr == addr && self.proto == proto
+    }
+
+    /// Writes the three headers, replacing anything of those names.
+    pub fn apply(&self, h: &mut HeaderMap) {
+        h.insert(HeaderName::from_static("x-forwarded-for"), self.xff.clone());
+        h.insert(header::FORWARDED, self.fwd.clone());
+        h.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static(self.proto.as_str()));
+    }
 }
 
 /// The query without any parameter named like the key header (compared after percent-decoding, `+` as space,
@@ -302,6 +329,20 @@ mod tests {
         let mut h = map(&[("x-key", "k"), ("x_key", "k"), ("x-api-key", "v")]);
         scrub_client_headers(&mut h, &HeaderName::from_static("x-key"), true);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-api-key"]);
+    }
+
+    #[test]
+    fn forwarding_values_are_for_one_address_and_scheme() {
+        let (a, b): (IpAddr, IpAddr) = ("203.0.113.9".parse().unwrap(), "2001:db8::1".parse().unwrap());
+        let f = Forwarding::new(a, Proto::Http);
+        assert!(f.is_for(a, Proto::Http));
+        assert!(!f.is_for(b, Proto::Http) && !f.is_for(a, Proto::Https));
+        for (addr, proto) in [(a, Proto::Http), (b, Proto::Https)] {
+            let (mut cached, mut fresh) = (map(&[("forwarded", "x")]), map(&[("forwarded", "x")]));
+            Forwarding::new(addr, proto).apply(&mut cached);
+            set_forwarding_headers(&mut fresh, addr, proto);
+            assert_eq!(cached, fresh);
+        }
     }
 
     #[test]

@@ -393,7 +393,7 @@ async fn serve_http<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let facts = Arc::new(ConnFacts { addr, tls, cert });
+    let facts = Arc::new(ConnFacts::new(addr, tls, cert));
     let activity = Arc::new(Activity::default());
     let svc_shared = shared.clone();
     let svc_activity = activity.clone();

@@ -9,7 +9,7 @@ use super::reason::Reason;
 use super::throttle::{retry_after_secs, window_secs};
 use governor::clock::{Clock, DefaultClock};
 use jiff::Timestamp;
-use portcullis_table::{Quota, Throttle, key_digest};
+use portcullis_table::{KeyDigest, Quota, Throttle, key_digest};
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -21,6 +21,9 @@ pub struct RequestFacts<'a> {
     pub path: &'a str,
     /// The key header's value; `None` when absent or sent more than once.
     pub key: Option<&'a [u8]>,
+    /// `key_digest(key)`, when the caller has it already (a connection's previous request sent the same key);
+    /// `None`: computed here.
+    pub digest: Option<KeyDigest>,
     /// The connection's verified client certificate (TLS with `--client-ca`), if one was presented.
     pub cert: Option<&'a PeerCert>,
     pub now: Timestamp,
@@ -78,7 +81,7 @@ pub fn decide<'t, C: Clock + Clone>(table: Option<&'t CompiledTable<C>>, req: &R
         return deny(Reason::ServiceNotGranted);
     }
     match req.key.filter(|k| !k.is_empty()) {
-        Some(key) => match table.lookup(&key_digest(key)) {
+        Some(key) => match table.lookup(&req.digest.unwrap_or_else(|| key_digest(key))) {
             Some((client, key_ref)) => decide_identified(table, client, Some(key_ref), req),
             None => deny(Reason::InvalidKey),
         },
@@ -220,6 +223,7 @@ pub(crate) mod tests {
             method,
             path,
             key,
+            digest: None,
             cert: None,
             now: "2026-02-18T12:00:00Z".parse().unwrap(),
         }
@@ -277,6 +281,24 @@ pub(crate) mod tests {
         assert_eq!(allowed_id(decide(t, &with(Some(b"k-strict"), ambiguous))), Ok("ns/strict".into()));
         assert_eq!(allowed_id(decide(t, &with(None, strict))), Ok("ns/strict".into()), "its certificate alone");
         assert_eq!(Reason::CertificateRequired.status(), 403);
+    }
+
+    #[test]
+    fn a_digest_from_the_caller_decides_as_the_key_does() {
+        let (a, b) = (table(), table());
+        let ta = CompiledTable::compile(&a, None, FakeRelativeClock::default()).unwrap();
+        let tb = CompiledTable::compile(&b, None, FakeRelativeClock::default()).unwrap();
+        let keys: [&[u8]; 6] = [b"k-read", b"k-quota", b"k-exp", b"k-dis", b"k-strict", b"unknown"];
+        for _ in 0..3 {
+            for key in keys {
+                for (addr, method, path) in [("127.0.0.1", "GET", "/v1/x"), ("10.0.0.1", "POST", "/v1")] {
+                    let raw = facts(Some(key), addr, method, path);
+                    let memo = RequestFacts { digest: Some(key_digest(key)), ..facts(Some(key), addr, method, path) };
+                    let (x, y) = (allowed_id(decide(Some(&ta), &raw)), allowed_id(decide(Some(&tb), &memo)));
+                    assert_eq!(x, y, "{key:?} {addr} {method} {path}");
+                }
+            }
+        }
     }
 
     #[test]

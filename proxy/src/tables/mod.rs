@@ -35,6 +35,7 @@ mod tests {
                 method,
                 path,
                 key: Some(key.as_bytes()),
+                digest: None,
                 cert: None,
                 now: jiff::Timestamp::now(),
             };

@@ -140,3 +140,44 @@ async fn proxy_protocol_only_from_trusted_peers() {
     p.shutdown();
     within("shutdown", p.wait()).await;
 }
+
+/// The forwarding headers are formatted once per connection and reused: a request must still forward its own
+/// address and scheme when a trusted proxy carries several clients on one kept-alive connection, and an untrusted
+/// peer's claims never replace its own address on any request of its connection.
+#[tokio::test]
+async fn each_request_on_a_kept_alive_connection_forwards_its_own_address() {
+    let (up, seen) = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tables.json");
+    write_table(&path, &standard_table());
+    let mut c = config(up, &path);
+    c.trusted_proxies = CidrSet::parse_list("127.0.0.10/32").unwrap();
+    let p = start(c).await;
+    wait_until("table loaded", || p.tables.is_ready()).await;
+    let forwarded = |h: &http::HeaderMap| {
+        let v = |n: &str| h.get(n).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+        (v("x-forwarded-for"), v("forwarded"), v("x-forwarded-proto"))
+    };
+    let mut via_lb = Conn::open(ip(10), p.addr).await;
+    for (xff, proto, want_for, want_proto) in [
+        ("127.0.0.1", None, "127.0.0.1", "http"),
+        ("203.0.113.7", None, "203.0.113.7", "http"),
+        ("203.0.113.7", Some("https"), "203.0.113.7", "https"),
+        ("127.0.0.1", None, "127.0.0.1", "http"),
+    ] {
+        let mut h = vec![("x-forwarded-for", xff), KEY];
+        h.extend(proto.map(|p| ("x-forwarded-proto", p)));
+        assert_eq!(via_lb.send("GET", "/v1/x", &h).await.status, 200, "{xff} {proto:?}");
+        let want = (want_for.to_string(), format!("for={want_for};proto={want_proto}"), want_proto.to_string());
+        assert_eq!(forwarded(&seen.last()), want, "{xff} {proto:?}");
+    }
+    let mut direct = Conn::open(ip(1), p.addr).await;
+    for claim in ["203.0.113.7", "127.0.0.9", "127.0.0.1"] {
+        let h = [("x-forwarded-for", claim), ("x-forwarded-proto", "https"), KEY];
+        assert_eq!(direct.send("GET", "/v1/x", &h).await.status, 200, "{claim}");
+        let want = ("127.0.0.1".to_string(), "for=127.0.0.1;proto=http".to_string(), "http".to_string());
+        assert_eq!(forwarded(&seen.last()), want, "{claim}");
+    }
+    p.shutdown();
+    within("shutdown", p.wait()).await;
+}
