@@ -201,12 +201,17 @@ fn short(revision: &str) -> &str {
 }
 
 /// The state of one Service for `Enforced`. `needed`: the revision that first held the object as it is now
-/// (`None`: not in a written table yet); a sidecar serving it or a later one enforces the object.
+/// (`None`: not in a written table yet); a sidecar serving it or a later one enforces the object. `seen`: the prober
+/// has seen `needed` (it recorded it for the object), so when the report's history (the last [`HISTORY`]
+/// revisions) no longer holds it, it is older than all of them and any of them satisfies it. Without that, every
+/// object whose revision was pushed out of the history flipped to `Pending` (and had its status rewritten) one
+/// revision after another, though its sidecars serve a later revision.
 fn service_cond(
     service: &str,
     needed: Option<&str>,
     report: Option<&ServiceReport>,
     or_newer: bool,
+    seen: bool,
 ) -> (bool, &'static str, String) {
     let Some(needed) = needed else {
         return (false, reason::PENDING, format!("{service}: waiting for its table to be written"));
@@ -214,7 +219,7 @@ fn service_cond(
     let asking =
         || (false, reason::PENDING, format!("{service}: asking its sidecars about revision {}", short(needed)));
     let Some(report) = report else { return asking() };
-    let Some(rank) = report.rank(needed) else { return asking() };
+    let Some(rank) = report.rank(needed).or(seen.then_some(0)) else { return asking() };
     let total = report.pods.len();
     let ok = report.pods.iter().filter(|(_, s)| report.satisfies(s, rank)).count();
     // The grace period is the newest revision's; one already superseded has had its chance (and its verdict
@@ -261,7 +266,8 @@ pub fn service_verdict(
     needed: Option<&str>,
     report: Option<&ServiceReport>,
 ) -> (bool, &'static str, String) {
-    service_cond(service, needed, report, true)
+    // The revisions asked about here are those the prober recorded for ApiClients: seen.
+    service_cond(service, needed, report, true, true)
 }
 
 /// `Enforced` of a plan or client concerned with `services`: `(service, revision that first held the object as it
@@ -270,11 +276,19 @@ pub fn service_verdict(
 /// says "revision X or newer", which stays true while later revisions come). The Service prefix is left out of
 /// the message when there is one Service.
 pub fn condition(services: &[(String, Option<String>, Option<ServiceReport>)], or_newer: bool) -> Cond {
+    let rows: Vec<_> = services.iter().map(|(s, n, r)| (s.clone(), n.clone(), r.clone(), false)).collect();
+    condition_seen(&rows, or_newer)
+}
+
+/// [`condition`], each Service with whether the prober has seen its needed revision (see [`service_cond`]).
+pub fn condition_seen(services: &[(String, Option<String>, Option<ServiceReport>, bool)], or_newer: bool) -> Cond {
     if services.is_empty() {
         return Cond::new(types::ENFORCED, false, reason::NO_SERVICES, "no UsagePlan grants a Service");
     }
-    let parts: Vec<(bool, &'static str, String)> =
-        services.iter().map(|(s, cur, rep)| service_cond(s, cur.as_deref(), rep.as_ref(), or_newer)).collect();
+    let parts: Vec<(bool, &'static str, String)> = services
+        .iter()
+        .map(|(s, cur, rep, seen)| service_cond(s, cur.as_deref(), rep.as_ref(), or_newer, *seen))
+        .collect();
     let strip = |m: &str| -> String {
         if services.len() == 1 {
             m.split_once(": ").map(|(_, r)| r.to_string()).unwrap_or_else(|| m.into())
@@ -439,6 +453,34 @@ mod tests {
         let stale = report(&[PodState::Behind("0000000000000000".into()), PodState::Serving], true);
         let c = condition(&[("orders".into(), Some("fedcba9876543210".into()), Some(stale))], true);
         assert_eq!((c.ok, c.reason), (false, "SidecarsBehind"));
+    }
+
+    #[test]
+    fn a_seen_revision_pushed_out_of_the_history_is_older_than_all_of_it() {
+        // The client entered the table in "0ld…", which 64 later revisions pushed out of the report's history.
+        let mut rep = report(&[PodState::Serving, PodState::Behind("fedcba9876543210".into())], true);
+        rep.history = (0..HISTORY).map(|i| format!("{i:016x}")).collect();
+        rep.history.push("fedcba9876543210".into());
+        rep.history.push("0123456789abcdef".into());
+        rep.history.drain(..rep.history.len() - HISTORY);
+        let old = "0ld0000000000000";
+        let seen = condition_seen(&[("orders".into(), Some(old.into()), Some(rep.clone()), true)], true);
+        assert_eq!((seen.ok, seen.message.as_str()), (true, "2/2 sidecars serve revision 0ld000000000 or newer"));
+        assert_eq!(service_verdict("orders", Some(old), Some(&rep)).0, true, "the verdict publish compares");
+        // Without sidecars the verdict stays what it was while its revision was remembered (no flip to Pending).
+        let mut none = rep.clone();
+        none.pods.clear();
+        let c = condition_seen(&[("orders".into(), Some(old.into()), Some(none.clone()), true)], true);
+        assert_eq!(c.reason, "NoSidecars");
+        // A sidecar serving a revision nobody remembers either is not taken for one serving it.
+        let mut lost = rep.clone();
+        lost.pods[1].1 = PodState::Behind("ffffffffffffffff".into());
+        let c = condition_seen(&[("orders".into(), Some(old.into()), Some(lost), true)], true);
+        assert_eq!((c.ok, c.reason), (false, "SidecarsBehind"));
+        // A revision the prober has not seen (a client's current revision before it is recorded) is asked about.
+        let unseen = condition_seen(&[("orders".into(), Some(old.into()), Some(rep), false)], true);
+        assert_eq!((unseen.ok, unseen.reason), (false, "Pending"));
+        assert!(unseen.message.contains("asking its sidecars about revision 0ld000000000"), "{}", unseen.message);
     }
 
     #[test]

@@ -156,6 +156,9 @@ async fn reconcile_inner(obj: &ApiClient, ctx: &Ctx) -> Result<Action, Error> {
             o.remove("usedSummary");
         }
         let patch = serde_json::json!({ "status": value });
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug!(namespace = %ns, client = %name, changed = ?status_changes(&old, &status), "writing status");
+        }
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
         publish_transitions(ctx, &obj.object_ref(&()), &old.conditions, &status.conditions).await;
     }
@@ -170,6 +173,33 @@ async fn reconcile_inner(obj: &ApiClient, ctx: &Ctx) -> Result<Action, Error> {
     let requeue =
         if create_failures.is_empty() && !orphans_left { requeue } else { requeue.min(Duration::from_secs(10)) };
     Ok(Action::requeue(requeue))
+}
+
+/// The status fields that differ (for the debug log): names, and for conditions the types whose status, reason or
+/// message changed.
+fn status_changes(old: &ApiClientStatus, new: &ApiClientStatus) -> Vec<String> {
+    let mut out = Vec::new();
+    if old.observed_generation != new.observed_generation {
+        out.push("observedGeneration".to_string());
+    }
+    for c in &new.conditions {
+        let before = old.conditions.iter().find(|o| o.type_ == c.type_);
+        if before.is_none_or(|o| (&o.status, &o.reason, &o.message) != (&c.status, &c.reason, &c.message)) {
+            out.push(format!("condition {}: {} {}", c.type_, c.reason, c.message));
+        } else if before.is_some_and(|o| o != c) {
+            out.push(format!("condition {} (times)", c.type_));
+        }
+    }
+    if old.key_fingerprints != new.key_fingerprints {
+        out.push("keyFingerprints".to_string());
+    }
+    if old.generated_keys != new.generated_keys {
+        out.push("generatedKeys".to_string());
+    }
+    if old.keys != new.keys {
+        out.push("keys".to_string());
+    }
+    out
 }
 
 /// Seconds between an ApiClient's reconciles when nothing triggers one (a safety net; watches do the work).

@@ -17,7 +17,9 @@
 use super::tables::{Generations, ServiceKey};
 use super::{Ctx, FIELD_MANAGER};
 use crate::conditions::Cond;
-use crate::enforcement::{HISTORY, PodState, ServiceReport, Settings, Target, condition, service_verdict, targets};
+use crate::enforcement::{
+    HISTORY, PodState, ServiceReport, Settings, Target, condition_seen, service_verdict, targets,
+};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
@@ -68,7 +70,7 @@ impl Enforcement {
     /// `Enforced` of a UsagePlan concerned with `services` of namespace `ns`, of which `unprogrammed` are not yet
     /// in a written table: every sidecar serves the current revision.
     pub fn condition(&self, ctx: &Ctx, ns: &str, services: &[String], unprogrammed: &[String]) -> Cond {
-        self.condition_with(ctx, ns, services, unprogrammed, false, |_, current| Some(current.to_string()))
+        self.condition_with(ctx, ns, services, unprogrammed, false, |_, current| Some((current.to_string(), false)))
     }
 
     /// `Enforced` of ApiClient `name` at `generation`: every sidecar serves the revision its generation entered
@@ -85,9 +87,9 @@ impl Enforcement {
         let introduced = self.introduced.read().expect("introduced lock");
         self.condition_with(ctx, ns, services, unprogrammed, true, |key, current| {
             match introduced.get(key).and_then(|m| m.get(name)) {
-                Some((g, rev)) if *g == generation => Some(rev.clone()),
+                Some((g, rev)) if *g == generation => Some((rev.clone(), true)),
                 // Not yet recorded by the prober: the current revision, until it is.
-                _ => Some(current.to_string()),
+                _ => Some((current.to_string(), false)),
             }
         })
     }
@@ -99,20 +101,21 @@ impl Enforcement {
         services: &[String],
         unprogrammed: &[String],
         or_newer: bool,
-        needed: impl Fn(&ServiceKey, &str) -> Option<String>,
+        needed: impl Fn(&ServiceKey, &str) -> Option<(String, bool)>,
     ) -> Cond {
         let state = ctx.state.read().expect("state lock");
         let reports = self.reports.read().expect("reports lock");
-        let rows: Vec<(String, Option<String>, Option<ServiceReport>)> = services
+        let rows: Vec<(String, Option<String>, Option<ServiceReport>, bool)> = services
             .iter()
             .map(|s| {
                 let key = ServiceKey { namespace: ns.to_string(), name: s.clone() };
                 let current = state.get(&key).filter(|_| !unprogrammed.contains(s)).map(|st| st.revision.clone());
                 let need = current.and_then(|c| needed(&key, &c));
-                (s.clone(), need, reports.get(&key).cloned())
+                let seen = need.as_ref().is_some_and(|(_, seen)| *seen);
+                (s.clone(), need.map(|(r, _)| r), reports.get(&key).cloned(), seen)
             })
             .collect();
-        condition(&rows, or_newer)
+        condition_seen(&rows, or_newer)
     }
 
     /// Records which clients' current generation entered the table in `revision`; returns those that changed.
