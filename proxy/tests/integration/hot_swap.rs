@@ -168,13 +168,18 @@ async fn a_deleted_or_unreadable_table_file_revokes_and_a_bad_one_does_not() {
     until_status(&mut c, "k-reader", 200).await;
     assert_eq!(get(ip(1), admin, "/readyz", &[]).await.status, 200);
 
-    // No longer readable (a directory where the file was): refused as well.
-    std::fs::remove_file(&path).unwrap();
-    std::fs::create_dir(&path).unwrap();
+    // No longer readable (the path names a directory): refused as well. Swapped in atomically (a symlink renamed
+    // over the file), so the poller never finds the path missing in between (CI once saw that gap: a second
+    // `file_missing`).
+    let dir = path.with_extension("dir");
+    std::fs::create_dir(&dir).unwrap();
+    let link = path.with_extension("link");
+    std::os::unix::fs::symlink(&dir, &link).unwrap();
+    std::fs::rename(&link, &path).unwrap();
     assert_eq!(until_status(&mut c, "k-reader", 503).await.reason(), "table_revoked");
     let ready = get(ip(1), admin, "/readyz", &[]).await;
     assert!(ready.body.contains("table revoked (file_unreadable)"), "{}", ready.body);
-    std::fs::remove_dir(&path).unwrap();
+    // Written over the link, atomically.
     write_table(&path, &t);
     until_status(&mut c, "k-reader", 200).await;
 
