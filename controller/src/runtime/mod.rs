@@ -89,6 +89,23 @@ pub enum Error {
     LeaseConfig(#[from] leader::LeaseConfigError),
 }
 
+impl Error {
+    /// The API server's connection closed before it answered (a pooled keep-alive connection the server had just
+    /// closed, or a server restarting): nothing was decided, so the request may be tried again at once on a new
+    /// connection rather than after a retry delay.
+    pub fn is_unanswered(&self) -> bool {
+        let Error::Kube(e) = self else { return false };
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(err) = source {
+            if err.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_incomplete_message() || h.is_canceled()) {
+                return true;
+            }
+            source = err.source();
+        }
+        false
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Watch only this namespace (default: all namespaces).
@@ -560,4 +577,40 @@ fn spawn_watch<K>(
 
 fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl Stream<Item = T> + Send {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use tokio::io::AsyncReadExt;
+
+    /// A server that reads each request and closes the connection without answering: the error the table worker
+    /// sees from kube's client is recognised as unanswered; an answered error (a 403) is not.
+    #[tokio::test]
+    async fn a_connection_closed_before_the_answer_is_unanswered() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                if buf.starts_with(b"GET /api/v1/namespaces/answered") {
+                    use tokio::io::AsyncWriteExt;
+                    let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Forbidden","code":403}"#;
+                    let head = format!("HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", body.len());
+                    let _ = s.write_all(format!("{head}{body}").as_bytes()).await;
+                }
+                drop(s);
+            }
+        });
+        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let dropped = kube::Api::<ConfigMap>::namespaced(client.clone(), "dropped").get("x").await.unwrap_err();
+        assert!(Error::Kube(dropped).is_unanswered());
+        let answered = kube::Api::<ConfigMap>::namespaced(client, "answered").get("x").await.unwrap_err();
+        assert!(!Error::Kube(answered).is_unanswered(), "a 403 was answered");
+        assert!(!Error::Conflict("i".into()).is_unanswered());
+    }
 }

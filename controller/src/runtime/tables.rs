@@ -40,6 +40,10 @@ pub struct Debounce {
 /// How often a reconcile that lost the index precondition re-reads and re-decides before giving up for now.
 const CONFLICT_RETRIES: usize = 3;
 
+/// How often a reconcile whose request the API server left unanswered (connection closed) is tried again at once,
+/// before the usual retry delay applies.
+const UNANSWERED_RETRIES: usize = 1;
+
 /// Processes queued Services until the queue closes, or returns [`Error::LostLease`] once this replica no longer
 /// leads (it must not write again).
 pub async fn run_table_worker(
@@ -64,12 +68,16 @@ pub async fn run_table_worker(
         let mut plans_to_update: BTreeSet<(String, String)> = BTreeSet::new();
         for key in &batch {
             let started = Instant::now();
-            let mut attempt = 0;
+            let (mut attempt, mut unanswered) = (0, 0);
             let res = loop {
                 match reconcile_service(&ctx, key).await {
                     Err(Error::Conflict(index)) if attempt < CONFLICT_RETRIES => {
                         attempt += 1;
                         tracing::info!(namespace = %key.namespace, index, "index changed since it was read; re-reading");
+                    }
+                    Err(e) if e.is_unanswered() && unanswered < UNANSWERED_RETRIES => {
+                        unanswered += 1;
+                        tracing::info!(namespace = %key.namespace, service = %key.name, error = %Chain(&e), "API server closed the connection before answering; trying again at once");
                     }
                     res => break res,
                 }
