@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 
 const KEY: (&str, &str) = ("x-api-key", "k-reader"); // t/reader: allowed from 127.0.0.1 and 203.0.113.7 only
 
-async fn proxy(proxy_protocol: bool) -> (portcullis_proxy::Running, tempfile::TempDir) {
-    let (up, _seen) = upstream().await;
+/// A proxy trusting 127.0.0.10 and 127.0.0.11 as hops, with what its upstream has seen.
+async fn proxy(proxy_protocol: bool) -> (portcullis_proxy::Running, tempfile::TempDir, Seen) {
+    let (up, seen) = upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tables.json");
     write_table(&path, &standard_table());
@@ -17,12 +18,12 @@ async fn proxy(proxy_protocol: bool) -> (portcullis_proxy::Running, tempfile::Te
     c.proxy_protocol = proxy_protocol;
     let p = start(c).await;
     wait_until("table loaded", || p.tables.is_ready()).await;
-    (p, dir)
+    (p, dir, seen)
 }
 
 #[tokio::test]
 async fn untrusted_peers_cannot_change_the_decision_with_headers() {
-    let (p, _dir) = proxy(false).await;
+    let (p, _dir, _) = proxy(false).await;
     let spoofs: Vec<Vec<(&str, &str)>> = vec![
         vec![("x-forwarded-for", "127.0.0.1")],
         vec![("x-forwarded-for", "203.0.113.7")],
@@ -55,7 +56,7 @@ async fn untrusted_peers_cannot_change_the_decision_with_headers() {
 
 #[tokio::test]
 async fn trusted_hops_use_the_rightmost_untrusted_address() {
-    let (p, _dir) = proxy(false).await;
+    let (p, _dir, _) = proxy(false).await;
     let trusted = ip(10);
     let long = vec!["127.0.0.1"; 33].join(", ");
     type Case<'a> = (&'a [(&'a str, &'a str)], u16, &'a str);
@@ -111,7 +112,7 @@ fn status_of(resp: &[u8]) -> Option<u16> {
 
 #[tokio::test]
 async fn proxy_protocol_only_from_trusted_peers() {
-    let (p, _dir) = proxy(true).await;
+    let (p, _dir, _) = proxy(true).await;
     let dst: SocketAddr = p.addr;
     let with = |hdr: Vec<u8>| [hdr, request()].concat();
     let src = |last: u8| SocketAddr::new(ip(last), 40000);
@@ -146,14 +147,7 @@ async fn proxy_protocol_only_from_trusted_peers() {
 /// peer's claims never replace its own address on any request of its connection.
 #[tokio::test]
 async fn each_request_on_a_kept_alive_connection_forwards_its_own_address() {
-    let (up, seen) = upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tables.json");
-    write_table(&path, &standard_table());
-    let mut c = config(up, &path);
-    c.trusted_proxies = CidrSet::parse_list("127.0.0.10/32").unwrap();
-    let p = start(c).await;
-    wait_until("table loaded", || p.tables.is_ready()).await;
+    let (p, _dir, seen) = proxy(false).await;
     let forwarded = |h: &http::HeaderMap| {
         let v = |n: &str| h.get(n).map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
         (v("x-forwarded-for"), v("forwarded"), v("x-forwarded-proto"))
