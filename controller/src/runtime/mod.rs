@@ -598,8 +598,12 @@ mod tests {
                 let _ = s.read(&mut buf).await;
                 if buf.starts_with(b"GET /api/v1/namespaces/answered") {
                     use tokio::io::AsyncWriteExt;
-                    let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Forbidden","code":403}"#;
-                    let head = format!("HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", body.len());
+                    let body =
+                        r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Forbidden","code":403}"#;
+                    let head = format!(
+                        "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                        body.len()
+                    );
                     let _ = s.write_all(format!("{head}{body}").as_bytes()).await;
                 }
                 drop(s);
