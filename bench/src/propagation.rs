@@ -660,7 +660,7 @@ async fn wait_statuses(api: &Api<DynamicObject>, want: usize, kids: &mut Kids) -
     };
     let mut states: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
     let mut events = watcher(api.clone(), watcher::Config::default()).default_backoff().applied_objects().boxed();
-    let deadline = Instant::now() + Duration::from_secs(1800);
+    let deadline = Instant::now() + Duration::from_secs(3600);
     let quiet = Duration::from_secs(5);
     loop {
         match tokio::time::timeout(quiet, events.next()).await {
@@ -682,7 +682,7 @@ async fn wait_statuses(api: &Api<DynamicObject>, want: usize, kids: &mut Kids) -
         }
         if Instant::now() > deadline {
             let n = states.values().filter(|r| **r).count();
-            bail!("{n} of {want} ApiClients Ready after 30 minutes");
+            bail!("{n} of {want} ApiClients Ready after 60 minutes");
         }
         for c in &mut kids.0 {
             if let Some(s) = c.try_wait()? {

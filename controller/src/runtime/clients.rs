@@ -2,6 +2,7 @@
 //! entry names any more), resolves keys and plans, and writes status (conditions, fingerprints) plus Events on
 //! condition transitions and key lifecycle changes. The rules of key identity are in [`crate::keys`].
 
+use super::status::Subject;
 use super::tables::{ServiceKey, cached_keys};
 use super::{Ctx, Error, MANAGED_BY, publish_transitions};
 use crate::conditions::{ClientFacts, client_conditions, merge};
@@ -160,7 +161,7 @@ async fn reconcile_inner(obj: &ApiClient, ctx: &Ctx) -> Result<Action, Error> {
             tracing::debug!(namespace = %ns, client = %name, changed = ?status_changes(&old, &status), "writing status");
         }
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
-        publish_transitions(ctx, &obj.object_ref(&()), &old.conditions, &status.conditions).await;
+        publish_transitions(ctx, Subject::ApiClient, &obj.object_ref(&()), &old.conditions, &status.conditions).await;
     }
     // Re-check when the next key expires; otherwise rely on watches (plus a slow resync).
     let requeue = resolved
