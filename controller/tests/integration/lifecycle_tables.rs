@@ -515,3 +515,60 @@ async fn a_writer_that_lost_the_index_precondition_publishes_nothing() {
     assert_eq!((doc.sequence, t.clients.len()), (3, 2));
     assert_eq!(shards[0].metadata.name.as_deref(), Some(foreign.as_str()));
 }
+
+/// The table's ConfigMaps are owned by the plans granting the Service (garbage collection follows them). A plan
+/// granting it, or ceasing to, changes no client, yet every shard must be rewritten with the new owners: a shard
+/// still owned only by a deleted plan would be collected while another plan grants its clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_shard_follows_the_plans_granting_the_service() {
+    let env = env("lc-owners").await;
+    let lease = format!("pc-{}", env.ns);
+    // Small shards (4 KiB): 30 clients span several.
+    let ctl = start_controller_with(&env, "lc-owners", &lease, None, |c| c.max_shard_bytes = 4096).await;
+    let keys: Vec<(String, String)> =
+        (0..30).map(|i| (format!("k{i}"), format!("owners-key-{i:02}-0123456789abcdef"))).collect();
+    let data: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    create_secret(&env, "owners-keys", &data).await;
+    create_plan(&env, plan("gold", &[SERVICE])).await;
+    for (k, _) in &keys {
+        create_client(&env, &format!("c-{k}"), client_spec(&["gold"], &["127.0.0.1/32"], "owners-keys", k)).await;
+    }
+    wait_table(&env, SERVICE, "every client", |t| t.clients.len() == keys.len()).await;
+    let uid = |name: &'static str| {
+        let plans = plans(&env);
+        async move { plans.get(name).await.unwrap().metadata.uid.unwrap() }
+    };
+    // Every ConfigMap of the table (index and shards) owned by exactly `want`, with the clients all there.
+    let owned_by = |want: Vec<String>| {
+        let env = &env;
+        let what = format!("every table ConfigMap owned by {want:?}");
+        async move {
+            wait_for(T, &what, || async {
+                let (doc, table, shards) = read_table(env, SERVICE).await?;
+                let (index, _) = index(env).await?;
+                let mut want = want.clone();
+                want.sort();
+                let owners = |cm: &ConfigMap| {
+                    let mut v: Vec<String> =
+                        cm.metadata.owner_references.iter().flatten().map(|o| o.uid.clone()).collect();
+                    v.sort();
+                    v
+                };
+                (table.clients.len() == 30 && std::iter::once(&index).chain(&shards).all(|cm| owners(cm) == want))
+                    .then_some(doc)
+            })
+            .await
+        }
+    };
+    let gold = uid("gold").await;
+    let doc = owned_by(vec![gold.clone()]).await;
+    assert!(doc.shards.len() >= 2, "the test needs several shards, got {}", doc.shards.len());
+    // A second plan grants the Service (no client uses it): every shard gains it as an owner.
+    create_plan(&env, plan("silver", &[SERVICE])).await;
+    let silver = uid("silver").await;
+    owned_by(vec![gold.clone(), silver.clone()]).await;
+    // The second plan is deleted (still no client changes): every shard is owned by the first only again.
+    plans(&env).delete("silver", &DeleteParams::default()).await.unwrap();
+    owned_by(vec![gold]).await;
+    ctl.stop().await.unwrap();
+}
