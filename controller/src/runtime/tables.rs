@@ -52,19 +52,22 @@ pub async fn run_table_worker(
     debounce: Debounce,
 ) -> Result<(), Error> {
     while let Some(first) = rx.recv().await {
+        let opened = tokio::time::Instant::now();
         let mut batch = BTreeSet::from([first]);
-        let deadline = tokio::time::Instant::now() + debounce.max_wait;
-        loop {
+        let deadline = opened + debounce.max_wait;
+        let mut triggers = 1usize;
+        let closed_by = loop {
             let quiet = tokio::time::sleep(debounce.quiet);
             tokio::select! {
                 k = rx.recv() => match k {
-                    Some(k) => { batch.insert(k); }
+                    Some(k) => { batch.insert(k); triggers += 1; }
                     None => return Ok(()),
                 },
-                _ = quiet => break,
-                _ = tokio::time::sleep_until(deadline) => break,
+                _ = quiet => break "quiet",
+                _ = tokio::time::sleep_until(deadline) => break "max_wait",
             }
-        }
+        };
+        tracing::debug!(services = batch.len(), triggers, waited = ?opened.elapsed(), closed_by, "table batch");
         let mut plans_to_update: BTreeSet<(String, String)> = BTreeSet::new();
         for key in &batch {
             let started = Instant::now();
@@ -83,6 +86,7 @@ pub async fn run_table_worker(
                 }
             };
             ctx.metrics.observe("table", started.elapsed(), res.is_ok());
+            tracing::debug!(namespace = %key.namespace, service = %key.name, took = ?started.elapsed(), ok = res.is_ok(), "table reconciled");
             match res {
                 Ok(()) => {
                     ctx.render_errors.write().expect("errors lock").remove(key);
@@ -264,6 +268,7 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         Some(o) => (o.table.clone(), o.memo.clone()),
         None => (None, None),
     };
+    let t0 = Instant::now();
     let desired = decide(
         ns,
         &key.name,
@@ -276,8 +281,10 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         ctx.max_shard_bytes,
         ctx.has_store(),
     );
+    let decided_in = t0.elapsed();
     let writer = Writer::new(ctx, ns, &key.name);
     let live = writer.read().await?;
+    let read_in = t0.elapsed();
 
     let Some(desired) = desired else {
         // Nothing protects or reads this Service any more: the index goes first (fenced), then shards, then RBAC.
@@ -337,11 +344,14 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         );
         rendered.index.shards.len()
     };
+    let published_in = t0.elapsed();
     ctx.metrics.set_table(ns, &key.name, table.clients.len(), shards, &table.revision);
     // RBAC after the table: a deny-all table stays readable, so sidecars keep their watch and see a later grant.
     let granting: Vec<&UsagePlan> =
         plans.iter().map(|p| &**p).filter(|p| desired.plans.contains_key(&p.name_any())).collect();
     super::access::reconcile_access(ctx, ns, &key.name, &granting, &desired.owners).await?;
+    tracing::debug!(namespace = ns, service = %key.name, decide = ?decided_in, read = ?read_in, publish = ?published_in,
+        access = ?t0.elapsed(), "table reconcile phases (cumulative)");
 
     // The table in force, for the next render (shared, not copied: 100 000 clients are tens of MiB), and what its
     // build keeps for the next one.
