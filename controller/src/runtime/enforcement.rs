@@ -150,6 +150,7 @@ impl Enforcement {
         let mut notify: HashSet<String> = changed_clients.into_iter().collect();
         if old != report {
             // UsagePlans: through the table writer (it writes their status after the Service).
+            tracing::debug!(source = "enforcement", services = 1, "table trigger");
             let _ = ctx.table_tx.send(key.clone());
             let introduced = self.introduced.read().expect("introduced lock");
             let mut groups: HashMap<&str, Vec<&String>> = HashMap::new();

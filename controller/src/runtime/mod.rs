@@ -287,8 +287,11 @@ impl Ctx {
         self.store.is_some()
     }
 
-    /// Queues what `t` asks for.
-    pub(crate) fn dispatch(&self, t: Triggers) {
+    /// Queues what `t` asks for (`source`: the event kind, in the debug log).
+    pub(crate) fn dispatch(&self, source: &'static str, t: Triggers) {
+        if !t.services.is_empty() {
+            tracing::debug!(source, services = t.services.len(), "table trigger");
+        }
         for k in &t.services {
             let _ = self.table_tx.send(k.clone());
         }
@@ -412,38 +415,38 @@ async fn run_leader(
     let (c, mut seen) = (ctx.clone(), SpecSeen::default());
     spawn_watch(&mut tasks, "usageplans", ctx.plans.clone(), watches.plans, move |p: &UsagePlan, change| {
         if seen.spec_changed(p, change) {
-            c.dispatch(c.triggers(|v| triggers::plan_changed(v, p)));
+            c.dispatch("usageplan", c.triggers(|v| triggers::plan_changed(v, p)));
         }
     });
     let (c, mut seen) = (ctx.clone(), SpecSeen::default());
     spawn_watch(&mut tasks, "apiclients", ctx.clients.clone(), watches.clients, move |o: &ApiClient, change| {
         if seen.spec_changed(o, change) {
-            c.dispatch(c.triggers(|v| triggers::client_changed(v, o)));
+            c.dispatch("apiclient", c.triggers(|v| triggers::client_changed(v, o)));
         }
     });
     let c = ctx.clone();
     spawn_watch(&mut tasks, "secrets", ctx.secrets.clone(), watches.secrets, move |o: &Secret, _| {
-        c.dispatch(c.triggers(|v| triggers::secret_changed(v, o)));
+        c.dispatch("secret", c.triggers(|v| triggers::secret_changed(v, o)));
     });
     let c = ctx.clone();
     spawn_watch(&mut tasks, "services", ctx.services.clone(), watches.services, move |o: &Service, _| {
-        c.dispatch(c.triggers(|v| triggers::service_changed(v, o)));
+        c.dispatch("service", c.triggers(|v| triggers::service_changed(v, o)));
     });
     let c = ctx.clone();
     spawn_watch(&mut tasks, "pods", ctx.pods.clone(), watches.pods, move |o: &Pod, _| {
-        c.dispatch(c.triggers(|v| triggers::pod_changed(v, o)));
+        c.dispatch("pod", c.triggers(|v| triggers::pod_changed(v, o)));
     });
     let c = ctx.clone();
     spawn_watch(&mut tasks, "configmaps", caches.configmaps.clone(), watches.configmaps, move |o, _| {
-        c.dispatch(triggers::labelled_changed(o));
+        c.dispatch("configmap", triggers::labelled_changed(o));
     });
     let c = ctx.clone();
     spawn_watch(&mut tasks, "roles", caches.roles.clone(), watches.roles, move |o, _| {
-        c.dispatch(triggers::labelled_changed(o));
+        c.dispatch("role", triggers::labelled_changed(o));
     });
     let c = ctx.clone();
     spawn_watch(&mut tasks, "rolebindings", caches.bindings.clone(), watches.bindings, move |o, _| {
-        c.dispatch(triggers::labelled_changed(o));
+        c.dispatch("rolebinding", triggers::labelled_changed(o));
     });
     let c = ctx.clone();
     spawn_watch(
@@ -452,7 +455,7 @@ async fn run_leader(
         caches.network_policies.clone(),
         watches.network_policies,
         move |o, _| {
-            c.dispatch(c.triggers(|v| triggers::network_policy_changed(v, o)));
+            c.dispatch("networkpolicy", c.triggers(|v| triggers::network_policy_changed(v, o)));
         },
     );
 
@@ -535,7 +538,7 @@ async fn run_leader(
                 tick.tick().await;
                 let all = ctx.all_services();
                 tracing::debug!(services = all.len(), "periodic resync");
-                ctx.dispatch(Triggers { services: all.into_iter().collect(), ..Default::default() });
+                ctx.dispatch("resync", Triggers { services: all.into_iter().collect(), ..Default::default() });
             }
         }
     });

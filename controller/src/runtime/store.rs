@@ -51,10 +51,10 @@ pub(crate) fn set_health(ctx: &Ctx, health: StoreHealth) {
         }
         _ => {}
     }
-    ctx.dispatch(super::triggers::Triggers {
-        services: ctx.all_services().into_iter().collect(),
-        ..Default::default()
-    });
+    ctx.dispatch(
+        "store",
+        super::triggers::Triggers { services: ctx.all_services().into_iter().collect(), ..Default::default() },
+    );
 }
 
 /// The copy of the credentials for a sidecar namespace: only the `username` and `password` keys of `source`.
