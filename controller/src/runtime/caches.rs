@@ -260,8 +260,9 @@ pub(crate) fn trim_secret(s: &mut Secret) {
     }
 }
 
-/// Annotation set on *cached* table ConfigMaps only (never written): the hex SHA-256 of the shard data the cache
-/// dropped, so that drift (a deleted or edited shard) is found without reading every shard.
+/// Annotation set on *cached* table ConfigMaps only (never written): the hex SHA-256 of the shard (or index) data
+/// the cache dropped, so that drift (a deleted or edited shard) is found without reading every shard, and our own
+/// writes are told from others' ([`super::echoes`]).
 pub const CACHED_DATA_SHA256: &str = "portcullis.dev/cached-data-sha256";
 
 /// The table ConfigMaps are cached for their events and their shard's content hash; the current index is always
@@ -271,7 +272,9 @@ pub(crate) fn trim_configmap(cm: &mut ConfigMap) {
     let sha = cm
         .data
         .as_ref()
-        .and_then(|d| d.get(portcullis_table::naming::SHARD_DATA_KEY))
+        .and_then(|d| {
+            d.get(portcullis_table::naming::SHARD_DATA_KEY).or_else(|| d.get(portcullis_table::naming::INDEX_DATA_KEY))
+        })
         .map(|d| super::publish::data_sha256(d));
     cm.metadata.annotations.get_or_insert_with(Default::default).remove(CACHED_DATA_SHA256);
     if let Some(sha) = sha {

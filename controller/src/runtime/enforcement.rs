@@ -149,9 +149,9 @@ impl Enforcement {
         };
         let mut notify: HashSet<String> = changed_clients.into_iter().collect();
         if old != report {
-            // UsagePlans: through the table writer (it writes their status after the Service).
-            tracing::debug!(source = "enforcement", services = 1, "table trigger");
-            let _ = ctx.table_tx.send(key.clone());
+            // UsagePlans: through the table writer (one writer of their status), without re-deciding the table.
+            tracing::debug!(service = %key.name, "plan status requested");
+            let _ = ctx.plan_status_tx.send(key.clone());
             let introduced = self.introduced.read().expect("introduced lock");
             let mut groups: HashMap<&str, Vec<&String>> = HashMap::new();
             for (client, (_, rev)) in introduced.get(key).into_iter().flatten() {

@@ -24,6 +24,11 @@ pub struct ControllerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabels {
     pub namespace: String,
     pub service: String,
@@ -43,6 +48,8 @@ pub struct Metrics {
     pub errors: Family<ControllerLabels, Counter>,
     pub duration: HistogramFamily,
     pub table_writes: Family<ServiceLabels, Counter>,
+    /// Services queued for the table writer, by the kind of watch event (or task) that queued them.
+    pub table_triggers: Family<SourceLabels, Counter>,
     pub table_clients: Family<ServiceLabels, Gauge>,
     pub table_shards: Family<ServiceLabels, Gauge>,
     /// `{service="NAMESPACE/NAME", revision}` = 1 for the revision last written: the same labels as the sidecars'
@@ -73,6 +80,7 @@ impl Metrics {
         let errors = Family::<ControllerLabels, Counter>::default();
         let duration: HistogramFamily = Family::new_with_constructor(duration_histogram);
         let table_writes = Family::<ServiceLabels, Counter>::default();
+        let table_triggers = Family::<SourceLabels, Counter>::default();
         let table_clients = Family::<ServiceLabels, Gauge>::default();
         let table_shards = Family::<ServiceLabels, Gauge>::default();
         let leader = Gauge::default();
@@ -81,6 +89,11 @@ impl Metrics {
         registry.register("reconcile_errors", "Failed reconciliations by controller", errors.clone());
         registry.register("reconcile_duration_seconds", "Reconciliation duration by controller", duration.clone());
         registry.register("table_writes", "Table revisions written per Service", table_writes.clone());
+        registry.register(
+            "table_triggers",
+            "Services queued for the table writer, by source (the watch event kind, resync, store)",
+            table_triggers.clone(),
+        );
         registry.register("table_clients", "Clients in the current table per Service", table_clients.clone());
         registry.register("table_shards", "Shards of the current table per Service", table_shards.clone());
         let table_info = Family::<TableLabels, Gauge>::default();
@@ -106,6 +119,7 @@ impl Metrics {
             errors,
             duration,
             table_writes,
+            table_triggers,
             table_clients,
             table_shards,
             table_info,

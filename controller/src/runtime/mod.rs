@@ -15,6 +15,7 @@
 pub mod access;
 pub mod caches;
 pub mod clients;
+pub mod echoes;
 pub mod enforcement;
 pub mod index;
 pub mod leader;
@@ -195,6 +196,11 @@ pub struct Ctx {
     /// The last error of each Service whose table could not be written (cleared on success).
     pub render_errors: RwLock<HashMap<ServiceKey, String>>,
     pub table_tx: mpsc::UnboundedSender<ServiceKey>,
+    /// Services whose granting UsagePlans need their status rewritten, table unchanged (what the sidecars serve
+    /// changed): handled by the table worker between batches, never holding a batch open.
+    pub plan_status_tx: mpsc::UnboundedSender<ServiceKey>,
+    /// This controller's own table writes, whose watch events trigger nothing.
+    pub echoes: echoes::Echoes,
     pub client_tx: mpsc::UnboundedSender<ObjectRef<ApiClient>>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
@@ -219,6 +225,7 @@ impl Ctx {
     ) -> (Self, Queues) {
         let (table_tx, table_rx) = mpsc::unbounded_channel();
         let (client_tx, client_rx) = mpsc::unbounded_channel();
+        let (plan_status_tx, plan_status_rx) = mpsc::unbounded_channel();
         let ctx = Ctx {
             client,
             plans: caches.plans.clone(),
@@ -235,6 +242,8 @@ impl Ctx {
             state: RwLock::new(HashMap::new()),
             render_errors: RwLock::new(HashMap::new()),
             table_tx,
+            plan_status_tx,
+            echoes: echoes::Echoes::default(),
             client_tx,
             recorder,
             metrics,
@@ -248,7 +257,7 @@ impl Ctx {
             }),
             own_namespace: config.own_namespace.clone(),
         };
-        (ctx, Queues { tables: table_rx, clients: client_rx })
+        (ctx, Queues { tables: table_rx, plan_status: plan_status_rx, clients: client_rx })
     }
 
     /// Computes the triggers of an event over the caches and the rendered state.
@@ -291,6 +300,8 @@ impl Ctx {
     pub(crate) fn dispatch(&self, source: &'static str, t: Triggers) {
         if !t.services.is_empty() {
             tracing::debug!(source, services = t.services.len(), "table trigger");
+            let labels = metrics::SourceLabels { source: source.to_string() };
+            self.metrics.table_triggers.get_or_create(&labels).inc_by(t.services.len() as u64);
         }
         for k in &t.services {
             let _ = self.table_tx.send(k.clone());
@@ -301,9 +312,10 @@ impl Ctx {
     }
 }
 
-/// The receiving ends of the table queue and the ApiClient queue.
+/// The receiving ends of the table queue, the UsagePlan status queue and the ApiClient queue.
 struct Queues {
     tables: mpsc::UnboundedReceiver<ServiceKey>,
+    plan_status: mpsc::UnboundedReceiver<ServiceKey>,
     clients: mpsc::UnboundedReceiver<ObjectRef<ApiClient>>,
 }
 
@@ -437,8 +449,10 @@ async fn run_leader(
         c.dispatch("pod", c.triggers(|v| triggers::pod_changed(v, o)));
     });
     let c = ctx.clone();
-    spawn_watch(&mut tasks, "configmaps", caches.configmaps.clone(), watches.configmaps, move |o, _| {
-        c.dispatch("configmap", triggers::labelled_changed(o));
+    spawn_watch(&mut tasks, "configmaps", caches.configmaps.clone(), watches.configmaps, move |o, change| {
+        if !c.echoes.is_echo(o, change) {
+            c.dispatch("configmap", triggers::labelled_changed(o));
+        }
     });
     let c = ctx.clone();
     spawn_watch(&mut tasks, "roles", caches.roles.clone(), watches.roles, move |o, _| {
@@ -470,7 +484,7 @@ async fn run_leader(
         let ctx = ctx.clone();
         let debounce = config.debounce;
         async move {
-            tables::run_table_worker(ctx, queues.tables, debounce).await?;
+            tables::run_table_worker(ctx, queues.tables, queues.plan_status, debounce).await?;
             Ok("table worker")
         }
     });

@@ -27,6 +27,7 @@
 //!   hashes; a missing or edited shard (confirmed with a GET) makes a fresh revision with every shard rewritten.
 
 use super::caches::CACHED_DATA_SHA256;
+use super::echoes::Echoes;
 use super::leader::LeaderLease;
 use super::{Ctx, Error, FIELD_MANAGER, MANAGED_BY};
 use futures::{StreamExt, TryStreamExt};
@@ -90,6 +91,8 @@ pub struct Writer<'a> {
     fence: Fence<'a>,
     /// The controller's ConfigMap cache, consulted before a GET when checking shards (`None`: always GET).
     cache: Option<&'a Store<ConfigMap>>,
+    /// Where this writer's own writes and deletions are recorded, so that their watch events trigger nothing.
+    echoes: Option<&'a Echoes>,
 }
 
 impl<'a> Writer<'a> {
@@ -98,6 +101,7 @@ impl<'a> Writer<'a> {
         let mut w = Self::unfenced(ctx.client.clone(), namespace, service);
         w.fence = ctx.fence();
         w.cache = Some(&ctx.caches.configmaps);
+        w.echoes = Some(&ctx.echoes);
         w
     }
 
@@ -110,6 +114,7 @@ impl<'a> Writer<'a> {
             index: index_name(service),
             fence: Fence { lease: None, lease_name: "" },
             cache: None,
+            echoes: None,
         }
     }
 
@@ -187,6 +192,7 @@ impl<'a> Writer<'a> {
             Some(&table.revision),
         );
         self.fence.check()?;
+        let mark = self.writing(&cm);
         let written = match &live.cm {
             None => self.cms.create(&pp, &cm).await,
             Some(current) => {
@@ -194,7 +200,10 @@ impl<'a> Writer<'a> {
                 self.cms.replace(&self.index, &pp, &cm).await
             }
         };
-        let written = written.map_err(|e| self.conflict(e))?;
+        let written = written.map_err(|e| {
+            self.failed(&mark);
+            self.conflict(e)
+        })?;
         self.prune(live, &rendered, &written).await?;
         Ok(rendered)
     }
@@ -217,6 +226,7 @@ impl<'a> Writer<'a> {
     /// over (it is no writer's table); any other change since the read is another writer's: [`Error::Conflict`].
     async fn write_shard(&self, live: &Live, mut cm: ConfigMap, pp: &PostParams) -> Result<(), Error> {
         let name = cm.name_any();
+        let mark = self.writing(&cm);
         let written = match live.shards.get(&name) {
             Some(rv) => {
                 cm.metadata.resource_version = rv.clone();
@@ -238,6 +248,9 @@ impl<'a> Writer<'a> {
                 other => other,
             },
         };
+        if written.is_err() {
+            self.failed(&mark);
+        }
         written.map(|_| ()).map_err(|e| match e {
             kube::Error::Api(s) if s.code == 409 || s.code == 404 => Error::Conflict(name),
             e => e.into(),
@@ -279,16 +292,20 @@ impl<'a> Writer<'a> {
                 }),
                 ..Default::default()
             };
+            let mark = self.deleting(&self.index, cm.metadata.uid.as_deref());
             match self.cms.delete(&self.index, &dp).await {
                 Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(self.conflict(e)),
+                Err(kube::Error::Api(s)) if s.code == 404 => self.failed(&mark),
+                Err(e) => {
+                    self.failed(&mark);
+                    return Err(self.conflict(e));
+                }
             }
         }
         let lp = ListParams::default()
             .labels(&format!("{LABEL_SERVICE}={},app.kubernetes.io/managed-by={MANAGED_BY}", self.service));
         for cm in self.cms.list_metadata(&lp).await? {
-            self.delete_listed(&cm.name_any(), cm.metadata.resource_version.clone()).await?;
+            self.delete_listed(&cm.name_any(), &cm.metadata).await?;
         }
         Ok(())
     }
@@ -312,22 +329,45 @@ impl<'a> Writer<'a> {
             let name = cm.name_any();
             if !named(&name) && cm.labels().get("app.kubernetes.io/managed-by").map(String::as_str) == Some(MANAGED_BY)
             {
-                self.delete_listed(&name, cm.metadata.resource_version.clone()).await?;
+                self.delete_listed(&name, &cm.metadata).await?;
             }
         }
         Ok(())
     }
 
-    async fn delete_listed(&self, name: &str, resource_version: Option<String>) -> Result<(), Error> {
+    /// Deletes `name` as listed (`listed`: its metadata then): not if it was rewritten since.
+    async fn delete_listed(&self, name: &str, listed: &ObjectMeta) -> Result<(), Error> {
+        let resource_version = listed.resource_version.clone();
         let dp =
             DeleteParams { preconditions: Some(Preconditions { resource_version, uid: None }), ..Default::default() };
+        let mark = self.deleting(name, listed.uid.as_deref());
         match self.cms.delete(name, &dp).await {
             Ok(_) => tracing::debug!(configmap = %name, "deleted stale table ConfigMap"),
             // Gone already, or rewritten since we listed it (then it is not stale): leave it.
-            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
-            Err(e) => return Err(e.into()),
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => self.failed(&mark),
+            Err(e) => {
+                self.failed(&mark);
+                return Err(e.into());
+            }
         }
         Ok(())
+    }
+
+    /// Marks `cm` as our write before it is sent ([`Echoes`]).
+    fn writing(&self, cm: &ConfigMap) -> Option<(String, String)> {
+        self.echoes.map(|e| e.writing(&self.cms_namespace(), cm))
+    }
+
+    /// Marks ConfigMap `name` (uid `uid`) as our deletion before it is sent ([`Echoes`]).
+    fn deleting(&self, name: &str, uid: Option<&str>) -> Option<(String, String)> {
+        self.echoes.map(|e| e.deleting(&self.cms_namespace(), name, uid))
+    }
+
+    /// The request marked by `mark` failed.
+    fn failed(&self, mark: &Option<(String, String)>) {
+        if let (Some(e), Some(k)) = (self.echoes, mark) {
+            e.failed(k);
+        }
     }
 
     fn conflict(&self, e: kube::Error) -> Error {

@@ -45,30 +45,54 @@ const CONFLICT_RETRIES: usize = 3;
 const UNANSWERED_RETRIES: usize = 1;
 
 /// Processes queued Services until the queue closes, or returns [`Error::LostLease`] once this replica no longer
-/// leads (it must not write again).
+/// leads (it must not write again). `plan_status`: Services whose plans only need their status rewritten (what the
+/// sidecars serve changed); handled at once between batches, and folded into an open batch without extending it.
 pub async fn run_table_worker(
     ctx: Arc<Ctx>,
     mut rx: mpsc::UnboundedReceiver<ServiceKey>,
+    mut plan_status: mpsc::UnboundedReceiver<ServiceKey>,
     debounce: Debounce,
 ) -> Result<(), Error> {
-    while let Some(first) = rx.recv().await {
+    loop {
+        // Table triggers first: a status-only request waits for nothing, but a table never waits for a status.
+        let first = tokio::select! {
+            biased;
+            k = rx.recv() => match k {
+                Some(k) => k,
+                None => return Ok(()),
+            },
+            Some(k) = plan_status.recv() => {
+                let mut services = BTreeSet::from([k]);
+                while let Ok(k) = plan_status.try_recv() {
+                    services.insert(k);
+                }
+                tracing::debug!(services = services.len(), "plan status batch");
+                update_plans_granting(&ctx, &services).await;
+                continue;
+            }
+        };
         let opened = tokio::time::Instant::now();
         let mut batch = BTreeSet::from([first]);
+        let mut status_only: BTreeSet<ServiceKey> = BTreeSet::new();
         let deadline = opened + debounce.max_wait;
+        let mut quiet_until = opened + debounce.quiet;
         let mut triggers = 1usize;
         let closed_by = loop {
-            let quiet = tokio::time::sleep(debounce.quiet);
             tokio::select! {
                 k = rx.recv() => match k {
-                    Some(k) => { batch.insert(k); triggers += 1; }
+                    Some(k) => {
+                        batch.insert(k);
+                        triggers += 1;
+                        quiet_until = tokio::time::Instant::now() + debounce.quiet;
+                    }
                     None => return Ok(()),
                 },
-                _ = quiet => break "quiet",
+                Some(k) = plan_status.recv() => { status_only.insert(k); }
+                _ = tokio::time::sleep_until(quiet_until) => break "quiet",
                 _ = tokio::time::sleep_until(deadline) => break "max_wait",
             }
         };
         tracing::debug!(services = batch.len(), triggers, waited = ?opened.elapsed(), closed_by, "table batch");
-        let mut plans_to_update: BTreeSet<(String, String)> = BTreeSet::new();
         for key in &batch {
             let started = Instant::now();
             let (mut attempt, mut unanswered) = (0, 0);
@@ -106,24 +130,31 @@ pub async fn run_table_worker(
                     });
                 }
             }
-            for p in ctx.plans.state() {
-                if p.namespace().as_deref() == Some(key.namespace.as_str()) && model::grants(&p, &key.name) {
-                    plans_to_update.insert((key.namespace.clone(), p.name_any()));
-                }
-            }
         }
-        for (ns, name) in plans_to_update {
-            if let Some(p) = ctx.plans.get(&ObjectRef::new(&name).within(&ns)) {
-                let started = Instant::now();
-                let res = update_plan_status(&ctx, &p).await;
-                ctx.metrics.observe("usageplan", started.elapsed(), res.is_ok());
-                if let Err(e) = res {
-                    tracing::warn!(namespace = %ns, plan = %name, error = %Chain(&e), "UsagePlan status update failed");
-                }
+        batch.extend(status_only);
+        update_plans_granting(&ctx, &batch).await;
+    }
+}
+
+/// Rewrites the status of every UsagePlan that grants one of `services`.
+async fn update_plans_granting(ctx: &Ctx, services: &BTreeSet<ServiceKey>) {
+    let mut plans: BTreeSet<(String, String)> = BTreeSet::new();
+    for p in ctx.plans.state() {
+        let ns = p.namespace().unwrap_or_default();
+        if services.iter().any(|k| k.namespace == ns && model::grants(&p, &k.name)) {
+            plans.insert((ns, p.name_any()));
+        }
+    }
+    for (ns, name) in plans {
+        if let Some(p) = ctx.plans.get(&ObjectRef::new(&name).within(&ns)) {
+            let started = Instant::now();
+            let res = update_plan_status(ctx, &p).await;
+            ctx.metrics.observe("usageplan", started.elapsed(), res.is_ok());
+            if let Err(e) = res {
+                tracing::warn!(namespace = %ns, plan = %name, error = %Chain(&e), "UsagePlan status update failed");
             }
         }
     }
-    Ok(())
 }
 
 /// Resolved keys of `client` from the Secret cache (digests only).
