@@ -14,6 +14,7 @@
 //! laggards at 0.1, 0.2, 0.4 … s), 32 in flight; measured: 1 000 requests and `Enforced=True` 0.4–0.5 s after the
 //! sidecars serve a revision (`docs/ingress.md`, the ignored test `enforced_at_1000_pods`).
 
+use super::rendered::Introduced;
 use super::tables::{Generations, ServiceKey};
 use super::{Ctx, FIELD_MANAGER};
 use crate::conditions::Cond;
@@ -36,9 +37,6 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 const MAX_ANSWER_BYTES: usize = 4096;
 /// Quiet time after a wake-up before asking (pod events come in bursts during a rollout).
 const SETTLE: Duration = Duration::from_millis(50);
-
-/// Client name → (generation, revision that first held that generation).
-type Introduced = HashMap<String, (i64, String)>;
 
 /// The last report of each Service, when each client's current generation entered its table, and the wake-up
 /// channel of the prober.
@@ -87,7 +85,7 @@ impl Enforcement {
         let introduced = self.introduced.read().expect("introduced lock");
         self.condition_with(ctx, ns, services, unprogrammed, true, |key, current| {
             match introduced.get(key).and_then(|m| m.get(name)) {
-                Some((g, rev)) if *g == generation => Some((rev.clone(), true)),
+                Some((g, rev)) if g == generation => Some((rev.to_string(), true)),
                 // Not yet recorded by the prober: the current revision, until it is.
                 _ => Some((current.to_string(), false)),
             }
@@ -123,17 +121,7 @@ impl Enforcement {
         // Shared with the state, not copied (a table and one generation per client).
         let clients: Generations =
             ctx.state.read().expect("state lock").get(key).map(|st| st.clients.clone()).unwrap_or_default();
-        let mut all = self.introduced.write().expect("introduced lock");
-        let map = all.entry(key.clone()).or_default();
-        map.retain(|c, _| clients.contains(c));
-        let mut changed = Vec::new();
-        for (c, g) in clients.iter() {
-            if map.get(c).is_none_or(|(have, _)| *have != g) {
-                map.insert(c.to_string(), (g, revision.to_string()));
-                changed.push(c.to_string());
-            }
-        }
-        changed
+        self.introduced.write().expect("introduced lock").entry(key.clone()).or_default().record(&clients, revision)
     }
 
     /// Stores `report`; when it changes, rewrites the status of the plans granting the Service and of the clients
@@ -153,15 +141,15 @@ impl Enforcement {
             tracing::debug!(service = %key.name, "plan status requested");
             let _ = ctx.plan_status_tx.send(key.clone());
             let introduced = self.introduced.read().expect("introduced lock");
-            let mut groups: HashMap<&str, Vec<&String>> = HashMap::new();
-            for (client, (_, rev)) in introduced.get(key).into_iter().flatten() {
-                groups.entry(rev.as_str()).or_default().push(client);
+            let mut groups: HashMap<&str, Vec<&str>> = HashMap::new();
+            for (client, rev) in introduced.get(key).into_iter().flat_map(|i| i.iter()) {
+                groups.entry(rev).or_default().push(client);
             }
             for (rev, clients) in groups {
                 let before = service_verdict(&key.name, Some(rev), old.as_ref());
                 let after = service_verdict(&key.name, Some(rev), report.as_ref());
                 if before != after {
-                    notify.extend(clients.into_iter().cloned());
+                    notify.extend(clients.into_iter().map(String::from));
                 }
             }
         }
