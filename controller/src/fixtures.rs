@@ -132,6 +132,75 @@ impl Change {
     }
 }
 
+/// The controller's caches as the propagation bench fills them: `n` ApiClients `b<i>` deserialised one by one (as
+/// the watcher does, so they lie scattered in memory) into a reflector store whose iteration order is its hash
+/// order, keys in Secrets of 5 000 keys each, looked up by `ObjectRef` as `reconcile_service` does.
+/// [`Cached::decide`] is `reconcile_service`'s build of the table; [`Cached::change`] replaces one client.
+pub struct Cached {
+    plans: kube::runtime::reflector::store::Writer<UsagePlan>,
+    clients: kube::runtime::reflector::store::Writer<ApiClient>,
+    secrets: kube::runtime::reflector::store::Writer<Secret>,
+}
+
+impl Cached {
+    const PER_SECRET: usize = 5_000;
+
+    pub fn new(n: usize) -> Self {
+        use kube::runtime::watcher::Event;
+        let (plans, _, _) = fixture(0);
+        let mut me = Self { plans: Default::default(), clients: Default::default(), secrets: Default::default() };
+        for p in plans {
+            me.plans.apply_watcher_event(&Event::Apply(p));
+        }
+        for s in 0..n.div_ceil(Self::PER_SECRET) {
+            let data: BTreeMap<String, String> = (s * Self::PER_SECRET..((s + 1) * Self::PER_SECRET).min(n))
+                .map(|i| (format!("k{i}"), base64_of(&format!("pcl_bench_key_{i:08}"))))
+                .collect();
+            let secret: Secret = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": format!("bulk-{s}"), "namespace": "shop", "uid": format!("s{s}"),
+                             "labels": {LABEL_API_KEY: "true"}},
+                "type": "Opaque", "data": data,
+            }))
+            .expect("a Secret");
+            me.secrets.apply_watcher_event(&Event::Apply(secret));
+        }
+        for i in 0..n {
+            me.change(i, 1);
+        }
+        me
+    }
+
+    /// Client `b<i>` as the API server would send it at `generation`.
+    pub fn change(&mut self, i: usize, generation: i64) {
+        let c: ApiClient = serde_json::from_value(serde_json::json!({
+            "apiVersion": "portcullis.dev/v1alpha1", "kind": "ApiClient",
+            "metadata": {"name": format!("b{i}"), "namespace": "shop", "uid": format!("00000000-0000-0000-0000-{i:012}"),
+                         "generation": generation, "resourceVersion": format!("{}", 1000 + i),
+                         "creationTimestamp": "2026-12-03T10:00:00Z"},
+            "spec": {"usagePlans": ["gold"],
+                     "sourceRanges": [format!("10.{}.{}.0/24", i / 256 % 256, (i + generation as usize) % 256)],
+                     "keys": [{"secretRef": {"name": format!("bulk-{}", i / Self::PER_SECRET), "key": format!("k{i}")}}]}
+        }))
+        .expect("an ApiClient");
+        self.clients.apply_watcher_event(&kube::runtime::watcher::Event::Apply(c));
+    }
+
+    /// What `reconcile_service` decides for Service `shop/orders` from the caches, given the previous build's memo.
+    pub fn decide(&self, memo: Option<&TableMemo>) -> Desired {
+        use kube::runtime::reflector::ObjectRef;
+        let (plans, clients, secrets) = (self.plans.as_reader(), self.clients.as_reader(), self.secrets.as_reader());
+        let plans = plans.state_filter(|p| crate::runtime::caches::in_namespace(p, "shop"));
+        let clients = clients.state_filter(|c| crate::runtime::caches::in_namespace(c, "shop"));
+        let lookup = |name: &str| secrets.get(&ObjectRef::new(name).within("shop"));
+        decide("shop", "orders", &plans, &clients, lookup, memo, None, false, MAX_SHARD_BYTES, false).expect("granted")
+    }
+}
+
+fn base64_of(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -164,7 +164,17 @@ impl<'m> Cursor<'m> {
         let ns = client.metadata.namespace.as_deref().unwrap_or_default();
         let name = client.metadata.name.as_deref().unwrap_or_default();
         let memo = self.memo;
-        if let Some(i) = self.position(|id| compare_id(id, ns, name))
+        // The same object as the memo's next client is that client (the memo holds it: its address cannot be
+        // reused), so its id need not be compared (two strings scattered over the heap, per client).
+        let hint = self.next.get();
+        let at = match memo.keys.get(hint) {
+            Some(k) if Arc::ptr_eq(&k.0.source, client) => {
+                self.next.set(hint + 1);
+                Some(hint)
+            }
+            _ => self.position(|id| compare_id(id, ns, name)),
+        };
+        if let Some(i) = at
             && memo.keys[i].is_current(client, &lookup)
         {
             return Known { keys: memo.keys[i].clone(), previous: Some((&memo.table.clients[i], &memo.json[i])) };

@@ -2,6 +2,7 @@
 //! and the NetworkPolicy `portcullis-<svc>` (rendered by [`crate::network_policy`]). Written with server-side apply only when they differ from
 //! what is in the cluster; owned by the granting UsagePlans; deleted when no plan grants the Service.
 
+use super::caches::in_namespace;
 use super::{Ctx, Error, FIELD_MANAGER, MANAGED_BY};
 use crate::crd::UsagePlan;
 use crate::network_policy;
@@ -158,10 +159,7 @@ pub async fn reconcile_access(
     granting: &[&UsagePlan],
     owners: &[OwnerReference],
 ) -> Result<(), Error> {
-    let sas = sidecar_service_accounts(
-        ctx.pods.state().iter().map(|p| &**p).filter(|p| p.namespace().as_deref() == Some(ns)),
-        service,
-    );
+    let sas = sidecar_service_accounts(ctx.pods.state_filter(|p| in_namespace(p, ns)).iter().map(|p| &**p), service);
     let roles: Api<Role> = Api::namespaced(ctx.client.clone(), ns);
     if apply_if_changed(&roles, &sidecar_role(service, owners)).await? {
         tracing::info!(namespace = ns, service, "sidecar Role written");
@@ -243,15 +241,14 @@ pub(crate) fn exposure_findings(
         return findings;
     }
     let ours = network_policy::name(service);
-    let cached = ctx.network_policies.state_filter(|np| np.namespace().as_deref() == Some(ns));
+    let cached = ctx.network_policies.state_filter(|np| in_namespace(np, ns));
     let mut policies: Vec<NetworkPolicy> = cached
         .iter()
         .filter(|np| !(reconciled && np.name_any() == ours && is_ours(&np.metadata)))
         .map(|np| (**np).clone())
         .collect();
     if reconciled {
-        let plans =
-            ctx.plans.state_filter(|p| p.namespace().as_deref() == Some(ns) && crate::model::grants(p, service));
+        let plans = ctx.plans.state_filter(|p| in_namespace(p, ns) && crate::model::grants(p, service));
         let granting: Vec<&UsagePlan> = plans.iter().map(|p| &**p).collect();
         let owners: Vec<OwnerReference> =
             plans.iter().map(|p| OwnerReference { uid: p.uid().unwrap_or_default(), ..Default::default() }).collect();

@@ -350,11 +350,51 @@ pub async fn drive<K>(
     }
 }
 
+/// Whether `o` lies in namespace `ns` (without copying its namespace, as `ResourceExt::namespace` does: that copy
+/// per cached object was a seventh of a table decision among 100 000 clients).
+pub fn in_namespace<K: Resource>(o: &K, ns: &str) -> bool {
+    o.meta().namespace.as_deref() == Some(ns)
+}
+
+/// How many objects of `store` match `pred`, without copying the matching objects' handles out of it.
+pub fn count<K>(store: &Store<K>, pred: impl Fn(&K) -> bool) -> usize
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    let n = std::cell::Cell::new(0);
+    // The store only lends its objects to a predicate: count there, keep nothing.
+    let _ = store.find(|o| {
+        if pred(o) {
+            n.set(n.get() + 1);
+        }
+        false
+    });
+    n.get()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use k8s_openapi::ByteString;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn counts_and_namespaces_without_copies() {
+        let mut w: reflector::store::Writer<Secret> = Default::default();
+        for (ns, name) in [("a", "x"), ("a", "y"), ("b", "x"), ("ab", "z")] {
+            let mut s = Secret::default();
+            s.metadata.namespace = Some(ns.into());
+            s.metadata.name = Some(name.into());
+            w.apply_watcher_event(&watcher::Event::Apply(s));
+        }
+        let store = w.as_reader();
+        assert_eq!(count(&store, |s| in_namespace(s, "a")), 2);
+        assert_eq!(count(&store, |s| in_namespace(s, "b")), 1);
+        assert_eq!(count(&store, |s| in_namespace(s, "")), 0);
+        assert_eq!(count(&store, |s| s.metadata.name.as_deref() == Some("x")), 2);
+        assert!(!in_namespace(&Secret::default(), ""), "no namespace is not the empty namespace");
+    }
 
     fn secret(type_: &str) -> Secret {
         let mut s = Secret {

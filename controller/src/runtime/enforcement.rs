@@ -14,6 +14,7 @@
 //! laggards at 0.1, 0.2, 0.4 … s), 32 in flight; measured: 1 000 requests and `Enforced=True` 0.4–0.5 s after the
 //! sidecars serve a revision (`docs/ingress.md`, the ignored test `enforced_at_1000_pods`).
 
+use super::caches::in_namespace;
 use super::rendered::Introduced;
 use super::tables::{Generations, ServiceKey};
 use super::{Ctx, FIELD_MANAGER};
@@ -24,7 +25,6 @@ use crate::enforcement::{
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper_util::rt::TokioIo;
-use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use portcullis_table::sidecar::{REVISION_PATH, RevisionReport};
 use std::collections::{HashMap, HashSet};
@@ -213,7 +213,7 @@ async fn watch_service(ctx: Arc<Ctx>, key: ServiceKey, wake: Arc<Notify>, budget
             confirmed.clear();
             last_full = Instant::now();
         }
-        let pods = ctx.pods.state_filter(|p| p.namespace().as_deref() == Some(key.namespace.as_str()));
+        let pods = ctx.pods.state_filter(|p| in_namespace(p, &key.namespace));
         let targets = targets(pods.iter().map(|p| &**p), &key.name, &ctx.sidecar_ports);
         confirmed.retain(|t| targets.contains(t));
         let asked = ask_all(&targets, &confirmed, &qualified, &revision, &budget, settings.timeout).await;

@@ -2,6 +2,7 @@
 //! accompany condition transitions (for UsagePlans and ApiClients alike).
 
 use super::Ctx;
+use super::caches::{count, in_namespace};
 use super::rendered::ServiceKey;
 use crate::conditions::{PlanFacts, merge, plan_conditions, transitions};
 use crate::crd::{TableStatus, UsagePlan, UsagePlanStatus};
@@ -105,12 +106,7 @@ pub(crate) async fn update_plan_status(ctx: &Ctx, plan: &UsagePlan) -> Result<()
     facts.fallback = model::store_fallback(&plan.spec);
     facts.store = ctx.store_health.read().expect("store health lock").clone();
     facts.ineffective = model::ineffective_fields(&plan.spec, ctx.has_store());
-    let clients = ctx
-        .clients
-        .state()
-        .iter()
-        .filter(|c| c.namespace().as_deref() == Some(ns.as_str()) && c.spec.usage_plans.contains(&name))
-        .count() as u32;
+    let clients = count(&ctx.clients, |c| in_namespace(c, &ns) && c.spec.usage_plans.contains(&name)) as u32;
     let old = plan.status.clone().unwrap_or_default();
     let mut decided = plan_conditions(&facts);
     decided.push(ctx.enforcement.condition(ctx, &ns, &facts.services, &facts.unprogrammed));

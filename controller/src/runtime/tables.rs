@@ -11,6 +11,7 @@
 //! keep reading and see the deny-all table now and a new grant later. Only when nothing names the Service any more
 //! are its tables (index first) and RBAC removed.
 
+use super::caches::in_namespace;
 use super::publish::Writer;
 pub use super::rendered::{Generations, ServiceKey, ServiceState};
 use super::status::update_plan_status;
@@ -25,6 +26,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use portcullis_table::Chain;
 use portcullis_table::{Client, Table};
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -205,12 +207,23 @@ pub fn decide(
     store: bool,
 ) -> Option<Desired> {
     let plans = plans.iter().map(|p| &**p);
+    // Each Secret looked up once per decision (a namespace's keys live in a few Secrets; the cache lookup builds an
+    // `ObjectRef` and takes a lock each time), and every client sees the same object of it.
+    let seen: RefCell<HashMap<String, Option<Arc<Secret>>, foldhash::fast::RandomState>> = RefCell::default();
+    let secrets = |name: &str| {
+        if let Some(found) = seen.borrow().get(name) {
+            return found.clone();
+        }
+        let found = secrets(name);
+        seen.borrow_mut().insert(name.to_string(), found.clone());
+        found
+    };
     let build = |keep: &dyn Fn(&ApiClient) -> bool| {
         // Both are asked in id order (see `build_table_reusing`): each has a cursor into the memo.
         let (keys_at, json_at) = (memo.map(TableMemo::cursor), memo.map(TableMemo::cursor));
         let known = |c: &Arc<ApiClient>| match &keys_at {
-            Some(m) => m.known(c, &secrets),
-            None => crate::memo::resolve(c, &secrets),
+            Some(m) => m.known(c, secrets),
+            None => crate::memo::resolve(c, secrets),
         };
         let json_of = |c: &Client| json_at.as_ref().and_then(|m| m.json_of(c));
         let kept = clients.iter().filter(|c| keep(c));
@@ -287,13 +300,15 @@ pub fn decide(
 
 async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
     let ns = key.namespace.as_str();
-    let plans: Vec<Arc<UsagePlan>> = ctx.plans.state_filter(|p| p.namespace().as_deref() == Some(ns));
-    let clients: Vec<Arc<ApiClient>> = ctx.clients.state_filter(|c| c.namespace().as_deref() == Some(ns));
+    let plans: Vec<Arc<UsagePlan>> = ctx.plans.state_filter(|p| in_namespace(p, ns));
+    let clients: Vec<Arc<ApiClient>> = ctx.clients.state_filter(|c| in_namespace(c, ns));
     let svc = ctx.services.get(&ObjectRef::new(&key.name).within(ns));
-    let sidecars = ctx.pods.state().iter().any(|p| {
-        p.namespace().as_deref() == Some(ns)
-            && p.annotations().get(crate::webhook::inject::ANNOTATION_SERVICE) == Some(&key.name)
-    });
+    let sidecars = ctx
+        .pods
+        .find(|p| {
+            in_namespace(p, ns) && p.annotations().get(crate::webhook::inject::ANNOTATION_SERVICE) == Some(&key.name)
+        })
+        .is_some();
     // What the previous build keeps (shared, not copied: the rest of the state is 100 000 entries at scale).
     let (old_table, old_memo) = match ctx.state.read().expect("state lock").get(key) {
         Some(o) => (o.table.clone(), o.memo.clone()),

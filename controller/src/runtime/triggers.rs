@@ -8,6 +8,7 @@
 //! back as watch events and must not re-render every client of a plan.
 
 use super::caches::Change;
+use super::caches::in_namespace;
 use super::index::Index;
 use super::rendered::{Rendered, ServiceKey};
 use crate::crd::{ApiClient, UsagePlan};
@@ -54,7 +55,7 @@ impl View<'_> {
     /// Whether some UsagePlan in `ns` names Service `name`, or this controller has a table for it.
     fn granted_or_rendered(&self, ns: &str, name: &str) -> bool {
         self.rendered.contains_key(&ServiceKey::new(ns, name))
-            || self.plans.state().iter().any(|p| p.namespace().as_deref() == Some(ns) && grants(p, name))
+            || self.plans.find(|p| in_namespace(p, ns) && grants(p, name)).is_some()
     }
 
     /// Services whose table may change with `client`: those its plans grant now, and those it is in now.

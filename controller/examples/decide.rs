@@ -1,0 +1,34 @@
+//! `cargo run --release -p portcullis-controller --features fixtures --example decide -- [N] [ROUNDS]`: the time of
+//! `reconcile_service`'s build (decide) of a table of N clients (default 100 000) after one client changed, from
+//! caches filled as the propagation bench fills them ([`portcullis_controller::fixtures::Cached`]).
+
+use portcullis_controller::fixtures::Cached;
+use std::time::Instant;
+
+fn main() {
+    let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("a number")).collect();
+    let n = args.first().copied().unwrap_or(100_000);
+    let rounds = args.get(1).copied().unwrap_or(15);
+    let t = Instant::now();
+    let mut caches = Cached::new(n);
+    eprintln!("caches of {n} clients filled in {:?}", t.elapsed());
+    let t = Instant::now();
+    let mut memo = caches.decide(None).memo.expect("a memo");
+    eprintln!("first build {:?}", t.elapsed());
+    let mut took = Vec::new();
+    for r in 0..rounds {
+        caches.change((r * 7919) % n, 2 + r as i64);
+        let t = Instant::now();
+        let d = caches.decide(Some(&memo));
+        took.push(t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(d.changed.as_ref().map(Vec::len), Some(1), "one client changed");
+        memo = d.memo.expect("a memo");
+    }
+    took.sort_by(f64::total_cmp);
+    println!(
+        "decide after a one-client change, {n} clients, {rounds} rounds: min {:.1} ms, median {:.1} ms, max {:.1} ms",
+        took[0],
+        took[took.len() / 2],
+        took[took.len() - 1]
+    );
+}
