@@ -3,6 +3,8 @@
 //! caches filled as the propagation bench fills them ([`portcullis_controller::fixtures::Cached`]).
 
 use portcullis_controller::fixtures::Cached;
+use portcullis_table::naming::index_name;
+use portcullis_table::shard::{MAX_SHARD_BYTES, Previous, render};
 use std::time::Instant;
 
 fn main() {
@@ -14,16 +16,25 @@ fn main() {
     eprintln!("caches of {n} clients filled in {:?}", t.elapsed());
     let t = Instant::now();
     let mut memo = caches.decide(None).memo.expect("a memo");
+    let mut index = render(&memo.table, &index_name("orders"), Previous::NONE, 1, MAX_SHARD_BYTES).expect("renders").index;
     eprintln!("first build {:?}", t.elapsed());
-    let mut took = Vec::new();
+    let (mut took, mut rendering) = (Vec::new(), Vec::new());
     for r in 0..rounds {
         caches.change((r * 7919) % n, 2 + r as i64);
         let t = Instant::now();
         let d = caches.decide(Some(&memo));
         took.push(t.elapsed().as_secs_f64() * 1e3);
         assert_eq!(d.changed.as_ref().map(Vec::len), Some(1), "one client changed");
+        let t = Instant::now();
+        let previous = Previous { changed: d.changed.as_deref(), ..Previous::of(Some(&index), Some(&memo.table)) };
+        let rendered = render(&d.table, &index_name("orders"), previous, 2 + r as u64, MAX_SHARD_BYTES).expect("renders");
+        rendering.push(t.elapsed().as_secs_f64() * 1e3);
+        assert_eq!(rendered.shards.len(), 1, "one shard written");
+        index = rendered.index;
         memo = d.memo.expect("a memo");
     }
+    rendering.sort_by(f64::total_cmp);
+    println!("render of that change: median {:.1} ms", rendering[rendering.len() / 2]);
     took.sort_by(f64::total_cmp);
     println!(
         "decide after a one-client change, {n} clients, {rounds} rounds: min {:.1} ms, median {:.1} ms, max {:.1} ms",
