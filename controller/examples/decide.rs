@@ -16,7 +16,8 @@ fn main() {
     eprintln!("caches of {n} clients filled in {:?}", t.elapsed());
     let t = Instant::now();
     let mut memo = caches.decide(None).memo.expect("a memo");
-    let mut index = render(&memo.table, &index_name("orders"), Previous::NONE, 1, MAX_SHARD_BYTES).expect("renders").index;
+    let mut index =
+        render(&memo.table, &index_name("orders"), Previous::NONE, 1, MAX_SHARD_BYTES).expect("renders").index;
     eprintln!("first build {:?}", t.elapsed());
     let (mut took, mut rendering) = (Vec::new(), Vec::new());
     for r in 0..rounds {
@@ -27,7 +28,8 @@ fn main() {
         assert_eq!(d.changed.as_ref().map(Vec::len), Some(1), "one client changed");
         let t = Instant::now();
         let previous = Previous { changed: d.changed.as_deref(), ..Previous::of(Some(&index), Some(&memo.table)) };
-        let rendered = render(&d.table, &index_name("orders"), previous, 2 + r as u64, MAX_SHARD_BYTES).expect("renders");
+        let rendered =
+            render(&d.table, &index_name("orders"), previous, 2 + r as u64, MAX_SHARD_BYTES).expect("renders");
         rendering.push(t.elapsed().as_secs_f64() * 1e3);
         assert_eq!(rendered.shards.len(), 1, "one shard written");
         index = rendered.index;

@@ -54,6 +54,7 @@ pub fn fixture(n: usize) -> (Vec<UsagePlan>, Vec<ApiClient>, Secret) {
             );
             c.metadata.namespace = Some("shop".into());
             c.metadata.generation = Some(1);
+            c.metadata.uid = Some(format!("uid-{i}"));
             keys.insert(format!("k{i}"), ByteString(format!("pcl_bench_key_{i:08}").into_bytes()));
             c
         })

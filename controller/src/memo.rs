@@ -2,9 +2,10 @@
 //! resolve, hash and serialise every other client again.
 //!
 //! Two things are reused, each only where it is provably what a fresh build would compute:
-//! - **Resolved keys** of a client: reused while its ApiClient is the *same object* the reflector handed out then
-//!   (the reflector replaces an object's `Arc` on every change) and every Secret its keys read is the same object
-//!   (or still absent). Key resolution ([`crate::keys::resolve_keys`]) is a function of exactly those. The memo
+//! - **Resolved keys** of a client: reused while its ApiClient is the *same object* the reflector handed out then,
+//!   or the same uid at the same generation (a status write replaces the object, a spec change bumps the
+//!   generation), and every Secret its keys read is the same object (or still absent). Key resolution
+//!   ([`crate::keys::resolve_keys`]) is a function of exactly those. The memo
 //!   holds those `Arc`s, so an address can never be reused by another object while it is compared.
 //! - **JSON of a table client**: reused when the freshly built client *equals* the one rendered last time (JSON is
 //!   a function of the client alone), so the revision hash and the shard-size check need no serialisation.
@@ -45,10 +46,10 @@ impl KeyMemo {
         Self(Arc::new(Resolved { source: client.clone(), reads: reads.into_inner(), entries }))
     }
 
-    /// Whether this memo still holds the keys of `client`: the same ApiClient object, and every Secret read the
-    /// same object as then (or still absent).
+    /// Whether this memo still holds the keys of `client`: the same ApiClient object or the same spec of it (see
+    /// [`same_spec`]), and every Secret read the same object as then (or still absent).
     pub fn is_current(&self, client: &Arc<ApiClient>, lookup: impl Fn(&str) -> Option<Arc<Secret>>) -> bool {
-        Arc::ptr_eq(&self.0.source, client)
+        same_spec(&self.0.source, client)
             && self.0.reads.iter().all(|(name, then)| match (then, lookup(name)) {
                 (Some(a), Some(b)) => Arc::ptr_eq(a, &b),
                 (None, None) => true,
@@ -59,6 +60,21 @@ impl KeyMemo {
     pub fn entries(&self) -> &[KeyEntry] {
         &self.0.entries
     }
+}
+
+/// Whether `a` and `b` are the same ApiClient with the same spec: the same object, or the same uid at the same
+/// generation (the API server bumps `metadata.generation` on every spec change; a status write, such as this
+/// controller's own after each change or the usage refresher's, replaces the object but keeps the generation).
+/// Everything a build reads of a client is its name, uid and spec.
+fn same_spec(a: &Arc<ApiClient>, b: &Arc<ApiClient>) -> bool {
+    let (x, y) = (&a.metadata, &b.metadata);
+    Arc::ptr_eq(a, b)
+        || (x.generation.is_some()
+            && x.uid.is_some()
+            && x.generation == y.generation
+            && x.uid == y.uid
+            && x.name == y.name
+            && x.namespace == y.namespace)
 }
 
 /// What a build of one Service's table keeps: the table, each client's JSON and resolved keys (in table order).

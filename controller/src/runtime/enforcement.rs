@@ -141,15 +141,17 @@ impl Enforcement {
             tracing::debug!(service = %key.name, "plan status requested");
             let _ = ctx.plan_status_tx.send(key.clone());
             let introduced = self.introduced.read().expect("introduced lock");
-            let mut groups: HashMap<&str, Vec<&str>> = HashMap::new();
-            for (client, rev) in introduced.get(key).into_iter().flat_map(|i| i.iter()) {
-                groups.entry(rev).or_default().push(client);
-            }
-            for (rev, clients) in groups {
-                let before = service_verdict(&key.name, Some(rev), old.as_ref());
-                let after = service_verdict(&key.name, Some(rev), report.as_ref());
-                if before != after {
-                    notify.extend(clients.into_iter().map(String::from));
+            if let Some(introduced) = introduced.get(key) {
+                let flipped: Vec<&str> = introduced
+                    .revisions()
+                    .into_iter()
+                    .filter(|rev| {
+                        service_verdict(&key.name, Some(rev), old.as_ref())
+                            != service_verdict(&key.name, Some(rev), report.as_ref())
+                    })
+                    .collect();
+                if !flipped.is_empty() {
+                    notify.extend(introduced.entered_in(&flipped));
                 }
             }
         }

@@ -536,9 +536,18 @@ mod tests {
                 decide("shop", "orders", plans, clients, lookup, memo, None, false, max, false).unwrap()
             };
         let mut memo = run(&plans, &clients, &secret, None).memo.unwrap();
+        // A spec change, as the API server makes it: a new object at the next generation.
         let edit = |c: &Arc<ApiClient>, f: &dyn Fn(&mut ApiClient)| {
             let mut c = (**c).clone();
             f(&mut c);
+            c.metadata.generation = Some(c.metadata.generation.unwrap_or(0) + 1);
+            Arc::new(c)
+        };
+        // A status write: a new object, same generation.
+        let status_written = |c: &Arc<ApiClient>| {
+            let mut c = (**c).clone();
+            c.metadata.resource_version = Some(format!("{}-status", c.metadata.resource_version.unwrap_or_default()));
+            c.status = Some(Default::default());
             Arc::new(c)
         };
         type Step<'a> = (&'a str, Box<dyn Fn(&mut Vec<Arc<ApiClient>>, &mut Arc<Secret>, &mut Vec<Arc<UsagePlan>>)>);
@@ -624,6 +633,11 @@ mod tests {
             ),
             ("the second plan deleted", Box::new(|_, _, p| p.truncate(1))),
             ("a client renamed nothing, only re-read", Box::new(move |c, _, _| c[6] = edit(&c[6], &|_| {}))),
+            ("a client's status written", Box::new(move |c, _, _| c[8] = status_written(&c[8]))),
+            (
+                "every client's status written",
+                Box::new(move |c, _, _| c.iter_mut().for_each(|x| *x = status_written(x))),
+            ),
             (
                 "the Secret gone",
                 Box::new(|_, s, _| {
@@ -659,6 +673,9 @@ mod tests {
                 && plans_then.len() == plans.len()
                 && plans_then.iter().zip(&plans).all(|(a, b)| Arc::ptr_eq(a, b));
             let shared = new.iter().filter(|n| old.iter().any(|c| Arc::ptr_eq(c, n))).count();
+            if what.contains("status written") {
+                assert_eq!(shared, new.len(), "{what}: a status write changes no entry");
+            }
             if same_inputs {
                 assert!(shared + want.len() + 1 >= new.len(), "{what}: {shared} of {} shared", new.len());
             } else {

@@ -88,10 +88,8 @@ pub fn plan_changed(v: &View, plan: &UsagePlan) -> Triggers {
     t.services.extend(
         v.rendered.iter().filter(|(k, st)| k.namespace == ns && st.plans.contains_key(&name)).map(|(k, _)| k.clone()),
     );
-    for c in v.clients.state() {
-        if c.namespace().as_deref() == Some(ns.as_str()) && c.spec.usage_plans.contains(&name) {
-            t.client(&c);
-        }
+    for c in v.clients.state_filter(|c| in_namespace(c, &ns) && c.spec.usage_plans.contains(&name)) {
+        t.client(&c);
     }
     t
 }
@@ -145,12 +143,9 @@ pub fn pod_changed(v: &View, pod: &Pod) -> Triggers {
     {
         t.services.insert(ServiceKey::new(ns.clone(), name.clone()));
         // Clients that need certificates: whether this pod's sidecar verifies them (`CertificatesVerifiable`).
-        for c in v.clients.state() {
-            let needs = !c.spec.certificates.is_empty() || c.spec.require_certificate == Some(true);
-            if needs
-                && c.namespace().as_deref() == Some(ns.as_str())
-                && v.services_of_client(&c).iter().any(|k| &k.name == name)
-            {
+        let needs = |c: &ApiClient| !c.spec.certificates.is_empty() || c.spec.require_certificate == Some(true);
+        for c in v.clients.state_filter(|c| needs(c) && in_namespace(c, &ns)) {
+            if v.services_of_client(&c).iter().any(|k| &k.name == name) {
                 t.client(&c);
             }
         }
