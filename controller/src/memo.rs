@@ -57,6 +57,17 @@ impl KeyMemo {
             })
     }
 
+    /// This memo for `client`, current for it (see [`KeyMemo::is_current`]): when `client` is a newer object of the
+    /// same spec (its status was written), the memo holds that object instead, so the store's replaced object is
+    /// freed rather than kept alive beside it for every client whose status was written.
+    fn for_object(&self, client: &Arc<ApiClient>) -> Self {
+        if Arc::ptr_eq(&self.0.source, client) {
+            return self.clone();
+        }
+        let Resolved { reads, entries, .. } = &*self.0;
+        Self(Arc::new(Resolved { source: client.clone(), reads: reads.clone(), entries: entries.clone() }))
+    }
+
     pub fn entries(&self) -> &[KeyEntry] {
         &self.0.entries
     }
@@ -193,7 +204,8 @@ impl<'m> Cursor<'m> {
         if let Some(i) = at
             && memo.keys[i].is_current(client, &lookup)
         {
-            return Known { keys: memo.keys[i].clone(), previous: Some((&memo.table.clients[i], &memo.json[i])) };
+            let keys = memo.keys[i].for_object(client);
+            return Known { keys, previous: Some((&memo.table.clients[i], &memo.json[i])) };
         }
         Known { keys: KeyMemo::resolve(client, lookup), previous: None }
     }
@@ -214,6 +226,35 @@ fn compare_id(id: &str, ns: &str, name: &str) -> Ordering {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A memo kept across a status write (same uid and generation, a new object) holds the new object, not the
+    /// replaced one; a spec change (next generation) or another uid makes it stale.
+    #[test]
+    fn a_memo_follows_the_object_across_a_status_write() {
+        let (_, clients, secret) = crate::fixtures::fixture(1);
+        let secret = Arc::new(secret);
+        let lookup = |name: &str| (name == "keys").then(|| secret.clone());
+        let old = Arc::new(clients[0].clone());
+        let memo = KeyMemo::resolve(&old, lookup);
+        let mut status_written = (*old).clone();
+        status_written.status = Some(Default::default());
+        let new = Arc::new(status_written);
+        assert!(memo.is_current(&new, lookup));
+        let moved = memo.for_object(&new);
+        assert!(Arc::ptr_eq(&moved.0.source, &new) && moved.entries() == memo.entries());
+        assert!(Arc::ptr_eq(&memo.for_object(&old).0, &memo.0), "the same object: shared, not copied");
+        let mut spec_changed = (*old).clone();
+        spec_changed.metadata.generation = Some(spec_changed.metadata.generation.unwrap() + 1);
+        assert!(!memo.is_current(&Arc::new(spec_changed), lookup));
+        let mut recreated = (*old).clone();
+        recreated.metadata.uid = Some("another".into());
+        assert!(!memo.is_current(&Arc::new(recreated), lookup));
+        let mut no_generation = (*old).clone();
+        no_generation.metadata.generation = None;
+        let unversioned = Arc::new(no_generation);
+        let memo = KeyMemo::resolve(&unversioned, lookup);
+        assert!(!memo.is_current(&Arc::new((*unversioned).clone()), lookup), "without a generation: same object only");
+    }
 
     #[test]
     fn ids_compare_as_the_joined_string_would() {
