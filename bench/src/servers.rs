@@ -539,11 +539,17 @@ pub fn reset_hwm(pid: u32) -> bool {
 
 /// utime + stime of a process in seconds (clock ticks of 1/100 s, the Linux USER_HZ).
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let (user, sys) = cpu_split(pid)?;
+    Ok(user + sys)
+}
+
+/// A process's CPU seconds so far, (user, kernel): `utime` and `stime` of `/proc/PID/stat` (clock ticks of 1/100 s).
+pub fn cpu_split(pid: u32) -> Result<(f64, f64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let rest = &s[s.rfind(')').context("stat")? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     let (u, st): (u64, u64) = (f[11].parse()?, f[12].parse()?);
-    Ok((u + st) as f64 / 100.0)
+    Ok((u as f64 / 100.0, st as f64 / 100.0))
 }
 
 /// A binary next to the running driver: this crate's helpers (`bench-upstream`, `bench-openloop`, `bench-render`)

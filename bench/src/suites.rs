@@ -1,7 +1,7 @@
 //! The suites. Each returns (results JSON, Markdown body, optional SVG).
 
 use super::load::{self, Wrk, openloop, round, wrk};
-use super::servers::{self, LIMIT_FREE, Proc, cpu_seconds, hwm_mib, reset_hwm, rss_mib};
+use super::servers::{self, LIMIT_FREE, Proc, cpu_seconds, cpu_split, hwm_mib, reset_hwm, rss_mib};
 use super::{Ctx, bar_svg};
 use anyhow::{Context, Result};
 use portcullis_table::Throttle;
@@ -45,12 +45,31 @@ fn url(addr: SocketAddr) -> String {
     format!("http://{addr}/v1/items")
 }
 
-/// One wrk run with the server's CPU time (`pids`: processes whose utime+stime count as the server side).
-fn wrk_cpu(addr: SocketAddr, k: &Knobs, pids: &[u32]) -> Result<(Wrk, f64)> {
+/// CPU spent by the server side of one closed-loop run.
+#[derive(Clone, Copy, Debug)]
+struct RunCpu {
+    /// The arm's process plus the upstream (D: the upstream only): CPU-s per 1 000 requests.
+    server_per_1k: f64,
+    /// The arm's own process alone, per request: user-space and kernel CPU in µs.
+    user_us: f64,
+    sys_us: f64,
+}
+
+/// One wrk run with the server's CPU time (`pids`: processes whose utime+stime count as the server side, the arm's own
+/// process first).
+fn wrk_cpu(addr: SocketAddr, k: &Knobs, pids: &[u32]) -> Result<(Wrk, RunCpu)> {
     let before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<Result<f64>>()?;
+    let (u0, s0) = cpu_split(pids[0])?;
     let w = wrk(&url(addr), CONNS, k.secs, &servers::key(0), false)?;
+    let (u1, s1) = cpu_split(pids[0])?;
     let after: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum::<Result<f64>>()?;
-    Ok((w.clone(), (after - before) / w.requests.max(1) as f64 * 1000.0))
+    let n = w.requests.max(1) as f64;
+    let cpu = RunCpu {
+        server_per_1k: (after - before) / n * 1000.0,
+        user_us: (u1 - u0) / n * 1e6,
+        sys_us: (s1 - s0) / n * 1e6,
+    };
+    Ok((w.clone(), cpu))
 }
 
 pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
@@ -78,7 +97,7 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
         let w = wrk(&url(p.addr), CONNS, 1.0, &servers::key(0), false).with_context(|| format!("warm-up {name}"))?;
         eprintln!("  warm-up {name}: {:.0} req/s", w.rps);
     }
-    let mut runs: Vec<Vec<(Wrk, f64)>> = vec![Vec::new(); arms.len()];
+    let mut runs: Vec<Vec<(Wrk, RunCpu)>> = vec![Vec::new(); arms.len()];
     for r in 0..k.reps {
         for (i, (name, p)) in arms.iter().enumerate() {
             let (w, cpu) = wrk_cpu(p.addr, &k, &pids(name, p))?;
@@ -91,7 +110,7 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
         v.sort_by(|a, b| a.0.rps.total_cmp(&b.0.rps));
         v[v.len() / 2].clone()
     };
-    let meds: Vec<(Wrk, f64)> = (0..arms.len()).map(med_run).collect();
+    let meds: Vec<(Wrk, RunCpu)> = (0..arms.len()).map(med_run).collect();
     let rps = |n: &str| meds[arms.iter().position(|(a, _)| *a == n).expect("arm")].0.rps;
     let ratios = json!({
         "P1/N1": round(rps("P1") / rps("N1"), 3), "P1/P0": round(rps("P1") / rps("P0"), 3),
@@ -161,7 +180,8 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
         .iter()
         .enumerate()
         .map(|(i, (name, _))| {
-            json!({"arm": name, "median": meds[i].0.json(), "server_cpu_s_per_1k_req": round(meds[i].1, 5),
+            json!({"arm": name, "median": meds[i].0.json(), "server_cpu_s_per_1k_req": round(meds[i].1.server_per_1k, 5),
+                   "arm_cpu_us_per_req": {"user": round(meds[i].1.user_us, 2), "kernel": round(meds[i].1.sys_us, 2)},
                    "rps_runs": runs[i].iter().map(|r| round(r.0.rps, 0)).collect::<Vec<_>>(),
                    "open_loop_runs": ol[i].iter().map(|o| o.json()).collect::<Vec<_>>()})
         })
@@ -188,8 +208,9 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
     let mut md = format!(
         "Closed loop: `{}` against each arm, arms interleaved (D N0 N1 H0 H1 P0 P1 P1L, D N0 …), {} runs of {} s after a \
          1 s warm-up each; the run with the median req/s is shown. N1, H1 and P1 hold {} clients. Server CPU counts the arm's \
-         process plus the upstream (D: upstream only).\n\n\
-         | arm | req/s (median) | wrk p50 ms | p90 ms | p99 ms | server CPU s / 1 000 req | runs (req/s) |\n|---|---:|---:|---:|---:|---:|---|\n",
+         process plus the upstream (D: upstream only); the arm's own process (D: the upstream) is also split into user-space \
+         and kernel CPU per request, from `utime` and `stime` in `/proc/PID/stat` around the same run.\n\n\
+         | arm | req/s (median) | wrk p50 ms | p90 ms | p99 ms | server CPU s / 1 000 req | arm user µs / req | arm kernel µs / req | runs (req/s) |\n|---|---:|---:|---:|---:|---:|---:|---:|---|\n",
         load::wrk_cmd("URL", CONNS, k.secs, "bench-key-0").join(" "),
         k.reps,
         k.secs,
@@ -198,12 +219,14 @@ pub fn throughput(ctx: &Ctx, bin: &Path) -> Result<Out> {
     for (i, d) in desc.iter().enumerate() {
         let (w, cpu) = &meds[i];
         md.push_str(&format!(
-            "| {d} | {:.0} | {:.3} | {:.3} | {:.3} | {:.4} | {} |\n",
+            "| {d} | {:.0} | {:.3} | {:.3} | {:.3} | {:.4} | {:.2} | {:.2} | {} |\n",
             w.rps,
             w.lat_ms[0],
             w.lat_ms[2],
             w.lat_ms[3],
-            cpu,
+            cpu.server_per_1k,
+            cpu.user_us,
+            cpu.sys_us,
             runs[i].iter().map(|r| format!("{:.0}", r.0.rps)).collect::<Vec<_>>().join(", ")
         ));
     }

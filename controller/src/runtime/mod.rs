@@ -26,6 +26,7 @@ pub mod status;
 pub mod store;
 pub mod store_client;
 pub mod tables;
+pub mod thread_time;
 pub mod triggers;
 pub mod usage;
 

@@ -15,6 +15,7 @@ use super::caches::in_namespace;
 use super::publish::Writer;
 pub use super::rendered::{Generations, ServiceKey, ServiceState};
 use super::status::update_plan_status;
+use super::thread_time::Mark;
 use super::{Ctx, Error};
 use crate::crd::{API_VERSION, ApiClient, UsagePlan};
 use crate::keys::{self, resolve_keys};
@@ -300,6 +301,7 @@ pub fn decide(
 
 async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
     let ns = key.namespace.as_str();
+    let gather = Mark::now();
     let plans: Vec<Arc<UsagePlan>> = ctx.plans.state_filter(|p| in_namespace(p, ns));
     let clients: Vec<Arc<ApiClient>> = ctx.clients.state_filter(|c| in_namespace(c, ns));
     let svc = ctx.services.get(&ObjectRef::new(&key.name).within(ns));
@@ -314,7 +316,9 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         Some(o) => (o.table.clone(), o.memo.clone()),
         None => (None, None),
     };
+    let gathered = gather.spent();
     let t0 = Instant::now();
+    let deciding = Mark::now();
     let desired = decide(
         ns,
         &key.name,
@@ -327,6 +331,7 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         ctx.max_shard_bytes,
         ctx.has_store(),
     );
+    let decided = deciding.spent();
     let decided_in = t0.elapsed();
     let writer = Writer::new(ctx, ns, &key.name);
     let live = writer.read().await?;
@@ -396,8 +401,10 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
     let granting: Vec<&UsagePlan> =
         plans.iter().map(|p| &**p).filter(|p| desired.plans.contains_key(&p.name_any())).collect();
     super::access::reconcile_access(ctx, ns, &key.name, &granting, &desired.owners).await?;
-    tracing::debug!(namespace = ns, service = %key.name, decide = ?decided_in, read = ?read_in, publish = ?published_in,
-        access = ?t0.elapsed(), "table reconcile phases (cumulative)");
+    tracing::debug!(namespace = ns, service = %key.name, gather = ?gathered.wall, decide = ?decided_in, read = ?read_in,
+        publish = ?published_in, access = ?t0.elapsed(), decide_on_cpu = ?decided.on_cpu,
+        decide_waiting_for_cpu = ?decided.waiting_for_cpu, gather_on_cpu = ?gathered.on_cpu,
+        "table reconcile phases (cumulative from the decision)");
 
     // The table in force, for the next render (shared, not copied: 100 000 clients are tens of MiB), and what its
     // build keeps for the next one.
