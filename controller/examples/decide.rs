@@ -1,6 +1,8 @@
 //! `cargo run --release -p portcullis-controller --features fixtures --example decide -- [N] [ROUNDS]`: the time of
 //! `reconcile_service`'s build (decide) of a table of N clients (default 100 000) after one client changed, from
 //! caches filled as the propagation bench fills them ([`portcullis_controller::fixtures::Cached`]).
+//! `DECIDE_STATUSES=1`: every client's status written (each object replaced) after the first build, as after the
+//! bench's bulk load; `DECIDE_THREAD=1`: the caches filled (and statuses written) on another thread than the builds.
 
 use portcullis_controller::fixtures::Cached;
 use portcullis_table::naming::index_name;
@@ -12,13 +14,32 @@ fn main() {
     let n = args.first().copied().unwrap_or(100_000);
     let rounds = args.get(1).copied().unwrap_or(15);
     let t = Instant::now();
-    let mut caches = Cached::new(n);
+    // `DECIDE_THREAD`: the caches filled on another thread than the builds (as the reflectors fill them in the
+    // controller: another malloc arena, another core's cache).
+    let mut caches = if std::env::var_os("DECIDE_THREAD").is_some() {
+        std::thread::spawn(move || Cached::new(n)).join().expect("filled")
+    } else {
+        Cached::new(n)
+    };
     eprintln!("caches of {n} clients filled in {:?}", t.elapsed());
     let t = Instant::now();
     let mut memo = caches.decide(None).memo.expect("a memo");
     let mut index =
         render(&memo.table, &index_name("orders"), Previous::NONE, 1, MAX_SHARD_BYTES).expect("renders").index;
     eprintln!("first build {:?}", t.elapsed());
+    // As in the propagation bench: every client's status written after the bulk load, and a build after that.
+    if std::env::var_os("DECIDE_STATUSES").is_some() {
+        let t = Instant::now();
+        caches = std::thread::spawn(move || {
+            caches.write_statuses();
+            caches
+        })
+        .join()
+        .expect("written");
+        let d = caches.decide(Some(&memo));
+        memo = d.memo.expect("a memo");
+        eprintln!("statuses written and a build after them {:?}", t.elapsed());
+    }
     let (mut took, mut rendering) = (Vec::new(), Vec::new());
     for r in 0..rounds {
         caches.change((r * 7919) % n, 2 + r as i64);

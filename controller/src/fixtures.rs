@@ -186,6 +186,22 @@ impl Cached {
         self.clients.apply_watcher_event(&kube::runtime::watcher::Event::Apply(c));
     }
 
+    /// Every client's status written, as the controller does after a bulk load: each object replaced by a new one
+    /// of the same spec and generation (allocated now, scattered among what was allocated before).
+    pub fn write_statuses(&mut self) {
+        let reader = self.clients.as_reader();
+        for c in reader.state() {
+            let mut c = (*c).clone();
+            c.status = Some(
+                serde_json::from_value(serde_json::json!({"observedGeneration": c.metadata.generation,
+                "conditions": [{"type": "Ready", "status": "True", "reason": "Enforced", "message": "enforced",
+                                "lastTransitionTime": "2026-12-03T10:00:01Z"}]}))
+                .expect("a status"),
+            );
+            self.clients.apply_watcher_event(&kube::runtime::watcher::Event::Apply(c));
+        }
+    }
+
     /// What `reconcile_service` decides for Service `shop/orders` from the caches, given the previous build's memo.
     pub fn decide(&self, memo: Option<&TableMemo>) -> Desired {
         use kube::runtime::reflector::ObjectRef;
