@@ -301,7 +301,9 @@ pub fn decide(
 
 async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
     let ns = key.namespace.as_str();
-    let gather = Mark::now();
+    // The CPU split is read from /proc only when the phase log below is on.
+    let split = tracing::enabled!(tracing::Level::DEBUG);
+    let gather = Mark::start(split);
     let plans: Vec<Arc<UsagePlan>> = ctx.plans.state_filter(|p| in_namespace(p, ns));
     let clients: Vec<Arc<ApiClient>> = ctx.clients.state_filter(|c| in_namespace(c, ns));
     let svc = ctx.services.get(&ObjectRef::new(&key.name).within(ns));
@@ -318,7 +320,7 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
     };
     let gathered = gather.spent();
     let t0 = Instant::now();
-    let deciding = Mark::now();
+    let deciding = Mark::start(split);
     let desired = decide(
         ns,
         &key.name,

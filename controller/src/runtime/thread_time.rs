@@ -23,13 +23,18 @@ pub struct Spent {
 
 impl Mark {
     pub fn now() -> Self {
-        let sched = std::fs::read_to_string("/proc/thread-self/schedstat").ok().and_then(|s| parse(&s));
+        Self::start(true)
+    }
+
+    /// `sched = false`: the wall clock only (no file read), for when nobody will look at the split.
+    pub fn start(sched: bool) -> Self {
+        let sched = if sched { read_schedstat() } else { None };
         Self { at: Instant::now(), sched }
     }
 
     /// What the calling thread spent since `self` (which must have been taken on the same thread).
     pub fn spent(&self) -> Spent {
-        let now = Self::now();
+        let now = Self::start(self.sched.is_some());
         let (on_cpu, waiting_for_cpu) = match (self.sched, now.sched) {
             (Some((c0, w0)), Some((c1, w1))) => {
                 (Some(Duration::from_nanos(c1.saturating_sub(c0))), Some(Duration::from_nanos(w1.saturating_sub(w0))))
@@ -38,6 +43,10 @@ impl Mark {
         };
         Spent { wall: now.at.duration_since(self.at), on_cpu, waiting_for_cpu }
     }
+}
+
+fn read_schedstat() -> Option<(u64, u64)> {
+    std::fs::read_to_string("/proc/thread-self/schedstat").ok().and_then(|s| parse(&s))
 }
 
 /// `schedstat`'s first two fields: nanoseconds on a CPU, nanoseconds runnable on a run queue.
@@ -56,6 +65,12 @@ mod tests {
         assert_eq!(parse("962708\n"), None);
         assert_eq!(parse("x 1 2"), None);
         assert_eq!(parse(""), None);
+    }
+
+    #[test]
+    fn a_wall_clock_mark_reads_no_schedstat() {
+        let spent = Mark::start(false).spent();
+        assert_eq!((spent.on_cpu, spent.waiting_for_cpu), (None, None));
     }
 
     #[test]
