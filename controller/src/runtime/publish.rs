@@ -1,20 +1,25 @@
 //! Writing one Service's table ConfigMaps, fenced so that a deposed leader cannot publish.
 //!
 //! Order of a new revision (stable layout, `portcullis_table::shard`): the changed shards, each into the slot its
-//! previous version is not in (server-side apply, four at a time), then the index, then leftovers. Invariants:
+//! previous version is not in (four at a time), then the index; leftovers are deleted later. Invariants:
 //! - **Fencing.** The index is created with `create` (fails if it exists) or `replace`d with the resourceVersion
 //!   read at the start of the reconcile (fails if anyone wrote it since), and only while this replica's Lease is
 //!   valid ([`Fence::check`]). A writer that loses the precondition gets [`Error::Conflict`]: it
 //!   re-reads and re-decides, or stops if it no longer leads. Deletion of the index carries the same precondition.
 //! - **Sequence.** Every index write carries `sequence` = the replaced index's + 1 (see
 //!   `portcullis_table::sequence`); proxies never go back to a lower one.
-//! - **Shard deletion.** Only shard ConfigMaps that neither the index just written nor the one it replaced names
-//!   are deleted; only after re-reading the index and finding our own write still there; each with the
-//!   resourceVersion it was listed with (so not one rewritten since the list). The replaced revision stays whole for
-//!   proxies mid-read. What is left: a second writer that read our index and wrote a shard of its next revision
-//!   *before* our list may lose that shard; its index then names a missing shard, proxies keep their table, and
-//!   the deletion event makes that writer find the damage and rewrite every shard (see *Drift*). With leader
-//!   election a second writer is a deposed leader, fenced by its Lease as below.
+//! - **Shard deletion** is not part of a publish: [`Writer::publish`] returns a [`Prune`], which the table worker
+//!   runs while it has nothing else to do ([`Writer::prune`]) and drops when a trigger arrives (deleting the
+//!   ≈ 60 shards a bulk load leaves took 2.5 s, which the next change waited for). Only shard ConfigMaps that
+//!   neither the index just written nor the one it replaced names are deleted; only after re-reading the index and
+//!   finding that write still there (a later publish of the Service makes an older [`Prune`] delete nothing); each
+//!   with the resourceVersion it was listed with (so not one rewritten since the list: a deletion abandoned in
+//!   flight that lands after the next publish's read fails that publish's write of the same name with a conflict,
+//!   which re-reads). The replaced revision stays whole for proxies mid-read. What is left: a second writer that
+//!   read our index and wrote a shard of its next revision *before* our list may lose that shard; its index then
+//!   names a missing shard, proxies keep their table, and the deletion event makes that writer find the damage and
+//!   rewrite every shard (see *Drift*). With leader election a second writer is a deposed leader, fenced by its
+//!   Lease as below.
 //! - **Shards are fenced too.** [`Writer::read`] lists the shards' resourceVersions before it reads the index; each
 //!   shard is replaced with the resourceVersion listed, or created if it was absent. A writer that read before
 //!   another published fails on the first shard the other wrote, before its own index write. What is left: a
@@ -41,7 +46,7 @@ use portcullis_table::naming::{INDEX_DATA_KEY, LABEL_ROLE, LABEL_SERVICE, SHARD_
 use portcullis_table::sequence::{PreviousIndex, next_sequence};
 use portcullis_table::shard::{IndexDoc, Previous, Rendered, render};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Shard writes of one revision in flight at once.
 const SHARD_WRITES_IN_FLIGHT: usize = 4;
@@ -64,6 +69,16 @@ impl Live {
         v.sort();
         v
     }
+}
+
+/// The deletions a publish leaves to do: the Service's shard ConfigMaps that neither the index it wrote nor the one
+/// that index replaced names, while that index is still the live one ([`Writer::prune`]).
+#[derive(Debug, Clone)]
+pub struct Prune {
+    /// Shard names the written and the replaced index name.
+    keep: BTreeSet<String>,
+    /// The index as written (uid, resourceVersion).
+    index: (Option<String>, Option<String>),
 }
 
 /// Who may write: the Lease this replica must hold at every write (`None`: no leader election, one writer).
@@ -140,8 +155,9 @@ impl<'a> Writer<'a> {
 
     /// Publishes `table` as a new revision replacing `live`: only the shards whose content changed are written
     /// (`previous`: the table `live`'s index was rendered from, if this replica remembers it, and the ids of the
-    /// clients in which `table` differs from it if known — shortcuts, see [`Previous`]), or every shard if `rewrite_all` (some are missing or edited) or the owners change. Returns
-    /// what was rendered (`shards`: the shards written).
+    /// clients in which `table` differs from it if known — shortcuts, see [`Previous`]), or every shard if
+    /// `rewrite_all` (some are missing or edited) or the owners change. Returns what was rendered (`shards`: the
+    /// shards written) and the shards left to delete ([`Writer::prune`]).
     pub async fn publish(
         &self,
         live: &Live,
@@ -150,7 +166,7 @@ impl<'a> Writer<'a> {
         rewrite_all: bool,
         owners: &[OwnerReference],
         max_shard_bytes: usize,
-    ) -> Result<Rendered, Error> {
+    ) -> Result<(Rendered, Prune), Error> {
         let previous_index = match (&live.cm, &live.doc) {
             (None, _) => PreviousIndex::Absent,
             (Some(_), Some(doc)) => PreviousIndex::Readable(doc),
@@ -204,8 +220,15 @@ impl<'a> Writer<'a> {
             self.failed(&mark);
             self.conflict(e)
         })?;
-        self.prune(live, &rendered, &written).await?;
-        Ok(rendered)
+        let keep = rendered
+            .index
+            .shards
+            .iter()
+            .chain(live.doc.iter().flat_map(|d| d.shards.iter()))
+            .map(|r| r.name.clone())
+            .collect();
+        let prune = Prune { keep, index: (written.metadata.uid, written.metadata.resource_version) };
+        Ok((rendered, prune))
     }
 
     async fn write_new_shard(
@@ -310,30 +333,33 @@ impl<'a> Writer<'a> {
         Ok(())
     }
 
-    /// After our index write: deletes the shards neither our index nor the one it replaced names (left from older
-    /// revisions, or beyond a smaller shard count), unless the index has changed since our write (then they may be
-    /// another writer's). The replaced index stays whole for proxies mid-read.
-    async fn prune(&self, live: &Live, rendered: &Rendered, written: &ConfigMap) -> Result<(), Error> {
+    /// Deletes the shards `prune` leaves to delete (left from older revisions, or beyond a smaller shard count),
+    /// unless the index has changed since the publish that made it (then they may be another writer's, or a later
+    /// publish of ours made its own [`Prune`]). Deletions are fenced like writes. Safe to abandon at any await (see
+    /// *Shard deletion* above) and to run again.
+    pub async fn prune(&self, prune: &Prune) -> Result<(), Error> {
         let lp = ListParams::default().labels(&format!("{LABEL_SERVICE}={},{LABEL_ROLE}=shard", self.service));
         let listed = self.cms.list_metadata(&lp).await?;
-        let still_ours = self.cms.get_opt(&self.index).await?.is_some_and(|cm| {
-            cm.metadata.uid == written.metadata.uid && cm.metadata.resource_version == written.metadata.resource_version
-        });
+        let still_ours = self
+            .cms
+            .get_opt(&self.index)
+            .await?
+            .is_some_and(|cm| (cm.metadata.uid, cm.metadata.resource_version) == prune.index);
         if !still_ours {
             return Ok(());
         }
-        let named = |name: &str| {
-            rendered.index.shards.iter().chain(live.doc.iter().flat_map(|d| d.shards.iter())).any(|r| r.name == name)
-        };
-        // Several deletions in flight (the next change waits for this one's reconcile): 32 leftover shards deleted
-        // one after another held the table worker for 3 s in the 100 000-client bench.
+        // Several deletions in flight: 32 leftover shards deleted one after another took 3 s in the 100 000-client
+        // bench.
         let stale: Vec<_> = listed
             .iter()
             .filter(|cm| {
-                !named(cm.name_any().as_str())
+                !prune.keep.contains(cm.name_any().as_str())
                     && cm.labels().get("app.kubernetes.io/managed-by").map(String::as_str) == Some(MANAGED_BY)
             })
-            .map(|cm| async move { self.delete_listed(&cm.name_any(), &cm.metadata).await })
+            .map(|cm| async move {
+                self.fence.check()?;
+                self.delete_listed(&cm.name_any(), &cm.metadata).await
+            })
             .collect();
         futures::stream::iter(stale).buffer_unordered(SHARD_WRITES_IN_FLIGHT).try_collect::<()>().await
     }

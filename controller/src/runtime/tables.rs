@@ -12,7 +12,7 @@
 //! are its tables (index first) and RBAC removed.
 
 use super::caches::in_namespace;
-use super::publish::Writer;
+use super::publish::{Prune, Writer};
 pub use super::rendered::{Generations, ServiceKey, ServiceState};
 use super::status::update_plan_status;
 use super::thread_time::Mark;
@@ -56,6 +56,10 @@ pub async fn run_table_worker(
     mut plan_status: mpsc::UnboundedReceiver<ServiceKey>,
     debounce: Debounce,
 ) -> Result<(), Error> {
+    // Shards left to delete after each publish: deleted while the worker has nothing else to do (see
+    // `publish::Prune`); the next trigger drops a deletion in progress, and a later publish of the same Service
+    // replaces its job.
+    let mut prunes: BTreeMap<ServiceKey, Prune> = BTreeMap::new();
     loop {
         // Table triggers first: a status-only request waits for nothing, but a table never waits for a status.
         let first = tokio::select! {
@@ -71,6 +75,10 @@ pub async fn run_table_worker(
                 }
                 tracing::debug!(services = services.len(), "plan status batch");
                 update_plans_granting(&ctx, &services).await;
+                continue;
+            }
+            pruned = prune_one(&ctx, &mut prunes), if !prunes.is_empty() => {
+                pruned?;
                 continue;
             }
         };
@@ -115,7 +123,10 @@ pub async fn run_table_worker(
             ctx.metrics.observe("table", started.elapsed(), res.is_ok());
             tracing::debug!(namespace = %key.namespace, service = %key.name, took = ?started.elapsed(), ok = res.is_ok(), "table reconciled");
             match res {
-                Ok(()) => {
+                Ok(prune) => {
+                    if let Some(prune) = prune {
+                        prunes.insert(key.clone(), prune);
+                    }
                     ctx.render_errors.write().expect("errors lock").remove(key);
                     ctx.enforcement.request(key);
                 }
@@ -136,6 +147,22 @@ pub async fn run_table_worker(
         }
         batch.extend(status_only);
         update_plans_granting(&ctx, &batch).await;
+    }
+}
+
+/// Deletes the stale shards of the first Service in `prunes` and forgets its job (also when it fails: the next
+/// publish of that Service makes another). `Err` only if this replica no longer leads.
+async fn prune_one(ctx: &Ctx, prunes: &mut BTreeMap<ServiceKey, Prune>) -> Result<(), Error> {
+    let Some((key, prune)) = prunes.first_key_value() else { return Ok(()) };
+    let res = Writer::new(ctx, &key.namespace, &key.name).prune(prune).await;
+    let (key, _) = prunes.pop_first().expect("the job just run");
+    match res {
+        Err(e @ Error::LostLease(_)) => Err(e),
+        Err(e) => {
+            tracing::warn!(namespace = %key.namespace, service = %key.name, error = %Chain(&e), "deleting stale table shards failed; left for the next revision");
+            Ok(())
+        }
+        Ok(()) => Ok(()),
     }
 }
 
@@ -299,7 +326,8 @@ pub fn decide(
     })
 }
 
-async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
+/// Decides and publishes the table of `key`; returns the shards the publish left to delete, if it published.
+async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<Option<Prune>, Error> {
     let ns = key.namespace.as_str();
     // The CPU split is read from /proc only when the phase log below is on.
     let split = tracing::enabled!(tracing::Level::DEBUG);
@@ -349,7 +377,7 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
             tracing::info!(namespace = ns, service = %key.name, "no UsagePlan, Service or sidecar left; tables removed");
             notify_clients(ctx, ns, old.clients.names().chain(old.excluded.keys().map(String::as_str)));
         }
-        return Ok(());
+        return Ok(None);
     };
 
     let table = &desired.table;
@@ -369,16 +397,17 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
         }
         _ => (false, false),
     };
-    let shards = if unchanged {
+    let (shards, prune) = if unchanged {
         tracing::debug!(namespace = ns, service = %key.name, revision = %table.revision, "table unchanged");
-        live.doc.as_ref().map_or(0, |d| d.shards.len())
+        (live.doc.as_ref().map_or(0, |d| d.shards.len()), None)
     } else {
         // The changed ids are relative to the memo's table (which is the remembered table).
         let previous = match (&desired.changed, &old_memo) {
             (Some(ids), Some(memo)) => Some((&*memo.table, Some(ids.as_slice()))),
             _ => old_table.as_deref().map(|t| (t, None)),
         };
-        let rendered = writer.publish(&live, table, previous, damaged, &desired.owners, ctx.max_shard_bytes).await?;
+        let (rendered, prune) =
+            writer.publish(&live, table, previous, damaged, &desired.owners, ctx.max_shard_bytes).await?;
         ctx.metrics
             .table_writes
             .get_or_create(&super::metrics::ServiceLabels { namespace: ns.into(), service: key.name.clone() })
@@ -395,7 +424,7 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
             deny_all = table.is_deny_all(),
             "table revision written"
         );
-        rendered.index.shards.len()
+        (rendered.index.shards.len(), Some(prune))
     };
     let published_in = t0.elapsed();
     ctx.metrics.set_table(ns, &key.name, table.clients.len(), shards, &table.revision);
@@ -442,7 +471,7 @@ async fn reconcile_service(ctx: &Ctx, key: &ServiceKey) -> Result<(), Error> {
     drop(state);
     ctx.state.write().expect("state lock").insert(key.clone(), new);
     notify_clients(ctx, ns, changed.iter().map(String::as_str));
-    Ok(())
+    Ok(prune)
 }
 
 fn notify_clients<'a>(ctx: &Ctx, ns: &str, names: impl Iterator<Item = &'a str>) {

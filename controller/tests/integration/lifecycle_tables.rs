@@ -517,6 +517,67 @@ async fn a_writer_that_lost_the_index_precondition_publishes_nothing() {
     assert_eq!(shards[0].metadata.name.as_deref(), Some(foreign.as_str()));
 }
 
+/// Stale shards are deleted after a publish, not during it (`Writer::prune`, run by the controller while it is idle):
+/// only those neither the index just written nor the one it replaced names, only while that index is still the
+/// live one (a job of an older publish deletes nothing), and never a ConfigMap that is not ours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_shards_are_pruned_only_while_their_index_is_live() {
+    use portcullis_controller::runtime::publish::Writer;
+    use std::collections::BTreeSet;
+    let env = env("lc-prune").await;
+    let w = Writer::unfenced(env.admin.clone(), &env.ns, SERVICE);
+    // Small shards: 60 clients span several; the later revisions one each.
+    let max = 4096;
+    let shard_names = || async {
+        let mut v = table_configmaps(&env, SERVICE).await;
+        v.retain(|n| *n != index_name(SERVICE));
+        v.into_iter().collect::<BTreeSet<String>>()
+    };
+    let named = |doc: &IndexDoc| doc.shards.iter().map(|s| s.name.clone()).collect::<BTreeSet<String>>();
+    w.publish(&w.read().await.unwrap(), &table_of(&env, 60), None, false, &[], max).await.expect("revision 1");
+    let rev1 = read_table(&env, SERVICE).await.expect("revision 1, whole").0;
+    assert!(rev1.shards.len() >= 3, "the test needs several shards, got {}", rev1.shards.len());
+    let (_, prune2) =
+        w.publish(&w.read().await.unwrap(), &table_of(&env, 1), None, false, &[], max).await.expect("revision 2");
+    let rev2 = read_table(&env, SERVICE).await.expect("revision 2, whole").0;
+    let (_, prune3) =
+        w.publish(&w.read().await.unwrap(), &table_of(&env, 2), None, false, &[], max).await.expect("revision 3");
+    let rev3 = read_table(&env, SERVICE).await.expect("revision 3, whole").0;
+    // Publishing deleted nothing: every shard of every revision is still there.
+    let all: BTreeSet<String> = named(&rev1).into_iter().chain(named(&rev2)).chain(named(&rev3)).collect();
+    assert_eq!(shard_names().await, all, "a publish deleted shards");
+    // A ConfigMap labelled as a shard of the Service but not managed by Portcullis is not ours to delete.
+    let cms: Api<ConfigMap> = Api::namespaced(env.admin.clone(), &env.ns);
+    let foreign = "orders-table-not-ours";
+    use portcullis_table::naming::{LABEL_ROLE, LABEL_SERVICE};
+    let labels = [(LABEL_SERVICE, SERVICE), (LABEL_ROLE, "shard")];
+    let cm = ConfigMap {
+        metadata: kube::api::ObjectMeta {
+            name: Some(foreign.into()),
+            labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+    // Revision 2's job: its index is no longer the live one, so it deletes nothing (revision 1's shards are what
+    // revision 2 replaced, and revision 3's are another publish's).
+    w.prune(&prune2).await.expect("an outdated prune");
+    let mut with_foreign = all.clone();
+    with_foreign.insert(foreign.to_string());
+    assert_eq!(shard_names().await, with_foreign, "an outdated prune deleted shards");
+    // Revision 3's job: revision 1's shards go; revision 3's and the one it replaced (2) stay whole, as does the
+    // foreign ConfigMap. Running it again changes nothing.
+    for _ in 0..2 {
+        w.prune(&prune3).await.expect("prune");
+        let mut want: BTreeSet<String> = named(&rev3).into_iter().chain(named(&rev2)).collect();
+        want.insert(foreign.to_string());
+        assert_eq!(shard_names().await, want);
+    }
+    let (doc, table, _) = read_table(&env, SERVICE).await.expect("revision 3 still whole");
+    assert_eq!((doc.sequence, table.clients.len()), (3, 2));
+}
+
 /// The table's ConfigMaps are owned by the plans granting the Service (garbage collection follows them). A plan
 /// granting it, or ceasing to, changes no client, yet every shard must be rewritten with the new owners: a shard
 /// still owned only by a deleted plan would be collected while another plan grants its clients.
@@ -571,6 +632,23 @@ async fn every_shard_follows_the_plans_granting_the_service() {
     // The second plan is deleted (still no client changes): every shard is owned by the first only again.
     plans(&env).delete("silver", &DeleteParams::default()).await.unwrap();
     owned_by(vec![gold]).await;
+
+    // The table shrinks to one shard, then changes once more: the controller deletes the shards neither of the
+    // last two revisions names once it is idle (pruning is not part of a publish).
+    let clients: Api<ApiClient> = Api::namespaced(env.admin.clone(), &env.ns);
+    for (k, _) in &keys[2..] {
+        clients.delete(&format!("c-{k}"), &DeleteParams::default()).await.unwrap();
+    }
+    let (before, _) = wait_table(&env, SERVICE, "two clients", |t| t.clients.len() == 2).await;
+    clients.delete("c-k1", &DeleteParams::default()).await.unwrap();
+    let (last, _) = wait_table(&env, SERVICE, "one client", |t| t.clients.len() == 1).await;
+    let want: std::collections::BTreeSet<String> =
+        before.shards.iter().chain(&last.shards).map(|s| s.name.clone()).chain([index_name(SERVICE)]).collect();
+    wait_for(T, "only the last two revisions' shards left", || async {
+        let left: std::collections::BTreeSet<String> = table_configmaps(&env, SERVICE).await.into_iter().collect();
+        (left == want).then_some(())
+    })
+    .await;
     ctl.stop().await.unwrap();
 }
 
