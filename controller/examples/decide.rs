@@ -2,7 +2,8 @@
 //! `reconcile_service`'s build (decide) of a table of N clients (default 100 000) after one client changed, from
 //! caches filled as the propagation bench fills them ([`portcullis_controller::fixtures::Cached`]).
 //! `DECIDE_STATUSES=1`: every client's status written (each object replaced) after the first build, as after the
-//! bench's bulk load; `DECIDE_THREAD=1`: the caches filled (and statuses written) on another thread than the builds.
+//! bench's bulk load; `DECIDE_THREAD=1`: the caches filled (and statuses written) on another thread than the builds;
+//! `DECIDE_SCATTER=1`: every client object replaced in a shuffled order among other allocations.
 
 use portcullis_controller::fixtures::Cached;
 use portcullis_table::naming::index_name;
@@ -40,6 +41,18 @@ fn main() {
         memo = d.memo.expect("a memo");
         eprintln!("statuses written and a build after them {:?}", t.elapsed());
     }
+    // `DECIDE_SCATTER`: every client object replaced in a shuffled order among kept 1–8 KiB allocations, and a
+    // build after that (the running controller's heap after a bulk load).
+    let _filler = if std::env::var_os("DECIDE_SCATTER").is_some() {
+        let t = Instant::now();
+        let filler = caches.scatter();
+        let d = caches.decide(Some(&memo));
+        memo = d.memo.expect("a memo");
+        eprintln!("clients scattered and a build after them {:?}", t.elapsed());
+        filler
+    } else {
+        Vec::new()
+    };
     let (mut took, mut rendering) = (Vec::new(), Vec::new());
     for r in 0..rounds {
         caches.change((r * 7919) % n, 2 + r as i64);

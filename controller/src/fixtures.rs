@@ -186,6 +186,25 @@ impl Cached {
         self.clients.apply_watcher_event(&kube::runtime::watcher::Event::Apply(c));
     }
 
+    /// Client objects scattered as the running controller's lie after 20 minutes of a bulk load: every client
+    /// replaced in a shuffled order (a fixed permutation), each followed by an allocation of 1–8 KiB that stays alive
+    /// (returned: the caller keeps it), so consecutive clients of the table lie on different pages.
+    pub fn scatter(&mut self) -> Vec<Vec<u8>> {
+        let reader = self.clients.as_reader();
+        let mut all = reader.state();
+        // A fixed permutation (multiplicative, n-independent stride) rather than a seeded RNG: repeatable.
+        let n = all.len();
+        let stride = (0..).map(|k| 7919 + k).find(|s| gcd(*s, n.max(1)) == 1).expect("a stride");
+        let mut filler = Vec::with_capacity(n);
+        for k in 0..n {
+            let c = (*all[(k * stride) % n]).clone();
+            self.clients.apply_watcher_event(&kube::runtime::watcher::Event::Apply(c));
+            filler.push(vec![k as u8; 1024 + (k * 2654435761) % 7168]);
+        }
+        all.clear();
+        filler
+    }
+
     /// Every client's status written, as the controller does after a bulk load: each object replaced by a new one
     /// of the same spec and generation (allocated now, scattered among what was allocated before).
     pub fn write_statuses(&mut self) {
@@ -211,6 +230,10 @@ impl Cached {
         let lookup = |name: &str| secrets.get(&ObjectRef::new(name).within("shop"));
         decide("shop", "orders", &plans, &clients, lookup, memo, None, false, MAX_SHARD_BYTES, false).expect("granted")
     }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 fn base64_of(s: &str) -> String {
