@@ -207,8 +207,6 @@ fn name_prefix(name: &str) -> u128 {
     u128::from_be_bytes(b)
 }
 
-/// Which of two clients claiming the same key keeps it: the older by creationTimestamp, then by name (a client
-/// without a timestamp, which the API server always sets, counts as newest).
 /// A client a build selected, with what the build reads of it when it reuses its previous entry.
 struct Selected<'a, A> {
     name: &'a str,
@@ -217,6 +215,8 @@ struct Selected<'a, A> {
     certificates: bool,
 }
 
+/// Which of two clients claiming the same key keeps it: the older by creationTimestamp, then by name (a client
+/// without a timestamp, which the API server always sets, counts as newest).
 fn seniority(c: &ApiClient) -> (bool, Option<jiff::Timestamp>, &str) {
     let created = c.metadata.creation_timestamp.as_ref().map(|t| t.0);
     (created.is_none(), created, c.metadata.name.as_deref().unwrap_or_default())

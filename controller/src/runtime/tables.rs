@@ -151,7 +151,9 @@ pub async fn run_table_worker(
 }
 
 /// Deletes the stale shards of the first Service in `prunes` and forgets its job (also when it fails: the next
-/// publish of that Service makes another). `Err` only if this replica no longer leads.
+/// publish of that Service makes another). `Err` only if this replica no longer leads. Dropped mid-way, a deletion
+/// already sent may still land; its echo mark stays until that name is written again, which only hides a
+/// deletion of a ConfigMap no index names.
 async fn prune_one(ctx: &Ctx, prunes: &mut BTreeMap<ServiceKey, Prune>) -> Result<(), Error> {
     let Some((key, prune)) = prunes.first_key_value() else { return Ok(()) };
     let res = Writer::new(ctx, &key.namespace, &key.name).prune(prune).await;
